@@ -1,0 +1,45 @@
+# egress-agent: the two commands of the README, and what CI adds.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest test-matrix bench clean
+
+$(STAMP): pyproject.toml
+	tools/make-venv $(PYTHON) $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+## The main job: a live check of this host (exit 1 means an unexpected external connection,
+## which is a finding, not a failure of the command).
+run: $(STAMP)
+	@$(BIN)/egress-agent check; rc=$$?; [ $$rc -le 1 ]
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check agent
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The suite on the oldest and newest supported interpreters (from pyenv, or on PATH).
+MATRIX ?= 3.8 3.13
+test-matrix:
+	@set -e; for v in $(MATRIX); do \
+	  py=$$(pyenv prefix $$v 2>/dev/null | head -n1)/bin/python$$v; \
+	  [ -x "$$py" ] || py=$$(command -v python$$v); \
+	  [ -n "$$py" ] || { echo "test-matrix: no python$$v (pyenv install $$v)"; exit 1; }; \
+	  $(MAKE) --no-print-directory pytest PYTHON=$$py VENV=.venv-$$v; \
+	done
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The osquery extension: table routes, query contexts, the Thrift server, lifecycle."""
