@@ -83,8 +83,8 @@ def read_boot_id(proc_root: str = PROC_ROOT) -> str:
     """This boot's id (``/proc/sys/kernel/random/boot_id``, random per boot); off Linux, the
     boot time, which is as stable."""
     try:
-        with open(f"{proc_root}/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            return handle.read().strip()
+        with open(f"{proc_root}/sys/kernel/random/boot_id", "rb") as handle:
+            return handle.read().decode("ascii").strip()
     except (OSError, UnicodeDecodeError):
         return f"boot-time-{psutil.boot_time():.0f}"
 
@@ -234,8 +234,8 @@ class IdentityCache:
 
     def _read_cgroup(self, pid: int) -> str:
         try:
-            with open(f"{self.proc_root}/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
-                return f.read()
+            with open(f"{self.proc_root}/{pid}/cgroup", "rb") as handle:
+                return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
 

@@ -100,6 +100,7 @@ class OwnerFinder:
             return True
         owners = scan.owners
         proc_root = self.proc_root
+        readlink = os.readlink
         for pid in order:
             try:
                 dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
@@ -107,6 +108,7 @@ class OwnerFinder:
                 scan.unreadable_pids += 1
                 continue
             scan.pids_scanned += 1
+            links = 0
             try:
                 try:
                     names = os.listdir(dir_fd)
@@ -114,10 +116,10 @@ class OwnerFinder:
                     names = []
                 for name in names:
                     try:
-                        link = os.readlink(name, dir_fd=dir_fd)
+                        link = readlink(name, dir_fd=dir_fd)
                     except OSError:
-                        continue
-                    scan.fds_scanned += 1
+                        continue  # closed since the listing
+                    links += 1
                     if not link.startswith(_SOCKET_PREFIX):
                         continue
                     try:
@@ -127,10 +129,11 @@ class OwnerFinder:
                     if inode in targets and inode not in owners:
                         owners[inode] = (pid, int(name))
                         waiting.discard(inode)
+                        if not waiting:
+                            return True
             finally:
                 os.close(dir_fd)
-            if not waiting:
-                return True
+                scan.fds_scanned += links
         return False
 
     def _list_pids(self) -> List[int]:

@@ -277,8 +277,8 @@ def scan_socket_table(
 
 
 def _read_text(path: str) -> str:
-    with open(path, encoding="latin-1") as handle:
-        return handle.read()
+    with open(path, "rb") as handle:
+        return handle.read().decode("latin-1")
 
 
 def read_socket_table(pid: int, table: SocketTable, proc_root: str = PROC_ROOT) -> str:
