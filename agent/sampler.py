@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Collection, Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Protocol, Tuple
 
 from agent.classify import Classifier, format_ipv4, format_ipv6
 from agent.identity import NO_OWNER, Identity, IdentityCache
@@ -43,6 +43,10 @@ UNPRIVILEGED_NOTICE = (
     "an owner (pid -1)"
 )
 """What to say once on stderr when :attr:`Sampler.limited` is true."""
+
+
+class SamplerError(RuntimeError):
+    """The sampler cannot work here at all (no /proc to list); the message says why."""
 
 
 @dataclass
@@ -108,6 +112,21 @@ class SamplerTotals:
         self.duration_ms += stats.duration_ms
 
 
+class SocketSampler(Protocol):
+    """What the CLI and the osquery tables need of a sampler: :class:`Sampler` on Linux,
+    :class:`agent.psutil_backend.PsutilSampler` elsewhere or with ``--backend psutil``."""
+
+    last: SampleStats
+    totals: SamplerTotals
+
+    @property
+    def limited(self) -> bool: ...
+
+    def sample(
+        self, want_all: bool = False, pids: Optional[Collection[int]] = None
+    ) -> List[Connection]: ...
+
+
 _Kept = Tuple[int, ListenerIndex, Socket]
 """(namespace inode, its listeners, a kept socket)"""
 
@@ -152,7 +171,7 @@ class Sampler:
         ``want_all``: every inet socket, each with its verdict; otherwise only those whose
         remote address is external.  ``pids``: only the sockets those processes hold, from
         their namespaces (osquery pushes ``WHERE pid = N`` down); ownerless sockets are then
-        left out, as osquery does.
+        left out, as osquery does.  Raises :class:`SamplerError` when /proc cannot be listed.
         """
         started = time.perf_counter()
         stats = SampleStats()
@@ -161,7 +180,13 @@ class Sampler:
         if len(self._text) > self.HEX_MEMO_LIMIT:
             self._text.clear()
 
-        discovery = discover_namespaces(self.proc_root, pids)
+        try:
+            discovery = discover_namespaces(self.proc_root, pids)
+        except OSError as error:
+            raise SamplerError(
+                f"cannot list the processes in {self.proc_root}: "
+                f"{error.strerror or error}; without /proc use the psutil backend"
+            ) from error
         stats.namespace_errors = discovery.errors
         stats.namespaces = len(discovery.namespaces)
         kept: List[_Kept] = []

@@ -27,7 +27,7 @@ from agent.classify import Classifier
 from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
 from agent.procnet import encode_address, namespace_of
 from agent.records import Connection
-from agent.sampler import Sampler
+from agent.sampler import Sampler, SamplerError, SocketSampler
 
 SRV6, CLI6 = "2001:4860:4860::8888", "2001:4860:4860::2"
 SRV4, CLI4 = "9.9.9.9", "9.9.9.10"
@@ -352,9 +352,25 @@ def test_psutil_backend_agrees_inside_a_namespace(scenario: Scenario) -> None:
     out = scenario.cli.run([sys.executable, "-c", script])
     theirs = [Connection(**row) for row in json.loads(out)]
     mine = [r for r in Sampler(CLASSIFIER).sample() if r.net_namespace == scenario.cli.inode]
-    columns = ("pid", "name", "cmdline", "protocol", "family", "state", "local_address")
-    columns += ("local_port", "remote_address", "remote_port", "direction", "address_class")
-    columns += ("via", "embedded_ipv4", "net_namespace", "fd", "process_uuid")
+    columns = [
+        "pid",
+        "name",
+        "cmdline",
+        "protocol",
+        "family",
+        "state",
+        "local_address",
+        "local_port",
+        "remote_address",
+        "remote_port",
+        "direction",
+        "address_class",
+        "via",
+        "embedded_ipv4",
+        "net_namespace",
+        "fd",
+        "process_uuid",
+    ]
 
     def view(rows: List[Connection]) -> Set[tuple]:  # type: ignore[type-arg]
         return {tuple(getattr(row, column) for column in columns) for row in rows}
@@ -614,3 +630,15 @@ def test_not_root_sees_other_users_sockets_without_owner() -> None:
     assert limited
     assert mine == [[-1, -1]]
     assert namespace_errors > 0  # other users' /proc/PID/ns/net links are not readable
+
+
+def test_no_proc_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SamplerError, match=r"cannot list the processes in .*psutil backend"):
+        Sampler(CLASSIFIER, proc_root=str(tmp_path / "missing")).sample()
+
+
+def test_both_backends_are_socket_samplers() -> None:
+    from agent.psutil_backend import PsutilSampler
+
+    samplers: List[SocketSampler] = [Sampler(CLASSIFIER), PsutilSampler(CLASSIFIER)]
+    assert all(isinstance(s.limited, bool) for s in samplers)
