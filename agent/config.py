@@ -220,11 +220,11 @@ def _number(value: object, where: str) -> float:
 
 
 def _positive_int(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Invalid(
             where, f"must be a whole number of at least 1, not {_type_name(value)}", value
         )
-    if value < 1:
+    if not isinstance(value, int) or value < 1:
         raise _Invalid(where, "must be a whole number of at least 1", value)
     return value
 
