@@ -6,8 +6,9 @@ characters, ANSI escape sequences, bidirectional overrides, bytes that are not U
 arrive from ``os.fsdecode`` as lone surrogates, PEP 383).  So:
 
 - ``table`` and ``csv`` show every unprintable code point as a visible escape (``\\n``,
-  ``\\x1b``, ``\\u202e``; an undecodable byte as ``\\xff``) and double backslashes, so a
-  printed line is exactly one line, cannot drive the terminal, and reads back unambiguously.
+  ``\\x1b``, ``\\u009b``, ``\\u202e``; an undecodable byte as ``\\xff``) and double
+  backslashes, so a printed line is exactly one line, cannot drive the terminal, and reads
+  back unambiguously.
   ``table`` also cuts cells that are too wide, with an ellipsis.
 - ``json``, ``jsonl`` and ``ecs`` are lossless: JSON's own escapes (ASCII only, RFC 8259
   section 7), except undecodable bytes, which JSON cannot carry and which become ``\\xff`` as
@@ -54,14 +55,18 @@ _NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(char: str) -> str:
-    """The visible escape of one unprintable character (or of the backslash)."""
+    """The visible escape of one unprintable character (or of the backslash).
+
+    ``\\xHH`` is an ASCII control or, from 0x80 up, a byte that was not UTF-8; code points
+    from U+0080 up are ``\\uHHHH`` or ``\\UHHHHHHHH``, so no two inputs share an escape.
+    """
     named = _NAMED_ESCAPES.get(char)
     if named is not None:
         return named
     code = ord(char)
     if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte under surrogateescape (PEP 383)
         return f"\\x{code - 0xDC00:02x}"
-    if code <= 0xFF:
+    if code < 0x80:
         return f"\\x{code:02x}"
     if code <= 0xFFFF:
         return f"\\u{code:04x}"
@@ -82,6 +87,8 @@ def safe_text(text: object, limit: Optional[int] = None) -> str:
     """
     if not isinstance(text, str):
         text = str(text)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 display column, not {limit}")
     if limit is None:
         if _is_plain(text):
             return text
@@ -211,6 +218,8 @@ def _csv_value(value: Value) -> str:
 
 
 def _csv(records: Sequence[Mapping[str, Value]], columns: List[str]) -> str:
+    if not columns:
+        return ""
     stream = io.StringIO()
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow([safe_text(c) for c in columns])
@@ -233,7 +242,8 @@ def render(
     appearance); a record without a column has ``None`` there.  ``ecs`` ignores ``columns``:
     each document is built from the whole record (see :func:`ecs_document`), stamped with the
     record's ``last_seen`` or else ``now`` (default: the current time).  ``table`` renders no
-    records as an empty string, ``json`` as ``[]``.
+    records as an empty string, ``json`` as ``[]``, ``csv`` as the header alone (nothing
+    when there are no columns either).
     """
     records = list(records)
     if fmt == "ecs":
