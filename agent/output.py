@@ -73,27 +73,39 @@ def _escape(char: str) -> str:
     return f"\\U{code:08x}"
 
 
-def _is_plain(text: str) -> bool:
-    return text.isprintable() and "\\" not in text
+def _escaped(text: object, limit: Optional[int], reversible: bool) -> str:
+    if not isinstance(text, str):
+        text = str(text)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1 display column, not {limit}")
+        return _cut(text, limit, reversible)
+    if text.isprintable() and not (reversible and "\\" in text):
+        return text
+    return "".join(
+        c if c.isprintable() and not (reversible and c == "\\") else _escape(c) for c in text
+    )
 
 
 def safe_text(text: object, limit: Optional[int] = None) -> str:
-    """``text`` as one line that is safe on a terminal and in a log.
+    """``text`` as one line that is safe on a terminal and in a log (for messages).
 
     Every character ``str.isprintable`` refuses (C0 and C1 controls, DEL, ESC, line and
     paragraph separators, format characters such as U+202E, surrogates, unassigned code
-    points) is shown as an escape; backslashes are doubled so escapes cannot be forged.  With
-    ``limit``, the result is cut to at most that many display columns, ending in an ellipsis.
+    points) is shown as an escape, so no text can start a new line or drive the terminal.
+    Backslashes stay as they are, so a message that already quotes a value with ``repr``
+    reads the same.  With ``limit``, the result is cut to at most that many display columns,
+    ending in an ellipsis.
     """
-    if not isinstance(text, str):
-        text = str(text)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 display column, not {limit}")
-    if limit is None:
-        if _is_plain(text):
-            return text
-        return "".join(c if c.isprintable() and c != "\\" else _escape(c) for c in text)
-    return _cut(text, limit)
+    return _escaped(text, limit, reversible=False)
+
+
+def cell_text(text: object, limit: Optional[int] = None) -> str:
+    """Like :func:`safe_text`, but reversible: backslashes are doubled too, so the text of a
+    process named ``a\\nb`` (backslash, n) differs from that of one named ``a``, newline,
+    ``b``.  Table and CSV cells are shown this way.
+    """
+    return _escaped(text, limit, reversible=True)
 
 
 def _width(char: str) -> int:
@@ -106,13 +118,13 @@ def _width(char: str) -> int:
 
 
 def display_width(text: str) -> int:
-    """Display columns of escaped text (the output of :func:`safe_text`)."""
+    """Display columns of escaped text (the output of :func:`safe_text`, :func:`cell_text`)."""
     if text.isascii():
         return len(text)
     return sum(_width(c) for c in text)
 
 
-def _cut(text: str, limit: int) -> str:
+def _cut(text: str, limit: int, reversible: bool) -> str:
     """Escape ``text`` and cut it to ``limit`` display columns, looking at no more of it than
     that needs (a 100 KB command line costs no more than a short one).  Characters are also
     capped at four per column, so a pile of combining marks cannot make a cell tall.
@@ -124,7 +136,8 @@ def _cut(text: str, limit: int) -> str:
         if count >= 4 * limit:
             cut = True
             break
-        piece = char if char.isprintable() and char != "\\" else _escape(char)
+        plain = char.isprintable() and not (reversible and char == "\\")
+        piece = char if plain else _escape(char)
         piece_width = _width(piece) if len(piece) == 1 else len(piece)
         if width + piece_width > limit:
             cut = True
@@ -175,9 +188,9 @@ def _table_value(value: Value) -> str:
 def _table(records: Sequence[Mapping[str, Value]], columns: List[str], cell_limit: int) -> str:
     if not records:
         return ""
-    rows = [[safe_text(column, cell_limit) for column in columns]]
+    rows = [[cell_text(column, cell_limit) for column in columns]]
     for record in records:
-        rows.append([safe_text(_table_value(record.get(c)), cell_limit) for c in columns])
+        rows.append([cell_text(_table_value(record.get(c)), cell_limit) for c in columns])
     widths = [max(display_width(row[i]) for row in rows) for i in range(len(columns))]
     numeric = [
         all(
@@ -214,7 +227,7 @@ def _csv_value(value: Value) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return safe_text(value)
+    return cell_text(value)
 
 
 def _csv(records: Sequence[Mapping[str, Value]], columns: List[str]) -> str:
@@ -222,7 +235,7 @@ def _csv(records: Sequence[Mapping[str, Value]], columns: List[str]) -> str:
         return ""
     stream = io.StringIO()
     writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow([safe_text(c) for c in columns])
+    writer.writerow([cell_text(c) for c in columns])
     for record in records:
         writer.writerow([_csv_value(record.get(c)) for c in columns])
     return stream.getvalue()

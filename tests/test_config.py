@@ -31,6 +31,7 @@ from agent.config import (
     quote,
     read_settings,
 )
+from agent.output import safe_text
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "egress-agent.yaml"
 SOURCE = "/etc/egress-agent/config.yaml"
@@ -45,6 +46,7 @@ def refusal(text: str) -> str:
         settings_from(text)
     message = str(caught.value)
     assert "\n" not in message and message.isprintable()
+    assert safe_text(message) == message  # what the CLI prints is the message as it is
     return message
 
 

@@ -17,6 +17,7 @@ from agent.output import (
     FORMATS,
     TABLE_CELL_LIMIT,
     TABLE_COLUMNS,
+    cell_text,
     display_width,
     ecs_document,
     json_safe,
@@ -83,7 +84,7 @@ def hostile_records() -> List[Dict[str, Value]]:
 
 
 def unescape(text: str) -> str:
-    """The inverse of safe_text: proves that no two inputs share an output."""
+    """The inverse of cell_text: proves that no two inputs share an output."""
     out, i = [], 0
     named = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
     while i < len(text):
@@ -106,7 +107,7 @@ def unescape(text: str) -> str:
 any_text = st.text(st.characters(blacklist_categories=()), max_size=300)
 
 
-# --- safe_text ------------------------------------------------------------------------------
+# --- safe_text and cell_text ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -124,32 +125,41 @@ any_text = st.text(st.characters(blacklist_categories=()), max_size=300)
         ("\U000e0001", "\\U000e0001"),
         (UNDECODABLE, "bad\\xff\\xfebytes"),
         ("\ud800", "\\ud800"),
-        ("a\\nb", "a\\\\nb"),
         (42, "42"),
     ],
 )
 def test_safe_text(text: Any, shown: str) -> None:
     assert safe_text(text) == shown
+    assert cell_text(text) == shown
+
+
+def test_safe_text_leaves_backslashes_and_cell_text_doubles_them() -> None:
+    assert safe_text("got 'a\\nb'") == "got 'a\\nb'"
+    assert cell_text("a\\nb") == "a\\\\nb"
+    assert cell_text("a\nb") == "a\\nb"
+    assert cell_text("C:\\x", 3) == "C:" + ELLIPSIS
 
 
 @settings(max_examples=500, deadline=None)
 @given(any_text)
-def test_safe_text_is_printable_and_reversible(text: str) -> None:
-    shown = safe_text(text)
+def test_cell_text_is_printable_and_reversible(text: str) -> None:
+    shown = cell_text(text)
     assert shown.isprintable()
     assert unescape(shown) == text
+    assert safe_text(text).isprintable()
 
 
 @settings(max_examples=500, deadline=None)
 @given(any_text, st.integers(1, 80))
-def test_safe_text_with_a_limit_fits_the_limit(text: str, limit: int) -> None:
-    shown = safe_text(text, limit)
+def test_a_limit_is_kept(text: str, limit: int) -> None:
+    shown = cell_text(text, limit)
     assert shown.isprintable()
     assert display_width(shown) <= limit
     if shown.endswith(ELLIPSIS) and not text.endswith(ELLIPSIS):
         assert unescape(shown[:-1]) == text[: len(unescape(shown[:-1]))]
     else:
-        assert shown == safe_text(text)
+        assert shown == cell_text(text)
+    assert display_width(safe_text(text, limit)) <= limit
 
 
 def test_safe_text_cuts_a_huge_text_by_display_width() -> None:
@@ -289,7 +299,7 @@ def test_csv_with_hostile_values_is_one_line_a_record() -> None:
     rows = read_csv(text)
     assert rows[0] == ["pid", "name", "cmdline"]
     for original, row in zip(records, rows[1:]):
-        assert row == ["4242", safe_text(original["name"]), safe_text(original["cmdline"])]
+        assert row == ["4242", cell_text(original["name"]), cell_text(original["cmdline"])]
         assert unescape(row[1]) == original["name"]
     assert rows[1 + list(HOSTILE).index("huge")][2] == "A" * 100_000
 
@@ -444,7 +454,7 @@ def test_any_text_in_every_format(records: List[Dict[str, Value]]) -> None:
     assert all(line.isprintable() for line in table.split("\n"))
     assert table.count("\n") == (len(records) + 1 if records else 0)
     assert [row[0] for row in read_csv(render(records, ["name", "pid"], "csv"))][1:] == [
-        safe_text(r["name"]) for r in records
+        cell_text(r["name"]) for r in records
     ]
     assert [r["name"] for r in json.loads(render(records, None, "json"))] == [
         json_safe(str(r["name"])) for r in records
