@@ -133,9 +133,7 @@ def quote(value: object) -> str:
     text = _REPR.repr(value)
     if len(text) > QUOTE_LIMIT:
         text = text[: QUOTE_LIMIT - 3] + "..."
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    )
+    return _safe_name(text)
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
@@ -168,10 +166,12 @@ class _Invalid(Exception):
         return text
 
 
-def _safe_name(path: str) -> str:
-    """A file name for a message: unprintable characters escaped so the line stays one line."""
+def _safe_name(text: str) -> str:
+    """A file name (or quoted value) for a message: unprintable characters escaped, so that the
+    message stays one line and cannot drive a terminal.
+    """
     return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in path
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
     )
 
 
