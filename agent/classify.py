@@ -28,7 +28,18 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Generic, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    Dict,
+    Generic,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 DATA_DIR = Path(__file__).with_name("data")
 
@@ -48,9 +59,22 @@ class AddressError(ValueError):
     """An address given as text that is not one strict IPv4 or IPv6 address."""
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The classification of one address; ``external`` is the answer, the rest explains it."""
+class Judgement(NamedTuple):
+    """What decides: the verdict without its text forms (the sampler's filter needs no more)."""
+
+    external: bool
+    category: str
+    reason: str
+    via: Optional[str]
+    embedded_ipv4: Optional[int]
+
+
+class Verdict(NamedTuple):
+    """The classification of one address; ``external`` is the answer, the rest explains it.
+
+    A named tuple rather than a dataclass: the sampler builds one per distinct peer, and a
+    tuple is several times cheaper to make.
+    """
 
     address: str
     version: int
@@ -385,49 +409,63 @@ class Classifier:
             for version, bits in ((4, IPV4_BITS), (6, IPV6_BITS))
         }
         self._has_internal = bool(internal_networks)
-        self._cache: Dict[Tuple[int, int], Verdict] = {}
+        self._verdicts: Dict[Tuple[int, int], Verdict] = {}
+        self._judgements: Dict[Tuple[int, int], Judgement] = {}
 
     def classify(self, text: str) -> Verdict:
         """Classify address text (raises :class:`AddressError` for anything not strict)."""
         version, value, zone = parse_address(text)
-        verdict = self.classify_int(value, version)
-        if zone is None and verdict.address == text:
-            return verdict
-        return Verdict(
-            address=text,
-            version=verdict.version,
-            normalized=verdict.normalized,
-            expanded=verdict.expanded,
-            address_int=verdict.address_int,
-            external=verdict.external,
-            category=verdict.category,
-            via=verdict.via,
-            embedded_ipv4=verdict.embedded_ipv4,
-            zone=zone,
-            reason=verdict.reason,
-        )
+        return self.classify_int(value, version)._replace(address=text, zone=zone)
 
     def classify_int(self, value: int, version: int) -> Verdict:
         """Classify the integer value of an address (as ``/proc/net/*`` gives it, decoded)."""
         key = (version, value)
-        verdict = self._cache.get(key)
+        verdict = self._verdicts.get(key)
         if verdict is None:
-            if len(self._cache) >= self.CACHE_LIMIT:
-                self._cache.clear()
-            verdict = self._cache[key] = self._decide(value, version)
+            judgement = self.judge(value, version)
+            if version == 4:
+                normalized = expanded = format_ipv4(value)
+            else:
+                normalized, expanded = format_ipv6(value), expand_ipv6(value)
+            embedded = judgement.embedded_ipv4
+            verdict = Verdict(
+                address=normalized,
+                version=version,
+                normalized=normalized,
+                expanded=expanded,
+                address_int=str(value),
+                external=judgement.external,
+                category=judgement.category,
+                via=judgement.via,
+                embedded_ipv4=None if embedded is None else format_ipv4(embedded),
+                zone=None,
+                reason=judgement.reason,
+            )
+            if len(self._verdicts) >= self.CACHE_LIMIT:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
         return verdict
 
-    def _decide(self, value: int, version: int) -> Verdict:
+    def judge(self, value: int, version: int) -> Judgement:
+        """Decide without building text: what the sampler asks of every socket's peer."""
+        key = (version, value)
+        judgement = self._judgements.get(key)
+        if judgement is None:
+            judgement = self._decide(value, version)
+            if len(self._judgements) >= self.CACHE_LIMIT:
+                self._judgements.clear()
+            self._judgements[key] = judgement
+        return judgement
+
+    def _decide(self, value: int, version: int) -> Judgement:
         if version == 4:
             if not 0 <= value < 1 << IPV4_BITS:
                 raise AddressError(f"{value}: out of range for IPv4")
-            normalized = expanded = format_ipv4(value)
             via, embedded = None, None
             external, category, reason = self._decide_ipv4(value)
         elif version == 6:
             if not 0 <= value < 1 << IPV6_BITS:
                 raise AddressError(f"{value}: out of range for IPv6")
-            normalized, expanded = format_ipv6(value), expand_ipv6(value)
             carried = _embedded_ipv4(value)
             via, embedded = carried if carried else (None, None)
             external, category, reason = self._decide_ipv6(value, via, embedded)
@@ -437,19 +475,7 @@ class Classifier:
         if internal is not None:
             external, category = False, "internal"
             reason = f"inside internal_networks entry {internal} (configuration)"
-        return Verdict(
-            address=normalized,
-            version=version,
-            normalized=normalized,
-            expanded=expanded,
-            address_int=str(value),
-            external=external,
-            category=category,
-            via=via,
-            embedded_ipv4=None if embedded is None else format_ipv4(embedded),
-            zone=None,
-            reason=reason,
-        )
+        return Judgement(external, category, reason, via, embedded)
 
     def _internal_network(
         self, value: int, version: int, embedded: Optional[int]
