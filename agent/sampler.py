@@ -231,7 +231,7 @@ class Sampler:
                 value = decode_address(hex_text, version)
             except ValueError:
                 return False
-            external = self.classifier.classify_int(value, version).external
+            external = self.classifier.judge(value, version).external
             self._external_by_hex[hex_text] = external
         return external
 
