@@ -7,13 +7,18 @@ Exit status everywhere: 0 all is well, 1 a finding (an unexpected external conne
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from typing import Callable, Iterable, List, Optional, Sequence, TextIO
+import threading
+from typing import Callable, Iterable, List, Optional, Sequence, Set, TextIO, Tuple
 
 from agent import __version__
+from agent.allow import annotate
 from agent.classify import AddressError, Classifier
-from agent.config import ConfigError, load_settings
-from agent.output import render, safe_text
+from agent.config import ConfigError, Settings, load_settings
+from agent.output import TABLE_COLUMNS, render, safe_text
+from agent.records import Connection
+from agent.sampler import UNPRIVILEGED_NOTICE, Sampler, SamplerError, SocketSampler
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
@@ -55,6 +60,118 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_USAGE if failed else EXIT_OK
 
 
+def make_sampler(backend: str, settings: Settings) -> SocketSampler:
+    """The Linux /proc sampler, or psutil's (other platforms, or for comparison)."""
+    classifier = Classifier(settings.internal_networks)
+    if backend == "psutil" or (backend == "auto" and not sys.platform.startswith("linux")):
+        from agent.psutil_backend import PsutilSampler
+
+        return PsutilSampler(classifier)
+    return Sampler(classifier)
+
+
+def select_connections(
+    connections: Sequence[Connection], direction: str, settings: Settings
+) -> List[Connection]:
+    """Keep the asked direction and mark what the ``allow`` rules expect."""
+    kept = [c for c in connections if direction == "any" or c.direction == direction]
+    annotate(settings.allow, kept)
+    return kept
+
+
+def is_unexpected(connection: Connection) -> bool:
+    return connection.external and not connection.allowlisted
+
+
+def _default_format(stream: TextIO) -> str:
+    return "table" if stream.isatty() else "json"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    sampler = make_sampler(args.backend, settings)
+    if sampler.limited:
+        print(UNPRIVILEGED_NOTICE, file=sys.stderr)
+    connections = select_connections(sampler.sample(want_all=args.all), args.direction, settings)
+    unexpected = sum(1 for c in connections if is_unexpected(c))
+    shown = [c for c in connections if args.all or args.allowlisted or not c.allowlisted]
+    fmt = args.format or _default_format(sys.stdout)
+    columns = TABLE_COLUMNS if fmt == "table" else None
+    sys.stdout.write(render([c.as_dict() for c in shown], columns, fmt))
+    if sys.stderr.isatty() or args.summary:
+        stats = sampler.last
+        print(
+            f"egress-agent: {unexpected} unexpected external connection(s); looked at "
+            f"{stats.sockets} sockets in {stats.namespaces} network namespace(s), "
+            f"{stats.processes} process(es), {stats.fds_scanned} fds, "
+            f"in {stats.duration_ms:.0f} ms",
+            file=sys.stderr,
+        )
+    return EXIT_FINDING if unexpected else EXIT_OK
+
+
+ConnectionKey = Tuple[str, int, str, int, str, int]
+
+
+def connection_key(connection: Connection) -> ConnectionKey:
+    """What makes a connection "the same" for ``watch`` (and the history store): the process
+    instance, the protocol, the remote end and the direction; the local port may change."""
+    owner = connection.process_uuid or f"socket:{connection.socket}"
+    return (
+        owner,
+        connection.protocol,
+        connection.remote_address,
+        connection.remote_port,
+        connection.direction,
+        connection.net_namespace or 0,
+    )
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    sampler = make_sampler(args.backend, settings)
+    if sampler.limited:
+        print(UNPRIVILEGED_NOTICE, file=sys.stderr)
+    interval = args.interval if args.interval is not None else settings.sampling_interval
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    seen: Set[ConnectionKey] = set()
+    samples = 0
+    while not stop.is_set():
+        try:
+            connections = select_connections(sampler.sample(), args.direction, settings)
+        except SamplerError as error:
+            print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
+            return EXIT_USAGE
+        current = {connection_key(c): c for c in connections}
+        new = [c for key, c in current.items() if key not in seen]
+        seen = set(current) | (seen if args.once_per_run else set())
+        shown = [c for c in new if args.allowlisted or not c.allowlisted]
+        if shown:
+            sys.stdout.write(render([c.as_dict() for c in shown], None, args.format))
+            sys.stdout.flush()
+        samples += 1
+        if args.count and samples >= args.count:
+            break
+        stop.wait(interval)
+    return EXIT_OK
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egress-agent",
@@ -84,6 +201,65 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument(
         "--config", metavar="FILE", help="configuration file (for internal_networks)"
     )
+
+    def sampling_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help="configuration file (default: $EGRESS_AGENT_CONFIG, then "
+            "/etc/egress-agent/config.yaml, then the built-in defaults)",
+        )
+        sub.add_argument("--direction", choices=["outbound", "inbound", "any"], default="outbound")
+        sub.add_argument(
+            "--allowlisted",
+            action="store_true",
+            help="also show the connections an allow rule expects (marked allowlisted)",
+        )
+        sub.add_argument(
+            "--backend",
+            choices=["auto", "proc", "psutil"],
+            default="auto",
+            help="socket source: /proc in every network namespace (Linux), or psutil "
+            "(this network namespace only)",
+        )
+
+    check = command(
+        "check",
+        cmd_check,
+        "one live sample: external connections and their processes; exit 1 if any is unexpected",
+    )
+    sampling_options(check)
+    check.add_argument(
+        "--format",
+        choices=["table", "json", "jsonl", "csv", "ecs"],
+        help="default: table on a terminal, json otherwise",
+    )
+    check.add_argument("--all", action="store_true", help="every inet socket, with its verdict")
+    check.add_argument(
+        "--summary",
+        action="store_true",
+        help="print the summary line on stderr even when it is not a terminal",
+    )
+
+    watch = command(
+        "watch", cmd_watch, "sample every interval; print each newly seen external connection once"
+    )
+    sampling_options(watch)
+    watch.add_argument("--format", choices=["jsonl", "ecs"], default="jsonl")
+    watch.add_argument(
+        "--interval",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="default: sampling.interval from the configuration",
+    )
+    watch.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N samples (default: never)"
+    )
+    watch.add_argument(
+        "--once-per-run",
+        action="store_true",
+        help="print a connection once per run, even when it closes and opens again",
+    )
     return parser
 
 
@@ -92,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except ConfigError as error:
+    except (ConfigError, SamplerError) as error:
         print(f"egress-agent: {safe_text(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
