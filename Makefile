@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 ## The main job: a live check of this host (exit 1 means an unexpected external connection,
 ## which is a finding, not a failure of the command).
 run: $(STAMP)
-	@$(BIN)/egress-agent check; rc=$$?; [ $$rc -le 1 ]
+	@$(BIN)/egress-agent check --summary; rc=$$?; [ $$rc -le 1 ]
 
 test: lint typecheck pytest
 
