@@ -1,0 +1,19 @@
+"""The live sampler as the extension calls it: settings in, a :data:`SampleFunction` out.
+
+TEMPORARY: agent/sampler.py (issue 3) is being written; until it lands on main this reports
+no connections, so that the protocol and lifecycle can be built and tested.  The adapter to
+the real sampler replaces the body of :func:`make_sample_function`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, FrozenSet, Optional
+
+from agent.osquery.monitor import SampleFunction, Snapshot
+
+
+def make_sample_function(settings: Any) -> SampleFunction:
+    def sample(pids: Optional[FrozenSet[int]]) -> Snapshot:
+        return Snapshot(connections=[])
+
+    return sample
