@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import sqlite3
@@ -240,6 +241,8 @@ class HistoryStore:
             return self._db
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
+            if os.path.lexists(directory):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory)
             os.makedirs(directory, mode=0o700, exist_ok=True)
             os.chmod(directory, 0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -360,9 +363,10 @@ class HistoryStore:
         self._conditions[kind] = message
 
     def _recovered(self, kind: str) -> None:
-        if self._conditions.pop(kind, None) is not None:
-            self._log.warning("history store %s: %s works again", self.path, kind.split()[0])
-        self._conditions.pop("corrupt", None)
+        # A write that worked means the store works; a read that worked says nothing of writes.
+        cleared = [kind, "corrupt"] + (["read"] if kind == "write to" else [])
+        if [name for name in cleared if self._conditions.pop(name, None) is not None]:
+            self._log.warning("history store %s works again", self.path)
 
     # -- the SQL ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""``python -m agent.osquery --socket S --timeout T --interval I``: the extension, without the CLI."""
+"""``python -m agent.osquery --socket S --timeout T --interval I``: the extension, no CLI."""
 
 from __future__ import annotations
 

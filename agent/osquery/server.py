@@ -87,9 +87,10 @@ class Stopper:
 
 
 def _protocol_factory() -> Any:
-    # The C codec (fastbinary) when thrift was built with it; the pure one otherwise.
-    return TBinaryProtocol.TBinaryProtocolAcceleratedFactory(
-        string_length_limit=STRING_LIMIT, container_length_limit=CONTAINER_LIMIT, fallback=True
+    # The pure-Python codec: osquery-python's generated specs predate what thrift's C codec
+    # (fastbinary) expects of nested structs, and it refuses them.
+    return TBinaryProtocol.TBinaryProtocolFactory(
+        string_length_limit=STRING_LIMIT, container_length_limit=CONTAINER_LIMIT
     )
 
 
