@@ -327,13 +327,20 @@ class CoreStandIn:
         name: str = "egress_agent",
         timeout: float = 30,
         process: Optional[subprocess.Popen[bytes]] = None,
+        serving: bool = True,
     ) -> Registration:
-        """The live registration of ``name``, waiting up to ``timeout`` s for it to arrive."""
+        """The live registration of ``name``, waiting up to ``timeout`` s for it to arrive.
+
+        With ``serving``, also wait for the extension's socket: it can only listen on
+        ``<socket>.<uuid>`` once our answer reached it.
+        """
         deadline = time.monotonic() + timeout
         with self.manager.lock:
             while True:
                 for reg in self.manager.registrations.values():
-                    if reg.name == name:
+                    if reg.name == name and (
+                        not serving or os.path.exists(self.extension_socket(reg))
+                    ):
                         return reg
                 if process is not None and process.poll() is not None:
                     raise CoreError(

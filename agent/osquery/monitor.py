@@ -3,7 +3,8 @@
 The sampler itself (agent/sampler.py) is reached through one function, :data:`SampleFunction`,
 so this module knows nothing of /proc or psutil.  One lock serialises every sample: the
 sampler's caches are not meant for concurrent use, and a query waiting for a background
-sample gets the freshest data anyway.  Pings never take the lock.
+sample gets the freshest data anyway.  The figures have a lock of their own, so neither
+``egress_agent_info`` nor a ping ever waits for a sample.
 """
 
 from __future__ import annotations
@@ -79,17 +80,19 @@ class Monitor:
         self._log = logger
         self._active_opens = active_opens
         self._clock = clock
-        self._lock = threading.Lock()
+        self._sample_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
         self._stats = Stats(started_at=int(clock()))
         self._coverage = _Coverage()
 
     def live(self, pids: Optional[FrozenSet[int]] = None) -> Snapshot:
         """One sample for a query (narrowed to ``pids``); the sampler's errors propagate."""
-        with self._lock:
+        with self._sample_lock:
             return self._sample(pids)
 
     def stats(self) -> Stats:
-        with self._lock:
+        """A copy of the figures; never waits for a sample in progress."""
+        with self._stats_lock:
             return Stats(**vars(self._stats))
 
     def sample_once(self) -> bool:
@@ -97,18 +100,17 @@ class Monitor:
 
         A failing sample is logged once per distinct message; the next one tries again.
         """
-        with self._lock:
+        with self._sample_lock:
             started = time.monotonic()
             try:
                 snapshot = self._sample(None)
             except Exception as error:  # the sampler's bug must not end the background loop
-                message = f"sampling failed: {type(error).__name__}: {error}"
-                if message != self._stats.last_error:
-                    self._log.error("%s", message)
-                self._stats.last_error = message
+                self._sampling_failed(f"sampling failed: {type(error).__name__}: {error}")
                 return False
             elapsed_ms = (time.monotonic() - started) * 1000.0
             at = self._clock()
+            active_opens = self._active_opens(snapshot.namespace_pids)
+        with self._stats_lock:
             if self._stats.last_error is not None:
                 self._log.warning("sampling works again")
                 self._stats.last_error = None
@@ -117,12 +119,16 @@ class Monitor:
             self._stats.sockets_seen = snapshot.sockets_seen
             self._stats.namespaces_seen = snapshot.namespaces_seen
             self._count_outbound(snapshot)
-            self._stats.tcp_active_opens = self._coverage.growth.update(
-                self._active_opens(snapshot.namespace_pids)
-            )
+            self._stats.tcp_active_opens = self._coverage.growth.update(active_opens)
         if self._store is not None:
             self._store.record([c for c in snapshot.connections if c.external], at=at)
         return True
+
+    def _sampling_failed(self, message: str) -> None:
+        with self._stats_lock:
+            if message != self._stats.last_error:
+                self._log.error("%s", message)
+            self._stats.last_error = message
 
     def run(self, stop: threading.Event) -> None:
         """Sample now and then every ``interval`` seconds (fixed rate) until ``stop`` is set."""
