@@ -9,14 +9,19 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import pytest
-from osquery_core import CoreError, CoreStandIn, Registration, make_context
+from osquery_core import (
+    CoreError,
+    CoreStandIn,
+    Registration,
+    default_extension_command,
+    make_context,
+)
 
 import agent
 from agent.osquery import table
@@ -24,7 +29,7 @@ from agent.osquery.monitor import Monitor, Snapshot
 from agent.osquery.server import Options, Stopper, serve
 from agent.osquery.tables import AgentInfo, ExtensionTables
 
-EXTENSION = [sys.executable, "-m", "agent.osquery"]
+EXTENSION = default_extension_command()
 STOP_WITHIN_S = 2.0
 
 

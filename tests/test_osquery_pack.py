@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
-from osquery_core import CoreStandIn, SqlHost, load_extension_tables, pack_queries
+from osquery_core import (
+    CoreStandIn,
+    SqlHost,
+    default_extension_command,
+    load_extension_tables,
+    pack_queries,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PACK = ROOT / "config" / "osquery" / "egress-agent.conf"
 DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "osquery.md"]
-EXTENSION = [sys.executable, "-m", "agent.osquery"]
+EXTENSION = default_extension_command()
 
 
 def documented_sql() -> List[Tuple[str, str]]:

@@ -494,7 +494,7 @@ def run_extension(argv: Sequence[str]) -> int:
 
 def extension_main(args: argparse.Namespace) -> int:
     """Run the extension with parsed arguments (see :func:`add_arguments`) until told to stop."""
-    from agent.config import load_settings
+    from agent.config import ConfigError, load_settings
     from agent.osquery.source import make_sample_function
 
     _configure_logging(args.verbose)
@@ -506,16 +506,18 @@ def extension_main(args: argparse.Namespace) -> int:
     )
     try:
         settings = load_settings(getattr(args, "config", None))
-    except (ValueError, OSError) as error:
+    except ConfigError as error:
         log.error("%s", error)
         return 2
+    store = None
+    if settings.history_enabled:
+        store = HistoryStore(
+            settings.history_path,
+            retention_days=settings.history_retention_days,
+            max_rows=settings.history_max_rows,
+            logger=logging.getLogger("egress_agent.history"),
+        )
     sample: SampleFunction = make_sample_function(settings)
-    store = HistoryStore(
-        settings.history.path,
-        retention_days=settings.history.retention_days,
-        max_rows=settings.history.max_rows,
-        logger=logging.getLogger("egress_agent.history"),
-    )
     monitor = Monitor(
         sample, store, settings.sampling_interval, logging.getLogger("egress_agent.sampler")
     )
@@ -524,9 +526,9 @@ def extension_main(args: argparse.Namespace) -> int:
         store,
         AgentInfo(
             version=__version__,
-            config_path=str(settings.source),
+            config_path=settings.source or "",
             sampling_interval=settings.sampling_interval,
-            history_path=settings.history.path,
+            history_path=settings.history_path if store is not None else "",
         ),
     )
     stopper = Stopper()

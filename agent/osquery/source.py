@@ -7,13 +7,17 @@ the real sampler replaces the body of :func:`make_sample_function`.
 
 from __future__ import annotations
 
-from typing import Any, FrozenSet, Optional
+from typing import FrozenSet, Optional
 
+from agent import allow
+from agent.config import Settings
 from agent.osquery.monitor import SampleFunction, Snapshot
 
 
-def make_sample_function(settings: Any) -> SampleFunction:
+def make_sample_function(settings: Settings) -> SampleFunction:
     def sample(pids: Optional[FrozenSet[int]]) -> Snapshot:
-        return Snapshot(connections=[])
+        snapshot = Snapshot(connections=[])
+        allow.annotate(settings.allow, snapshot.connections)
+        return snapshot
 
     return sample
