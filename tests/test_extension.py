@@ -272,7 +272,7 @@ def test_ping_is_answered_during_a_slow_generate(core: CoreStandIn) -> None:
         return Snapshot(connections=[])
 
     log = logging.getLogger("test")
-    monitor = Monitor(slow, None, 3600, log, active_opens=lambda _: {})
+    monitor = Monitor(slow, None, 3600, log, active_opens=dict)
     tables = ExtensionTables(monitor, None, AgentInfo("1", "defaults", 1.0, ""))
     stopper = Stopper()
     options = Options(socket=core.socket_path, timeout=5, interval=1)

@@ -245,7 +245,7 @@ def recorder() -> _Recorder:
 
 
 def _tables(recorder: _Recorder) -> ExtensionTables:
-    monitor = Monitor(recorder, None, 5.0, logging.getLogger("test"), active_opens=lambda _: {})
+    monitor = Monitor(recorder, None, 5.0, logging.getLogger("test"), active_opens=dict)
     return ExtensionTables(monitor, None, AgentInfo("9.9", "defaults", 5.0, "/nowhere"))
 
 
@@ -303,7 +303,7 @@ def test_a_failing_sampler_fails_the_query_only() -> None:
     def broken(pids: Optional[FrozenSet[int]]) -> Snapshot:
         raise RuntimeError("boom")
 
-    monitor = Monitor(broken, None, 5.0, logging.getLogger("test"), active_opens=lambda _: {})
+    monitor = Monitor(broken, None, 5.0, logging.getLogger("test"), active_opens=dict)
     tables = ExtensionTables(monitor, None, AgentInfo("9.9", "defaults", 5.0, "/nowhere"))
     result = tables.call("external_connections", {"action": "generate"})
     assert result.code == 1 and "RuntimeError: boom" in result.message

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Hashable, List, Mapping, Optional, Set
+from typing import Callable, FrozenSet, Hashable, List, Mapping, Optional, Set
 
 from agent import coverage
 from agent.history import HistoryStore
@@ -29,8 +29,8 @@ class Snapshot:
     sockets_seen: int = 0
     """Every inet socket the sample looked at, external or not."""
     namespaces_seen: int = 0
-    namespace_pids: Optional[Mapping[int, int]] = None
-    """``{net namespace inode: a pid in it}`` when the sampler knows them (saves a /proc scan)."""
+    active_opens: Optional[Mapping[int, int]] = None
+    """``{net namespace inode: Tcp ActiveOpens}`` when the sampler read them (saves a scan)."""
     outbound_tcp: Optional[FrozenSet[Hashable]] = None
     """Identities of every outbound TCP socket in the sample, whatever its remote address, when
     the sampler provides them; else the outbound TCP rows of ``connections`` stand in."""
@@ -39,7 +39,8 @@ class Snapshot:
 SampleFunction = Callable[[Optional[FrozenSet[int]]], Snapshot]
 """``sample(pids)``: one live sample, narrowed to ``pids`` when not None."""
 
-ActiveOpensFunction = Callable[[Optional[Mapping[int, int]]], Dict[int, int]]
+ActiveOpensFunction = Callable[[], Mapping[int, int]]
+"""``{net namespace inode: Tcp ActiveOpens}`` of every namespace (agent.coverage)."""
 
 
 @dataclass
@@ -109,7 +110,9 @@ class Monitor:
                 return False
             elapsed_ms = (time.monotonic() - started) * 1000.0
             at = self._clock()
-            active_opens = self._active_opens(snapshot.namespace_pids)
+            active_opens = snapshot.active_opens
+            if active_opens is None:
+                active_opens = self._active_opens()
         with self._stats_lock:
             if self._stats.last_error is not None:
                 self._log.warning("sampling works again")
