@@ -1,0 +1,169 @@
+"""Which process holds a socket: socket inode -> (pid, fd), from ``/proc/PID/fd``.
+
+The kernel gives no index from a socket to its owner; the only way is to read every fd link
+(``socket:[INODE]``, ``Documentation/filesystems/proc.rst``), which is the cost that dominates
+``psutil.net_connections()`` and ``ss -p``.  :class:`OwnerFinder` bounds it: it looks only for the
+inodes it is asked about, stops as soon as it has found them all, and looks first in the
+processes that owned the wanted sockets last time (long-lived connections keep their owners).
+
+Each fd directory is opened once (``os.open``) and its links are read relative to it
+(``readlink(name, dir_fd=...)``), which spares the kernel a path walk per fd.
+
+A socket shared by several processes (inherited over ``fork``) gets the first owner met: the
+lowest pid on a first scan, then the same one again while it lives.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Collection, Dict, List, Optional, Set, Tuple
+
+from agent.procnet import PROC_ROOT, list_pids
+
+Owner = Tuple[int, int]
+"""(pid, fd)"""
+
+_SOCKET_PREFIX = "socket:["
+
+
+@dataclass
+class OwnerScan:
+    """What one :meth:`OwnerFinder.find` found and what it cost."""
+
+    owners: Dict[int, Owner] = field(default_factory=dict)
+    """socket inode -> (pid, fd) for the wanted inodes that were found."""
+    pids_scanned: int = 0
+    fds_scanned: int = 0
+    unreadable_pids: int = 0
+    """fd directories that could not be opened (another user's process, or gone)."""
+    complete: bool = False
+    """Every candidate pid was scanned (no early stop)."""
+    skipped: bool = False
+    """Nothing was wanted, so /proc was not read at all."""
+
+
+class OwnerFinder:
+    """Maps socket inodes to owning (pid, fd), remembering between calls what speeds it up.
+
+    Kept between calls: the pids that owned wanted sockets last time (scanned first), and a
+    negative cache of inodes that a complete scan found without an owner (their owner is
+    another user's process, or the socket is an orphan).  Those would otherwise defeat the
+    early stop on every sample; they do not hold up the scan for ``negative_ttl`` calls, then
+    are looked for again.  Inode 0 (TIME_WAIT and request sockets) never has an owner.
+    """
+
+    def __init__(self, proc_root: str = PROC_ROOT, negative_ttl: int = 8) -> None:
+        self.proc_root = proc_root
+        self.negative_ttl = negative_ttl
+        self._recent_pids: List[int] = []
+        self._unowned: Dict[int, int] = {}
+        self._calls = 0
+
+    def find(self, wanted: Collection[int], pids: Optional[Collection[int]] = None) -> OwnerScan:
+        """Find the owners of the ``wanted`` socket inodes.
+
+        With ``pids``, look only in those processes (osquery's ``WHERE pid = N``); such a
+        restricted scan leaves the remembered state alone.
+        """
+        self._calls += 1
+        scan = OwnerScan()
+        targets: Set[int] = {inode for inode in wanted if inode}
+        if not targets:
+            scan.skipped = True
+            scan.complete = True
+            return scan
+        restricted = pids is not None
+        if restricted:
+            waiting = set(targets)
+        else:
+            self._expire_unowned()
+            waiting = targets - self._unowned.keys()
+
+        order: List[int] = sorted(set(pids)) if pids is not None else list(self._recent_pids)
+        tried: Set[int] = set(order)
+        stopped_early = self._scan(order, targets, waiting, scan)
+        if not stopped_early and not restricted:
+            rest = [pid for pid in self._list_pids() if pid not in tried]
+            stopped_early = self._scan(rest, targets, waiting, scan)
+        scan.complete = not stopped_early
+
+        if not restricted:
+            self._remember(scan, targets)
+        return scan
+
+    def _scan(
+        self, order: List[int], targets: Set[int], waiting: Set[int], scan: OwnerScan
+    ) -> bool:
+        """Scan fd directories in ``order``; True when it stopped because nothing is waiting."""
+        if not waiting:
+            return True
+        owners = scan.owners
+        proc_root = self.proc_root
+        readlink = os.readlink
+        for pid in order:
+            try:
+                dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                scan.unreadable_pids += 1
+                continue
+            scan.pids_scanned += 1
+            links = 0
+            try:
+                try:
+                    names = os.listdir(dir_fd)
+                except OSError:
+                    names = []
+                for name in names:
+                    try:
+                        link = readlink(name, dir_fd=dir_fd)
+                    except OSError:
+                        continue  # closed since the listing
+                    links += 1
+                    if not link.startswith(_SOCKET_PREFIX):
+                        continue
+                    try:
+                        inode = int(link[8:-1])
+                    except ValueError:
+                        continue
+                    if inode in targets and inode not in owners:
+                        owners[inode] = (pid, int(name))
+                        waiting.discard(inode)
+                        if not waiting:
+                            return True
+            finally:
+                os.close(dir_fd)
+                scan.fds_scanned += links
+        return False
+
+    def _list_pids(self) -> List[int]:
+        try:
+            return list_pids(self.proc_root)
+        except OSError:
+            return []
+
+    def _expire_unowned(self) -> None:
+        oldest = self._calls - self.negative_ttl
+        expired = [inode for inode, since in self._unowned.items() if since <= oldest]
+        for inode in expired:
+            del self._unowned[inode]
+
+    def _remember(self, scan: OwnerScan, targets: Set[int]) -> None:
+        self._recent_pids = sorted({pid for pid, _ in scan.owners.values()})
+        found = scan.owners
+        unowned = {
+            inode: since
+            for inode, since in self._unowned.items()
+            if inode in targets and inode not in found
+        }
+        if scan.complete:
+            # every process was looked at: whatever is still missing has no readable owner
+            for inode in targets:
+                if inode not in found:
+                    unowned[inode] = self._calls
+        self._unowned = unowned
+
+    @property
+    def unowned(self) -> Set[int]:
+        """The inodes currently in the negative cache."""
+        return set(self._unowned)

@@ -1,0 +1,401 @@
+"""Read and decode the kernel's inet socket tables, one network namespace at a time.
+
+``/proc/PID/net/{tcp,tcp6,udp,udp6}`` list the sockets of the network namespace that PID lives
+in (``Documentation/networking/proc_net_tcp.rst``; ``tcp4_seq_show``/``get_tcp4_sock`` in
+``net/ipv4/tcp_ipv4.c``, ``get_tcp6_sock`` in ``net/ipv6/tcp_ipv6.c``, ``udp4_format_sock`` in
+``net/ipv4/udp.c``).  An address is printed as the hex of its in-memory 32-bit words, each word
+read as a host-order ``u32`` (``%08X``): one word for IPv4, four for IPv6.  On a little-endian
+host every 4-byte group therefore comes out byte-reversed while the groups keep their order, so
+``0100007F`` is 127.0.0.1 and ``::1`` is ``00000000000000000000000001000000``.
+
+This module knows sockets only: no processes, no psutil.  Addresses are integers (as
+``int(ipaddress.ip_address(...))``), so the classifier can work on them without text.
+The same reading is what osquery's ``process_open_sockets`` does
+(``osquery/filesystem/linux/proc.cpp``: one representative pid per ``/proc/PID/ns/net`` inode).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+
+PROC_ROOT = "/proc"
+
+AF_INET = 2
+AF_INET6 = 10
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+TCP_LISTEN = 0x0A
+"""``TCP_LISTEN`` in ``include/net/tcp_states.h``."""
+
+TCP_STATE_NAMES: Tuple[str, ...] = (
+    "UNKNOWN",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSED",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+)
+"""TCP state names exactly as osquery's ``process_open_sockets`` spells them
+(``tcp_states`` in ``osquery/filesystem/linux/proc.h``), indexed by the kernel's state number
+(``include/net/tcp_states.h``).  Note ``CLOSED`` (the kernel says ``TCP_CLOSE``) and that
+anything else, including ``TCP_NEW_SYN_RECV`` (12), is ``UNKNOWN`` there too."""
+
+
+def tcp_state_name(state: int) -> str:
+    """The osquery name of a kernel TCP state number; ``UNKNOWN`` outside the known range."""
+    if 0 < state < len(TCP_STATE_NAMES):
+        return TCP_STATE_NAMES[state]
+    return "UNKNOWN"
+
+
+class SocketTable(NamedTuple):
+    """One of the per-namespace inet socket files and what its rows are."""
+
+    name: str
+    family: int
+    protocol: int
+    version: int
+
+
+TCP4 = SocketTable("tcp", AF_INET, IPPROTO_TCP, 4)
+TCP6 = SocketTable("tcp6", AF_INET6, IPPROTO_TCP, 6)
+UDP4 = SocketTable("udp", AF_INET, IPPROTO_UDP, 4)
+UDP6 = SocketTable("udp6", AF_INET6, IPPROTO_UDP, 6)
+SOCKET_TABLES: Tuple[SocketTable, ...] = (TCP4, TCP6, UDP4, UDP6)
+
+
+class Socket(NamedTuple):
+    """One decoded row of a socket table.  Addresses are integers in network order."""
+
+    inode: int
+    family: int
+    protocol: int
+    version: int
+    local_address: int
+    local_port: int
+    remote_address: int
+    remote_port: int
+    state: int
+    uid: int
+
+    @property
+    def state_name(self) -> str:
+        """osquery's name of the TCP state; empty for UDP (as osquery leaves it)."""
+        return tcp_state_name(self.state) if self.protocol == IPPROTO_TCP else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+_HOST_WORDS = struct.Struct("<4I" if sys.byteorder == "little" else ">4I")
+
+
+def decode_address(hex_text: str, version: int) -> int:
+    """The integer value of an address as ``/proc/net/*`` prints it.
+
+    Raises ValueError when the text is not 8 (IPv4) or 32 (IPv6) hex digits.
+    """
+    if version == 4:
+        if len(hex_text) != 8:
+            raise ValueError(f"an IPv4 address is 8 hex digits, got {hex_text!r}")
+        return int.from_bytes(bytes.fromhex(hex_text), sys.byteorder)
+    if len(hex_text) != 32:
+        raise ValueError(f"an IPv6 address is 32 hex digits, got {hex_text!r}")
+    words: Tuple[int, int, int, int] = _HOST_WORDS.unpack(bytes.fromhex(hex_text))
+    return (words[0] << 96) | (words[1] << 64) | (words[2] << 32) | words[3]
+
+
+def encode_address(value: int, version: int) -> str:
+    """The inverse of :func:`decode_address`: the text the kernel would print (for tests)."""
+    if version == 4:
+        return value.to_bytes(4, sys.byteorder).hex().upper()
+    words = [(value >> shift) & 0xFFFFFFFF for shift in (96, 64, 32, 0)]
+    return _HOST_WORDS.pack(*words).hex().upper()
+
+
+def decode_port(hex_text: str) -> int:
+    """A port as printed (4 hex digits, ``%04X``).  Raises ValueError otherwise."""
+    if len(hex_text) != 4:
+        raise ValueError(f"a port is 4 hex digits, got {hex_text!r}")
+    return int.from_bytes(bytes.fromhex(hex_text), "big")
+
+
+def decode_endpoint(text: str, version: int) -> Tuple[int, int]:
+    """``ADDRESS:PORT`` as printed -> (address, port).  Raises ValueError on garbage."""
+    address, sep, port = text.partition(":")
+    if not sep:
+        raise ValueError(f"an endpoint is ADDRESS:PORT, got {text!r}")
+    return decode_address(address, version), decode_port(port)
+
+
+def _decode_row(fields: List[str], table: SocketTable) -> Optional[Socket]:
+    """Finish decoding a row split as ``line.split(None, 4)``; None when it is garbage."""
+    try:
+        rest = fields[4].split(None, 6)
+        if len(rest) < 6:
+            return None
+        version = table.version
+        local_address, local_port = decode_endpoint(fields[1], version)
+        remote_address, remote_port = decode_endpoint(fields[2], version)
+        return Socket(
+            int(rest[5]),
+            table.family,
+            table.protocol,
+            version,
+            local_address,
+            local_port,
+            remote_address,
+            remote_port,
+            int(fields[3], 16),
+            int(rest[3]),
+        )
+    except ValueError:
+        return None
+
+
+def parse_line(line: str, table: SocketTable) -> Optional[Socket]:
+    """Decode one data line of a socket table; None for a header, truncated or garbage line."""
+    fields = line.split(None, 4)
+    if len(fields) < 5:
+        return None
+    return _decode_row(fields, table)
+
+
+def _data_lines(text: str) -> List[str]:
+    lines = text.split("\n")
+    if lines and lines[0].lstrip().startswith("sl"):
+        del lines[0]
+    return lines
+
+
+class ListenerIndex:
+    """The listening sockets of one network namespace, to tell inbound from outbound.
+
+    A TCP socket in ``LISTEN`` or a bound, unconnected UDP socket (remote ``0:0``) listens.
+    A connection is inbound when its local address and port match a listener of the same
+    protocol: the same address, or a wildcard (``0.0.0.0`` for IPv4, ``::`` for both, since a
+    dual-stack ``::`` listener accepts IPv4 too; RFC 3493 section 3.7).  IPv4-mapped IPv6
+    addresses (``::ffff:a.b.c.d``, RFC 4291 section 2.5.5.2) count as the IPv4 address they
+    carry, which is how an IPv4 connection accepted on ``::`` shows in ``tcp6``.
+    """
+
+    _ANY = -1
+
+    def __init__(self) -> None:
+        self._keys: Set[Tuple[int, int, int, int]] = set()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @staticmethod
+    def _key(protocol: int, version: int, address: int, port: int) -> Tuple[int, int, int, int]:
+        if version == 6 and address >> 32 == 0xFFFF:
+            return (protocol, 4, address & 0xFFFFFFFF, port)
+        return (protocol, version, address, port)
+
+    def add(self, protocol: int, version: int, address: int, port: int) -> None:
+        """Record a listener bound to ``address`` (0 for the wildcard) and ``port``."""
+        if address == 0:
+            self._keys.add((protocol, 4, self._ANY, port))
+            if version == 6:
+                self._keys.add((protocol, 6, self._ANY, port))
+            return
+        self._keys.add(self._key(protocol, version, address, port))
+
+    def is_inbound(self, protocol: int, version: int, address: int, port: int) -> bool:
+        """Whether a socket with this local end was accepted by (or shares a port with) a
+        listener: the mark of a connection that came in."""
+        key = self._key(protocol, version, address, port)
+        keys = self._keys
+        return key in keys or (protocol, key[1], self._ANY, port) in keys
+
+
+WantedPredicate = Callable[[str, int], bool]
+"""``wanted(remote_address_hex, version)``: whether to decode and keep a row."""
+
+
+def scan_socket_table(
+    text: str,
+    table: SocketTable,
+    wanted: Optional[WantedPredicate] = None,
+    listeners: Optional[ListenerIndex] = None,
+) -> Tuple[List[Socket], int]:
+    """Decode the rows of one socket table that ``wanted`` asks for (all rows when None).
+
+    Only the remote-address field is looked at before ``wanted`` decides, so a caller that
+    keeps few sockets pays little for the rest; the local end is decoded for listeners only,
+    which go into ``listeners``.  Truncated or garbage lines are skipped.
+    Returns (the wanted sockets, how many well-formed rows the table had).
+    """
+    version = table.version
+    address_len = 8 if version == 4 else 32
+    remote_len = address_len + 5
+    unconnected = "0" * address_len + ":0000"
+    is_tcp = table.protocol == IPPROTO_TCP
+    protocol = table.protocol
+    kept: List[Socket] = []
+    seen = 0
+    for line in _data_lines(text):
+        fields = line.split(None, 4)
+        if len(fields) < 5:
+            continue
+        remote = fields[2]
+        if len(remote) != remote_len or remote[address_len] != ":":
+            continue
+        seen += 1
+        if listeners is not None:
+            listening = fields[3] == "0A" if is_tcp else remote == unconnected
+            if listening:
+                try:
+                    address, port = decode_endpoint(fields[1], version)
+                except ValueError:
+                    pass
+                else:
+                    if port:
+                        listeners.add(protocol, version, address, port)
+        if wanted is None or wanted(remote[:address_len], version):
+            sock = _decode_row(fields, table)
+            if sock is not None:
+                kept.append(sock)
+    return kept, seen
+
+
+# ---------------------------------------------------------------------------------------------
+# reading /proc
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as handle:
+        return handle.read().decode("latin-1")
+
+
+def read_socket_table(pid: int, table: SocketTable, proc_root: str = PROC_ROOT) -> str:
+    """The text of ``/proc/PID/net/<table>``.  Raises OSError (the process may be gone)."""
+    return _read_text(f"{proc_root}/{pid}/net/{table.name}")
+
+
+def read_sockets(pid: int, table: SocketTable, proc_root: str = PROC_ROOT) -> List[Socket]:
+    """Every socket of one table in PID's network namespace, fully decoded."""
+    sockets, _ = scan_socket_table(read_socket_table(pid, table, proc_root), table)
+    return sockets
+
+
+def read_listeners(pid: int, proc_root: str = PROC_ROOT) -> ListenerIndex:
+    """The listening sockets of PID's network namespace, all four tables."""
+    index = ListenerIndex()
+    for table in SOCKET_TABLES:
+        try:
+            text = read_socket_table(pid, table, proc_root)
+        except OSError:
+            continue
+        scan_socket_table(text, table, lambda _hex, _version: False, index)
+    return index
+
+
+def parse_snmp(text: str, section: str = "Tcp") -> Dict[str, int]:
+    """One section of ``/proc/net/snmp`` (a header line of names, then a line of values)."""
+    prefix = section + ":"
+    rows = [line.split()[1:] for line in text.split("\n") if line.startswith(prefix)]
+    if len(rows) < 2:
+        return {}
+    counters: Dict[str, int] = {}
+    for name, value in zip(rows[0], rows[1]):
+        try:
+            counters[name] = int(value)
+        except ValueError:
+            continue
+    return counters
+
+
+def read_tcp_counters(pid: int, proc_root: str = PROC_ROOT) -> Dict[str, int]:
+    """The ``Tcp:`` counters of PID's network namespace (``ActiveOpens``, ``CurrEstab``, ...)
+    from ``/proc/PID/net/snmp`` (RFC 1213 tcp group).  Raises OSError."""
+    return parse_snmp(_read_text(f"{proc_root}/{pid}/net/snmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# network namespaces
+
+
+def list_pids(proc_root: str = PROC_ROOT) -> List[int]:
+    """The process ids under /proc, ascending (threads are not listed there)."""
+    return sorted(int(name) for name in os.listdir(proc_root) if name.isdigit())
+
+
+def parse_namespace_link(link: str, kind: str = "net") -> int:
+    """The inode in a namespace link such as ``net:[4026531840]``.  Raises ValueError."""
+    prefix = kind + ":["
+    if not (link.startswith(prefix) and link.endswith("]")):
+        raise ValueError(f"not a {kind} namespace link: {link!r}")
+    inode = int(link[len(prefix) : -1])
+    if inode <= 0:
+        raise ValueError(f"not a {kind} namespace link: {link!r}")
+    return inode
+
+
+def namespace_of(pid: int, proc_root: str = PROC_ROOT) -> int:
+    """The inode of PID's network namespace.  Raises OSError or ValueError."""
+    return parse_namespace_link(os.readlink(f"{proc_root}/{pid}/ns/net"))
+
+
+@dataclass
+class NetNamespace:
+    """A network namespace and the pids seen in it (ascending; the first represents it)."""
+
+    inode: int
+    pids: List[int] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        """The representative pid, through which the namespace's tables are read."""
+        return self.pids[0]
+
+
+@dataclass
+class NamespaceDiscovery:
+    """The outcome of :func:`discover_namespaces`."""
+
+    namespaces: List[NetNamespace]
+    errors: Dict[int, str]
+    """pid -> why its namespace could not be read (gone, permission denied, ...)."""
+    pids_seen: int
+
+
+def discover_namespaces(
+    proc_root: str = PROC_ROOT, pids: Optional[Iterable[int]] = None
+) -> NamespaceDiscovery:
+    """The distinct network namespaces of the given pids (every pid when None).
+
+    Errors are per pid: ``/proc/1/ns/net`` may be unreadable even for root in a sandbox, and an
+    ordinary user cannot read other users' links; such pids are listed in ``errors``.
+    """
+    candidates = list_pids(proc_root) if pids is None else sorted(set(pids))
+    by_inode: Dict[int, NetNamespace] = {}
+    errors: Dict[int, str] = {}
+    for pid in candidates:
+        try:
+            inode = namespace_of(pid, proc_root)
+        except OSError as error:
+            errors[pid] = error.strerror or type(error).__name__
+            continue
+        except ValueError as error:
+            errors[pid] = str(error)
+            continue
+        namespace = by_inode.get(inode)
+        if namespace is None:
+            by_inode[inode] = NetNamespace(inode, [pid])
+        else:
+            namespace.pids.append(pid)
+    return NamespaceDiscovery(list(by_inode.values()), errors, len(candidates))
