@@ -4,76 +4,32 @@ Every ``connect()`` of a TCP socket increments ``Tcp: ActiveOpens`` (RFC 1213's
 ``tcpActiveOpens``) of the socket's network namespace, shown in ``/proc/PID/net/snmp``
 (Documentation/networking/snmp_counter.rst).  Summing the growth of that counter over all
 namespaces since the agent started, beside the number of distinct outbound TCP connections
-the sampler actually saw, tells an operator what fraction of connections lived too briefly
-to be sampled.
+the sampler actually saw, shows an operator how many connections lived too briefly to be
+sampled.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from typing import Dict, Mapping
+
+from agent.procnet import PROC_ROOT, discover_namespaces, read_tcp_counters
 
 
-def namespace_pids(proc: str = "/proc") -> Dict[int, int]:
-    """One representative pid per network namespace: ``{namespace inode: pid}``.
+def active_opens_by_namespace(proc_root: str = PROC_ROOT) -> Dict[int, int]:
+    """``{namespace inode: ActiveOpens}`` for every namespace whose counters can be read.
 
-    A pid whose ``ns/net`` cannot be read (gone, or hidden from us) is skipped.
+    The sampler reads these with each sample; this is for when it did not (another backend).
     """
-    representatives: Dict[int, int] = {}
-    try:
-        names = os.listdir(proc)
-    except OSError:
-        return representatives
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            inode = os.stat(f"{proc}/{name}/ns/net").st_ino
-        except OSError:
-            continue
-        representatives.setdefault(inode, int(name))
-    return representatives
-
-
-def read_active_opens(pid: int, proc: str = "/proc") -> Optional[int]:
-    """``Tcp: ActiveOpens`` of the namespace ``pid`` lives in; None when it cannot be read."""
-    try:
-        with open(f"{proc}/{pid}/net/snmp", encoding="ascii", errors="replace") as stream:
-            return parse_active_opens(stream)
-    except OSError:
-        return None
-
-
-def parse_active_opens(lines: Iterable[str]) -> Optional[int]:
-    """The ActiveOpens value from the text of ``/proc/net/snmp`` (a header and a value line)."""
-    header: Optional[Tuple[str, ...]] = None
-    for line in lines:
-        if not line.startswith("Tcp:"):
-            continue
-        fields = tuple(line.split()[1:])
-        if header is None:
-            header = fields
-            continue
-        if "ActiveOpens" not in header or len(fields) != len(header):
-            return None
-        try:
-            return int(fields[header.index("ActiveOpens")])
-        except ValueError:
-            return None
-    return None
-
-
-def active_opens_by_namespace(
-    representatives: Optional[Mapping[int, int]] = None, proc: str = "/proc"
-) -> Dict[int, int]:
-    """``{namespace inode: ActiveOpens}`` for every namespace that can be read."""
-    if representatives is None:
-        representatives = namespace_pids(proc)
     counts: Dict[int, int] = {}
-    for inode, pid in representatives.items():
-        value = read_active_opens(pid, proc)
-        if value is not None:
-            counts[inode] = value
+    for namespace in discover_namespaces(proc_root).namespaces:
+        for pid in namespace.pids:  # the first whose counters can be read
+            try:
+                counters = read_tcp_counters(pid, proc_root)
+            except OSError:
+                continue
+            if "ActiveOpens" in counters:
+                counts[namespace.inode] = counters["ActiveOpens"]
+            break
     return counts
 
 

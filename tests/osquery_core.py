@@ -584,8 +584,8 @@ class SqlHost:
             extensions,
         )
 
-    def query(self, sql: str) -> List[Dict[str, Any]]:
-        return [dict(row) for row in self.db.execute(sql)]
+    def query(self, sql: str, parameters: Sequence[Any] = ()) -> List[Dict[str, Any]]:
+        return [dict(row) for row in self.db.execute(sql, parameters)]
 
 
 def _routes(*columns: Tuple[str, str]) -> Routes:

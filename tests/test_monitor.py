@@ -14,22 +14,6 @@ from agent.history import HistoryStore
 from agent.osquery.monitor import Monitor, Snapshot
 from agent.records import Connection
 
-SNMP = """\
-Ip: Forwarding DefaultTTL InReceives
-Ip: 1 64 100
-Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails
-Tcp: 1 200 120000 -1 8671 2 3
-Udp: InDatagrams NoPorts
-Udp: 5 6
-"""
-
-
-def test_parse_active_opens() -> None:
-    assert coverage.parse_active_opens(SNMP.splitlines()) == 8671
-    assert coverage.parse_active_opens(["Tcp: A B", "Tcp: 1"]) is None  # truncated
-    assert coverage.parse_active_opens(["Tcp: ActiveOpens", "Tcp: x"]) is None
-    assert coverage.parse_active_opens([]) is None
-
 
 def test_this_hosts_namespaces_are_read() -> None:
     counts = coverage.active_opens_by_namespace()

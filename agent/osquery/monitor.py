@@ -112,7 +112,10 @@ class Monitor:
             at = self._clock()
             active_opens = snapshot.active_opens
             if active_opens is None:
-                active_opens = self._active_opens()
+                try:
+                    active_opens = self._active_opens()
+                except OSError:
+                    active_opens = {}
         with self._stats_lock:
             if self._stats.last_error is not None:
                 self._log.warning("sampling works again")

@@ -517,7 +517,9 @@ def extension_main(args: argparse.Namespace) -> int:
             max_rows=settings.history_max_rows,
             logger=logging.getLogger("egress_agent.history"),
         )
-    sample: SampleFunction = make_sample_function(settings)
+    sample: SampleFunction = make_sample_function(
+        settings, logging.getLogger("egress_agent.sampler")
+    )
     monitor = Monitor(
         sample, store, settings.sampling_interval, logging.getLogger("egress_agent.sampler")
     )
