@@ -14,14 +14,13 @@ import os
 import signal
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-from bench.extension import ExtensionGenerate, over_time
+from bench.extension import over_time
+from bench.harness import methods, run_scale
 from bench.load import SCALES, Load, LoadError
-from bench.measure import ColdPython, Command, Method, Unavailable, WarmPython
+from bench.measure import Unavailable
 from bench.report import (
-    MethodResult,
-    ScaleResult,
     markdown_table,
     print_scale,
     scales_section,
@@ -32,56 +31,8 @@ from bench.report import (
 from bench.topology import Topology, TopologyError
 
 
-def methods(interval: float) -> List[Method]:
-    """Every method, in table order; ``ss -tunaH`` first: it is the floor the ratios use."""
-    return [
-        Command("ss", "ss -tunaH", ["ss", "-tunaH"]),
-        Command("ss-p", "ss -tunapH", ["ss", "-tunapH"]),
-        ColdPython("psutil", "psutil + identity", "bench.targets:psutil_table"),
-        ColdPython("sampler-cold", "sampler cold", "bench.targets:our_sampler"),
-        WarmPython("sampler-warm", "sampler warm", "bench.targets:our_sampler"),
-        ExtensionGenerate(interval),
-    ]
-
-
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run_scale(load: Load, chosen: Sequence[Method], runs: int) -> ScaleResult:
-    census = load.census()
-    results = [MethodResult(m.key, m.label, m.describe()) for m in chosen]
-    active = []
-    try:
-        for method, result in zip(chosen, results):
-            try:
-                method.open()
-                active.append((method, result))
-            except Unavailable as exc:
-                result.unavailable = str(exc)
-            except Exception as exc:  # one broken method must not sink the others
-                result.error = f"{type(exc).__name__}: {exc}"
-            else:
-                continue
-            _log(f"{method.label}: n/a ({result.unavailable or result.error})")
-        for round_ in range(runs + 1):
-            turn = round_ % max(1, len(active))
-            for method, result in active[turn:] + active[:turn]:
-                if result.error:
-                    continue
-                try:
-                    sample = method.measure()
-                except Exception as exc:
-                    result.error = f"{type(exc).__name__}: {exc}"
-                    _log(f"{method.label}: {result.error}")
-                    continue
-                if round_:
-                    result.samples.append(sample)
-            _log(f"scale {load.scale.name}: round {round_}/{runs} done")
-    finally:
-        for method, _ in active:
-            method.close()
-    return ScaleResult(load.scale, census, load.setup_seconds, runs, results)
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -97,6 +48,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "--only", default="", help="comma-separated methods (ss is always kept): " + ",".join(keys)
     )
     parser.add_argument("--prefix", default="eab", help="namespace/veth name prefix (eab)")
+    parser.add_argument("--net", type=int, default=213, help="addresses 10.NET.x.x (213)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     parser.add_argument(
         "--over-time", type=float, metavar="SECONDS", help="run the extension this long instead"
@@ -131,8 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("bench: needs root (it builds network namespaces and veth pairs)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _terminate)
-    topology = Topology(args.prefix)
     try:
+        topology = Topology(args.prefix, args.net)
         if args.over_time is not None:
             return _over_time(args, topology, argv)
         return _scales(args, topology, argv)
@@ -153,7 +105,7 @@ def _scales(args: argparse.Namespace, topology: Topology, argv: Sequence[str]) -
     results = []
     for name in args.scale_list:
         with Load(SCALES[name], topology, log=_log) as load:
-            result = run_scale(load, chosen, args.runs)
+            result = run_scale(load, chosen, args.runs, _log)
         results.append(result)
         print_scale(result)
     if len(results) > 1:

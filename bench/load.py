@@ -33,16 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from bench.topology import (
-    EXTERNAL_V4,
-    EXTERNAL_V6,
-    INTERNAL_V4,
-    INTERNAL_V6,
-    SERVER_PORTS,
-    Topology,
-    build,
-    teardown,
-)
+from bench.topology import SERVER_PORTS, Topology, build, teardown
 
 CLONE_NEWNET = 0x40000000  # <sched.h>
 PR_SET_NAME = 15  # <linux/prctl.h>
@@ -100,9 +91,9 @@ class ClientPlan:
     external_udp: bool
 
 
-def _endpoint(kind: str, external: bool, n: int) -> Endpoint:
-    v4 = EXTERNAL_V4 if external else INTERNAL_V4
-    v6 = EXTERNAL_V6 if external else INTERNAL_V6
+def _endpoint(topology: Topology, kind: str, external: bool, n: int) -> Endpoint:
+    v4 = topology.external_v4 if external else topology.internal_v4
+    v6 = topology.external_v6 if external else topology.internal_v6
     port = SERVER_PORTS[n % len(SERVER_PORTS)]
     if kind == "v4":
         return (socket.AF_INET, v4[n % len(v4)], port)
@@ -114,7 +105,7 @@ def _endpoint(kind: str, external: bool, n: int) -> Endpoint:
 KINDS = ("v4", "v6", "mapped")
 
 
-def plan_client(scale: Scale, index: int) -> ClientPlan:
+def plan_client(scale: Scale, index: int, topology: Topology) -> ClientPlan:
     """The deterministic plan of client ``index`` (families cycle, peers round-robin)."""
     holder = scale.external == "some" and index % scale.external_every == scale.external_every // 2
     tcp = []
@@ -122,12 +113,12 @@ def plan_client(scale: Scale, index: int) -> ClientPlan:
     for j in range(scale.tcp):
         external = (holder and j % 2 == 0) or (scale.external == "one" and j == 0)
         external_tcp += external
-        tcp.append(_endpoint(KINDS[(index + j) % 3], external, index + j))
+        tcp.append(_endpoint(topology, KINDS[(index + j) % 3], external, index + j))
     return ClientPlan(
         index=index,
         in_second_ns=index % scale.second_ns_every == scale.second_ns_every - 1,
         tcp=tuple(tcp),
-        udp=_endpoint(KINDS[index % 3], holder, index),
+        udp=_endpoint(topology, KINDS[index % 3], holder, index),
         external_tcp=external_tcp,
         external_udp=holder,
     )
@@ -215,7 +206,7 @@ class Load:
         self.log = log
         self.server_pid: Optional[int] = None
         self.client_pids: List[int] = []
-        self.plans = [plan_client(scale, i) for i in range(scale.clients)]
+        self.plans = [plan_client(scale, i, self.topology) for i in range(scale.clients)]
         self._lifeline_w = -1
         self._files_dir = ""
         self.setup_seconds = 0.0
