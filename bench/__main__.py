@@ -28,7 +28,7 @@ from bench.report import (
     text_table,
     write_section,
 )
-from bench.topology import Topology, TopologyError
+from bench.topology import Topology, TopologyError, teardown
 
 
 def _log(message: str) -> None:
@@ -50,6 +50,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--prefix", default="eab", help="namespace/veth name prefix (eab)")
     parser.add_argument("--net", type=int, default=213, help="addresses 10.NET.x.x (213)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    parser.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="only delete this prefix's namespaces and link (after a kill -9 of the benchmark)",
+    )
     parser.add_argument(
         "--over-time", type=float, metavar="SECONDS", help="run the extension this long instead"
     )
@@ -85,6 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         topology = Topology(args.prefix, args.net)
+        if args.cleanup:
+            print("bench: removed", " ".join(teardown(topology)) or "nothing")
+            return 0
         if args.over_time is not None:
             return _over_time(args, topology, argv)
         return _scales(args, topology, argv)

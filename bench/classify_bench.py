@@ -160,7 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "",
                 f"Run: `python -m bench.classify_bench {' '.join(argv or sys.argv[1:])}`; "
                 f"{args.count} addresses per pass (40% IPv4, 40% IPv6, 20% IPv4-mapped, about "
-                f"half global), median of {args.repeats} passes; {info['python']}, {info['cpu']}.",
+                f"half global), median of {args.repeats} passes; {info['python']}, "
+                f"{info['cpu']}, load average {info['load average']}.",
                 "",
                 markdown_table(header, rows),
             ]

@@ -77,10 +77,7 @@ class ExtensionGenerate(Method):
         self._harness: Optional[ExtensionHarness] = None
 
     def describe(self) -> str:
-        return (
-            "external_connections generate through the Thrift stand-in "
-            "(bench.extension.start_extension; Thrift round trip included)"
-        )
+        return "bench.extension.start_extension(interval).generate()"
 
     def open(self) -> None:
         self._harness = self._start(self.interval)

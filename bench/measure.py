@@ -137,7 +137,7 @@ class ColdPython(Method):
         self.key, self.label, self.target = key, label, target
 
     def describe(self) -> str:
-        return f"python -m bench.worker cold {self.target}  (fresh interpreter per run)"
+        return f"python -m bench.worker cold {self.target}"
 
     def open(self) -> None:
         self.measure()  # raises Unavailable early, and warms the page cache like ss's first run
@@ -159,7 +159,7 @@ class WarmPython(Method):
         self._proc: Optional[subprocess.Popen[bytes]] = None
 
     def describe(self) -> str:
-        return f"python -m bench.worker warm {self.target}  (one process, one sample per run)"
+        return f"python -m bench.worker warm {self.target}"
 
     def _stdio(self) -> Tuple[IO[bytes], IO[bytes]]:
         assert self._proc is not None and self._proc.stdin and self._proc.stdout

@@ -98,7 +98,7 @@ def machine() -> Dict[str, str]:
         "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "psutil": psutil.__version__,
-        "ss": ss_version.stdout.strip() or "?",
+        "ss": ss_version.stdout.strip().replace("ss utility, ", "") or "?",
         "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
@@ -207,12 +207,17 @@ def scales_section(results: Sequence[ScaleResult], argv: Sequence[str]) -> str:
         "",
         *(f"- {label}: `{command}`" for label, command in methods.items()),
         "",
-        "Times are wall milliseconds. For `ss` the whole process (spawn to reaping, output "
-        "drained through a pipe). For the Python methods the time after the interpreter's "
-        "start-up and imports (the sampler's construction and first sample for cold ones); "
-        "`process ms` is a fresh interpreter's whole wall time. `rows` is what each method "
-        "returned: `ss` and psutil see only this network namespace; the sampler and the "
-        "extension see every namespace but report external connections only.",
+        "Times are wall milliseconds. For commands, the whole process (spawn to reaping, "
+        "output drained through a pipe). For the Python methods, the time after the "
+        "interpreter's start-up and imports: cold ones run a fresh interpreter per run and "
+        "time the sampler's construction plus its first sample (`process ms` is that "
+        "interpreter's whole wall time); warm ones keep one process and time one sample per "
+        "run; the extension is timed per generate request through the Thrift stand-in, round "
+        "trip included. Peak RSS: GNU time's %M for commands, VmHWM for Python processes. "
+        "`rows` is what each method returned: `ss` and psutil see only this network "
+        "namespace; the sampler and the extension see every namespace but report external "
+        "connections only. The kernel walks every namespace's sockets to answer any one "
+        "namespace's dump, so the server and client namespaces weigh on the floor too.",
         "",
         "Summary (median ms, ratio to `ss -tunaH`):",
         "",
