@@ -4,3 +4,5 @@ Run it with ``make bench`` (``python -m bench --help``); it needs root (network 
 The load lives in network namespaces named with a prefix (``bench.topology``) and in processes
 forked by the benchmark itself (``bench.load``); both are torn down by name and by pid.
 """
+
+from __future__ import annotations
