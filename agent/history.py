@@ -36,6 +36,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from agent.output import utf8_safe
 from agent.records import COLUMNS, Connection, Value
 
 SCHEMA_VERSION = 1
@@ -229,7 +230,8 @@ class HistoryStore:
                     continue
                 self._fail(verb, error)
                 return None
-            except OSError as error:
+            except (OSError, ValueError) as error:  # ValueError: text SQLite cannot take
+                self._rollback()
                 self._fail(verb, error)
                 return None
             self._recovered(verb)
@@ -430,10 +432,15 @@ class HistoryStore:
         return [_row(values) for values in db.execute(query, parameters)]
 
 
+def history_key(connection: Connection) -> Key:
+    """The connection as history (and ``watch``) counts it: :data:`KEY_COLUMNS`."""
+    return tuple(getattr(connection, name) for name in KEY_COLUMNS)
+
+
 def _group(connections: Iterable[Connection]) -> Dict[Key, Tuple[Connection, Set[LocalEnd]]]:
     groups: Dict[Key, Tuple[Connection, Set[LocalEnd]]] = {}
     for connection in connections:
-        key = tuple(getattr(connection, name) for name in KEY_COLUMNS)
+        key = history_key(connection)
         end = (connection.local_address, connection.local_port)
         if key in groups:
             groups[key][1].add(end)
@@ -446,7 +453,11 @@ def _record_values(connection: Connection) -> List[Value]:
     values: List[Value] = []
     for name in _RECORD_NAMES:
         value = getattr(connection, name)
-        values.append(int(value) if isinstance(value, bool) else value)
+        if isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, str):
+            value = utf8_safe(value)  # a process name may hold undecodable bytes
+        values.append(value)
     return values
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -366,19 +365,8 @@ class CoreStandIn:
 
 
 def default_extension_command() -> List[str]:
-    """How to start egress-agent's extension from this checkout: ``egress-agent extension``
-    through ``python -m agent.cli`` once the CLI has the subcommand, else the bare module."""
-    try:
-        from agent.cli import build_parser
-
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["extension", "--help"])
-    except SystemExit as exit:
-        if exit.code == 0:
-            return [sys.executable, "-m", "agent.cli", "extension"]
-    except Exception:  # noqa: S110 - no usable CLI: fall back to the module
-        pass
-    return [sys.executable, "-m", "agent.osquery"]
+    """How to start egress-agent's extension from this checkout: ``egress-agent extension``."""
+    return [sys.executable, "-m", "agent.cli", "extension"]
 
 
 # -- talking to the extension ---------------------------------------------------------------------

@@ -98,6 +98,17 @@ def test_rows_have_the_history_columns(db_path: str) -> None:
     assert row["via"] is None
 
 
+def test_undecodable_process_text_is_stored_escaped(db_path: str) -> None:
+    """A process name with bytes that are not UTF-8 (held as lone surrogates, PEP 383) is
+    stored as its escape; the row is not lost and nothing raises."""
+    name = os.fsdecode(b"evil\xff\xfe")
+    store = HistoryStore(db_path)
+    assert store.record([conn(name=name, cmdline=name + " --flag")], at=5)
+    row = only(store)
+    assert row["name"] == "evil\\xff\\xfe" and row["cmdline"] == "evil\\xff\\xfe --flag"
+    assert store.problem is None
+
+
 def test_retention_drops_old_rows(db_path: str) -> None:
     store = HistoryStore(db_path, retention_days=1, max_rows=0)
     store.record([conn(remote="2001:db8::1")], at=0)

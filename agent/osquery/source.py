@@ -8,14 +8,13 @@ carry ``allowlisted`` and ``allow_rule``.
 from __future__ import annotations
 
 import logging
-import os
 from typing import FrozenSet, Optional
 
 from agent import allow
 from agent.classify import Classifier
 from agent.config import Settings
 from agent.osquery.monitor import SampleFunction, Snapshot
-from agent.sampler import UNPRIVILEGED_NOTICE, Sampler, SocketSampler
+from agent.sampler import UNPRIVILEGED_NOTICE, open_sampler
 
 
 def make_sample_function(settings: Settings, logger: logging.Logger) -> SampleFunction:
@@ -23,14 +22,7 @@ def make_sample_function(settings: Settings, logger: logging.Logger) -> SampleFu
 
     Not thread-safe, like the sampler: :class:`agent.osquery.monitor.Monitor` serialises calls.
     """
-    classifier = Classifier(settings.internal_networks)
-    sampler: SocketSampler
-    if os.path.isdir("/proc/self/net"):
-        sampler = Sampler(classifier)
-    else:
-        from agent.psutil_backend import PsutilSampler
-
-        sampler = PsutilSampler(classifier)
+    sampler = open_sampler(Classifier(settings.internal_networks), count_outbound_tcp=True)
     if sampler.limited:
         logger.warning("%s", UNPRIVILEGED_NOTICE.partition(": ")[2])
 
@@ -48,6 +40,7 @@ def make_sample_function(settings: Settings, logger: logging.Logger) -> SampleFu
                 if namespace.active_opens is not None
             }
             or None,
+            outbound_tcp=stats.outbound_tcp,
         )
 
     return sample

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from agent.history import HISTORY_COLUMNS
+from agent.output import utf8_safe
 from agent.records import COLUMNS
 
 Cell = Union[str, int, float, bool, None]
@@ -327,19 +328,6 @@ def cell(value: Cell) -> str:
     if isinstance(value, int):
         return str(value)
     return utf8_safe(value)
-
-
-def utf8_safe(text: str) -> str:
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def string_row(record: Mapping[str, Any], columns: Sequence[str]) -> Dict[str, str]:
