@@ -53,8 +53,13 @@ systemd_running() { [ -d /run/systemd/system ]; }
 # Python writes bytecode beside the sources when it runs as root; compile it now (so that users who
 # cannot write there start fast too) with the interpreter the launchers use, and remove it before
 # the package's files go, so that no directory of ours is left behind.
+# A host without Python 3.8+ (RHEL 8 with only its 3.6) hears at install time what to install.
 bytecode_compile() {
-    /opt/egress-agent/libexec/python -m compileall -q -j 0 /opt/egress-agent/lib >/dev/null 2>&1 || true
+    if missing=$(/opt/egress-agent/libexec/python -c '' 2>&1); then
+        /opt/egress-agent/libexec/python -m compileall -q -j 0 /opt/egress-agent/lib >/dev/null 2>&1 || true
+    else
+        echo "$missing" >&2
+    fi
 }
 bytecode_remove() {
     if [ -d /opt/egress-agent ]; then
