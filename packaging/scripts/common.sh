@@ -1,7 +1,7 @@
 # Shared by every egress-agent package scriptlet; packaging/build puts it at the top of each one.
 # The scriptlets serve both formats: Debian passes a word (configure, remove, purge, upgrade, ...),
-# rpm passes how many instances of the package remain after the operation (1 install, 2 upgrade,
-# 0 erase). They use only POSIX sh, grep, sed and coreutils.
+# rpm the number of instances of the package there will be (%post: 1 install, 2 upgrade; %preun and
+# %postun: 0 erase, 1 upgrade). They use only POSIX sh, grep, sed, find and coreutils.
 
 umask 022
 EXTENSION=/opt/egress-agent/bin/egress-agent.ext
@@ -52,8 +52,8 @@ systemd_running() { [ -d /run/systemd/system ]; }
 
 # Python writes bytecode beside the sources when it runs as root; compile it now (so that users who
 # cannot write there start fast too) with the interpreter the launchers use, and remove it before
-# the package's files go, so that no directory of ours is left behind.
-# A host without Python 3.8+ (RHEL 8 with only its 3.6) hears at install time what to install.
+# the package's files go, so that no directory of ours is left behind. A host without Python 3.8+
+# (RHEL 8 with only its 3.6) hears at install time which package to install.
 bytecode_compile() {
     if missing=$(/opt/egress-agent/libexec/python -c '' 2>&1); then
         /opt/egress-agent/libexec/python -m compileall -q -j 0 /opt/egress-agent/lib >/dev/null 2>&1 || true
