@@ -1,9 +1,10 @@
 """The osquery extension as a measured method, and its cost over time.
 
-Plug-in point: ``start_extension(interval)`` starts the extension (``agent``'s osquery
-extension) registered with the Thrift stand-in of osqueryd (``tests/osquery_core.py``) and
-returns an ``ExtensionHarness``.  Until that is wired it raises ``Unavailable`` and the
-benchmark prints the method as n/a.
+``start_extension(interval)`` starts the extension as osqueryd's autoloader does, through the
+Thrift stand-in of osquery core (``tests/osquery_core.py``): ``python -m agent.cli extension
+--socket S --timeout T --interval I`` with ``OSQUERY_EXTENSION`` set, and a configuration of its
+own (sampling interval ``interval``, history in a temporary directory) through
+``EGRESS_AGENT_CONFIG``.  It returns an ``ExtensionHarness`` once the extension has registered.
 
 ``ExtensionGenerate`` times ``harness.generate()``: one ``external_connections`` generate
 request through the stand-in (the Thrift round trip included, as osqueryd pays it); peak RSS is
@@ -15,11 +16,14 @@ interval and reports its CPU share of one core and its RSS along the way
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple
 
-from bench.measure import Method, Sample, Unavailable
+from bench.measure import REPO_ROOT, Method, Sample
 
 
 class ExtensionHarness(Protocol):
@@ -36,14 +40,72 @@ class ExtensionHarness(Protocol):
         """Stop the extension and the stand-in (idempotent)."""
 
 
-def start_extension(interval: float = 5.0) -> ExtensionHarness:
-    """Plug-in point: start the extension with sampling ``interval`` behind the stand-in core.
+CORE_PING_INTERVAL = 3.0
+"""osqueryd's default ``--extensions_interval``: how often the extension pings core."""
 
-    To wire: start ``tests/osquery_core.py`` (the Thrift stand-in) and the extension process
-    registered with it, wait until ``external_connections`` is registered, and return an object
-    with ``pids``, ``generate()`` and ``close()``.
-    """
-    raise Unavailable("the osquery extension is not wired into bench.extension.start_extension")
+
+class StandInExtension:
+    """The extension launched and registered by the stand-in core, with one client connection
+    kept open across generates (as osqueryd keeps its client to an extension)."""
+
+    TABLE = "external_connections"
+
+    def __init__(self, interval: float) -> None:
+        tests_dir = os.path.join(REPO_ROOT, "tests")
+        if tests_dir not in sys.path:
+            sys.path.insert(0, tests_dir)
+        import osquery_core  # tests/osquery_core.py, the stand-in of osquery core
+
+        self._directory = tempfile.mkdtemp(prefix="eab-ext-")
+        config = os.path.join(self._directory, "config.yaml")
+        with open(config, "w") as f:
+            f.write(
+                f"sampling:\n  interval: {interval:g}\n"
+                f"history:\n  path: {os.path.join(self._directory, 'history.db')}\n"
+            )
+        self._core: Any = osquery_core.CoreStandIn().start()
+        self._connection: Any = None
+        try:
+            self._process = self._core.launch(
+                osquery_core.default_extension_command(),
+                timeout=3,
+                interval=CORE_PING_INTERVAL,
+                env={"EGRESS_AGENT_CONFIG": config},
+            )
+            registration = self._core.wait_for_registration(
+                "egress_agent", 60, process=self._process
+            )
+            self._connection = self._core.connect(registration, timeout=120)
+            self._connection.columns(self.TABLE)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> Sequence[int]:
+        return [self._process.pid]
+
+    def generate(self) -> int:
+        return len(self._connection.generate(self.TABLE))
+
+    def close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            try:
+                connection.shutdown()  # as core does: the extension ends itself cleanly
+                self._process.wait(timeout=5)
+            except Exception:  # noqa: S110 - core.close() below kills it by pid
+                pass
+            connection.close()
+        if self._core is not None:
+            core, self._core = self._core, None
+            core.close()  # ends the extension (by pid) and removes the core's directory
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def start_extension(interval: float = 5.0) -> ExtensionHarness:
+    """The extension with sampling ``interval`` behind the stand-in core, registered."""
+    return StandInExtension(interval)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

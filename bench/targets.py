@@ -5,22 +5,24 @@
 ``/proc/net/{tcp,tcp6,udp,udp6}`` of its own namespace only), then the identity of every pid
 that owns a socket via ``Process.oneshot()``, the same fields the agent reports.
 
-``our_sampler`` is the plug-in point for ``agent.sampler`` (issue 6): until it is wired it
-raises ``Unavailable`` and the benchmark prints the method as n/a.
+``our_sampler`` is egress-agent's own sampler (``agent.sampler``): every network namespace,
+external connections only, each with its process, as ``egress-agent check`` takes it.
+
+Imports are inside the factories: the worker times the factory in cold mode, so what a fresh
+process must import (psutil for the naive table; the agent's modules for the sampler) is part
+of the cold number, as it is of the command an administrator would run.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
-
-import psutil
-
-from bench.measure import Unavailable
+from typing import Callable, Dict, List, Optional, Tuple
 
 Identity = Tuple[str, str, Tuple[str, ...], str, float, int]
 
 
 def _identity(pid: int) -> Optional[Identity]:
+    import psutil
+
     try:
         process = psutil.Process(pid)
         with process.oneshot():
@@ -38,6 +40,7 @@ def _identity(pid: int) -> Optional[Identity]:
 
 def psutil_table() -> Callable[[], int]:
     """``psutil.net_connections('inet')`` plus the identity of every owning pid."""
+    import psutil
 
     def sample() -> int:
         connections = psutil.net_connections("inet")
@@ -50,16 +53,19 @@ def psutil_table() -> Callable[[], int]:
     return sample
 
 
-def our_sampler() -> Callable[[], int]:
-    """Plug-in point: one sample of ``agent.sampler`` (all namespaces, external rows only).
+def our_sampler() -> Callable[[], List[object]]:
+    """One sample of ``agent.sampler``: all namespaces, external rows only, with identity.
 
-    To wire: build the sampler here (this is timed in cold mode: a fresh process pays for it)
-    and return a closure that takes one sample and returns its row count.  Cold and warm differ
-    only in the process: cold is a fresh interpreter per run, warm keeps this closure (and the
-    sampler's caches) across runs.
+    Cold and warm differ only in the process: cold is a fresh interpreter per run (imports,
+    classifier and sampler construction included), warm keeps this closure (and the sampler's
+    caches: verdicts, owner scan order, identities) across runs.
     """
-    try:
-        import agent.sampler  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError as exc:
-        raise Unavailable(f"agent.sampler has not landed ({exc})") from None
-    raise Unavailable("agent.sampler is not wired into bench.targets.our_sampler yet")
+    from agent.classify import Classifier
+    from agent.sampler import Sampler
+
+    sampler = Sampler(Classifier())
+
+    def sample() -> List[object]:
+        return list(sampler.sample())
+
+    return sample

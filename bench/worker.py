@@ -2,8 +2,9 @@
 
 ``FACTORY`` is called with no arguments and returns a callable that takes one sample of the
 host and returns its rows (a count or a sized collection).  Importing ``MODULE`` is not timed
-(interpreter start-up and imports are the same for every Python method); building the sampler
-is, in cold mode, because a fresh process pays for it on its first sample.
+(interpreter start-up is the same for every Python method, and ``bench.targets`` imports
+nothing heavy); the factory is, in cold mode, with the imports it makes and the sampler it
+builds, because a fresh process pays for them on its first sample.
 
 Replies are one JSON object per line on stdout: ``{"ms", "rows", "rss_kb"}``, or
 ``{"ready": true}`` once a warm worker has taken its untimed first sample, or
