@@ -386,6 +386,25 @@ VIA_NAMES = {
 }
 
 
+NEVER_EXTERNAL: Tuple[str, ...] = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "::/128",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
+"""Special-purpose blocks not globally reachable in which no more specific entry is (RFC 6890
+registries: this network, private use RFC 1918, shared RFC 6598, loopback, link local,
+unspecified, unique local RFC 4193), so no address inside them is ever external.  These are
+where a host's internal connections live; the sampler lets the kernel drop them unseen."""
+
+
 class Classifier:
     """Verdicts for addresses, given the organisation's own ``internal_networks``.
 
@@ -409,8 +428,25 @@ class Classifier:
             for version, bits in ((4, IPV4_BITS), (6, IPV6_BITS))
         }
         self._has_internal = bool(internal_networks)
+        self._internal_networks = tuple(internal_networks)
         self._verdicts: Dict[Tuple[int, int], Verdict] = {}
         self._judgements: Dict[Tuple[int, int], Judgement] = {}
+
+    def never_external(self) -> List[Tuple[int, int, int]]:
+        """(version, network, prefix length) of blocks no address of which is external here:
+        :data:`NEVER_EXTERNAL` and the configured ``internal_networks``.  An IPv4 block also
+        covers the IPv4-mapped IPv6 addresses of its addresses (rule 1 above)."""
+        blocks = []
+        for prefix in NEVER_EXTERNAL:
+            network, length, version = _network(prefix)
+            blocks.append((version, network, length))
+        for version in (4, 6):
+            blocks.extend(
+                (version, int(n.network_address), n.prefixlen)
+                for n in self._internal_networks
+                if n.version == version
+            )
+        return blocks
 
     def classify(self, text: str) -> Verdict:
         """Classify address text (raises :class:`AddressError` for anything not strict)."""

@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Collection, Dict, FrozenSet, List, Optional, Protocol, Set, Tuple
+from typing import Collection, Dict, FrozenSet, Hashable, List, Optional, Protocol, Set, Tuple
 
 from agent.classify import Classifier, format_ipv4, format_ipv6
 from agent.identity import NO_OWNER, Identity, IdentityCache
@@ -39,6 +39,14 @@ from agent.procnet import (
     scan_socket_table,
 )
 from agent.records import Connection
+from agent.sockdiag import (
+    LISTEN_ONLY,
+    NOT_LISTENING,
+    DiagSocket,
+    count_sockets,
+    exclude_remote,
+    is_listening,
+)
 
 UNPRIVILEGED_NOTICE = (
     "egress-agent: not running as root: sockets of other users' processes show without "
@@ -49,6 +57,12 @@ UNPRIVILEGED_NOTICE = (
 
 class SamplerError(RuntimeError):
     """The sampler cannot work here at all (no /proc to list); the message says why."""
+
+
+OutboundKey = Tuple[int, Hashable, Hashable]
+"""(namespace inode, local end, remote end) of one outbound TCP connection; the ends are the
+``/proc`` text (``ADDRESS:PORT`` in hex) or, read through sock_diag, (version, address, port)
+and (address, port)."""
 
 
 @dataclass
@@ -71,7 +85,8 @@ class SampleStats:
     """What one sample looked at and what it cost."""
 
     sockets: int = 0
-    """Rows in the socket tables of every namespace."""
+    """Inet sockets in every namespace: the rows of their tables, or, when the kernel filtered
+    the tables (sock_diag), its own count of them (``/proc/PID/net/sockstat``)."""
     wanted: int = 0
     """Sockets kept (external ones, or all) before owners were looked up."""
     rows: int = 0
@@ -88,9 +103,12 @@ class SampleStats:
     """pid -> why its network namespace could not be read."""
     duration_ms: float = 0.0
     per_namespace: List[NamespaceStats] = field(default_factory=list)
-    outbound_tcp: Optional[FrozenSet[Tuple[int, str, str]]] = None
+    outbound_tcp: Optional[FrozenSet[OutboundKey]] = None
     """(namespace inode, local end, remote end) of every outbound TCP connection in the tables,
     external or not; only when the sampler counts them (``count_outbound_tcp``)."""
+    backend: str = ""
+    """How the socket tables were read: ``sock_diag`` (netlink, filtered in the kernel),
+    ``proc`` (``/proc/PID/net`` text), or ``sock_diag+proc`` when some namespaces fell back."""
 
 
 @dataclass
@@ -145,7 +163,7 @@ def open_sampler(
 
 
 def _add_outbound(
-    into: Set[Tuple[int, str, str]],
+    into: Set[OutboundKey],
     namespace_inode: int,
     listeners: ListenerIndex,
     tcp_ends: Dict[int, List[Tuple[str, str]]],
@@ -183,6 +201,7 @@ class Sampler:
         owners: Optional[OwnerFinder] = None,
         identities: Optional[IdentityCache] = None,
         count_outbound_tcp: bool = False,
+        use_sock_diag: Optional[bool] = None,
     ) -> None:
         self.classifier = classifier
         self.count_outbound_tcp = count_outbound_tcp
@@ -194,7 +213,17 @@ class Sampler:
         self.last = SampleStats()
         self.totals = SamplerTotals()
         self._external_by_hex: Dict[str, bool] = {}
+        self._external_by_int: Dict[Tuple[int, int], bool] = {}
         self._text: Dict[Tuple[int, int], str] = {}
+        self.use_sock_diag = (
+            use_sock_diag
+            if use_sock_diag is not None
+            else proc_root == PROC_ROOT and os.geteuid() == 0
+        )
+        """Read the tables through netlink sock_diag (:mod:`agent.sockdiag`), which needs root
+        to enter other namespaces; otherwise, and wherever it fails, through ``/proc``."""
+        never = classifier.never_external()
+        self._prefilter = {4: exclude_remote(never, 4), 6: exclude_remote(never, 6)}
 
     @property
     def limited(self) -> bool:
@@ -216,6 +245,8 @@ class Sampler:
         stats = SampleStats()
         if len(self._external_by_hex) > self.HEX_MEMO_LIMIT:
             self._external_by_hex.clear()
+        if len(self._external_by_int) > self.HEX_MEMO_LIMIT:
+            self._external_by_int.clear()
         if len(self._text) > self.HEX_MEMO_LIMIT:
             self._text.clear()
 
@@ -229,13 +260,20 @@ class Sampler:
         stats.namespace_errors = discovery.errors
         stats.namespaces = len(discovery.namespaces)
         kept: List[_Kept] = []
-        outbound_tcp: Optional[Set[Tuple[int, str, str]]] = (
-            set() if self.count_outbound_tcp else None
-        )
+        outbound_tcp: Optional[Set[OutboundKey]] = set() if self.count_outbound_tcp else None
+        backends: Set[str] = set()
         for namespace in discovery.namespaces:
-            stats.per_namespace.append(
-                self._read_namespace(namespace, want_all, kept, stats, outbound_tcp)
-            )
+            info: Optional[NamespaceStats] = None
+            if self.use_sock_diag:
+                info = self._diag_namespace(namespace, want_all, kept, outbound_tcp)
+            if info is None:
+                info = self._read_namespace(namespace, want_all, kept, outbound_tcp)
+                backends.add("proc")
+            else:
+                backends.add("sock_diag")
+            stats.sockets += info.sockets
+            stats.per_namespace.append(info)
+        stats.backend = "+".join(sorted(backends, reverse=True))
         if outbound_tcp is not None:
             stats.outbound_tcp = frozenset(outbound_tcp)
         stats.wanted = len(kept)
@@ -281,13 +319,90 @@ class Sampler:
             self._external_by_hex[hex_text] = external
         return external
 
+    def _is_external_int(self, value: int, version: int) -> bool:
+        key = (version, value)
+        external = self._external_by_int.get(key)
+        if external is None:
+            external = self._external_by_int[key] = self.classifier.judge(value, version).external
+        return external
+
+    def _diag_namespace(
+        self,
+        namespace: NetNamespace,
+        want_all: bool,
+        kept: List[_Kept],
+        outbound_tcp: Optional[Set[OutboundKey]],
+    ) -> Optional[NamespaceStats]:
+        """Read one namespace through sock_diag; None when it cannot (then ``/proc`` does).
+
+        Unless every socket is wanted (``want_all``, or counting outbound TCP), TCP is read in
+        two dumps: the listeners, then the rest with the kernel dropping the sockets whose
+        peer is never external (:meth:`Classifier.never_external`).  UDP tables are small and
+        read whole."""
+        diag = None
+        for pid in namespace.pids:
+            try:
+                diag = DiagSocket.in_namespace(pid, self.proc_root)
+                break
+            except OSError:
+                continue  # gone, or not ours to enter: try the next process
+        if diag is None:
+            return None
+        info = NamespaceStats(namespace.inode, pid)
+        listeners = ListenerIndex()
+        everything = want_all or outbound_tcp is not None
+        rows: List[Socket] = []
+        try:
+            with diag:
+                for table in SOCKET_TABLES:
+                    if everything or table.protocol != IPPROTO_TCP:
+                        rows.extend(diag.dump(table))
+                    else:
+                        rows.extend(diag.dump(table, LISTEN_ONLY))
+                        rows.extend(diag.dump(table, NOT_LISTENING, self._prefilter[table.version]))
+        except OSError:
+            return None
+        is_external = self._is_external_int
+        inode = namespace.inode
+        tcp_ends: List[Socket] = []
+        for sock in rows:
+            if is_listening(sock):
+                if sock.local_port:
+                    listeners.add(sock.protocol, sock.version, sock.local_address, sock.local_port)
+            elif sock.protocol == IPPROTO_TCP:
+                tcp_ends.append(sock)
+            if want_all or is_external(sock.remote_address, sock.version):
+                kept.append((inode, listeners, sock))
+        if outbound_tcp is not None:
+            for sock in tcp_ends:
+                if not listeners.is_inbound(
+                    IPPROTO_TCP, sock.version, sock.local_address, sock.local_port
+                ):
+                    outbound_tcp.add(
+                        (
+                            inode,
+                            (sock.version, sock.local_address, sock.local_port),
+                            (sock.remote_address, sock.remote_port),
+                        )
+                    )
+        info.listeners = len(listeners)
+        if everything:
+            info.sockets = len(rows)
+        else:
+            try:
+                info.sockets = count_sockets(pid, self.proc_root)
+            except OSError:
+                info.sockets = len(rows)
+        with contextlib.suppress(OSError):
+            info.active_opens = read_tcp_counters(pid, self.proc_root).get("ActiveOpens")
+        return info
+
     def _read_namespace(
         self,
         namespace: NetNamespace,
         want_all: bool,
         kept: List[_Kept],
-        stats: SampleStats,
-        outbound_tcp: Optional[Set[Tuple[int, str, str]]] = None,
+        outbound_tcp: Optional[Set[OutboundKey]] = None,
     ) -> NamespaceStats:
         """Read the four tables of one namespace, trying its next pid when one exits."""
         listeners = ListenerIndex()
@@ -315,7 +430,6 @@ class Sampler:
             with contextlib.suppress(OSError):
                 info.active_opens = read_tcp_counters(info.pid, self.proc_root).get("ActiveOpens")
         info.listeners = len(listeners)
-        stats.sockets += info.sockets
         if outbound_tcp is not None:
             _add_outbound(outbound_tcp, namespace.inode, listeners, tcp_ends)
         return info

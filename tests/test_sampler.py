@@ -136,10 +136,20 @@ def scenario() -> Iterator[Scenario]:
         yield Scenario(net)
 
 
+@pytest.fixture(params=[True, False], ids=["sock_diag", "proc"])
+def use_sock_diag(request: pytest.FixtureRequest) -> bool:
+    """Both ways of reading the socket tables: netlink sock_diag (filtered in the kernel) and
+    the ``/proc/PID/net`` text; they must agree on everything."""
+    return bool(request.param)
+
+
 @needs_root
-def test_external_connections_with_owner_namespace_and_direction(scenario: Scenario) -> None:
-    sampler = Sampler(CLASSIFIER)
+def test_external_connections_with_owner_namespace_and_direction(
+    scenario: Scenario, use_sock_diag: bool
+) -> None:
+    sampler = Sampler(CLASSIFIER, use_sock_diag=use_sock_diag)
     rows = scenario.ours(sampler.sample())
+    assert sampler.last.backend == ("sock_diag" if use_sock_diag else "proc")
     assert {key(row) for row in rows} == scenario.expected_external()
     assert len(rows) == len(scenario.expected_external())
     assert all(row.external for row in rows)
@@ -250,9 +260,9 @@ def test_columns_of_each_kind_of_row(scenario: Scenario) -> None:
 
 @needs_root
 def test_every_socket_when_asked_and_never_ula_link_local_or_loopback_as_external(
-    scenario: Scenario,
+    scenario: Scenario, use_sock_diag: bool
 ) -> None:
-    rows = scenario.ours(Sampler(CLASSIFIER).sample(want_all=True))
+    rows = scenario.ours(Sampler(CLASSIFIER, use_sock_diag=use_sock_diag).sample(want_all=True))
     by_class: Dict[str, List[Connection]] = collections.defaultdict(list)
     for row in rows:
         by_class[row.address_class].append(row)
@@ -297,8 +307,8 @@ def test_every_socket_when_asked_and_never_ula_link_local_or_loopback_as_externa
 
 
 @needs_root
-def test_pid_filter_keeps_only_those_processes(scenario: Scenario) -> None:
-    sampler = Sampler(CLASSIFIER)
+def test_pid_filter_keeps_only_those_processes(scenario: Scenario, use_sock_diag: bool) -> None:
+    sampler = Sampler(CLASSIFIER, use_sock_diag=use_sock_diag)
     only = sampler.sample(pids=[scenario.c6.pid])
     assert [key(row) for row in only] == [
         (
@@ -319,8 +329,8 @@ def test_pid_filter_keeps_only_those_processes(scenario: Scenario) -> None:
 
 
 @needs_root
-def test_stats_and_a_warm_second_sample(scenario: Scenario) -> None:
-    sampler = Sampler(CLASSIFIER)
+def test_stats_and_a_warm_second_sample(scenario: Scenario, use_sock_diag: bool) -> None:
+    sampler = Sampler(CLASSIFIER, use_sock_diag=use_sock_diag)
     first = {key(row) for row in scenario.ours(sampler.sample())}
     cold = sampler.last
     second = {key(row) for row in scenario.ours(sampler.sample())}
@@ -341,10 +351,12 @@ def test_stats_and_a_warm_second_sample(scenario: Scenario) -> None:
 
 
 @needs_root
-def test_outbound_tcp_ends_match_the_kernels_active_opens(scenario: Scenario) -> None:
+def test_outbound_tcp_ends_match_the_kernels_active_opens(
+    scenario: Scenario, use_sock_diag: bool
+) -> None:
     """Every TCP connection this host opened, external or not, is counted once: in each
     namespace as many as the kernel's ActiveOpens (nothing closed during the scenario)."""
-    sampler = Sampler(CLASSIFIER, count_outbound_tcp=True)
+    sampler = Sampler(CLASSIFIER, count_outbound_tcp=True, use_sock_diag=use_sock_diag)
     sampler.sample()
     stats = sampler.last
     assert stats.outbound_tcp is not None

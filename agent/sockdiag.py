@@ -1,0 +1,283 @@
+"""Read a network namespace's inet sockets through netlink ``sock_diag``, filtered in the kernel.
+
+``/proc/PID/net/tcp`` makes the kernel format a line of text for every socket of the namespace
+and Python split it again; ``ss(8)`` instead asks ``NETLINK_SOCK_DIAG`` for ``inet_diag``
+records (``sock_diag(7)``, ``include/uapi/linux/inet_diag.h``): fixed binary records, and an
+optional bytecode program that the kernel runs on each socket before copying it out
+(``inet_diag_bc_run`` in ``net/ipv4/inet_diag.c``).  The sampler uses such a program to leave
+out every socket whose peer lies in a block that is never external (loopback, private ranges,
+the configured ``internal_networks``): on a host with tens of thousands of internal
+connections the kernel returns only the few that matter, and Python decodes only those.
+
+What it costs stays bound by the kernel: each dump walks the whole established hash table,
+which every network namespace shares (unless ``net.ipv4.tcp_child_ehash_entries`` gives a
+namespace its own), once per address family.
+
+A netlink socket belongs to the network namespace it was created in, so for another namespace
+we enter it with ``setns(2)`` (CAP_SYS_ADMIN), create the socket and come back at once; the
+socket keeps answering for that namespace.  Records decode into the same
+:class:`agent.procnet.Socket` as the ``/proc`` text does, addresses as integers in network
+order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+from typing import Callable, Iterator, List, Sequence, Tuple
+
+from agent.procnet import IPPROTO_TCP, PROC_ROOT, TCP_LISTEN, Socket, SocketTable
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+INET_DIAG_REQ_BYTECODE = 1
+CLONE_NEWNET = 0x40000000
+
+ALL_STATES = 0xFFFFFFFF
+"""Every TCP state, as ``ss -a`` asks: ``/proc/net/tcp`` shows them all too."""
+LISTEN_ONLY = 1 << TCP_LISTEN
+"""A dump of listeners only walks the listening hash, not the established one: cheap."""
+NOT_LISTENING = ALL_STATES & ~LISTEN_ONLY
+
+# inet_diag_bc_op codes (include/uapi/linux/inet_diag.h)
+_BC_JMP = 1
+_BC_D_COND = 8
+
+_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+_REQUEST = struct.Struct("=BBBBI48x")  # struct inet_diag_req_v2, empty inet_diag_sockid
+_ATTRIBUTE = struct.Struct("=HH")  # struct rtattr (nlattr)
+_OP = struct.Struct("=BBH")  # struct inet_diag_bc_op: code, yes, no
+_HOSTCOND = struct.Struct("=BBxxi")  # struct inet_diag_hostcond without its address
+_ERROR = struct.Struct("=i")
+_MESSAGE = struct.Struct(("<" if sys.byteorder == "little" else ">") + "BB2xHH16s16s24xII")
+"""struct inet_diag_msg after its nlmsghdr: family, state, sport, dport, src, dst, uid, inode.
+Ports are big-endian on the wire; uid and inode host-endian (so the ports get swapped below
+on a little-endian host)."""
+_SWAP_PORTS = sys.byteorder == "little"
+_RECEIVE_BUFFER = 1 << 18
+
+Prefix = Tuple[int, int, int]
+"""(IP version, network address as an integer, prefix length)"""
+
+
+class SockDiagError(OSError):
+    """The kernel refused a dump or cannot be asked (no sock_diag, not allowed to enter)."""
+
+
+def _load_setns() -> Callable[[int, int], None]:
+    if hasattr(os, "setns"):  # Python 3.12+
+        setns: Callable[[int, int], None] = os.setns
+        return setns
+    import ctypes  # only here: it costs a few milliseconds to import
+
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library this interpreter is linked with
+
+    def setns_libc(fd: int, nstype: int) -> None:
+        if libc.setns(fd, nstype) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return setns_libc
+
+
+def open_in_namespace(pid: int, proc_root: str = PROC_ROOT) -> socket.socket:
+    """A ``NETLINK_SOCK_DIAG`` socket in the network namespace of ``pid``.
+
+    Enters that namespace (this thread only) just long enough to create the socket.  Raises
+    OSError: the process is gone, or we may not enter its namespace (not root); and
+    :class:`SockDiagError` if we could not come back, which leaves nothing usable.
+    """
+    here = os.open(f"{proc_root}/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        there = os.open(f"{proc_root}/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(there).st_ino == os.fstat(here).st_ino:
+                return _netlink_socket()
+            setns = _load_setns()
+            setns(there, CLONE_NEWNET)
+            try:
+                return _netlink_socket()
+            finally:
+                try:
+                    setns(here, CLONE_NEWNET)
+                except OSError as error:
+                    raise SockDiagError(
+                        error.errno, f"cannot return to our network namespace: {error.strerror}"
+                    ) from error
+        finally:
+            os.close(there)
+    finally:
+        os.close(here)
+
+
+def _netlink_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)  # CLOEXEC
+    sock.bind((0, 0))
+    return sock
+
+
+def exclude_remote(prefixes: Sequence[Prefix], version: int) -> bytes:
+    """A bytecode program that drops every socket whose remote address lies in ``prefixes``.
+
+    For each prefix: a ``D_COND`` whose *yes* lands on a ``JMP`` that rejects (jumps 4 bytes
+    past the end) and whose *no* goes on to the next prefix; falling off the end accepts.  The
+    kernel's audit (``inet_diag_bc_audit``) follows the *yes* chain and wants every *no* to
+    land on it, which the ``JMP`` between conditions (its *yes* is 4) provides.  An IPv4
+    prefix also matches IPv4-mapped peers of IPv6 sockets (``inet_diag_bc_run``), so a v6
+    program carries the v4 prefixes as well.
+    """
+    conditions: List[bytes] = []
+    for prefix_version, value, length in prefixes:
+        if prefix_version == 6 and version == 4:
+            continue
+        family, size = (socket.AF_INET, 4) if prefix_version == 4 else (socket.AF_INET6, 16)
+        conditions.append(_HOSTCOND.pack(family, length, -1) + value.to_bytes(size, "big"))
+    total = sum(_OP.size + len(c) + _OP.size for c in conditions)
+    program = []
+    position = 0
+    for condition in conditions:
+        to_jump = _OP.size + len(condition)
+        step = to_jump + _OP.size
+        program.append(_OP.pack(_BC_D_COND, to_jump, step) + condition)
+        left_at_jump = total - position - to_jump
+        program.append(_OP.pack(_BC_JMP, _OP.size, left_at_jump + _OP.size))
+        position += step
+    return b"".join(program)
+
+
+class DiagSocket:
+    """One namespace's ``sock_diag`` socket: dumps of one socket table at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._sequence = 0
+        self._buffer = bytearray(_RECEIVE_BUFFER)
+
+    @classmethod
+    def in_namespace(cls, pid: int, proc_root: str = PROC_ROOT) -> DiagSocket:
+        return cls(open_in_namespace(pid, proc_root))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> DiagSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def dump(
+        self, table: SocketTable, states: int = ALL_STATES, bytecode: bytes = b""
+    ) -> List[Socket]:
+        """Every socket of ``table`` in one of ``states`` (a bit per TCP state) that
+        ``bytecode`` accepts.  Raises :class:`SockDiagError` when the kernel refuses."""
+        return list(self._records(table, states, bytecode))
+
+    def _request(self, table: SocketTable, states: int, bytecode: bytes) -> bytes:
+        self._sequence += 1
+        body = _REQUEST.pack(table.family, table.protocol, 0, 0, states)
+        if bytecode:
+            body += _ATTRIBUTE.pack(_ATTRIBUTE.size + len(bytecode), INET_DIAG_REQ_BYTECODE)
+            body += bytecode
+        flags = NLM_F_REQUEST | NLM_F_DUMP
+        return (
+            _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, flags, self._sequence, 0)
+            + body
+        )
+
+    def _records(self, table: SocketTable, states: int, bytecode: bytes) -> Iterator[Socket]:
+        self._sock.send(self._request(table, states, bytecode))
+        family, protocol, version = table.family, table.protocol, table.version
+        address_size = 4 if version == 4 else 16
+        buffer = self._buffer
+        view = memoryview(buffer)
+        unpack_header = _HEADER.unpack_from
+        unpack_message = _MESSAGE.unpack_from
+        from_bytes = int.from_bytes
+        swap = _SWAP_PORTS
+        sequence = self._sequence
+        while True:
+            received = self._sock.recv_into(buffer)
+            offset = 0
+            while offset + _HEADER.size <= received:
+                length, kind, _, seq, _ = unpack_header(buffer, offset)
+                if length < _HEADER.size or offset + length > received:
+                    raise SockDiagError(errno.EPROTO, "sock_diag: truncated netlink message")
+                if seq != sequence:
+                    offset += (length + 3) & ~3
+                    continue  # left over from an earlier, abandoned dump
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    (code,) = _ERROR.unpack_from(buffer, offset + _HEADER.size)
+                    raise SockDiagError(
+                        -code,
+                        f"sock_diag refused the {table.name} dump: {os.strerror(-code)}",
+                    )
+                if kind == SOCK_DIAG_BY_FAMILY and length >= _HEADER.size + _MESSAGE.size:
+                    (_, state, sport, dport, src, dst, uid, inode) = unpack_message(
+                        view, offset + _HEADER.size
+                    )
+                    if swap:
+                        sport = ((sport & 0xFF) << 8) | (sport >> 8)
+                        dport = ((dport & 0xFF) << 8) | (dport >> 8)
+                    yield Socket(
+                        inode,
+                        family,
+                        protocol,
+                        version,
+                        from_bytes(src[:address_size], "big"),
+                        sport,
+                        from_bytes(dst[:address_size], "big"),
+                        dport,
+                        state,
+                        uid,
+                    )
+                offset += (length + 3) & ~3
+
+
+def is_listening(sock: Socket) -> bool:
+    """A TCP listener, or an unconnected UDP socket (no peer): as ``/proc`` shows them."""
+    if sock.protocol == IPPROTO_TCP:
+        return sock.state == TCP_LISTEN
+    return sock.remote_address == 0 and sock.remote_port == 0
+
+
+def parse_sockstat(text: str) -> int:
+    """The inet sockets a ``/proc/PID/net/sockstat`` or ``sockstat6`` text counts: TCP and UDP
+    ``inuse`` plus TCP ``tw`` (``sockstat_seq_show`` in ``net/ipv4/proc.c``; the counters are
+    per network namespace)."""
+    total = 0
+    for line in text.split("\n"):
+        name, _, rest = line.partition(":")
+        if name not in ("TCP", "UDP", "TCP6", "UDP6"):
+            continue
+        fields = rest.split()
+        for key, value in zip(fields[::2], fields[1::2]):
+            if key == "inuse" or (key == "tw" and name == "TCP"):
+                try:
+                    total += int(value)
+                except ValueError:
+                    continue
+    return total
+
+
+def count_sockets(pid: int, proc_root: str = PROC_ROOT) -> int:
+    """How many inet sockets the namespace of ``pid`` holds, from its sockstat counters.
+    Raises OSError."""
+    total = 0
+    for name in ("sockstat", "sockstat6"):
+        try:
+            with open(f"{proc_root}/{pid}/net/{name}", "rb") as handle:
+                total += parse_sockstat(handle.read().decode("latin-1"))
+        except FileNotFoundError:
+            if name == "sockstat":
+                raise
+    return total
