@@ -1,8 +1,12 @@
 """Who a process is: name, executable, command line, user, parent, container, systemd unit.
 
-Identity comes from psutil (``Process.oneshot()``, one read of each /proc file) and, on Linux,
-from ``/proc/PID/cgroup`` (``Documentation/admin-guide/cgroup-v2.rst``, "Processes"; the v1
-format is ``hierarchy-ID:controller-list:cgroup-path`` and v2 has the single line ``0::PATH``).
+On Linux, identity is read from ``/proc/PID/{stat,status,cmdline,exe,cgroup}`` (``proc(5)``)
+exactly as psutil reads it (the same name, cmdline, exe, uid, username and create time, see
+:func:`read_linux_identity`), without importing psutil: a fresh ``egress-agent check`` would
+otherwise spend more time importing psutil than sampling.  Elsewhere psutil answers
+(``Process.oneshot()``).  The container and systemd unit come from ``/proc/PID/cgroup``
+(``Documentation/admin-guide/cgroup-v2.rst``, "Processes"; the v1 format is
+``hierarchy-ID:controller-list:cgroup-path`` and v2 has the single line ``0::PATH``).
 It is looked up only for processes that own a socket worth reporting, and cached by
 (pid, start time), which names one process instance: a recycled pid has another start time.
 
@@ -12,17 +16,17 @@ read, possibly nothing but its pid, never an exception.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-import uuid
+import sys
 from dataclasses import dataclass
-from typing import Collection, Dict, List, Optional, Tuple
-
-import psutil
+from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Tuple
 
 from agent.procnet import PROC_ROOT
 
-_PROCESS_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:egress-agent:process")
+if TYPE_CHECKING:
+    import uuid
 
 _CONTAINER_COMPONENT = re.compile(
     r"(?:(?:docker|cri-containerd|containerd|crio|cri-o|libpod|nerdctl)-)?([0-9a-f]{64})"
@@ -86,12 +90,23 @@ def read_boot_id(proc_root: str = PROC_ROOT) -> str:
         with open(f"{proc_root}/sys/kernel/random/boot_id", "rb") as handle:
             return handle.read().decode("ascii").strip()
     except (OSError, UnicodeDecodeError):
+        import psutil
+
         return f"boot-time-{psutil.boot_time():.0f}"
+
+
+@functools.lru_cache(maxsize=None)
+def _process_uuid_namespace() -> uuid.UUID:
+    import uuid
+
+    return uuid.uuid5(uuid.NAMESPACE_URL, "urn:egress-agent:process")
 
 
 def process_uuid(boot_id: str, pid: int, start: str) -> str:
     """A UUID (RFC 4122 version 5) naming one process instance on one boot."""
-    return str(uuid.uuid5(_PROCESS_UUID_NAMESPACE, f"{boot_id}/{pid}/{start}"))
+    import uuid
+
+    return str(uuid.uuid5(_process_uuid_namespace(), f"{boot_id}/{pid}/{start}"))
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,11 @@ class IdentityCache:
         self.hits = 0
         self.misses = 0
         self._entries: Dict[Tuple[int, str], Identity] = {}
+        self._linux = os.path.isfile(f"{proc_root}/self/stat") or (
+            proc_root != PROC_ROOT and os.path.isdir(proc_root)
+        )
+        self._usernames: Dict[int, str] = {}
+        self._boot_time: Optional[float] = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -149,7 +169,7 @@ class IdentityCache:
             self.hits += 1
             return cached
         self.misses += 1
-        identity = self._read(pid, start)
+        identity = self._read_linux(pid, start) if self._linux else self._read(pid, start)
         if len(self._entries) >= self.max_entries:
             self.prune()
         self._entries[key] = identity
@@ -191,12 +211,48 @@ class IdentityCache:
     def _psutil_start_time_key(self, pid: int) -> Optional[str]:
         if os.path.isdir(self.proc_root):
             return None  # a Linux /proc without this pid: the process is gone
+        import psutil
+
         try:
             return repr(psutil.Process(pid).create_time())
         except psutil.Error:
             return None
 
+    def _read_linux(self, pid: int, start: str) -> Identity:
+        """:func:`read_linux_identity` plus what this cache knows: usernames, boot time."""
+        found = read_linux_identity(pid, self.proc_root)
+        if found is None:
+            return Identity(pid=pid)
+        name, path, cmdline, uid, parent, start_ticks = found
+        username = ""
+        if uid is not None:
+            username = self._usernames.get(uid, "")
+            if not username:
+                username = self._usernames[uid] = _username(uid)
+        start_time = None
+        if start_ticks is not None:
+            if self._boot_time is None:
+                self._boot_time = _boot_time(self.proc_root)
+            if self._boot_time is not None:
+                start_time = int(start_ticks / _clock_ticks() + self._boot_time)
+        cgroup = self._read_cgroup(pid)
+        return Identity(
+            pid=pid,
+            name=name,
+            path=path,
+            cmdline=cmdline,
+            uid=uid,
+            username=username,
+            parent=parent,
+            process_start_time=start_time,
+            process_uuid=process_uuid(self.boot_id, pid, start),
+            container_id=container_id_from_cgroup(cgroup),
+            systemd_unit=systemd_unit_from_cgroup(cgroup),
+        )
+
     def _read(self, pid: int, start: str) -> Identity:
+        import psutil
+
         try:
             process = psutil.Process(pid)
         except psutil.Error:
@@ -242,3 +298,115 @@ class IdentityCache:
 
 def _optional_int(value: object) -> Optional[int]:
     return value if isinstance(value, int) else None
+
+
+LinuxIdentity = Tuple[str, str, str, Optional[int], Optional[int], Optional[float]]
+"""(name, path, cmdline, real uid, parent pid, start time in clock ticks since boot)"""
+
+_FS_ENCODING = sys.getfilesystemencoding()
+_COMM_LENGTH = 15
+"""TASK_COMM_LEN - 1: the kernel keeps only this many bytes of a name."""
+
+
+def read_linux_identity(pid: int, proc_root: str = PROC_ROOT) -> Optional[LinuxIdentity]:
+    """A process's identity from its /proc files, as psutil 5.9-7.x reads them on Linux.
+
+    ``name``: the ``comm`` in ``stat``; when it fills all 15 bytes the kernel keeps and the
+    basename of ``argv[0]`` starts with it, that basename (psutil's ``Process.name``).
+    ``cmdline``: the NUL-separated arguments joined with spaces; a process that rewrote its
+    arguments with spaces (setproctitle) is split on spaces (psutil issue 1179).  ``path``:
+    the ``exe`` link without a bogus `` (deleted)``; "" when unreadable (another user's
+    process).  Text is decoded as psutil does (file system encoding, surrogateescape).
+    None when the process is gone (no ``stat``).
+    """
+    base = f"{proc_root}/{pid}"
+    try:
+        with open(f"{base}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    opening, closing = stat.find(b"("), stat.rfind(b")")
+    name = stat[opening + 1 : closing].decode(_FS_ENCODING, "surrogateescape")
+    fields = stat[closing + 2 :].split()
+    parent = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+    start_ticks = float(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+    arguments = _cmdline(_read_or_empty(f"{base}/cmdline"))
+    if len(name) >= _COMM_LENGTH and arguments:
+        extended = os.path.basename(arguments[0])
+        if extended.startswith(name):
+            name = extended
+    return (
+        name,
+        _exe(f"{base}/exe"),
+        " ".join(arguments),
+        _real_uid(_read_or_empty(f"{base}/status")),
+        parent,
+        start_ticks,
+    )
+
+
+def _read_or_empty(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def _cmdline(data: bytes) -> List[str]:
+    text = data.decode(_FS_ENCODING, "surrogateescape")
+    if not text:
+        return []
+    separator = "\x00" if text.endswith("\x00") else " "
+    if text.endswith(separator):
+        text = text[:-1]
+    arguments = text.split(separator)
+    if separator == "\x00" and len(arguments) == 1 and " " in text:
+        arguments = text.split(" ")
+    return arguments
+
+
+def _exe(path: str) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return ""
+    target = target.split("\x00")[0]
+    if target.endswith(" (deleted)") and not os.path.exists(target):
+        target = target[: -len(" (deleted)")]
+    return target
+
+
+def _real_uid(status: bytes) -> Optional[int]:
+    for line in status.split(b"\n"):
+        if line.startswith(b"Uid:"):
+            fields = line.split()
+            if len(fields) > 1 and fields[1].isdigit():
+                return int(fields[1])
+    return None
+
+
+def _username(uid: int) -> str:
+    """The user name of ``uid``, or the number when no user has it (as psutil answers)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _boot_time(proc_root: str) -> Optional[float]:
+    """``btime`` of ``/proc/stat``: the boot time in seconds since the epoch."""
+    for line in _read_or_empty(f"{proc_root}/stat").split(b"\n"):
+        if line.startswith(b"btime"):
+            try:
+                return float(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")

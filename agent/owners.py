@@ -80,12 +80,13 @@ class OwnerFinder:
             self._expire_unowned()
             waiting = targets - self._unowned.keys()
 
+        links = {f"{_SOCKET_PREFIX}{inode}]": inode for inode in targets}
         order: List[int] = sorted(set(pids)) if pids is not None else list(self._recent_pids)
         tried: Set[int] = set(order)
-        stopped_early = self._scan(order, targets, waiting, scan)
+        stopped_early = self._scan(order, links, waiting, scan)
         if not stopped_early and not restricted:
             rest = [pid for pid in self._list_pids() if pid not in tried]
-            stopped_early = self._scan(rest, targets, waiting, scan)
+            stopped_early = self._scan(rest, links, waiting, scan)
         scan.complete = not stopped_early
 
         if not restricted:
@@ -93,9 +94,12 @@ class OwnerFinder:
         return scan
 
     def _scan(
-        self, order: List[int], targets: Set[int], waiting: Set[int], scan: OwnerScan
+        self, order: List[int], links: Dict[str, int], waiting: Set[int], scan: OwnerScan
     ) -> bool:
-        """Scan fd directories in ``order``; True when it stopped because nothing is waiting."""
+        """Scan fd directories in ``order``; True when it stopped because nothing is waiting.
+
+        ``links`` maps the link text of each wanted socket (``socket:[INODE]``) to its inode:
+        one dict probe per fd, whatever the fd is."""
         if not waiting:
             return True
         owners = scan.owners
@@ -108,7 +112,7 @@ class OwnerFinder:
                 scan.unreadable_pids += 1
                 continue
             scan.pids_scanned += 1
-            links = 0
+            read = 0
             try:
                 try:
                     names = os.listdir(dir_fd)
@@ -119,21 +123,16 @@ class OwnerFinder:
                         link = readlink(name, dir_fd=dir_fd)
                     except OSError:
                         continue  # closed since the listing
-                    links += 1
-                    if not link.startswith(_SOCKET_PREFIX):
-                        continue
-                    try:
-                        inode = int(link[8:-1])
-                    except ValueError:
-                        continue
-                    if inode in targets and inode not in owners:
+                    read += 1
+                    inode = links.get(link)
+                    if inode is not None and inode not in owners:
                         owners[inode] = (pid, int(name))
                         waiting.discard(inode)
                         if not waiting:
                             return True
             finally:
                 os.close(dir_fd)
-                scan.fds_scanned += links
+                scan.fds_scanned += read
         return False
 
     def _list_pids(self) -> List[int]:

@@ -43,6 +43,9 @@ class PsutilSampler:
         self.identities = identities if identities is not None else IdentityCache()
         self.last = SampleStats()
         self.totals = SamplerTotals()
+        self.count_outbound_tcp = False
+        """Not supported here: :attr:`SampleStats.outbound_tcp` stays None (the monitor then
+        counts the outbound TCP rows it is given)."""
         self._verdicts: Dict[str, Optional[Verdict]] = {}
 
     @property

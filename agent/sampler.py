@@ -43,9 +43,12 @@ from agent.sockdiag import (
     LISTEN_ONLY,
     NOT_LISTENING,
     DiagSocket,
+    Record,
     count_sockets,
     exclude_remote,
-    is_listening,
+    is_listening_record,
+    port,
+    to_socket,
 )
 
 UNPRIVILEGED_NOTICE = (
@@ -61,8 +64,8 @@ class SamplerError(RuntimeError):
 
 OutboundKey = Tuple[int, Hashable, Hashable]
 """(namespace inode, local end, remote end) of one outbound TCP connection; the ends are the
-``/proc`` text (``ADDRESS:PORT`` in hex) or, read through sock_diag, (version, address, port)
-and (address, port)."""
+``/proc`` text (``ADDRESS:PORT`` in hex) or, read through sock_diag, (address bytes, port as
+in the record)."""
 
 
 @dataclass
@@ -141,6 +144,8 @@ class SocketSampler(Protocol):
 
     last: SampleStats
     totals: SamplerTotals
+    count_outbound_tcp: bool
+    """Collect :attr:`SampleStats.outbound_tcp` in the next samples (when the backend can)."""
 
     @property
     def limited(self) -> bool: ...
@@ -214,6 +219,7 @@ class Sampler:
         self.totals = SamplerTotals()
         self._external_by_hex: Dict[str, bool] = {}
         self._external_by_int: Dict[Tuple[int, int], bool] = {}
+        self._external_by_bytes: Dict[bytes, bool] = {}
         self._text: Dict[Tuple[int, int], str] = {}
         self.use_sock_diag = (
             use_sock_diag
@@ -247,6 +253,8 @@ class Sampler:
             self._external_by_hex.clear()
         if len(self._external_by_int) > self.HEX_MEMO_LIMIT:
             self._external_by_int.clear()
+        if len(self._external_by_bytes) > self.HEX_MEMO_LIMIT:
+            self._external_by_bytes.clear()
         if len(self._text) > self.HEX_MEMO_LIMIT:
             self._text.clear()
 
@@ -335,10 +343,11 @@ class Sampler:
     ) -> Optional[NamespaceStats]:
         """Read one namespace through sock_diag; None when it cannot (then ``/proc`` does).
 
-        Unless every socket is wanted (``want_all``, or counting outbound TCP), TCP is read in
-        two dumps: the listeners, then the rest with the kernel dropping the sockets whose
-        peer is never external (:meth:`Classifier.never_external`).  UDP tables are small and
-        read whole."""
+        Unless every socket is wanted, TCP comes in two dumps: the listeners (cheap: the
+        kernel walks only its listening hash), then the rest, the kernel dropping the sockets
+        whose peer is never external (:meth:`Classifier.never_external`) unless every
+        outbound connection is being counted.  UDP tables are small and read whole.  Records
+        are decoded only when kept."""
         diag = None
         for pid in namespace.pids:
             try:
@@ -348,51 +357,68 @@ class Sampler:
                 continue  # gone, or not ours to enter: try the next process
         if diag is None:
             return None
-        info = NamespaceStats(namespace.inode, pid)
-        listeners = ListenerIndex()
-        everything = want_all or outbound_tcp is not None
-        rows: List[Socket] = []
+        counting = outbound_tcp is not None
+        # (table, its records, whether they can hold listeners)
+        dumps: List[Tuple[SocketTable, List[Record], bool]] = []
         try:
             with diag:
                 for table in SOCKET_TABLES:
-                    if everything or table.protocol != IPPROTO_TCP:
-                        rows.extend(diag.dump(table))
-                    else:
-                        rows.extend(diag.dump(table, LISTEN_ONLY))
-                        rows.extend(diag.dump(table, NOT_LISTENING, self._prefilter[table.version]))
+                    if want_all or table.protocol != IPPROTO_TCP:
+                        dumps.append((table, diag.records(table), True))
+                        continue
+                    dumps.append((table, diag.records(table, LISTEN_ONLY), True))
+                    program = b"" if counting else self._prefilter[table.version]
+                    dumps.append((table, diag.records(table, NOT_LISTENING, program), False))
         except OSError:
             return None
-        is_external = self._is_external_int
+
+        info = NamespaceStats(namespace.inode, pid)
         inode = namespace.inode
-        tcp_ends: List[Socket] = []
-        for sock in rows:
-            if is_listening(sock):
-                if sock.local_port:
-                    listeners.add(sock.protocol, sock.version, sock.local_address, sock.local_port)
-            elif sock.protocol == IPPROTO_TCP:
-                tcp_ends.append(sock)
-            if want_all or is_external(sock.remote_address, sock.version):
-                kept.append((inode, listeners, sock))
-        if outbound_tcp is not None:
-            for sock in tcp_ends:
-                if not listeners.is_inbound(
-                    IPPROTO_TCP, sock.version, sock.local_address, sock.local_port
-                ):
-                    outbound_tcp.add(
-                        (
-                            inode,
-                            (sock.version, sock.local_address, sock.local_port),
-                            (sock.remote_address, sock.remote_port),
-                        )
-                    )
+        listeners = ListenerIndex()
+        listening_ports: Set[int] = set()  # TCP, as in the records
+        for table, records, may_listen in dumps:
+            if may_listen:
+                for record in records:
+                    if is_listening_record(record, table.protocol) and record[1]:
+                        listeners.add(
+                            table.protocol, table.version, int.from_bytes(record[3], "big"),
+                            port(record[1]),
+                        )  # fmt: skip
+                        if table.protocol == IPPROTO_TCP:
+                            listening_ports.add(record[1])
+
+        external_by_bytes = self._external_by_bytes
+        for table, records, may_listen in dumps:
+            tcp = table.protocol == IPPROTO_TCP
+            version = table.version
+            for record in records:
+                dst = record[4]
+                if may_listen and is_listening_record(record, table.protocol):
+                    outbound = False
+                else:
+                    outbound = counting and tcp
+                if outbound and outbound_tcp is not None:
+                    sport = record[1]
+                    if sport not in listening_ports or not listeners.is_inbound(
+                        IPPROTO_TCP, version, int.from_bytes(record[3], "big"), port(sport)
+                    ):
+                        outbound_tcp.add((inode, (record[3], sport), (dst, record[2])))
+                if not want_all:
+                    external = external_by_bytes.get(dst)
+                    if external is None:
+                        external = self._is_external_int(int.from_bytes(dst, "big"), version)
+                        external_by_bytes[dst] = external
+                    if not external:
+                        continue
+                kept.append((inode, listeners, to_socket(record, table)))
         info.listeners = len(listeners)
-        if everything:
-            info.sockets = len(rows)
+        if want_all or counting:
+            info.sockets = sum(len(records) for _, records, _ in dumps)
         else:
             try:
                 info.sockets = count_sockets(pid, self.proc_root)
             except OSError:
-                info.sockets = len(rows)
+                info.sockets = sum(len(records) for _, records, _ in dumps)
         with contextlib.suppress(OSError):
             info.active_opens = read_tcp_counters(pid, self.proc_root).get("ActiveOpens")
         return info

@@ -27,7 +27,7 @@ import os
 import socket
 import struct
 import sys
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 from agent.procnet import IPPROTO_TCP, PROC_ROOT, TCP_LISTEN, Socket, SocketTable
 
@@ -56,11 +56,11 @@ _ATTRIBUTE = struct.Struct("=HH")  # struct rtattr (nlattr)
 _OP = struct.Struct("=BBH")  # struct inet_diag_bc_op: code, yes, no
 _HOSTCOND = struct.Struct("=BBxxi")  # struct inet_diag_hostcond without its address
 _ERROR = struct.Struct("=i")
-_MESSAGE = struct.Struct(("<" if sys.byteorder == "little" else ">") + "BB2xHH16s16s24xII")
-"""struct inet_diag_msg after its nlmsghdr: family, state, sport, dport, src, dst, uid, inode.
-Ports are big-endian on the wire; uid and inode host-endian (so the ports get swapped below
-on a little-endian host)."""
-_SWAP_PORTS = sys.byteorder == "little"
+_MESSAGE_V4 = struct.Struct("=xB2xHH4s12x4s12x24xII")
+_MESSAGE_V6 = struct.Struct("=xB2xHH16s16s24xII")
+"""struct inet_diag_msg after its nlmsghdr: (family,) state, (timer, retrans), sport, dport,
+src, dst, (if, cookie, expires, rqueue, wqueue), uid, inode.  An IPv4 address is the first
+4 of its 16 bytes."""
 _RECEIVE_BUFFER = 1 << 18
 
 Prefix = Tuple[int, int, int]
@@ -152,6 +152,20 @@ def exclude_remote(prefixes: Sequence[Prefix], version: int) -> bytes:
     return b"".join(program)
 
 
+Record = Tuple[int, int, int, bytes, bytes, int, int]
+"""One ``inet_diag_msg`` as it comes: (state, source port, destination port, source address,
+destination address, uid, inode).  Ports are still in network byte order as read in host
+order (:func:`port` turns them into numbers); addresses are 4 bytes for IPv4 and 16 for IPv6,
+in network order, so equal addresses are equal bytes and a dict can key on them."""
+
+_SWAP_PORTS = sys.byteorder == "little"
+
+
+def port(wire: int) -> int:
+    """A port of a :data:`Record` as a number."""
+    return ((wire & 0xFF) << 8) | (wire >> 8) if _SWAP_PORTS else wire
+
+
 class DiagSocket:
     """One namespace's ``sock_diag`` socket: dumps of one socket table at a time."""
 
@@ -178,7 +192,40 @@ class DiagSocket:
     ) -> List[Socket]:
         """Every socket of ``table`` in one of ``states`` (a bit per TCP state) that
         ``bytecode`` accepts.  Raises :class:`SockDiagError` when the kernel refuses."""
-        return list(self._records(table, states, bytecode))
+        return [to_socket(record, table) for record in self.records(table, states, bytecode)]
+
+    def records(
+        self, table: SocketTable, states: int = ALL_STATES, bytecode: bytes = b""
+    ) -> List[Record]:
+        """:meth:`dump` without decoding: the sampler decodes only the records it keeps."""
+        self._sock.send(self._request(table, states, bytecode))
+        unpack = (_MESSAGE_V4 if table.version == 4 else _MESSAGE_V6).unpack_from
+        unpack_header = _HEADER.unpack_from
+        header_size, message_size = _HEADER.size, _MESSAGE_V4.size
+        buffer = self._buffer
+        view = memoryview(buffer)
+        sequence = self._sequence
+        records: List[Record] = []
+        append = records.append
+        while True:
+            received = self._sock.recv_into(buffer)
+            offset = 0
+            while offset + header_size <= received:
+                length, kind, _, seq, _ = unpack_header(buffer, offset)
+                if length < header_size or offset + length > received:
+                    raise SockDiagError(errno.EPROTO, "sock_diag: truncated netlink message")
+                if seq == sequence:
+                    if kind == SOCK_DIAG_BY_FAMILY and length >= header_size + message_size:
+                        append(unpack(view, offset + header_size))
+                    elif kind == NLMSG_DONE:
+                        return records
+                    elif kind == NLMSG_ERROR:
+                        (code,) = _ERROR.unpack_from(buffer, offset + header_size)
+                        raise SockDiagError(
+                            -code, f"sock_diag refused the {table.name} dump: {os.strerror(-code)}"
+                        )
+                # else: left over from an earlier, abandoned dump
+                offset += (length + 3) & ~3
 
     def _request(self, table: SocketTable, states: int, bytecode: bytes) -> bytes:
         self._sequence += 1
@@ -192,55 +239,29 @@ class DiagSocket:
             + body
         )
 
-    def _records(self, table: SocketTable, states: int, bytecode: bytes) -> Iterator[Socket]:
-        self._sock.send(self._request(table, states, bytecode))
-        family, protocol, version = table.family, table.protocol, table.version
-        address_size = 4 if version == 4 else 16
-        buffer = self._buffer
-        view = memoryview(buffer)
-        unpack_header = _HEADER.unpack_from
-        unpack_message = _MESSAGE.unpack_from
-        from_bytes = int.from_bytes
-        swap = _SWAP_PORTS
-        sequence = self._sequence
-        while True:
-            received = self._sock.recv_into(buffer)
-            offset = 0
-            while offset + _HEADER.size <= received:
-                length, kind, _, seq, _ = unpack_header(buffer, offset)
-                if length < _HEADER.size or offset + length > received:
-                    raise SockDiagError(errno.EPROTO, "sock_diag: truncated netlink message")
-                if seq != sequence:
-                    offset += (length + 3) & ~3
-                    continue  # left over from an earlier, abandoned dump
-                if kind == NLMSG_DONE:
-                    return
-                if kind == NLMSG_ERROR:
-                    (code,) = _ERROR.unpack_from(buffer, offset + _HEADER.size)
-                    raise SockDiagError(
-                        -code,
-                        f"sock_diag refused the {table.name} dump: {os.strerror(-code)}",
-                    )
-                if kind == SOCK_DIAG_BY_FAMILY and length >= _HEADER.size + _MESSAGE.size:
-                    (_, state, sport, dport, src, dst, uid, inode) = unpack_message(
-                        view, offset + _HEADER.size
-                    )
-                    if swap:
-                        sport = ((sport & 0xFF) << 8) | (sport >> 8)
-                        dport = ((dport & 0xFF) << 8) | (dport >> 8)
-                    yield Socket(
-                        inode,
-                        family,
-                        protocol,
-                        version,
-                        from_bytes(src[:address_size], "big"),
-                        sport,
-                        from_bytes(dst[:address_size], "big"),
-                        dport,
-                        state,
-                        uid,
-                    )
-                offset += (length + 3) & ~3
+
+def to_socket(record: Record, table: SocketTable) -> Socket:
+    """A :data:`Record` of ``table`` decoded as :mod:`agent.procnet` decodes a ``/proc`` row."""
+    state, sport, dport, src, dst, uid, inode = record
+    return Socket(
+        inode,
+        table.family,
+        table.protocol,
+        table.version,
+        int.from_bytes(src, "big"),
+        port(sport),
+        int.from_bytes(dst, "big"),
+        port(dport),
+        state,
+        uid,
+    )
+
+
+def is_listening_record(record: Record, protocol: int) -> bool:
+    """:func:`is_listening` of a :data:`Record`."""
+    if protocol == IPPROTO_TCP:
+        return record[0] == TCP_LISTEN
+    return record[2] == 0 and not any(record[4])
 
 
 def is_listening(sock: Socket) -> bool:

@@ -178,7 +178,7 @@ def test_a_vanished_process_has_an_empty_identity() -> None:
 
 def test_the_cache_key_is_pid_and_start_time(tmp_path: Path) -> None:
     """A recycled pid (same pid, new start time) is another process: looked up anew, another
-    UUID.  The start time comes from a stat file we write, the rest from the real process."""
+    UUID.  The start time and name come from a stat file we write."""
     pid = os.getpid()
     (tmp_path / str(pid)).mkdir()
     stat = tmp_path / str(pid) / "stat"
@@ -190,7 +190,7 @@ def test_the_cache_key_is_pid_and_start_time(tmp_path: Path) -> None:
     second = cache.lookup(pid)
     assert cache.misses == 2 and first.process_uuid != second.process_uuid
     assert first.process_uuid == process_uuid("boot", pid, "1000")
-    assert first.name == second.name == psutil.Process().name()
+    assert first.name == second.name == "odd ) name"  # the last ")" ends the name
     stat.write_text("truncated")
     assert cache.lookup(pid) == Identity(pid=pid)
     stat.unlink()
@@ -249,3 +249,73 @@ def test_another_users_process_yields_what_can_be_read() -> None:
     assert pid == me and name == psutil.Process().name()
     assert path == ""  # /proc/PID/exe of another user's process: EACCES
     assert uid == os.getuid()
+
+
+def _psutil_identity(pid: int) -> tuple:  # type: ignore[type-arg]
+    process = psutil.Process(pid)
+    with process.oneshot():
+        try:
+            path = process.exe()
+        except psutil.AccessDenied:
+            path = ""
+        return (
+            process.name(),
+            path,
+            " ".join(process.cmdline()),
+            process.uids().real,
+            process.username(),
+            process.ppid(),
+            int(process.create_time()),
+        )
+
+
+def test_linux_identity_is_what_psutil_says_for_every_process_here() -> None:
+    """The /proc reader against psutil on every live process (ours, kernel threads, daemons);
+    a process that changes or exits between the two looks is skipped."""
+    cache = IdentityCache()
+    compared = 0
+    for pid in psutil.pids():
+        try:
+            before = _psutil_identity(pid)
+            mine = cache.lookup(pid)
+            after = _psutil_identity(pid)
+        except psutil.Error:
+            continue
+        if before != after or mine == Identity(pid=pid):
+            continue
+        got = (
+            mine.name,
+            mine.path,
+            mine.cmdline,
+            mine.uid,
+            mine.username,
+            mine.parent,
+            mine.process_start_time,
+        )
+        assert got == before, pid
+        compared += 1
+    assert compared >= 5
+
+
+def test_a_long_name_and_a_rewritten_command_line_read_as_psutil_reads_them(
+    tmp_path: Path,
+) -> None:
+    long_name = tmp_path / "a-rather-long-program-name"
+    os.symlink(sys.executable, long_name)
+    script = (
+        "import sys\n"
+        "with open('/proc/self/comm', 'w') as f: f.write('a-rather-long-program-name')\n"
+        "sys.stdout.write('ok\\n'); sys.stdout.flush(); sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [str(long_name), "-c", script, "two words"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ok\n"
+        mine = IdentityCache().lookup(child.pid)
+        assert mine.name == psutil.Process(child.pid).name() == "a-rather-long-program-name"
+        assert mine.cmdline == " ".join(psutil.Process(child.pid).cmdline())
+    finally:
+        child.communicate(b"")

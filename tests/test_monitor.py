@@ -122,3 +122,26 @@ def test_run_samples_until_stopped() -> None:
     thread.join(30)
     assert not thread.is_alive()
     assert len(seen) == 3
+
+
+def test_queries_and_background_samples_can_differ() -> None:
+    """The extension counts outbound TCP only in background samples: a query gets the live
+    function, the history and figures the background one."""
+    asked: List[str] = []
+
+    def live(pids: Optional[FrozenSet[int]]) -> Snapshot:
+        asked.append("live")
+        return Snapshot([])
+
+    def background(pids: Optional[FrozenSet[int]]) -> Snapshot:
+        asked.append("background")
+        return Snapshot([], sockets_seen=7, outbound_tcp=frozenset({1, 2}))
+
+    monitor = Monitor(
+        live, None, 1.0, logging.getLogger("test"), active_opens=dict, background=background
+    )
+    monitor.live(frozenset({1}))
+    assert monitor.sample_once()
+    assert asked == ["live", "background"]
+    stats = monitor.stats()
+    assert (stats.sockets_seen, stats.outbound_tcp_seen) == (7, 2)

@@ -74,8 +74,13 @@ class Monitor:
         logger: logging.Logger,
         active_opens: ActiveOpensFunction = coverage.active_opens_by_namespace,
         clock: Callable[[], float] = time.time,
+        background: Optional[SampleFunction] = None,
     ) -> None:
+        """``sample`` serves queries; ``background`` (default: ``sample``) the samples every
+        ``interval`` s, which alone need what the coverage figures count
+        (:attr:`Snapshot.outbound_tcp`), so a query pays only for the rows it returns."""
         self._sample = sample
+        self._background = background if background is not None else sample
         self._store = store
         self.interval = interval
         self._log = logger
@@ -104,7 +109,7 @@ class Monitor:
         with self._sample_lock:
             started = time.monotonic()
             try:
-                snapshot = self._sample(None)
+                snapshot = self._background(None)
             except Exception as error:  # the sampler's bug must not end the background loop
                 self._sampling_failed(f"sampling failed: {type(error).__name__}: {error}")
                 return False

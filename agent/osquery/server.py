@@ -38,7 +38,7 @@ from thrift.transport import TSocket, TTransport
 from agent import __version__
 from agent.history import HistoryStore
 from agent.osquery import table
-from agent.osquery.monitor import Monitor, SampleFunction
+from agent.osquery.monitor import Monitor
 from agent.osquery.tables import AgentInfo, ExtensionTables
 
 EXTENSION_NAME = "egress_agent"
@@ -495,7 +495,7 @@ def run_extension(argv: Sequence[str]) -> int:
 def extension_main(args: argparse.Namespace) -> int:
     """Run the extension with parsed arguments (see :func:`add_arguments`) until told to stop."""
     from agent.config import ConfigError, load_settings
-    from agent.osquery.source import make_sample_function
+    from agent.osquery.source import make_sample_functions
 
     _configure_logging(args.verbose)
     options = Options(
@@ -517,12 +517,9 @@ def extension_main(args: argparse.Namespace) -> int:
             max_rows=settings.history_max_rows,
             logger=logging.getLogger("egress_agent.history"),
         )
-    sample: SampleFunction = make_sample_function(
-        settings, logging.getLogger("egress_agent.sampler")
-    )
-    monitor = Monitor(
-        sample, store, settings.sampling_interval, logging.getLogger("egress_agent.sampler")
-    )
+    sampler_log = logging.getLogger("egress_agent.sampler")
+    live, background = make_sample_functions(settings, sampler_log)
+    monitor = Monitor(live, store, settings.sampling_interval, sampler_log, background=background)
     tables = ExtensionTables(
         monitor,
         store,
