@@ -3,8 +3,9 @@
 The kernel gives no index from a socket to its owner; the only way is to read every fd link
 (``socket:[INODE]``, ``Documentation/filesystems/proc.rst``), which is the cost that dominates
 ``psutil.net_connections()`` and ``ss -p``.  :class:`OwnerFinder` bounds it: it looks only for the
-inodes it is asked about, stops as soon as it has found them all, and looks first in the
-processes that owned the wanted sockets last time (long-lived connections keep their owners).
+inodes it is asked about, stops as soon as it has found them all, first checks the very fd
+that held each socket last time, and then looks first in the processes that owned the wanted
+sockets last time (long-lived connections keep their owners).
 
 Each fd directory is opened once (``os.open``) and its links are read relative to it
 (``readlink(name, dir_fd=...)``), which spares the kernel a path walk per fd.
@@ -57,6 +58,7 @@ class OwnerFinder:
         self.proc_root = proc_root
         self.negative_ttl = negative_ttl
         self._recent_pids: List[int] = []
+        self._last_owners: Dict[int, Owner] = {}
         self._unowned: Dict[int, int] = {}
         self._calls = 0
 
@@ -81,9 +83,12 @@ class OwnerFinder:
             waiting = targets - self._unowned.keys()
 
         links = {f"{_SOCKET_PREFIX}{inode}]": inode for inode in targets}
+        stopped_early = False
+        if not restricted:
+            stopped_early = self._confirm(links, waiting, scan)
         order: List[int] = sorted(set(pids)) if pids is not None else list(self._recent_pids)
         tried: Set[int] = set(order)
-        stopped_early = self._scan(order, links, waiting, scan)
+        stopped_early = stopped_early or self._scan(order, links, waiting, scan)
         if not stopped_early and not restricted:
             rest = [pid for pid in self._list_pids() if pid not in tried]
             stopped_early = self._scan(rest, links, waiting, scan)
@@ -92,6 +97,37 @@ class OwnerFinder:
         if not restricted:
             self._remember(scan, targets)
         return scan
+
+    def _confirm(self, links: Dict[str, int], waiting: Set[int], scan: OwnerScan) -> bool:
+        """Read only the fd that held each wanted socket last time: a long-lived connection
+        keeps its owner and fd, so a warm sample needs one readlink per socket, not one per
+        fd of its owners.  True when that found everything."""
+        by_pid: Dict[int, List[Tuple[int, int]]] = {}
+        for inode in waiting:
+            last = self._last_owners.get(inode)
+            if last is not None:
+                by_pid.setdefault(last[0], []).append((last[1], inode))
+        owners = scan.owners
+        readlink = os.readlink
+        for pid, fds in by_pid.items():
+            try:
+                dir_fd = os.open(f"{self.proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue  # gone: the full scan looks for its sockets
+            scan.pids_scanned += 1
+            try:
+                for fd, inode in fds:
+                    try:
+                        link = readlink(str(fd), dir_fd=dir_fd)
+                    except OSError:
+                        continue
+                    scan.fds_scanned += 1
+                    if links.get(link) == inode:
+                        owners[inode] = (pid, fd)
+                        waiting.discard(inode)
+            finally:
+                os.close(dir_fd)
+        return not waiting
 
     def _scan(
         self, order: List[int], links: Dict[str, int], waiting: Set[int], scan: OwnerScan
@@ -149,6 +185,7 @@ class OwnerFinder:
 
     def _remember(self, scan: OwnerScan, targets: Set[int]) -> None:
         self._recent_pids = sorted({pid for pid, _ in scan.owners.values()})
+        self._last_owners = dict(scan.owners)
         found = scan.owners
         unowned = {
             inode: since

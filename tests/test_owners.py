@@ -52,7 +52,26 @@ def test_previous_owners_are_scanned_first(pair: Tuple[socket.socket, socket.soc
     second = finder.find(wanted)
     assert first.owners == second.owners
     assert second.pids_scanned == 1  # straight to the owner of last time
+    assert second.fds_scanned == 1  # and to the fd that held it
     assert second.pids_scanned <= first.pids_scanned
+
+
+def test_a_socket_that_moved_to_another_fd_is_found_again(
+    pair: Tuple[socket.socket, socket.socket],
+) -> None:
+    finder = OwnerFinder()
+    moved = pair[0].dup()
+    try:
+        wanted = {inode_of(moved)}
+        first = finder.find(wanted)
+        old_fd = first.owners[inode_of(moved)][1]
+        holder = moved if old_fd == moved.fileno() else pair[0]
+        keeper = pair[0] if holder is moved else moved
+        holder.close()  # the fd remembered is gone; the socket lives on in the other one
+        second = finder.find(wanted)
+        assert second.owners == {inode_of(keeper): (os.getpid(), keeper.fileno())}
+    finally:
+        moved.close()
 
 
 def test_unowned_inodes_stop_holding_up_the_scan(pair: Tuple[socket.socket, socket.socket]) -> None:
