@@ -18,7 +18,8 @@ from bench.report import MethodResult, ScaleResult
 def methods(interval: float) -> List[Method]:
     """Every method, in table order; ``ss -tunaH`` first: it is the floor the ratios use.
 
-    ``true`` is there to show how much of a command's time is only starting a process.
+    ``true`` is there to show how much of a command's time is only starting a process, the
+    kernel floor what walking the socket tables of every namespace costs the kernel alone.
     """
     return [
         Command("ss", "ss -tunaH", ["ss", "-tunaH"]),
@@ -27,6 +28,7 @@ def methods(interval: float) -> List[Method]:
         ColdPython("psutil", "psutil + identity", "bench.targets:psutil_table"),
         ColdPython("sampler-cold", "sampler cold", "bench.targets:our_sampler"),
         WarmPython("sampler-warm", "sampler warm", "bench.targets:our_sampler"),
+        WarmPython("floor", "kernel floor, every namespace", "bench.targets:kernel_floor"),
         ExtensionGenerate(interval),
     ]
 
