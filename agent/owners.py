@@ -35,6 +35,7 @@ class OwnerScan:
     owners: Dict[int, Owner] = field(default_factory=dict)
     """socket inode -> (pid, fd) for the wanted inodes that were found."""
     pids_scanned: int = 0
+    """fd directories listed (the fds remembered from last time are read without listing)."""
     fds_scanned: int = 0
     unreadable_pids: int = 0
     """fd directories that could not be opened (another user's process, or gone)."""
@@ -114,7 +115,6 @@ class OwnerFinder:
                 dir_fd = os.open(f"{self.proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 continue  # gone: the full scan looks for its sockets
-            scan.pids_scanned += 1
             try:
                 for fd, inode in fds:
                     try:

@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Collection, Dict, FrozenSet, Hashable, List, Optional, Protocol, Set, Tuple
+from typing import Collection, Dict, FrozenSet, List, Optional, Protocol, Set, Tuple
 
 from agent.classify import Classifier, format_ipv4, format_ipv6
 from agent.identity import NO_OWNER, Identity, IdentityCache
@@ -27,6 +27,7 @@ from agent.procnet import (
     IPPROTO_TCP,
     PROC_ROOT,
     SOCKET_TABLES,
+    TCP_LISTEN,
     ListenerIndex,
     NetNamespace,
     Socket,
@@ -40,6 +41,7 @@ from agent.procnet import (
 )
 from agent.records import Connection
 from agent.sockdiag import (
+    ALL_STATES,
     LISTEN_ONLY,
     NOT_LISTENING,
     DiagSocket,
@@ -62,10 +64,12 @@ class SamplerError(RuntimeError):
     """The sampler cannot work here at all (no /proc to list); the message says why."""
 
 
-OutboundKey = Tuple[int, Hashable, Hashable]
-"""(namespace inode, local end, remote end) of one outbound TCP connection; the ends are the
-``/proc`` text (``ADDRESS:PORT`` in hex) or, read through sock_diag, (address bytes, port as
-in the record)."""
+OutboundKey = int
+"""One outbound TCP connection: the hash of (namespace inode, local end, remote end).  Only
+ever compared with the keys of other samples of the same process, to count connections; an
+int is a fraction of the memory of the tuple (the extension holds two samples' worth, every
+outbound connection of the host), and two of the host's connections share a 64-bit hash with
+odds around one in 10**9."""
 
 
 @dataclass
@@ -80,6 +84,8 @@ class NamespaceStats:
     active_opens: Optional[int] = None
     """``Tcp: ActiveOpens`` from ``/proc/PID/net/snmp``: connections this namespace opened
     since it was created (RFC 1213 ``tcpActiveOpens``)."""
+    outbound_tcp: Optional[int] = None
+    """Outbound TCP connections in its tables, when the sampler counts them."""
     error: str = ""
 
 
@@ -172,17 +178,44 @@ def _add_outbound(
     namespace_inode: int,
     listeners: ListenerIndex,
     tcp_ends: Dict[int, List[Tuple[str, str]]],
-) -> None:
+) -> int:
     """Add the TCP connections of one namespace that no listener accepted (so this host
-    opened them: what the kernel counts as ``ActiveOpens``)."""
+    opened them: what the kernel counts as ``ActiveOpens``); how many."""
+    added = 0
     for version, ends in tcp_ends.items():
         for local, remote in ends:
             try:
-                address, port = decode_endpoint(local, version)
+                address, local_port = decode_endpoint(local, version)
             except ValueError:
                 continue
-            if not listeners.is_inbound(IPPROTO_TCP, version, address, port):
-                into.add((namespace_inode, local, remote))
+            if not listeners.is_inbound(IPPROTO_TCP, version, address, local_port):
+                into.add(hash((namespace_inode, local, remote)))
+                added += 1
+    return added
+
+
+def _add_outbound_records(
+    into: Set[OutboundKey],
+    namespace_inode: int,
+    table: SocketTable,
+    records: List[Record],
+    listeners: ListenerIndex,
+    listening_ports: Set[int],
+) -> int:
+    """:func:`_add_outbound` for sock_diag records of a TCP table; ``listening_ports`` (as
+    in the records) spares the listener lookup for the connections on ephemeral ports."""
+    added = 0
+    version = table.version
+    for state, local_port, remote_port, local, remote, _, _ in records:
+        if state == TCP_LISTEN:
+            continue
+        if local_port in listening_ports and listeners.is_inbound(
+            IPPROTO_TCP, version, int.from_bytes(local, "big"), port(local_port)
+        ):
+            continue
+        into.add(hash((namespace_inode, local, local_port, remote, remote_port)))
+        added += 1
+    return added
 
 
 _Kept = Tuple[int, ListenerIndex, Socket]
@@ -343,11 +376,11 @@ class Sampler:
     ) -> Optional[NamespaceStats]:
         """Read one namespace through sock_diag; None when it cannot (then ``/proc`` does).
 
-        Unless every socket is wanted, TCP comes in two dumps: the listeners (cheap: the
-        kernel walks only its listening hash), then the rest, the kernel dropping the sockets
-        whose peer is never external (:meth:`Classifier.never_external`) unless every
-        outbound connection is being counted.  UDP tables are small and read whole.  Records
-        are decoded only when kept."""
+        First what can listen: the TCP listeners (a cheap dump: the kernel walks only its
+        listening hash) and the UDP tables (small), or every table when ``want_all``.  Then
+        the rest of TCP, one table at a time, the kernel dropping the sockets whose peer is
+        never external (:meth:`Classifier.never_external`) unless every outbound connection
+        is being counted.  Records are decoded only when kept."""
         diag = None
         for pid in namespace.pids:
             try:
@@ -357,71 +390,78 @@ class Sampler:
                 continue  # gone, or not ours to enter: try the next process
         if diag is None:
             return None
+        info = NamespaceStats(namespace.inode, pid)
         counting = outbound_tcp is not None
-        # (table, its records, whether they can hold listeners)
-        dumps: List[Tuple[SocketTable, List[Record], bool]] = []
+        listeners = ListenerIndex()
+        listening_ports: Set[int] = set()  # of TCP listeners, as in the records
+        rows = 0
         try:
             with diag:
+                # None stands for the rest of a TCP table, read when its turn comes
+                batches: List[Tuple[SocketTable, Optional[List[Record]]]] = []
                 for table in SOCKET_TABLES:
-                    if want_all or table.protocol != IPPROTO_TCP:
-                        dumps.append((table, diag.records(table), True))
-                        continue
-                    dumps.append((table, diag.records(table, LISTEN_ONLY), True))
-                    program = b"" if counting else self._prefilter[table.version]
-                    dumps.append((table, diag.records(table, NOT_LISTENING, program), False))
+                    tcp = table.protocol == IPPROTO_TCP
+                    states = LISTEN_ONLY if tcp and not want_all else ALL_STATES
+                    records = diag.records(table, states)
+                    rows += len(records)
+                    for record in records:
+                        if is_listening_record(record, table.protocol) and record[1]:
+                            address = int.from_bytes(record[3], "big")
+                            listeners.add(table.protocol, table.version, address, port(record[1]))
+                            if tcp:
+                                listening_ports.add(record[1])
+                    batches.append((table, records))
+                if not want_all:
+                    batches += [(t, None) for t in SOCKET_TABLES if t.protocol == IPPROTO_TCP]
+                for table, batch in batches:
+                    if batch is None:
+                        program = b"" if counting else self._prefilter[table.version]
+                        batch = diag.records(table, NOT_LISTENING, program)
+                        rows += len(batch)
+                    if outbound_tcp is not None and table.protocol == IPPROTO_TCP:
+                        info.outbound_tcp = (info.outbound_tcp or 0) + _add_outbound_records(
+                            outbound_tcp, namespace.inode, table, batch, listeners,
+                            listening_ports,
+                        )  # fmt: skip
+                    self._keep_records(table, batch, namespace.inode, listeners, want_all, kept)
+                    batch.clear()  # one big table at a time in memory
         except OSError:
             return None
-
-        info = NamespaceStats(namespace.inode, pid)
-        inode = namespace.inode
-        listeners = ListenerIndex()
-        listening_ports: Set[int] = set()  # TCP, as in the records
-        for table, records, may_listen in dumps:
-            if may_listen:
-                for record in records:
-                    if is_listening_record(record, table.protocol) and record[1]:
-                        listeners.add(
-                            table.protocol, table.version, int.from_bytes(record[3], "big"),
-                            port(record[1]),
-                        )  # fmt: skip
-                        if table.protocol == IPPROTO_TCP:
-                            listening_ports.add(record[1])
-
-        external_by_bytes = self._external_by_bytes
-        for table, records, may_listen in dumps:
-            tcp = table.protocol == IPPROTO_TCP
-            version = table.version
-            for record in records:
-                dst = record[4]
-                if may_listen and is_listening_record(record, table.protocol):
-                    outbound = False
-                else:
-                    outbound = counting and tcp
-                if outbound and outbound_tcp is not None:
-                    sport = record[1]
-                    if sport not in listening_ports or not listeners.is_inbound(
-                        IPPROTO_TCP, version, int.from_bytes(record[3], "big"), port(sport)
-                    ):
-                        outbound_tcp.add((inode, (record[3], sport), (dst, record[2])))
-                if not want_all:
-                    external = external_by_bytes.get(dst)
-                    if external is None:
-                        external = self._is_external_int(int.from_bytes(dst, "big"), version)
-                        external_by_bytes[dst] = external
-                    if not external:
-                        continue
-                kept.append((inode, listeners, to_socket(record, table)))
         info.listeners = len(listeners)
         if want_all or counting:
-            info.sockets = sum(len(records) for _, records, _ in dumps)
+            info.sockets = rows
         else:
             try:
                 info.sockets = count_sockets(pid, self.proc_root)
             except OSError:
-                info.sockets = sum(len(records) for _, records, _ in dumps)
+                info.sockets = rows
         with contextlib.suppress(OSError):
             info.active_opens = read_tcp_counters(pid, self.proc_root).get("ActiveOpens")
         return info
+
+    def _keep_records(
+        self,
+        table: SocketTable,
+        records: List[Record],
+        namespace_inode: int,
+        listeners: ListenerIndex,
+        want_all: bool,
+        kept: List[_Kept],
+    ) -> None:
+        """Decode and keep the records whose peer is external (all of them with ``want_all``)."""
+        if want_all:
+            kept.extend((namespace_inode, listeners, to_socket(r, table)) for r in records)
+            return
+        external_by_bytes = self._external_by_bytes
+        version = table.version
+        for record in records:
+            remote = record[4]
+            external = external_by_bytes.get(remote)
+            if external is None:
+                external = self._is_external_int(int.from_bytes(remote, "big"), version)
+                external_by_bytes[remote] = external
+            if external:
+                kept.append((namespace_inode, listeners, to_socket(record, table)))
 
     def _read_namespace(
         self,
@@ -457,7 +497,7 @@ class Sampler:
                 info.active_opens = read_tcp_counters(info.pid, self.proc_root).get("ActiveOpens")
         info.listeners = len(listeners)
         if outbound_tcp is not None:
-            _add_outbound(outbound_tcp, namespace.inode, listeners, tcp_ends)
+            info.outbound_tcp = _add_outbound(outbound_tcp, namespace.inode, listeners, tcp_ends)
         return info
 
     def _read_table(

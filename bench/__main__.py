@@ -145,6 +145,7 @@ def _scales(args: argparse.Namespace, topology: Topology, argv: Sequence[str]) -
 
 def _over_time(args: argparse.Namespace, topology: Topology, argv: Sequence[str]) -> int:
     scale = SCALES[args.scale_list[0]]
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     with Load(scale, topology, log=_log):
         try:
             result = over_time(
@@ -169,6 +170,10 @@ def _over_time(args: argparse.Namespace, topology: Topology, argv: Sequence[str]
         ],
         ["RSS max", f"{max(p[2] for p in result.points) / 1024:.1f} MB"],
         ["RSS drift", f"{result.rss_drift_kb / 1024:+.1f} MB"],
+        [
+            "load average (start / end)",
+            f"{load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        ],
     ]
     print(text_table(["extension over time", ""], rows))
     if not args.no_write:

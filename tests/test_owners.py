@@ -51,8 +51,8 @@ def test_previous_owners_are_scanned_first(pair: Tuple[socket.socket, socket.soc
     first = finder.find(wanted)
     second = finder.find(wanted)
     assert first.owners == second.owners
-    assert second.pids_scanned == 1  # straight to the owner of last time
-    assert second.fds_scanned == 1  # and to the fd that held it
+    assert second.pids_scanned == 0  # no fd directory listed:
+    assert second.fds_scanned == 1  # straight to the fd that held it last time
     assert second.pids_scanned <= first.pids_scanned
 
 
@@ -81,7 +81,7 @@ def test_unowned_inodes_stop_holding_up_the_scan(pair: Tuple[socket.socket, sock
     assert first.complete and NO_SUCH_INODE not in first.owners
     assert finder.unowned == {NO_SUCH_INODE}
     second = finder.find({real, NO_SUCH_INODE})
-    assert not second.complete and second.pids_scanned == 1
+    assert not second.complete and second.fds_scanned == 1
     assert second.owners == {real: (os.getpid(), pair[0].fileno())}
     third = finder.find({real, NO_SUCH_INODE})  # the entry expired: looked for again
     assert third.complete
