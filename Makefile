@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest test-matrix bench clean
+.PHONY: run test lint typecheck pytest test-matrix bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	tools/make-venv $(PYTHON) $(VENV)
@@ -40,6 +40,11 @@ test-matrix:
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## The profilers bench/RESULTS.md used (pyinstrument, py-spy): make bench-tools, then e.g.
+## .venv/bin/pyinstrument -m bench.worker cold bench.targets:our_sampler
+bench-tools: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
 
 clean:
 	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
