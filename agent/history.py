@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -86,6 +87,7 @@ _UPDATE = (
     "open = 1 WHERE id = ?"
 )
 _SELECT = f"SELECT {', '.join(_HISTORY_NAMES)} FROM history"  # noqa: S608
+_OPEN_ROWS = f"SELECT id, {', '.join(KEY_COLUMNS)} FROM history WHERE open = 1"  # noqa: S608
 
 LocalEnd = Tuple[str, int]
 Key = Tuple[Any, ...]
@@ -375,33 +377,36 @@ class HistoryStore:
     def _write(
         self, db: sqlite3.Connection, groups: Dict[Key, Tuple[Connection, Set[LocalEnd]]], now: int
     ) -> bool:
+        """One sample in one transaction, in a few statements whatever its size: the open
+        rows and their ends are read at once, rows seen again are updated with one
+        ``executemany``, and ``open_ends`` is rewritten to this sample's ends (which is what
+        it holds: the local ends of each open row in the latest sample)."""
         db.execute("BEGIN IMMEDIATE")
+        open_rows: Dict[Key, int] = {tuple(row[1:]): row[0] for row in db.execute(_OPEN_ROWS)}
+        previous: Dict[int, Set[LocalEnd]] = {}
+        for row_id, address, port in db.execute(
+            "SELECT history_id, local_address, local_port FROM open_ends"
+        ):
+            previous.setdefault(row_id, set()).add((address, port))
         db.execute("UPDATE history SET open = 0 WHERE open = 1")
+        db.execute("DELETE FROM open_ends")
+        updates: List[List[Value]] = []
+        ends_rows: List[Tuple[int, str, int]] = []
         for key, (connection, ends) in groups.items():
             values = _record_values(connection)
-            found = db.execute(_FIND, key).fetchone()
-            if found is None:
-                row_id = db.execute(_INSERT, [*values, now, now, len(ends)]).lastrowid
+            row_id = open_rows.get(key)
+            if row_id is None:
+                found = db.execute(_FIND, key).fetchone()  # seen before, closed since
+                if found is None:
+                    row_id = db.execute(_INSERT, [*values, now, now, len(ends)]).lastrowid
+                else:
+                    row_id = found[0]
+                    updates.append([*values, now, len(ends), row_id])
             else:
-                row_id = found[0]
-                previous = set(
-                    db.execute(
-                        "SELECT local_address, local_port FROM open_ends WHERE history_id = ?",
-                        (row_id,),
-                    )
-                )
-                db.execute(
-                    _UPDATE,
-                    [*values, now, len(ends - previous), row_id],
-                )
-                db.execute("DELETE FROM open_ends WHERE history_id = ?", (row_id,))
-            db.executemany(
-                "INSERT OR IGNORE INTO open_ends VALUES (?, ?, ?)",
-                [(row_id, address, port) for address, port in ends],
-            )
-        db.execute(
-            "DELETE FROM open_ends WHERE history_id IN (SELECT id FROM history WHERE open = 0)"
-        )
+                updates.append([*values, now, len(ends - previous.get(row_id, set())), row_id])
+            ends_rows.extend((row_id, address, port) for address, port in ends)
+        db.executemany(_UPDATE, updates)
+        db.executemany("INSERT OR IGNORE INTO open_ends VALUES (?, ?, ?)", ends_rows)
         self._prune(db, now)
         db.execute("COMMIT")
         return True
@@ -449,15 +454,18 @@ def _group(connections: Iterable[Connection]) -> Dict[Key, Tuple[Connection, Set
     return groups
 
 
+_record_getter = operator.attrgetter(*_RECORD_NAMES)
+_TEXT_INDEXES = [i for i, (_, sql_type) in enumerate(RECORD_COLUMNS) if sql_type == "TEXT"]
+
+
 def _record_values(connection: Connection) -> List[Value]:
-    values: List[Value] = []
-    for name in _RECORD_NAMES:
-        value = getattr(connection, name)
-        if isinstance(value, bool):
-            value = int(value)
-        elif isinstance(value, str):
-            value = utf8_safe(value)  # a process name may hold undecodable bytes
-        values.append(value)
+    """The record columns of ``connection`` as SQLite takes them (booleans are ints to
+    sqlite3 already); text that UTF-8 cannot encode is escaped."""
+    values: List[Value] = list(_record_getter(connection))
+    for index in _TEXT_INDEXES:
+        value = values[index]
+        if isinstance(value, str) and not value.isascii():
+            values[index] = utf8_safe(value)  # a process name may hold undecodable bytes
     return values
 
 

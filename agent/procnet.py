@@ -214,6 +214,15 @@ class ListenerIndex:
             return
         self._keys.add(self._key(protocol, version, address, port))
 
+    def endpoints(self, protocol: int) -> List[Tuple[int, Optional[int], int]]:
+        """(version, address or None for the wildcard, port) of each listener of
+        ``protocol`` as :meth:`is_inbound` matches them (IPv4-mapped ones as IPv4)."""
+        return [
+            (version, None if address == self._ANY else address, port)
+            for key_protocol, version, address, port in self._keys
+            if key_protocol == protocol
+        ]
+
     def is_inbound(self, protocol: int, version: int, address: int, port: int) -> bool:
         """Whether a socket with this local end was accepted by (or shares a port with) a
         listener: the mark of a connection that came in."""

@@ -47,6 +47,7 @@ from agent.sockdiag import (
     DiagSocket,
     Record,
     count_sockets,
+    exclude_inbound_internal,
     exclude_remote,
     is_listening_record,
     port,
@@ -261,8 +262,10 @@ class Sampler:
         )
         """Read the tables through netlink sock_diag (:mod:`agent.sockdiag`), which needs root
         to enter other namespaces; otherwise, and wherever it fails, through ``/proc``."""
-        never = classifier.never_external()
-        self._prefilter = {4: exclude_remote(never, 4), 6: exclude_remote(never, 6)}
+        self._never_external = classifier.never_external()
+        self._prefilter = {
+            version: exclude_remote(self._never_external, version) for version in (4, 6)
+        }
 
     @property
     def limited(self) -> bool:
@@ -415,7 +418,16 @@ class Sampler:
                     batches += [(t, None) for t in SOCKET_TABLES if t.protocol == IPPROTO_TCP]
                 for table, batch in batches:
                     if batch is None:
-                        program = b"" if counting else self._prefilter[table.version]
+                        # counting: every outbound connection, and the external among the rest
+                        program = (
+                            exclude_inbound_internal(
+                                listeners.endpoints(IPPROTO_TCP),
+                                self._never_external,
+                                table.version,
+                            )
+                            if counting
+                            else self._prefilter[table.version]
+                        )
                         batch = diag.records(table, NOT_LISTENING, program)
                         rows += len(batch)
                     if outbound_tcp is not None and table.protocol == IPPROTO_TCP:

@@ -27,7 +27,7 @@ import os
 import socket
 import struct
 import sys
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from agent.procnet import IPPROTO_TCP, PROC_ROOT, TCP_LISTEN, Socket, SocketTable
 
@@ -48,6 +48,7 @@ NOT_LISTENING = ALL_STATES & ~LISTEN_ONLY
 
 # inet_diag_bc_op codes (include/uapi/linux/inet_diag.h)
 _BC_JMP = 1
+_BC_S_COND = 7
 _BC_D_COND = 8
 
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
@@ -123,33 +124,98 @@ def _netlink_socket() -> socket.socket:
     return sock
 
 
-def exclude_remote(prefixes: Sequence[Prefix], version: int) -> bytes:
-    """A bytecode program that drops every socket whose remote address lies in ``prefixes``.
+_ACCEPT = -1
+_REJECT = -2
+_Op = Tuple[int, bytes, int, int]
+"""(code, host condition or b"", *yes* target, *no* target): a target is an op's index,
+:data:`_ACCEPT` (the end of the program) or :data:`_REJECT` (4 bytes past it)."""
 
-    For each prefix: a ``D_COND`` whose *yes* lands on a ``JMP`` that rejects (jumps 4 bytes
-    past the end) and whose *no* goes on to the next prefix; falling off the end accepts.  The
-    kernel's audit (``inet_diag_bc_audit``) follows the *yes* chain and wants every *no* to
-    land on it, which the ``JMP`` between conditions (its *yes* is 4) provides.  An IPv4
-    prefix also matches IPv4-mapped peers of IPv6 sockets (``inet_diag_bc_run``), so a v6
-    program carries the v4 prefixes as well.
-    """
-    conditions: List[bytes] = []
-    for prefix_version, value, length in prefixes:
-        if prefix_version == 6 and version == 4:
-            continue
-        family, size = (socket.AF_INET, 4) if prefix_version == 4 else (socket.AF_INET6, 16)
-        conditions.append(_HOSTCOND.pack(family, length, -1) + value.to_bytes(size, "big"))
-    total = sum(_OP.size + len(c) + _OP.size for c in conditions)
-    program = []
+
+def _assemble(ops: Sequence[_Op]) -> bytes:
+    """The bytecode of ``ops``, each jump made relative to its op."""
+    offsets = []
     position = 0
+    for _, condition, _, _ in ops:
+        offsets.append(position)
+        position += _OP.size + len(condition)
+    offsets.append(position)  # the index just past the last op is the end: accept
+
+    def where(target: int) -> int:
+        if target == _ACCEPT:
+            return position
+        if target == _REJECT:
+            return position + _OP.size
+        return offsets[target]
+
+    return b"".join(
+        _OP.pack(code, where(yes) - offsets[index], where(no) - offsets[index]) + condition
+        for index, (code, condition, yes, no) in enumerate(ops)
+    )
+
+
+def _host_condition(version: int, value: int, length: int, port: int = -1) -> bytes:
+    family, size = (socket.AF_INET, 4) if version == 4 else (socket.AF_INET6, 16)
+    return _HOSTCOND.pack(family, length, port) + value.to_bytes(size, "big")
+
+
+def _any_of(code: int, conditions: Sequence[bytes], first: int, then: int) -> List[_Op]:
+    """Ops (numbered from ``first``) that jump to ``then`` when any condition holds and
+    otherwise fall through: each condition's *yes* lands on a ``JMP`` to ``then``, its *no*
+    on the next condition.  The kernel's audit (``inet_diag_bc_audit``) follows the *yes*
+    chain and wants every *no* to land on it, which the ``JMP`` between conditions (its *yes*
+    is the next op) provides."""
+    ops: List[_Op] = []
     for condition in conditions:
-        to_jump = _OP.size + len(condition)
-        step = to_jump + _OP.size
-        program.append(_OP.pack(_BC_D_COND, to_jump, step) + condition)
-        left_at_jump = total - position - to_jump
-        program.append(_OP.pack(_BC_JMP, _OP.size, left_at_jump + _OP.size))
-        position += step
-    return b"".join(program)
+        index = first + len(ops)
+        ops.append((code, condition, index + 1, index + 2))
+        ops.append((_BC_JMP, b"", index + 2, then))
+    return ops
+
+
+def _remote_conditions(prefixes: Sequence[Prefix], version: int) -> List[bytes]:
+    # An IPv4 condition also matches IPv4-mapped addresses of IPv6 sockets (inet_diag_bc_run),
+    # so a v6 program carries the v4 prefixes as well; a v6 prefix never matches a v4 socket.
+    return [
+        _host_condition(prefix_version, value, length)
+        for prefix_version, value, length in prefixes
+        if not (prefix_version == 6 and version == 4)
+    ]
+
+
+def exclude_remote(prefixes: Sequence[Prefix], version: int) -> bytes:
+    """A bytecode program that drops every socket whose remote address lies in ``prefixes``;
+    falling off its end accepts."""
+    return _assemble(_any_of(_BC_D_COND, _remote_conditions(prefixes, version), 0, _REJECT))
+
+
+LocalEnd = Tuple[int, Optional[int], int]
+"""(IP version, address or None for any address, port) of a listener."""
+
+MAX_LISTENER_CONDITIONS = 1024
+"""More listeners than this and :func:`exclude_inbound_internal` gives up (no filter): the
+program must stay well inside a netlink attribute (64 KiB)."""
+
+
+def exclude_inbound_internal(
+    listeners: Sequence[LocalEnd], prefixes: Sequence[Prefix], version: int
+) -> bytes:
+    """A program that drops the sockets a listener accepted (local end on a listener's
+    address and port) whose peer lies in ``prefixes``: what counting outbound connections
+    and finding external ones can both do without.  b"" (keep all) when nothing to drop."""
+    local = []
+    for end_version, address, port in listeners:
+        if end_version == 6 and version == 4:
+            continue
+        length = 0 if address is None else (32 if end_version == 4 else 128)
+        local.append(_host_condition(end_version, address or 0, length, port))
+    remote = _remote_conditions(prefixes, version)
+    if not local or not remote or len(local) > MAX_LISTENER_CONDITIONS:
+        return b""
+    check_remote = 2 * len(local) + 1
+    ops = _any_of(_BC_S_COND, local, 0, check_remote)
+    ops.append((_BC_JMP, b"", len(ops) + 1, _ACCEPT))  # no listener's end: keep
+    ops += _any_of(_BC_D_COND, remote, check_remote, _REJECT)
+    return _assemble(ops)
 
 
 Record = Tuple[int, int, int, bytes, bytes, int, int]

@@ -26,6 +26,7 @@ from agent.sockdiag import (
     DiagSocket,
     SockDiagError,
     count_sockets,
+    exclude_inbound_internal,
     exclude_remote,
     is_listening,
     open_in_namespace,
@@ -50,31 +51,42 @@ def audit(program: bytes) -> None:
     position = 0
     while position < len(program):
         code, yes, no = _OP.unpack_from(program, position)
-        assert code in (1, 8)
+        assert code in (1, 7, 8)
         assert no >= 4 and no % 4 == 0 and position + no <= len(program) + 4
         assert position + no >= len(program) or position + no in chain
         position += yes
 
 
-def run(program: bytes, family: int, remote: bytes) -> bool:
-    """``inet_diag_bc_run`` on a socket whose peer is ``remote`` (4 or 16 bytes)."""
+def run(
+    program: bytes, family: int, remote: bytes, local: bytes = b"", local_port: int = 0
+) -> bool:
+    """``inet_diag_bc_run`` on a socket whose peer is ``remote`` (4 or 16 bytes) and whose
+    own end is ``local``:``local_port``."""
     position = 0
     while 0 <= position < len(program):
         code, yes, no = _OP.unpack_from(program, position)
         if code == 1:  # JMP
             position += no
             continue
+        assert code in (7, 8)  # S_COND, D_COND
         cond_family, length, port = _COND.unpack_from(program, position + 4)
-        assert port == -1
-        size = 4 if cond_family == socket.AF_INET else 16
+        size = {socket.AF_INET: 4, socket.AF_INET6: 16}[cond_family]
         network = int.from_bytes(program[position + 12 : position + 12 + size], "big")
+        address = remote
+        if code == 7:
+            if port not in (-1, local_port):
+                position += no
+                continue
+            address = local
+        else:
+            assert port == -1
         if cond_family == family:
-            matched = _prefix_match(remote, network, length, size * 8)
-        else:  # only an IPv4 condition on an IPv4-mapped peer of an IPv6 socket can match
+            matched = _prefix_match(address, network, length, size * 8)
+        else:  # only an IPv4 condition on an IPv4-mapped address of an IPv6 socket can match
             matched = (
                 family == socket.AF_INET6
-                and remote[:12] == b"\0" * 10 + b"\xff\xff"
-                and _prefix_match(remote[12:], network, length, 32)
+                and address[:12] == b"\0" * 10 + b"\xff\xff"
+                and _prefix_match(address[12:], network, length, 32)
             )
         position += yes if matched else no
     return position == len(program)
@@ -131,6 +143,36 @@ def test_no_address_in_a_never_external_block_is_external() -> None:
         for index in range(0, network.num_addresses, step):
             assert not Classifier().classify(str(network[index])).external, network[index]
         assert not Classifier().classify(str(network[-1])).external
+
+
+LISTENERS = [(4, None, 80), (4, int(ipaddress.ip_address("192.0.2.1")), 443), (6, None, 22)]
+
+
+@pytest.mark.parametrize(
+    ("local", "port", "peer", "kept"),
+    [
+        ("10.0.0.1", 80, "10.0.0.2", False),  # accepted on the v4 wildcard, internal peer
+        ("10.0.0.1", 80, "8.8.8.8", True),  # accepted, external peer: wanted
+        ("10.0.0.1", 40000, "10.0.0.2", True),  # outbound: counted
+        ("192.0.2.1", 443, "192.168.1.1", False),
+        ("192.0.2.2", 443, "192.168.1.1", True),  # not the listener's address
+        ("::ffff:10.0.0.1", 80, "::ffff:10.0.0.2", False),  # v4 wildcard takes mapped
+        ("fd00::1", 22, "fd00::2", False),
+        ("fd00::1", 80, "fd00::2", True),  # no v6 listener on 80
+        ("fd00::1", 22, "2001:4860::1", True),
+    ],
+)
+def test_the_inbound_internal_program(local: str, port: int, peer: str, kept: bool) -> None:
+    family, remote = packed(peer)
+    version = 4 if family == socket.AF_INET else 6
+    program = exclude_inbound_internal(LISTENERS, CLASSIFIER.never_external(), version)
+    audit(program)
+    assert run(program, family, remote, packed(local)[1], port) == kept
+
+
+def test_no_listener_means_no_inbound_program() -> None:
+    assert exclude_inbound_internal([], CLASSIFIER.never_external(), 4) == b""
+    assert exclude_inbound_internal([(6, None, 22)], CLASSIFIER.never_external(), 4) == b""
 
 
 def test_an_empty_program_keeps_everything() -> None:
@@ -201,6 +243,16 @@ def test_records_equal_the_proc_rows_and_the_filter_runs_in_the_kernel(nethost: 
     with DiagSocket.in_namespace(listeners["9.9.9.9"].pid) as diag:
         listening = diag.dump(TCP4, LISTEN_ONLY) + diag.dump(TCP6, LISTEN_ONLY)
         assert len(listening) == 4 and all(is_listening(s) for s in listening)
+        ends = [(s.version, s.local_address, s.local_port) for s in listening]
+        never = Classifier().never_external()
+        accepted = diag.dump(TCP4, NOT_LISTENING, exclude_inbound_internal(ends, never, 4))
+        assert {str(ipaddress.ip_address(s.remote_address)) for s in accepted} == {"9.9.9.10"}
+        accepted6 = diag.dump(TCP6, NOT_LISTENING, exclude_inbound_internal(ends, never, 6))
+        # the IPv4-mapped dial reached the IPv4 listener: its accepted socket is IPv4
+        assert len(accepted) == 3  # two dials to 9.9.9.9 and the mapped one
+        assert {str(ipaddress.ip_address(s.remote_address)) for s in accepted6} == {
+            "2001:db8:9::10"
+        }
         assert namespace_of(listeners["9.9.9.9"].pid) == srv.inode
 
 
