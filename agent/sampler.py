@@ -114,8 +114,11 @@ class SampleStats:
     duration_ms: float = 0.0
     per_namespace: List[NamespaceStats] = field(default_factory=list)
     outbound_tcp: Optional[FrozenSet[OutboundKey]] = None
-    """(namespace inode, local end, remote end) of every outbound TCP connection in the tables,
-    external or not; only when the sampler counts them (``count_outbound_tcp``)."""
+    """Every outbound TCP connection in the tables, external or not; only when the sampler
+    counts them (``count_outbound_tcp``).  Read through sock_diag, a namespace whose
+    ``ActiveOpens`` has not moved since the last count keeps the connections of that count:
+    none can have been opened since, so the next count of new ones is still right, and the
+    kernel is spared a dump of every socket."""
     backend: str = ""
     """How the socket tables were read: ``sock_diag`` (netlink, filtered in the kernel),
     ``proc`` (``/proc/PID/net`` text), or ``sock_diag+proc`` when some namespaces fell back."""
@@ -254,6 +257,9 @@ class Sampler:
         self._external_by_hex: Dict[str, bool] = {}
         self._external_by_int: Dict[Tuple[int, int], bool] = {}
         self._external_by_bytes: Dict[bytes, bool] = {}
+        self._outbound_by_namespace: Dict[int, Tuple[int, FrozenSet[OutboundKey]]] = {}
+        """namespace inode -> (its ActiveOpens, its outbound TCP connections) when last
+        counted through sock_diag."""
         self._text: Dict[Tuple[int, int], str] = {}
         self.use_sock_diag = (
             use_sock_diag
@@ -320,6 +326,9 @@ class Sampler:
         stats.backend = "+".join(sorted(backends, reverse=True))
         if outbound_tcp is not None:
             stats.outbound_tcp = frozenset(outbound_tcp)
+            seen = {namespace.inode for namespace in discovery.namespaces}
+            for inode in [i for i in self._outbound_by_namespace if i not in seen]:
+                del self._outbound_by_namespace[inode]
         stats.wanted = len(kept)
 
         scan = self.owners.find({sock.inode for _, _, sock in kept}, pids)
@@ -394,7 +403,15 @@ class Sampler:
         if diag is None:
             return None
         info = NamespaceStats(namespace.inode, pid)
-        counting = outbound_tcp is not None
+        with contextlib.suppress(OSError):
+            info.active_opens = read_tcp_counters(pid, self.proc_root).get("ActiveOpens")
+        unchanged: Optional[FrozenSet[OutboundKey]] = None
+        if outbound_tcp is not None and not want_all:
+            last = self._outbound_by_namespace.get(namespace.inode)
+            if last is not None and info.active_opens is not None and last[0] == info.active_opens:
+                unchanged = last[1]  # no connection opened since: the same ones, or fewer
+        counting = outbound_tcp is not None and unchanged is None
+        namespace_outbound: Set[OutboundKey] = set()
         listeners = ListenerIndex()
         listening_ports: Set[int] = set()  # of TCP listeners, as in the records
         rows = 0
@@ -430,15 +447,21 @@ class Sampler:
                         )
                         batch = diag.records(table, NOT_LISTENING, program)
                         rows += len(batch)
-                    if outbound_tcp is not None and table.protocol == IPPROTO_TCP:
-                        info.outbound_tcp = (info.outbound_tcp or 0) + _add_outbound_records(
-                            outbound_tcp, namespace.inode, table, batch, listeners,
+                    if counting and table.protocol == IPPROTO_TCP:
+                        _add_outbound_records(
+                            namespace_outbound, namespace.inode, table, batch, listeners,
                             listening_ports,
                         )  # fmt: skip
                     self._keep_records(table, batch, namespace.inode, listeners, want_all, kept)
                     batch.clear()  # one big table at a time in memory
         except OSError:
             return None
+        if outbound_tcp is not None:
+            keys = unchanged if unchanged is not None else frozenset(namespace_outbound)
+            outbound_tcp.update(keys)
+            info.outbound_tcp = len(keys)
+            if info.active_opens is not None:
+                self._outbound_by_namespace[namespace.inode] = (info.active_opens, keys)
         info.listeners = len(listeners)
         if want_all or counting:
             info.sockets = rows
@@ -447,8 +470,6 @@ class Sampler:
                 info.sockets = count_sockets(pid, self.proc_root)
             except OSError:
                 info.sockets = rows
-        with contextlib.suppress(OSError):
-            info.active_opens = read_tcp_counters(pid, self.proc_root).get("ActiveOpens")
         return info
 
     def _keep_records(

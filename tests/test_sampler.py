@@ -671,3 +671,25 @@ def test_both_backends_are_socket_samplers() -> None:
 
     samplers: List[SocketSampler] = [Sampler(CLASSIFIER), PsutilSampler(CLASSIFIER)]
     assert all(isinstance(s.limited, bool) for s in samplers)
+
+
+@needs_root
+def test_outbound_tcp_is_recounted_only_when_active_opens_moved(nethost: NetHost) -> None:
+    """A namespace whose ActiveOpens did not move keeps its last count (no connection can
+    have been opened since); a connect moves it and the namespace is counted anew."""
+    space = nethost.namespace("oc")
+    space.ip("addr", "add", "10.77.0.1/24", "dev", "lo")
+    listener = nethost.listen(space, "10.77.0.1")
+    nethost.connect(space, "10.77.0.1", listener.port)
+    sampler = Sampler(CLASSIFIER, count_outbound_tcp=True)
+
+    def counted() -> Tuple[Optional[int], Optional[int]]:
+        sampler.sample()
+        (mine,) = [n for n in sampler.last.per_namespace if n.inode == space.inode]
+        return mine.outbound_tcp, mine.active_opens
+
+    assert counted() == (1, 1)
+    first = sampler.last.outbound_tcp
+    assert counted() == (1, 1) and sampler.last.outbound_tcp == first
+    nethost.connect(space, "10.77.0.1", listener.port)
+    assert counted() == (2, 2)
