@@ -8,6 +8,7 @@ its osquery column type (``osquery/core/sql/column.h``: TEXT, INTEGER, BIGINT, .
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -62,8 +63,11 @@ class Connection:
     allow_rule: str = _col("TEXT", "")
 
     def as_dict(self) -> Dict[str, Value]:
-        """The record as a plain dict, in column order (for JSON and the history store)."""
-        return dataclasses.asdict(self)
+        """The record as a plain dict, in column order (for JSON and the history store).
+
+        Every column is a scalar, so this is ``dataclasses.asdict`` without its deep copy,
+        which costs ten times as much for a table of thousands of rows."""
+        return dict(zip(COLUMN_NAMES, _column_values(self)))
 
 
 COLUMNS: Tuple[Tuple[str, str], ...] = tuple(
@@ -72,3 +76,5 @@ COLUMNS: Tuple[Tuple[str, str], ...] = tuple(
 """(column name, osquery type) in table order."""
 
 COLUMN_NAMES: List[str] = [name for name, _ in COLUMNS]
+
+_column_values = operator.attrgetter(*COLUMN_NAMES)
