@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -86,10 +87,33 @@ class Stopper:
 # -- talking to core ---------------------------------------------------------------------------
 
 
+_I32 = struct.Struct("!i")
+
+
+class _BinaryProtocol(TBinaryProtocol.TBinaryProtocol):  # type: ignore[misc]
+    """Thrift's binary protocol, writing a string in one transport write instead of three
+    calls: a table of thousands of rows is tens of thousands of strings.  Same bytes."""
+
+    def writeString(self, value: str) -> None:
+        data = value.encode("utf-8")
+        self.trans.write(_I32.pack(len(data)) + data)
+
+
+class _ProtocolFactory(TBinaryProtocol.TBinaryProtocolFactory):  # type: ignore[misc]
+    def getProtocol(self, trans: Any) -> _BinaryProtocol:
+        return _BinaryProtocol(
+            trans,
+            self.strictRead,
+            self.strictWrite,
+            string_length_limit=self.string_length_limit,
+            container_length_limit=self.container_length_limit,
+        )
+
+
 def _protocol_factory() -> Any:
     # The pure-Python codec: osquery-python's generated specs predate what thrift's C codec
     # (fastbinary) expects of nested structs, and it refuses them.
-    return TBinaryProtocol.TBinaryProtocolFactory(
+    return _ProtocolFactory(
         string_length_limit=STRING_LIMIT, container_length_limit=CONTAINER_LIMIT
     )
 
