@@ -21,12 +21,9 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from agent.procnet import PROC_ROOT
-
-if TYPE_CHECKING:
-    import uuid
 
 _CONTAINER_COMPONENT = re.compile(
     r"(?:(?:docker|cri-containerd|containerd|crio|cri-o|libpod|nerdctl)-)?([0-9a-f]{64})"
@@ -95,18 +92,39 @@ def read_boot_id(proc_root: str = PROC_ROOT) -> str:
         return f"boot-time-{psutil.boot_time():.0f}"
 
 
-@functools.lru_cache(maxsize=None)
-def _process_uuid_namespace() -> uuid.UUID:
-    import uuid
+_NAMESPACE_URL = bytes.fromhex("6ba7b8119dad11d180b400c04fd430c8")
+"""RFC 4122 appendix C: the name space ID for URLs (``uuid.NAMESPACE_URL``)."""
 
-    return uuid.uuid5(uuid.NAMESPACE_URL, "urn:egress-agent:process")
+
+@functools.lru_cache(maxsize=None)
+def _sha1() -> Callable[[bytes], Any]:
+    """SHA-1 without hashlib's OpenSSL start-up (several ms of a fresh ``check``): CPython's
+    built-in ``_sha1`` where there is one; a UUID needs no certified digest."""
+    try:
+        from _sha1 import sha1  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        from hashlib import sha1
+    found: Callable[[bytes], Any] = sha1
+    return found
+
+
+def _uuid5(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))`` (RFC 4122 section 4.3), spelled out."""
+    digest = bytearray(_sha1()(namespace + name.encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _process_uuid_namespace() -> bytes:
+    return bytes.fromhex(_uuid5(_NAMESPACE_URL, "urn:egress-agent:process").replace("-", ""))
 
 
 def process_uuid(boot_id: str, pid: int, start: str) -> str:
     """A UUID (RFC 4122 version 5) naming one process instance on one boot."""
-    import uuid
-
-    return str(uuid.uuid5(_process_uuid_namespace(), f"{boot_id}/{pid}/{start}"))
+    return _uuid5(_process_uuid_namespace(), f"{boot_id}/{pid}/{start}")
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ def _scales(args: argparse.Namespace, topology: Topology, argv: Sequence[str]) -
         if not args.only_list or m.key in args.only_list or m.key == "ss"
     ]
     results = []
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     for name in args.scale_list:
         with Load(SCALES[name], topology, log=_log) as load:
             result = run_scale(load, chosen, args.runs, _log)
@@ -138,7 +139,7 @@ def _scales(args: argparse.Namespace, topology: Topology, argv: Sequence[str]) -
     if len(results) > 1:
         print(text_table(["method", *args.scale_list], summary_rows(results)))
     if not args.no_write:
-        write_section("scales", scales_section(results, argv))
+        write_section("scales", scales_section(results, argv, load_before))
         _log("wrote bench/RESULTS.md")
     return 0
 

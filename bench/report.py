@@ -188,12 +188,16 @@ def print_scale(result: ScaleResult) -> None:
     print()
 
 
-def scales_section(results: Sequence[ScaleResult], argv: Sequence[str]) -> str:
+def scales_section(
+    results: Sequence[ScaleResult], argv: Sequence[str], load_before: str = ""
+) -> str:
     methods: Dict[str, str] = {}
     for r in results:
         for m in r.methods:
             methods.setdefault(m.label, m.command)
     info = machine()
+    if load_before:  # the end's figure counts the load's own processes starting (L: 1000)
+        info["load average"] = f"{load_before} before the run, {info['load average']} after"
     parts = [
         "## Socket listing: medians, min and max per scale",
         "",
@@ -209,9 +213,10 @@ def scales_section(results: Sequence[ScaleResult], argv: Sequence[str]) -> str:
         "",
         "Times are wall milliseconds. For commands, the whole process (spawn to reaping, "
         "output drained through a pipe). For the Python methods, the time after the "
-        "interpreter's start-up and imports: cold ones run a fresh interpreter per run and "
-        "time the sampler's construction plus its first sample (`process ms` is that "
-        "interpreter's whole wall time); warm ones keep one process and time one sample per "
+        "interpreter's start-up: cold ones run a fresh interpreter per run (bytecode "
+        "cached, as installed) and time the imports the method needs, its construction and "
+        "its first sample (`process ms` is that interpreter's whole wall time); warm ones "
+        "keep one process and time one sample per "
         "run; the extension is timed per generate request through the Thrift stand-in, round "
         "trip included. Peak RSS: GNU time's %M for commands, VmHWM for Python processes. "
         "`rows` is what each method returned: `ss` and psutil see only this network "

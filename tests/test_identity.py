@@ -131,6 +131,9 @@ def test_cgroup_layouts(text: str, container: str, unit: str) -> None:
 def test_process_uuid_names_one_instance_on_one_boot() -> None:
     first = process_uuid("boot-a", 100, "5000")
     assert uuid.UUID(first).version == 5
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "urn:egress-agent:process")
+    assert first == str(uuid.uuid5(namespace, "boot-a/100/5000"))  # the same as ever
+    assert process_uuid("b\u00f6ot", 7, "1") == str(uuid.uuid5(namespace, "b\u00f6ot/7/1"))
     assert first == process_uuid("boot-a", 100, "5000")
     assert first != process_uuid("boot-b", 100, "5000")
     assert first != process_uuid("boot-a", 101, "5000")
