@@ -363,6 +363,38 @@ class NetNamespace:
         return self.pids[0]
 
 
+def live_thread(pid: int, proc_root: str = PROC_ROOT) -> Optional[int]:
+    """A live thread of a process whose main thread has exited alone, or None.
+
+    When the thread-group leader ends with ``pthread_exit`` or ``SYS_exit`` while other
+    threads run on, the process lives (``ps`` shows ``Zl``) but ``/proc/PID/ns/net``,
+    ``/proc/PID/net/*`` and ``/proc/PID/fd`` go with the leader's files and namespaces
+    (``proc_ns_get_link``, ``get_proc_task_net`` and ``proc_fd_link`` in ``fs/proc`` read the
+    leader's task); ``/proc/PID/task/TID/`` of a live thread still shows them.  A process
+    could otherwise hide its sockets, and a namespace whose processes all do so, this way.
+    """
+    try:
+        names = os.listdir(f"{proc_root}/{pid}/task")
+    except OSError:
+        return None
+    for name in names:
+        if name.isdigit() and int(name) != pid:
+            try:
+                os.readlink(f"{proc_root}/{pid}/task/{name}/ns/net")
+            except OSError:
+                continue
+            return int(name)
+    return None
+
+
+def proc_entry(pid: int, threads: Dict[int, int], proc_root: str = PROC_ROOT) -> Tuple[int, str]:
+    """The ``(pid, proc_root)`` to hand the readers here for PID: itself, or its live thread
+    under ``/proc/PID/task`` when its leader has exited (``threads``, as discovery found them;
+    see :func:`live_thread`)."""
+    tid = threads.get(pid)
+    return (pid, proc_root) if tid is None else (tid, f"{proc_root}/{pid}/task")
+
+
 @dataclass
 class NamespaceDiscovery:
     """The outcome of :func:`discover_namespaces`."""
@@ -371,6 +403,9 @@ class NamespaceDiscovery:
     errors: Dict[int, str]
     """pid -> why its namespace could not be read (gone, permission denied, ...)."""
     pids_seen: int
+    threads: Dict[int, int] = field(default_factory=dict)
+    """pid -> a live thread, for processes whose main thread has exited (see
+    :func:`live_thread`): read their tables and fds through ``/proc/PID/task/TID``."""
 
 
 def discover_namespaces(
@@ -384,9 +419,17 @@ def discover_namespaces(
     candidates = list_pids(proc_root) if pids is None else sorted(set(pids))
     by_inode: Dict[int, NetNamespace] = {}
     errors: Dict[int, str] = {}
+    threads: Dict[int, int] = {}
     for pid in candidates:
         try:
-            inode = namespace_of(pid, proc_root)
+            try:
+                inode = namespace_of(pid, proc_root)
+            except FileNotFoundError:
+                tid = live_thread(pid, proc_root)
+                if tid is None:
+                    raise
+                inode = namespace_of(tid, f"{proc_root}/{pid}/task")
+                threads[pid] = tid
         except OSError as error:
             errors[pid] = error.strerror or type(error).__name__
             continue
@@ -398,4 +441,4 @@ def discover_namespaces(
             by_inode[inode] = NetNamespace(inode, [pid])
         else:
             namespace.pids.append(pid)
-    return NamespaceDiscovery(list(by_inode.values()), errors, len(candidates))
+    return NamespaceDiscovery(list(by_inode.values()), errors, len(candidates), threads)

@@ -32,6 +32,7 @@ from agent.procnet import (
     SocketTable,
     decode_address,
     discover_namespaces,
+    proc_entry,
     read_socket_table,
     read_tcp_counters,
     scan_socket_table,
@@ -156,6 +157,7 @@ class Sampler:
         self.totals = SamplerTotals()
         self._external_by_hex: Dict[str, bool] = {}
         self._text: Dict[Tuple[int, int], str] = {}
+        self._threads: Dict[int, int] = {}
 
     @property
     def limited(self) -> bool:
@@ -189,12 +191,13 @@ class Sampler:
             ) from error
         stats.namespace_errors = discovery.errors
         stats.namespaces = len(discovery.namespaces)
+        self._threads = discovery.threads
         kept: List[_Kept] = []
         for namespace in discovery.namespaces:
             stats.per_namespace.append(self._read_namespace(namespace, want_all, kept, stats))
         stats.wanted = len(kept)
 
-        scan = self.owners.find({sock.inode for _, _, sock in kept}, pids)
+        scan = self.owners.find({sock.inode for _, _, sock in kept}, pids, discovery.threads)
         stats.pids_scanned = scan.pids_scanned
         stats.fds_scanned = scan.fds_scanned
         stats.unreadable_pids = scan.unreadable_pids
@@ -264,7 +267,8 @@ class Sampler:
             info.error = "no process of this namespace let its socket tables be read"
         else:
             with contextlib.suppress(OSError):
-                info.active_opens = read_tcp_counters(info.pid, self.proc_root).get("ActiveOpens")
+                counters = read_tcp_counters(*proc_entry(info.pid, self._threads, self.proc_root))
+                info.active_opens = counters.get("ActiveOpens")
         info.listeners = len(listeners)
         stats.sockets += info.sockets
         return info
@@ -274,11 +278,11 @@ class Sampler:
     ) -> Tuple[Optional[str], int]:
         """The table's text through the first candidate pid still there, from ``current``."""
         for index in range(current, len(candidates)):
-            pid = candidates[index]
+            entry, root = proc_entry(candidates[index], self._threads, self.proc_root)
             try:
-                return read_socket_table(pid, table, self.proc_root), index
+                return read_socket_table(entry, table, root), index
             except FileNotFoundError:
-                if os.path.isdir(f"{self.proc_root}/{pid}/net"):
+                if os.path.isdir(f"{root}/{entry}/net"):
                     return None, index  # this kernel has no such table (IPv6 disabled)
             except OSError:
                 continue  # gone, or not ours to read: try the next process
