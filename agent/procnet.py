@@ -237,6 +237,14 @@ def scan_socket_table(
     Only the remote-address field is looked at before ``wanted`` decides, so a caller that
     keeps few sockets pays little for the rest; the local end is decoded for listeners only,
     which go into ``listeners``.  Truncated or garbage lines are skipped.
+
+    A row the kernel printed twice is kept once.  The table is produced a page (4 KB) per
+    ``read()``, and each read resumes at a (hash bucket, offset) position
+    (``seq_read_iter`` in ``fs/seq_file.c``, ``tcp_seek_last_pos`` in
+    ``net/ipv4/tcp_ipv4.c``): a socket opened meanwhile in the bucket being read shifts an
+    already printed one into the next page.  Churn makes that common (see
+    ``tests/test_churn.py``).  A socket is known by its inode, or when it has none (TIME_WAIT,
+    request sockets) by its two ends, which no two sockets of one table share.
     Returns (the wanted sockets, how many well-formed rows the table had).
     """
     version = table.version
@@ -246,6 +254,7 @@ def scan_socket_table(
     is_tcp = table.protocol == IPPROTO_TCP
     protocol = table.protocol
     kept: List[Socket] = []
+    kept_keys: Set[object] = set()
     seen = 0
     for line in _data_lines(text):
         fields = line.split(None, 4)
@@ -268,7 +277,10 @@ def scan_socket_table(
         if wanted is None or wanted(remote[:address_len], version):
             sock = _decode_row(fields, table)
             if sock is not None:
-                kept.append(sock)
+                key = sock.inode or (fields[1], remote)
+                if key not in kept_keys:
+                    kept_keys.add(key)
+                    kept.append(sock)
     return kept, seen
 
 
