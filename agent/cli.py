@@ -263,7 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerant_streams() -> None:
+    """Let no byte stop the command.  Under a strict UTF-8 locale (``en_US.UTF-8``) Python
+    decodes stdin strictly and encodes stdout with the locale's codec: an undecodable input
+    line or a process name outside a narrow terminal encoding (Latin-1, ASCII) would end in a
+    traceback.  Undecodable input bytes become lone surrogates instead (PEP 383), which the
+    address parser refuses by name; unencodable output characters become escapes."""
+    for stream, errors in (
+        (sys.stdin, "surrogateescape"),
+        (sys.stdout, "backslashreplace"),
+        (sys.stderr, "backslashreplace"),
+    ):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors=errors)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _tolerant_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -67,9 +67,9 @@ HOSTILE_ARGS = [
 ]
 """Command-line arguments (``\\udcXX`` is the undecodable byte XX, PEP 383)."""
 PRCTL_COMM = b"\n\x1b[2J\xff) R 1 2"
-SYMLINK_NAME = "ev\nil\x1b[31m\x1b]0;x\x07" + "\udcff-tail"
+SYMLINK_NAME = "ev\nil\x1b[31m\x1b]0;x\x07" + "\udcff-tail-\u65e5\u672c"
 """15 ASCII bytes first (so psutil's name() takes the whole name from the command line),
-then an undecodable byte."""
+then an undecodable byte and two CJK characters (printable, but not in ASCII or Latin-1)."""
 DELETED_NAME = "py\x1b[1m\udcfe"
 
 
@@ -166,12 +166,12 @@ def scene() -> Iterator[Scene]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def egress_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, EGRESS_AGENT_CONFIG="/dev/null")
+def egress_agent(*args: str, encoding: str = "utf-8") -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, EGRESS_AGENT_CONFIG="/dev/null", PYTHONIOENCODING=encoding)
     result = subprocess.run(
         [sys.executable, "-m", "agent.cli", *args],
         capture_output=True,
-        text=True,
+        encoding=encoding.split(":")[0],
         timeout=120,
         check=False,
         env=env,
@@ -229,6 +229,17 @@ def test_table_is_one_line_per_connection_and_drives_no_terminal(scene: Scene) -
         assert len(mine) == 1, (hostile.kind, mine)
         shown = cell_text(hostile.name)[:20]
         assert shown in mine[0], (hostile.kind, shown, mine[0])
+
+
+@pytest.mark.parametrize("encoding", ["ascii:strict", "latin-1:strict"])
+def test_a_narrow_terminal_encoding_escapes_instead_of_failing(scene: Scene, encoding: str) -> None:
+    """A process name outside the terminal's encoding (here CJK under ASCII or Latin-1) is
+    written as an escape; the report is complete and the exit status is the usual one."""
+    result = egress_agent("check", "--format", "table", encoding=encoding)
+    assert "Traceback" not in result.stderr
+    symlink = scene.hostile["symlink"]
+    mine = [line for line in result.stdout.split("\n") if line.split()[:1] == [str(symlink.owner)]]
+    assert len(mine) == 1 and "tail-\\u65e5\\u672c" in mine[0]
 
 
 def test_csv_parses_to_one_record_per_connection(scene: Scene) -> None:
