@@ -40,8 +40,9 @@ from agent.procnet import (
 from agent.records import Connection
 
 UNPRIVILEGED_NOTICE = (
-    "egress-agent: not running as root: sockets of other users' processes show without "
-    "an owner (pid -1)"
+    "egress-agent: not running as root, so this report is partial: sockets of other users' "
+    "processes show without an owner (pid -1), and network namespaces (containers) in which "
+    "none of your own processes run are not seen at all"
 )
 """What to say once on stderr when :attr:`Sampler.limited` is true."""
 
