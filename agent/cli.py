@@ -22,27 +22,12 @@ from agent.config import ConfigError, Settings, load_settings
 from agent.history import HistoryStore, HistoryUnavailable, Key, history_key
 from agent.osquery.server import add_arguments as add_extension_arguments
 from agent.osquery.server import extension_main
-from agent.output import TABLE_COLUMNS, render, safe_text
+from agent.output import HISTORY_TABLE_COLUMNS, TABLE_COLUMNS, render, safe_text
 from agent.records import Connection, Value
 from agent.sampler import UNPRIVILEGED_NOTICE, SamplerError, SocketSampler, open_sampler
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
-HISTORY_TABLE_COLUMNS = [
-    "pid",
-    "name",
-    "username",
-    "direction",
-    "protocol",
-    "remote_address",
-    "remote_port",
-    "address_class",
-    "first_seen",
-    "last_seen",
-    "samples",
-    "connections",
-    "open",
-]
 CLASSIFY_TABLE_COLUMNS = [
     "address",
     "external",
