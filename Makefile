@@ -43,3 +43,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+## Packages: dist/egress-agent_<version>_<arch>.deb and dist/egress-agent-<version>-1.<rpmarch>.rpm
+## for ARCH=amd64 (default) or arm64. package-test lints them (lintian, rpmlint) and, for this
+## machine's architecture, installs, upgrades, removes and purges them in a Debian 12 chroot (root;
+## packaging/install-tools apt-gets debootstrap, rpm, lintian and rpmlint when they are missing).
+ARCH ?= amd64
+.PHONY: package package-test
+package:
+	ARCH=$(ARCH) packaging/build
+
+package-test: package
+	packaging/install-tools
+	packaging/lint $(ARCH)
+	@case "$(ARCH):$$(uname -m)" in amd64:x86_64|arm64:aarch64) packaging/test-packages $(ARCH) ;; \
+	  *) echo "package-test: ARCH=$(ARCH) packages are linted only (this machine is $$(uname -m))" ;; esac

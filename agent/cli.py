@@ -7,18 +7,24 @@ Exit status everywhere: 0 all is well, 1 a finding (an unexpected external conne
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 import threading
-from typing import Callable, Iterable, List, Optional, Sequence, Set, TextIO, Tuple
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, TextIO
 
 from agent import __version__
 from agent.allow import annotate
 from agent.classify import AddressError, Classifier
 from agent.config import ConfigError, Settings, load_settings
-from agent.output import TABLE_COLUMNS, render, safe_text
-from agent.records import Connection
-from agent.sampler import UNPRIVILEGED_NOTICE, Sampler, SamplerError, SocketSampler
+from agent.history import HistoryStore, HistoryUnavailable, Key, history_key
+from agent.osquery.server import add_arguments as add_extension_arguments
+from agent.osquery.server import extension_main
+from agent.output import HISTORY_TABLE_COLUMNS, TABLE_COLUMNS, render, safe_text
+from agent.records import Connection, Value
+from agent.sampler import UNPRIVILEGED_NOTICE, SamplerError, SocketSampler, open_sampler
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
@@ -61,13 +67,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def make_sampler(backend: str, settings: Settings) -> SocketSampler:
-    """The Linux /proc sampler, or psutil's (other platforms, or for comparison)."""
-    classifier = Classifier(settings.internal_networks)
-    if backend == "psutil" or (backend == "auto" and not sys.platform.startswith("linux")):
-        from agent.psutil_backend import PsutilSampler
-
-        return PsutilSampler(classifier)
-    return Sampler(classifier)
+    return open_sampler(Classifier(settings.internal_networks), backend)
 
 
 def select_connections(
@@ -110,29 +110,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FINDING if unexpected else EXIT_OK
 
 
-ConnectionKey = Tuple[str, int, str, int, str, int]
-
-
-def connection_key(connection: Connection) -> ConnectionKey:
-    """What makes a connection "the same" for ``watch`` (and the history store): the process
-    instance, the protocol, the remote end and the direction; the local port may change."""
-    owner = connection.process_uuid or f"socket:{connection.socket}"
-    return (
-        owner,
-        connection.protocol,
-        connection.remote_address,
-        connection.remote_port,
-        connection.direction,
-        connection.net_namespace or 0,
-    )
-
-
 def cmd_watch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     sampler = make_sampler(args.backend, settings)
     if sampler.limited:
         print(UNPRIVILEGED_NOTICE, file=sys.stderr)
     interval = args.interval if args.interval is not None else settings.sampling_interval
+    store = open_history(settings) if settings.history_enabled and not args.no_history else None
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -140,7 +124,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    seen: Set[ConnectionKey] = set()
+    seen: Set[Key] = set()
     samples = 0
     while not stop.is_set():
         try:
@@ -148,7 +132,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         except SamplerError as error:
             print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
             return EXIT_USAGE
-        current = {connection_key(c): c for c in connections}
+        if store is not None:
+            store.record([c for c in connections if c.external])
+        current = {history_key(c): c for c in connections}
         new = [c for key, c in current.items() if key not in seen]
         seen = set(current) | (seen if args.once_per_run else set())
         shown = [c for c in new if args.allowlisted or not c.allowlisted]
@@ -159,6 +145,55 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if args.count and samples >= args.count:
             break
         stop.wait(interval)
+    if store is not None:
+        store.close()
+    return EXIT_OK
+
+
+def open_history(settings: Settings) -> HistoryStore:
+    return HistoryStore(
+        settings.history_path,
+        retention_days=settings.history_retention_days,
+        max_rows=settings.history_max_rows,
+    )
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``7d``, ``1w`` (or plain seconds) -> seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _DURATION_UNITS else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use a number with s, m, h, d or w, e.g. 2h)"
+        ) from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a duration cannot be negative: {text!r}")
+    return value * _DURATION_UNITS[unit]
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    path = settings.history_path
+    if not os.path.exists(path):
+        print(f"egress-agent history: no history at {path} yet", file=sys.stderr)
+        rows: List[Dict[str, Value]] = []
+    else:
+        store = open_history(settings)
+        since = None if args.since is None else time.time() - args.since
+        try:
+            rows = store.rows(since)
+        except HistoryUnavailable as error:
+            print(f"egress-agent history: {safe_text(str(error))}", file=sys.stderr)
+            return EXIT_USAGE
+        finally:
+            store.close()
+    fmt = args.format or _default_format(sys.stdout)
+    columns = HISTORY_TABLE_COLUMNS if fmt == "table" else None
+    sys.stdout.write(render(rows, columns, fmt))
     return EXIT_OK
 
 
@@ -255,11 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--count", type=int, default=0, metavar="N", help="stop after N samples (default: never)"
     )
+    watch.add_argument("--no-history", action="store_true", help="do not write the history store")
     watch.add_argument(
         "--once-per-run",
         action="store_true",
         help="print a connection once per run, even when it closes and opens again",
     )
+
+    history = command("history", cmd_history, "the external connections the samplers have recorded")
+    history.add_argument("--config", metavar="FILE", help="configuration file (history.path)")
+    history.add_argument(
+        "--since", type=_duration, metavar="DURATION", help="only rows seen in the last 2h, 7d..."
+    )
+    history.add_argument("--format", choices=["table", "json", "jsonl", "csv", "ecs"])
+
+    extension = command(
+        "extension", extension_main, "serve the osquery tables (osqueryd's autoloader runs this)"
+    )
+    add_extension_arguments(extension)
     return parser
 
 
@@ -281,6 +329,7 @@ def _tolerant_streams() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     _tolerant_streams()
+    logging.basicConfig(format="egress-agent: %(message)s", level=logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

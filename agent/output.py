@@ -46,6 +46,11 @@ TABLE_COLUMNS = (
     "path",
 )
 """A table-width choice of the Connection columns: the process first, then the destination."""
+HISTORY_TABLE_COLUMNS = (
+    *TABLE_COLUMNS[: TABLE_COLUMNS.index("address_class") + 1],
+    *("first_seen", "last_seen", "samples", "connections", "open"),
+)
+"""The same for history rows: who, where to, then when and how often."""
 ECS_VERSION = "8.11.0"
 ELLIPSIS = "\u2026"
 
@@ -152,9 +157,10 @@ def _cut(text: str, limit: int, reversible: bool) -> str:
     return "".join(piece for piece, _ in pieces)
 
 
-def json_safe(text: str) -> str:
+def utf8_safe(text: str) -> str:
     """``text`` with each lone surrogate (an undecodable byte, PEP 383) replaced by its escape
-    as text (``\\xff``), so that it can be encoded as UTF-8 and its JSON is valid Unicode.
+    as text (``\\xff``), so that it can be encoded as UTF-8: for JSON, for Thrift (which
+    refuses the whole response otherwise) and for SQLite.
     """
     try:
         text.encode("utf-8")
@@ -211,11 +217,11 @@ def _table(records: Sequence[Mapping[str, Value]], columns: List[str], cell_limi
 
 
 def _json_value(value: Value) -> Value:
-    return json_safe(value) if isinstance(value, str) else value
+    return utf8_safe(value) if isinstance(value, str) else value
 
 
 def _json_record(record: Mapping[str, Value], columns: List[str]) -> Dict[str, Value]:
-    return {json_safe(c): _json_value(record.get(c)) for c in columns}
+    return {utf8_safe(c): _json_value(record.get(c)) for c in columns}
 
 
 def _dumps(document: object) -> str:
@@ -333,7 +339,7 @@ def _put(document: Dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for parent in parents:
         document = document.setdefault(parent, {})
-    document[leaf] = json_safe(value) if isinstance(value, str) else value
+    document[leaf] = utf8_safe(value) if isinstance(value, str) else value
 
 
 def _endpoint(document: Dict[str, Any], prefix: str, address: Value, port: Value) -> None:
@@ -405,5 +411,5 @@ def ecs_document(record: Mapping[str, Value], timestamp: float) -> Dict[str, Any
 
     for key, value in record.items():
         if key not in ECS_MAPPED:
-            _put(document, f"egress_agent.{json_safe(key)}", value)
+            _put(document, f"egress_agent.{utf8_safe(key)}", value)
     return document

@@ -231,12 +231,15 @@ def scan_socket_table(
     table: SocketTable,
     wanted: Optional[WantedPredicate] = None,
     listeners: Optional[ListenerIndex] = None,
+    tcp_ends: Optional[List[Tuple[str, str]]] = None,
 ) -> Tuple[List[Socket], int]:
     """Decode the rows of one socket table that ``wanted`` asks for (all rows when None).
 
     Only the remote-address field is looked at before ``wanted`` decides, so a caller that
     keeps few sockets pays little for the rest; the local end is decoded for listeners only,
-    which go into ``listeners``.  Truncated or garbage lines are skipped.
+    which go into ``listeners``.  ``tcp_ends`` collects the (local, remote) endpoint text of
+    every TCP row that does not listen, for counting connections without decoding them.
+    Truncated or garbage lines are skipped.
 
     A row the kernel printed twice is kept once.  The table is produced a page (4 KB) per
     ``read()``, and each read resumes at a (hash bucket, offset) position
@@ -264,6 +267,8 @@ def scan_socket_table(
         if len(remote) != remote_len or remote[address_len] != ":":
             continue
         seen += 1
+        if tcp_ends is not None and is_tcp and fields[3] != "0A":
+            tcp_ends.append((fields[1], remote))
         if listeners is not None:
             listening = fields[3] == "0A" if is_tcp else remote == unconnected
             if listening:

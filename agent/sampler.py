@@ -18,12 +18,13 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Collection, Dict, List, Optional, Protocol, Tuple
+from typing import Collection, Dict, FrozenSet, List, Optional, Protocol, Set, Tuple
 
 from agent.classify import Classifier, format_ipv4, format_ipv6
 from agent.identity import NO_OWNER, Identity, IdentityCache
 from agent.owners import OwnerFinder
 from agent.procnet import (
+    IPPROTO_TCP,
     PROC_ROOT,
     SOCKET_TABLES,
     ListenerIndex,
@@ -31,6 +32,7 @@ from agent.procnet import (
     Socket,
     SocketTable,
     decode_address,
+    decode_endpoint,
     discover_namespaces,
     proc_entry,
     read_socket_table,
@@ -88,6 +90,9 @@ class SampleStats:
     """pid -> why its network namespace could not be read."""
     duration_ms: float = 0.0
     per_namespace: List[NamespaceStats] = field(default_factory=list)
+    outbound_tcp: Optional[FrozenSet[Tuple[int, str, str]]] = None
+    """(namespace inode, local end, remote end) of every outbound TCP connection in the tables,
+    external or not; only when the sampler counts them (``count_outbound_tcp``)."""
 
 
 @dataclass
@@ -129,6 +134,36 @@ class SocketSampler(Protocol):
     ) -> List[Connection]: ...
 
 
+def open_sampler(
+    classifier: Classifier, backend: str = "auto", count_outbound_tcp: bool = False
+) -> SocketSampler:
+    """The sampler for this platform: /proc in every network namespace on Linux
+    (``backend="proc"``), psutil's view of this namespace elsewhere (``backend="psutil"``)."""
+    if backend == "psutil" or (backend == "auto" and not os.path.isdir("/proc/self/net")):
+        from agent.psutil_backend import PsutilSampler
+
+        return PsutilSampler(classifier)
+    return Sampler(classifier, count_outbound_tcp=count_outbound_tcp)
+
+
+def _add_outbound(
+    into: Set[Tuple[int, str, str]],
+    namespace_inode: int,
+    listeners: ListenerIndex,
+    tcp_ends: Dict[int, List[Tuple[str, str]]],
+) -> None:
+    """Add the TCP connections of one namespace that no listener accepted (so this host
+    opened them: what the kernel counts as ``ActiveOpens``)."""
+    for version, ends in tcp_ends.items():
+        for local, remote in ends:
+            try:
+                address, port = decode_endpoint(local, version)
+            except ValueError:
+                continue
+            if not listeners.is_inbound(IPPROTO_TCP, version, address, port):
+                into.add((namespace_inode, local, remote))
+
+
 _Kept = Tuple[int, ListenerIndex, Socket]
 """(namespace inode, its listeners, a kept socket)"""
 
@@ -149,8 +184,12 @@ class Sampler:
         proc_root: str = PROC_ROOT,
         owners: Optional[OwnerFinder] = None,
         identities: Optional[IdentityCache] = None,
+        count_outbound_tcp: bool = False,
     ) -> None:
         self.classifier = classifier
+        self.count_outbound_tcp = count_outbound_tcp
+        """Also collect every outbound TCP connection's ends (:attr:`SampleStats.outbound_tcp`),
+        so that the extension can set what it saw beside the kernel's ``ActiveOpens``."""
         self.proc_root = proc_root
         self.owners = owners if owners is not None else OwnerFinder(proc_root)
         self.identities = identities if identities is not None else IdentityCache(proc_root)
@@ -194,8 +233,15 @@ class Sampler:
         stats.namespaces = len(discovery.namespaces)
         self._threads = discovery.threads
         kept: List[_Kept] = []
+        outbound_tcp: Optional[Set[Tuple[int, str, str]]] = (
+            set() if self.count_outbound_tcp else None
+        )
         for namespace in discovery.namespaces:
-            stats.per_namespace.append(self._read_namespace(namespace, want_all, kept, stats))
+            stats.per_namespace.append(
+                self._read_namespace(namespace, want_all, kept, stats, outbound_tcp)
+            )
+        if outbound_tcp is not None:
+            stats.outbound_tcp = frozenset(outbound_tcp)
         stats.wanted = len(kept)
 
         scan = self.owners.find({sock.inode for _, _, sock in kept}, pids, discovery.threads)
@@ -245,9 +291,11 @@ class Sampler:
         want_all: bool,
         kept: List[_Kept],
         stats: SampleStats,
+        outbound_tcp: Optional[Set[Tuple[int, str, str]]] = None,
     ) -> NamespaceStats:
         """Read the four tables of one namespace, trying its next pid when one exits."""
         listeners = ListenerIndex()
+        tcp_ends: Dict[int, List[Tuple[str, str]]] = {}
         info = NamespaceStats(namespace.inode, -1)
         candidates = namespace.pids
         current = 0
@@ -261,6 +309,7 @@ class Sampler:
                 table,
                 None if want_all else self._is_external_hex,
                 listeners,
+                None if outbound_tcp is None else tcp_ends.setdefault(table.version, []),
             )
             info.sockets += seen
             kept.extend((namespace.inode, listeners, sock) for sock in sockets)
@@ -272,6 +321,8 @@ class Sampler:
                 info.active_opens = counters.get("ActiveOpens")
         info.listeners = len(listeners)
         stats.sockets += info.sockets
+        if outbound_tcp is not None:
+            _add_outbound(outbound_tcp, namespace.inode, listeners, tcp_ends)
         return info
 
     def _read_table(

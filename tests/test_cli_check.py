@@ -190,16 +190,39 @@ def test_bad_config_exits_2_before_sampling(tmp_path: Path) -> None:
     assert "allow[0].ports[0]" in result.stderr and "70000" in result.stderr
 
 
-def test_watch_prints_each_new_connection_once(host: Host) -> None:
-    result = egress_agent("watch", "--interval", "0.2", "--count", "3")
+def test_watch_prints_each_new_connection_once_and_keeps_history(
+    host: Host, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"history:\n  path: {tmp_path}/state/history.db\n")
+    result = egress_agent("watch", "--interval", "0.2", "--count", "3", config=config)
     assert result.returncode == 0, result.stderr
     rows = ours(host, [json.loads(line) for line in result.stdout.splitlines()])
-    assert sorted(r["pid"] for r in rows) == sorted([host.c6.pid, host.c4.pid, host.c_mapped.pid])
+    clients = sorted([host.c6.pid, host.c4.pid, host.c_mapped.pid])
+    assert sorted(r["pid"] for r in rows) == clients
+    history = egress_agent("history", "--format", "json", "--since", "1h", config=config)
+    assert history.returncode == 0, history.stderr
+    recorded = ours(host, json.loads(history.stdout))
+    assert sorted(r["pid"] for r in recorded if r["direction"] == "outbound") == clients
+    assert all(r["samples"] == 3 and r["open"] for r in recorded)
+
+
+def test_history_without_a_store_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"history:\n  path: {tmp_path}/none/history.db\n")
+    result = egress_agent("history", "--format", "json", config=config)
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+    assert "no history" in result.stderr
+    bad = egress_agent("history", "--since", "yesterday", config=config)
+    assert bad.returncode == 2 and "not a duration: 'yesterday'" in bad.stderr
 
 
 def test_watch_stops_cleanly_on_sigterm(host: Host) -> None:
     watch = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "watch", "--interval", "0.2", "--format", "ecs"],
+        [
+            *(sys.executable, "-m", "agent.cli", "watch", "--no-history"),
+            *("--interval", "0.2", "--format", "ecs"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -20,9 +20,9 @@ from agent.output import (
     cell_text,
     display_width,
     ecs_document,
-    json_safe,
     render,
     safe_text,
+    utf8_safe,
 )
 from agent.records import COLUMN_NAMES, Connection, Value
 
@@ -173,9 +173,9 @@ def test_safe_text_cuts_a_huge_text_by_display_width() -> None:
 
 
 def test_json_safe() -> None:
-    assert json_safe("plain \n\x1b") == "plain \n\x1b"
-    assert json_safe(UNDECODABLE) == "bad\\xff\\xfebytes"
-    assert json_safe("x\ud800") == "x\\ud800"
+    assert utf8_safe("plain \n\x1b") == "plain \n\x1b"
+    assert utf8_safe(UNDECODABLE) == "bad\\xff\\xfebytes"
+    assert utf8_safe("x\ud800") == "x\\ud800"
 
 
 # --- table ----------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_json_with_hostile_values_is_lossless(fmt: str) -> None:
         assert len(lines) == len(records)
         parsed = [json.loads(line) for line in lines]
     for original, back in zip(records, parsed):
-        expected = json_safe(str(original["name"]))
+        expected = utf8_safe(str(original["name"]))
         assert back["name"] == expected
         assert back["cmdline"] == expected
     assert parsed[list(HOSTILE).index("huge")]["cmdline"] == "A" * 100_000
@@ -422,8 +422,8 @@ def test_ecs_with_hostile_values() -> None:
     assert len(lines) == len(records)
     for original, line in zip(records, lines):
         document = json.loads(line)
-        assert document["process"]["name"] == json_safe(str(original["name"]))
-        assert document["egress_agent"]["systemd_unit"] == json_safe(str(original["name"]))
+        assert document["process"]["name"] == utf8_safe(str(original["name"]))
+        assert document["egress_agent"]["systemd_unit"] == utf8_safe(str(original["name"]))
 
 
 # --- all formats ----------------------------------------------------------------------------
@@ -457,7 +457,7 @@ def test_any_text_in_every_format(records: List[Dict[str, Value]]) -> None:
         cell_text(r["name"]) for r in records
     ]
     assert [r["name"] for r in json.loads(render(records, None, "json"))] == [
-        json_safe(str(r["name"])) for r in records
+        utf8_safe(str(r["name"])) for r in records
     ]
     for line in render(records, None, "jsonl").splitlines():
         json.loads(line)

@@ -341,6 +341,23 @@ def test_stats_and_a_warm_second_sample(scenario: Scenario) -> None:
 
 
 @needs_root
+def test_outbound_tcp_ends_match_the_kernels_active_opens(scenario: Scenario) -> None:
+    """Every TCP connection this host opened, external or not, is counted once: in each
+    namespace as many as the kernel's ActiveOpens (nothing closed during the scenario)."""
+    sampler = Sampler(CLASSIFIER, count_outbound_tcp=True)
+    sampler.sample()
+    stats = sampler.last
+    assert stats.outbound_tcp is not None
+    for namespace in stats.per_namespace:
+        if namespace.inode in scenario.namespaces:
+            ends = [e for e in stats.outbound_tcp if e[0] == namespace.inode]
+            assert len(ends) == namespace.active_opens, namespace
+    plain = Sampler(CLASSIFIER)
+    plain.sample()
+    assert plain.last.outbound_tcp is None
+
+
+@needs_root
 def test_psutil_backend_agrees_inside_a_namespace(scenario: Scenario) -> None:
     """psutil sees only its own namespace, so it runs inside the client namespace."""
     script = (

@@ -1,0 +1,564 @@
+"""``egress-agent extension``: register with osquery core, serve the tables, end cleanly.
+
+The launch contract is osqueryd's autoloader (osquery/extensions/extensions.cpp): it runs
+``PATH [--verbose] --socket S --timeout T --interval I`` with ``OSQUERY_EXTENSION`` set.  We then
+
+1. connect to core's ExtensionManager on ``S`` (retrying until ``T`` seconds have passed),
+2. ``registerExtension({name: egress_agent, version}, {"table": {...routes}})`` -> a uuid,
+3. serve the ``Extension`` service on ``S.<uuid>``: Unix socket, buffered transport, binary
+   protocol, one thread per connection, so a ping is answered while a generate runs
+   (osquery-python's ``start_extension()`` serves one connection at a time: its issue #47),
+4. ping core every ``I`` seconds, and end when core stops answering or no longer lists us,
+   when core calls ``shutdown()``, or on SIGTERM/SIGINT: within 2 s, removing our socket.
+
+osquery-python provides the generated Thrift bindings used here; nothing else of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from osquery.extensions import Extension, ExtensionManager
+from osquery.extensions.ttypes import ExtensionResponse, ExtensionStatus, InternalExtensionInfo
+from thrift.protocol import TBinaryProtocol
+from thrift.transport import TSocket, TTransport
+
+from agent import __version__
+from agent.history import HistoryStore
+from agent.osquery import table
+from agent.osquery.monitor import Monitor, SampleFunction
+from agent.osquery.tables import AgentInfo, ExtensionTables
+
+EXTENSION_NAME = "egress_agent"
+SDK_VERSION = "3.0.7"
+"""The Thrift API generation of osquery-python 3.1.1's bindings (what it reports itself)."""
+MIN_SDK_VERSION = "1.8.0"
+DEFAULT_SOCKET = "/var/osquery/osquery.em"
+STOP_WITHIN_S = 2.0
+CONNECT_RETRY_S = 0.1
+REGISTER_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 64
+STRING_LIMIT = 64 * 1024 * 1024
+"""Largest string a request may carry; a bigger length prefix is refused, not allocated."""
+CONTAINER_LIMIT = 1_000_000
+
+log = logging.getLogger("egress_agent.extension")
+
+
+class StartupError(Exception):
+    """The extension could not start; the message says why (and names the socket)."""
+
+
+# -- stopping ----------------------------------------------------------------------------------
+
+
+class Stopper:
+    """The first reason to stop wins; everyone waits on the same event."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason = ""
+        self.code = 0
+        self._lock = threading.Lock()
+
+    def request(self, reason: str, code: int = 0) -> None:
+        with self._lock:
+            if not self.event.is_set():
+                self.reason, self.code = reason, code
+                self.event.set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self.event.wait(timeout)
+
+
+# -- talking to core ---------------------------------------------------------------------------
+
+
+def _protocol_factory() -> Any:
+    # The pure-Python codec: osquery-python's generated specs predate what thrift's C codec
+    # (fastbinary) expects of nested structs, and it refuses them.
+    return TBinaryProtocol.TBinaryProtocolFactory(
+        string_length_limit=STRING_LIMIT, container_length_limit=CONTAINER_LIMIT
+    )
+
+
+class CoreClient:
+    """A connection to osquery core's ExtensionManager socket."""
+
+    def __init__(self, path: str, timeout_s: float) -> None:
+        self.path = path
+        self._socket = TSocket.TSocket(unix_socket=path)
+        self._socket.setTimeout(int(timeout_s * 1000))
+        self._transport = TTransport.TBufferedTransport(self._socket)
+        self._client = ExtensionManager.Client(_protocol_factory().getProtocol(self._transport))
+
+    @classmethod
+    def connect(
+        cls, path: str, wait_s: float, timeout_s: float, stop: Optional[threading.Event] = None
+    ) -> CoreClient:
+        """Connect, retrying while the socket is absent or refuses, for up to ``wait_s``."""
+        deadline = time.monotonic() + max(wait_s, 0.0)
+        while stop is None or not stop.is_set():
+            client = cls(path, timeout_s)
+            try:
+                client._transport.open()
+                return client
+            except TTransport.TTransportException as error:
+                reason = _socket_problem(path, error)
+            if time.monotonic() + CONNECT_RETRY_S > deadline:
+                raise StartupError(
+                    f"osquery core socket {path} {reason} (waited {wait_s:g} s, --timeout)"
+                )
+            time.sleep(CONNECT_RETRY_S)
+        raise StartupError(f"stopped while waiting for osquery core socket {path}")
+
+    def set_timeout(self, timeout_s: float) -> None:
+        self._socket.setTimeout(int(timeout_s * 1000))
+
+    def register(self, version: str, registry: Dict[str, Any]) -> int:
+        info = InternalExtensionInfo(
+            name=EXTENSION_NAME,
+            version=version,
+            sdk_version=SDK_VERSION,
+            min_sdk_version=MIN_SDK_VERSION,
+        )
+        try:
+            status = self._client.registerExtension(info, registry)
+        except Exception as error:
+            raise StartupError(
+                f"registration with osquery core at {self.path} failed: {error}"
+            ) from None
+        if status.code != 0:
+            raise StartupError(
+                f"osquery core at {self.path} refused the registration of {EXTENSION_NAME}: "
+                f"{status.message!r}"
+            )
+        return int(status.uuid)
+
+    def ping(self) -> ExtensionStatus:
+        return self._client.ping()
+
+    def extension_uuids(self) -> List[int]:
+        return [int(uuid) for uuid in self._client.extensions()]
+
+    def deregister(self, uuid: int) -> None:
+        self._client.deregisterExtension(uuid)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._transport.close()
+
+
+def _socket_problem(path: str, error: Exception) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as stat_error:
+        return f"cannot be reached: {stat_error.strerror}"
+    if not stat.S_ISSOCK(mode):
+        return "is not a socket"
+    return f"refuses connections: {error}"
+
+
+def watch_core(client: CoreClient, uuid: int, interval_s: float, stopper: Stopper) -> None:
+    """Ping core every ``interval_s``; stop the extension when core is gone or forgot us.
+
+    After a failed ping core unregisters an extension's tables and never re-adds them; a
+    core restarted after a crash does not know our uuid.  Either way only a fresh process
+    (which core's watcher starts) can serve again, so we end.
+    """
+    while not stopper.wait(interval_s):
+        try:
+            status = client.ping()
+            if status.code != 0:
+                stopper.request(
+                    f"osquery core at {client.path} answered a ping with status {status.code}", 1
+                )
+                return
+            if uuid not in client.extension_uuids():
+                stopper.request(
+                    f"osquery core at {client.path} no longer lists this extension (uuid {uuid})",
+                    1,
+                )
+                return
+        except Exception as error:
+            stopper.request(f"osquery core at {client.path} stopped answering pings: {error}", 1)
+            return
+
+
+# -- serving -----------------------------------------------------------------------------------
+
+
+class ExtensionHandler:
+    """The ``Extension`` service: ping, call, shutdown.  Never raises into Thrift."""
+
+    def __init__(self, tables: ExtensionTables, stopper: Stopper, verbose: bool) -> None:
+        self._tables = tables
+        self._stopper = stopper
+        self._verbose = verbose
+
+    def ping(self) -> ExtensionStatus:
+        return ExtensionStatus(code=0, message="OK")
+
+    def shutdown(self) -> None:
+        if self._verbose:
+            log.info("shutdown requested by osquery core")
+        self._stopper.request("osquery core asked the extension to shut down", 0)
+
+    def call(self, registry: str, item: str, request: Mapping[str, str]) -> ExtensionResponse:
+        started = time.monotonic()
+        try:
+            if registry != "table":
+                result_code, message, rows = 1, f"no {registry!r} plugins in {EXTENSION_NAME}", []
+            else:
+                result = self._tables.call(item, request or {})
+                result_code, message, rows = result.code, result.message, result.rows
+        except Exception as error:  # a bug must fail one query, not the connection
+            result_code, message, rows = 1, f"internal error: {type(error).__name__}: {error}", []
+        if self._verbose or result_code != 0:
+            level = logging.INFO if result_code == 0 else logging.WARNING
+            log.log(
+                level,
+                "call %r %r %s -> %s, %d rows, %.1f ms",
+                registry,
+                item,
+                _describe(request),
+                "ok" if result_code == 0 else f"failed: {message}",
+                len(rows),
+                (time.monotonic() - started) * 1000.0,
+            )
+        return ExtensionResponse(
+            status=ExtensionStatus(code=result_code, message=message), response=rows
+        )
+
+
+def _describe(request: Optional[Mapping[str, str]]) -> str:
+    if not request:
+        return "(empty request)"
+    text = f"action={request.get('action')!r}"
+    context = request.get("context")
+    if context is not None:
+        try:
+            parsed = table.parse_context(context)
+        except table.ContextError:
+            return f"{text} context={context[:120]!r}"
+        constrained = {
+            name: [f"{c.op}:{c.expr}" for c in constraints]
+            for name, constraints in parsed.constraints.items()
+            if constraints
+        }
+        if constrained:
+            text += f" constraints={constrained!r}"[:300]
+    return text
+
+
+class ThreadedUnixServer:
+    """A Thrift server on a Unix socket, one daemon thread per connection.
+
+    thrift's own TThreadedServer cannot be stopped (its accept loop runs forever, and spins
+    logging errors once its socket is closed), so the loop is here, with a stop event.
+    """
+
+    def __init__(self, path: str, processor: Any, max_connections: int = MAX_CONNECTIONS) -> None:
+        self.path = path
+        self._processor = processor
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._listener: Optional[socket.socket] = None
+        self._inode: Optional[int] = None
+
+    def listen(self) -> None:
+        """Bind ``path`` readable and writable by our user only (0600)."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)  # left by an earlier run of ours that was killed
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(self.path)
+        except OSError as error:
+            listener.close()
+            raise StartupError(f"cannot listen on {self.path}: {error.strerror or error}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        self._inode = os.lstat(self.path).st_ino
+        listener.listen(128)
+        listener.settimeout(0.2)
+        self._listener = listener
+
+    def serve(self, stop: threading.Event) -> None:
+        listener = self._listener
+        if listener is None:
+            raise RuntimeError("ThreadedUnixServer.serve() before listen()")
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if stop.is_set() or listener.fileno() < 0:
+                    return
+                time.sleep(0.05)  # EMFILE and friends: let the load pass
+                continue
+            connection.settimeout(None)
+            while not self._slots.acquire(timeout=0.2):
+                if stop.is_set():
+                    connection.close()
+                    return
+            threading.Thread(
+                target=self._handle, args=(connection,), name="thrift-connection", daemon=True
+            ).start()
+
+    def _handle(self, connection: socket.socket) -> None:
+        try:
+            client = TSocket.TSocket()
+            client.setHandle(connection)
+            transport = TTransport.TBufferedTransport(client)
+            protocol = _protocol_factory().getProtocol(transport)
+            while True:
+                self._processor.process(protocol, protocol)
+        except TTransport.TTransportException:
+            pass  # the peer closed the connection
+        except Exception as error:  # a malformed request ends that connection only
+            log.warning("dropped a connection after a bad request: %s", _one_line(error))
+        finally:
+            with contextlib.suppress(OSError):
+                connection.close()
+            self._slots.release()
+
+    def close(self) -> None:
+        """Stop accepting and remove our socket file (only if it is still ours)."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+        with contextlib.suppress(OSError):
+            if self._inode is not None and os.lstat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+
+def _one_line(error: BaseException) -> str:
+    return repr(f"{type(error).__name__}: {error}")[:300]
+
+
+# -- the process -------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    socket: str = DEFAULT_SOCKET
+    timeout: float = 3.0
+    interval: float = 3.0
+    verbose: bool = False
+
+
+def serve(
+    options: Options,
+    tables: ExtensionTables,
+    monitor: Optional[Monitor],
+    stopper: Stopper,
+    on_ready: Optional[Callable[[str], None]] = None,
+) -> int:
+    """Register, serve, and return the exit status once something asked us to stop.
+
+    The building block of :func:`run_extension`, without signals, for tests that need a table
+    the real sampler cannot provide (a deliberately slow one).
+    """
+    try:
+        core = CoreClient.connect(
+            options.socket, options.timeout, REGISTER_TIMEOUT_S, stopper.event
+        )
+    except StartupError as error:
+        if stopper.event.is_set():
+            return stopper.code
+        log.error("%s", error)
+        return 1
+    try:
+        uuid = core.register(__version__, table.registry(list(tables.specs.values())))
+    except StartupError as error:
+        log.error("%s", error)
+        core.close()
+        return 1
+    server = ThreadedUnixServer(
+        f"{options.socket}.{uuid}",
+        Extension.Processor(ExtensionHandler(tables, stopper, options.verbose)),
+    )
+    try:
+        server.listen()
+    except StartupError as error:
+        log.error("%s", error)
+        core.close()
+        return 1
+    if options.verbose:
+        log.info(
+            "registered %s %s with osquery core at %s as uuid %d; serving %s on %s",
+            EXTENSION_NAME,
+            __version__,
+            options.socket,
+            uuid,
+            ", ".join(tables.specs),
+            server.path,
+        )
+    core.set_timeout(max(STOP_WITHIN_S, options.interval))
+    threads = [
+        threading.Thread(target=server.serve, args=(stopper.event,), name="thrift-accept"),
+        threading.Thread(
+            target=watch_core, args=(core, uuid, options.interval, stopper), name="core-watch"
+        ),
+    ]
+    if monitor is not None:
+        threads.append(threading.Thread(target=monitor.run, args=(stopper.event,), name="sampler"))
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    if on_ready is not None:
+        on_ready(server.path)
+    while not stopper.wait(0.5):
+        pass
+    server.close()
+    level = logging.INFO if stopper.code == 0 else logging.ERROR
+    if options.verbose or stopper.code != 0:
+        log.log(level, "stopping: %s", stopper.reason)
+    if stopper.code == 0 and stopper.reason.startswith("received"):
+        # Ended by a signal, not by core: tell core, briefly, so our tables go at once.
+        core.set_timeout(0.5)
+        with contextlib.suppress(Exception):
+            core.deregister(uuid)
+    core.close()
+    for thread in threads:
+        thread.join(timeout=0.3)
+    return stopper.code
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``egress-agent extension``: osqueryd's (and ``--config``)."""
+    parser.add_argument(
+        "--socket", default=DEFAULT_SOCKET, help="osquery core's extensions socket (%(default)s)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=3.0,
+        help="seconds to wait for core's socket to appear (%(default)s)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=3.0,
+        help="seconds between pings of core (%(default)s)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="log each registration and call to stderr"
+    )
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="configuration file (default: $EGRESS_AGENT_CONFIG, /etc/egress-agent/config.yaml)",
+    )
+
+
+def run_extension(argv: Sequence[str]) -> int:
+    """``egress-agent extension ARGS``: parse, then :func:`extension_main`; the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="egress-agent extension", description="Serve egress-agent's tables to osquery."
+    )
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    return extension_main(args)
+
+
+def extension_main(args: argparse.Namespace) -> int:
+    """Run the extension with parsed arguments (see :func:`add_arguments`) until told to stop."""
+    from agent.config import ConfigError, load_settings
+    from agent.osquery.source import make_sample_function
+
+    _configure_logging(args.verbose)
+    options = Options(
+        socket=args.socket,
+        timeout=args.timeout,
+        interval=max(args.interval, 0.1),
+        verbose=args.verbose,
+    )
+    try:
+        settings = load_settings(getattr(args, "config", None))
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+    store = None
+    if settings.history_enabled:
+        store = HistoryStore(
+            settings.history_path,
+            retention_days=settings.history_retention_days,
+            max_rows=settings.history_max_rows,
+            logger=logging.getLogger("egress_agent.history"),
+        )
+    sample: SampleFunction = make_sample_function(
+        settings, logging.getLogger("egress_agent.sampler")
+    )
+    monitor = Monitor(
+        sample, store, settings.sampling_interval, logging.getLogger("egress_agent.sampler")
+    )
+    tables = ExtensionTables(
+        monitor,
+        store,
+        AgentInfo(
+            version=__version__,
+            config_path=settings.source or "",
+            sampling_interval=settings.sampling_interval,
+            history_path=settings.history_path if store is not None else "",
+        ),
+    )
+    stopper = Stopper()
+    with _stop_on_signals(stopper):
+        return serve(options, tables, monitor, stopper)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stopper: Stopper) -> Any:
+    def handle(signum: int, frame: Optional[FrameType]) -> None:
+        stopper.request(f"received {signal.Signals(signum).name}", 0)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("egress-agent extension: %(levelname)s: %(message)s"))
+    agent_log = logging.getLogger("egress_agent")
+    agent_log.handlers[:] = [handler]
+    agent_log.setLevel(logging.INFO if verbose else logging.WARNING)
+    agent_log.propagate = False
+    # thrift logs connection errors itself; we report them once, in our own words.
+    thrift_log = logging.getLogger("thrift")
+    thrift_log.handlers[:] = [logging.NullHandler()]
+    thrift_log.propagate = False
