@@ -45,7 +45,7 @@ from nethost import Namespace, NetHost, Proc
 
 from agent import sampler as sampler_module
 from agent.classify import Classifier
-from agent.output import FORMATS, cell_text, json_safe, render
+from agent.output import FORMATS, cell_text, render, utf8_safe
 from agent.owners import OwnerFinder, OwnerScan
 from agent.sampler import Sampler
 
@@ -206,13 +206,13 @@ def test_json_rows_are_one_per_connection_and_lossless(scene: Scene) -> None:
             (SRV4, scene.server.port),
             (SRV_HID, scene.server.port),
         }
-        assert row["name"] == json_safe(hostile.name), hostile.kind
+        assert row["name"] == utf8_safe(hostile.name), hostile.kind
         if hostile.kind in ("leader", "hidden"):  # the main thread exited: no exe, cmdline
             assert row["path"] == row["cmdline"] == ""
         else:
-            assert row["path"] == json_safe(hostile.path), hostile.kind
+            assert row["path"] == utf8_safe(hostile.path), hostile.kind
         if hostile.kind in ("symlink", "prctl", "deleted"):
-            assert row["cmdline"] == json_safe(" ".join(hostile.argv)), hostile.kind
+            assert row["cmdline"] == utf8_safe(" ".join(hostile.argv)), hostile.kind
     symlink = owners[scene.hostile["symlink"].owner]
     assert len(next(r for r in rows if r["pid"] == symlink.owner)["cmdline"]) > 100_000
     forked = next(r for r in rows if r["pid"] == scene.hostile["forked"].owner)
@@ -281,10 +281,10 @@ def test_ecs_is_one_document_a_line_per_connection(scene: Scene) -> None:
     assert sorted(d.get("process", {}).get("pid", -1) for d in documents) == sorted(scene.owners())
     for document in documents:
         hostile = scene.owners()[document["process"]["pid"]]
-        assert document["process"]["name"] == json_safe(hostile.name)
+        assert document["process"]["name"] == utf8_safe(hostile.name)
         if hostile.kind in ("symlink", "prctl", "deleted"):
             command_line = document["process"]["command_line"]
-            assert command_line == json_safe(" ".join(hostile.argv))
+            assert command_line == utf8_safe(" ".join(hostile.argv))
         assert document["network"]["direction"] == "egress"
 
 
