@@ -292,7 +292,9 @@ def test_ecs_is_one_document_a_line_per_connection(scene: Scene) -> None:
 def test_watch_log_lines_cannot_be_forged(scene: Scene, fmt: str) -> None:
     """``watch`` feeds a SIEM or the journal one line an event: a name or command line with
     newlines and a fake log line in it stays inside its own event."""
-    result = egress_agent("watch", "--format", fmt, "--count", "1", "--interval", "0.1")
+    result = egress_agent(
+        "watch", "--format", fmt, "--count", "1", "--interval", "0.1", "--no-history"
+    )
     assert_terminal_safe(result.stdout)
     lines = [line for line in result.stdout.split("\n") if line]
     events = [json.loads(line) for line in lines]  # every line is one whole JSON document
