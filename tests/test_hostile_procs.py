@@ -306,6 +306,51 @@ def test_watch_log_lines_cannot_be_forged(scene: Scene, fmt: str) -> None:
     assert not any(line.startswith("2030-01-01") for line in lines)
 
 
+def test_osquery_tables_carry_hostile_text_intact(scene: Scene, tmp_path: Path) -> None:
+    """The extension's live and history tables: one row per connection, every value a valid
+    UTF-8 string (an undecodable byte as the text ``\\xff``), the 100 KB command line whole,
+    and a ``pid`` constraint that picks the hostile process alone."""
+    from osquery_core import CoreStandIn, default_extension_command
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"sampling:\n  interval: 0.5\nhistory:\n  path: {tmp_path}/h.db\n")
+    with CoreStandIn() as core:
+        process = core.launch(
+            default_extension_command(),
+            timeout=10,
+            interval=1,
+            verbose=True,
+            env={"EGRESS_AGENT_CONFIG": str(config)},
+        )
+        with core.connect(core.wait_for_registration(process=process), timeout=120) as extension:
+            live = extension.generate("external_connections")
+            symlink = scene.hostile["symlink"]
+            narrowed = extension.generate(
+                "external_connections", {"pid": [(2, str(symlink.owner))]}
+            )
+            deadline = time.monotonic() + 60
+            while True:
+                history = extension.generate("external_connection_history")
+                if {str(pid) for pid in scene.owners()} <= {row["pid"] for row in history}:
+                    break
+                assert time.monotonic() < deadline, "the hostile rows never reached history"
+                time.sleep(0.2)
+        output = core.output(process)
+    namespaces = {str(inode) for inode in scene.namespaces}
+    rows = [r for r in live if r["net_namespace"] in namespaces]
+    assert sorted(int(r["pid"]) for r in rows) == sorted(scene.owners())
+    for row in rows:
+        hostile = scene.owners()[int(row["pid"])]
+        assert row["name"] == utf8_safe(hostile.name)
+        if hostile.kind in ("symlink", "prctl", "deleted"):
+            assert row["cmdline"] == utf8_safe(" ".join(hostile.argv))
+    assert [r["local_port"] for r in narrowed] == [str(symlink.local_port)]
+    names = {r["name"] for r in history if r["net_namespace"] in namespaces}
+    assert {utf8_safe(h.name) for h in scene.hostile.values()} <= names
+    assert "Traceback" not in output
+    assert all(line.isprintable() for line in output.split("\n"))
+
+
 # ---------------------------------------------------------------------------------------------
 # processes that exit in the middle of a sample
 

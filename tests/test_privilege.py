@@ -12,14 +12,20 @@ Root, as a control, gets all three with their owners.
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 import shutil
+import socket
+import stat
+import tempfile
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
+from conftest import needs_root
 from nethost import NetHost, Proc
 
 from agent import cli
@@ -234,3 +240,121 @@ def test_the_shell_scan_finds_what_it_looks_for(tmp_path: Path) -> None:
         "shell=flag",
         "eval()",
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the extension's socket and history store are its own
+
+
+def _as_nobody(attempts: Dict[str, Callable[[], object]]) -> Dict[str, str]:
+    """Run each attempt in a child that has become nobody: name -> "ok" or the errno name."""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            outcome = {}
+            for name, attempt in attempts.items():
+                try:
+                    attempt()
+                    outcome[name] = "ok"
+                except OSError as error:
+                    outcome[name] = errno.errorcode.get(error.errno or 0, str(error))
+            os.write(writer, json.dumps(outcome).encode())
+            status = 0
+        except BaseException:
+            os.write(writer, traceback.format_exc().encode())
+        finally:
+            os._exit(status)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, output
+    result: Dict[str, str] = json.loads(output)
+    return result
+
+
+def _connect(path: str) -> Callable[[], object]:
+    def attempt() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+
+    return attempt
+
+
+def _read(path: str) -> Callable[[], object]:
+    def attempt() -> None:
+        with open(path, "rb") as handle:
+            handle.read(1)
+
+    return attempt
+
+
+@needs_root
+@pytest.mark.parametrize("state_dir_exists", [False, True])
+def test_socket_and_history_are_closed_to_other_users(
+    tmp_path: Path, state_dir_exists: bool
+) -> None:
+    """Launched with umask 0 (the worst an init system could hand it), next to a core whose
+    directory everyone may enter; with the history directory created by the extension, or
+    already there and open to all (0755, as a careless package might leave it)."""
+    from osquery_core import CoreStandIn, default_extension_command
+
+    base = Path(tempfile.mkdtemp(prefix="eah-priv-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        if state_dir_exists:
+            state.mkdir()
+            state.chmod(0o755)
+        history = state / "history.db"
+        config = base / "config.yaml"
+        config.write_text(f"sampling:\n  interval: 0.2\nhistory:\n  path: {history}\n")
+        config.chmod(0o644)
+        core_dir = base / "osquery"
+        core_dir.mkdir(mode=0o755)
+        with CoreStandIn(str(core_dir)) as core:
+            old_umask = os.umask(0)
+            try:
+                process = core.launch(
+                    default_extension_command(),
+                    timeout=10,
+                    interval=1,
+                    env={"EGRESS_AGENT_CONFIG": str(config)},
+                )
+            finally:
+                os.umask(old_umask)
+            registration = core.wait_for_registration(process=process)
+            extension_socket = core.extension_socket(registration)
+            deadline = time.monotonic() + 30
+            files = [str(history) + suffix for suffix in ("", "-wal", "-shm")]
+            while not all(os.path.exists(f) for f in files):
+                assert time.monotonic() < deadline, os.listdir(state)
+                time.sleep(0.1)
+            modes = {f: stat.S_IMODE(os.stat(f).st_mode) for f in [extension_socket, *files]}
+            assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+            if not state_dir_exists:
+                assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+            attempts: Dict[str, Callable[[], object]] = {
+                "socket": _connect(extension_socket),
+                "core socket dir": lambda: os.listdir(core_dir),
+            }
+            for path in files:
+                attempts[os.path.basename(path)] = _read(path)
+            outcome = _as_nobody(attempts)
+            process.terminate()
+            assert process.wait(10) == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert outcome.pop("core socket dir") == "ok"  # nobody could get there ...
+    assert outcome == {  # ... and is refused by the socket and the files themselves
+        "socket": "EACCES",
+        "history.db": "EACCES",
+        "history.db-wal": "EACCES",
+        "history.db-shm": "EACCES",
+    }
