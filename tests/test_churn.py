@@ -140,5 +140,5 @@ def test_every_long_lived_connection_in_every_sample_while_processes_churn(host:
         f"{churn_rows} rows of short-lived connections with an owner, {churn_ownerless} without"
     )
     assert samples >= 3 and forked > 0
-    assert churn_rows > 0  # the samples did overlap the churn
+    assert churn_rows + churn_ownerless > 0  # the samples did overlap the churn
     assert sampler.identities.max_entries >= len(sampler.identities)
