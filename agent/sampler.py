@@ -334,8 +334,14 @@ class Sampler:
             try:
                 return read_socket_table(entry, table, root), index
             except FileNotFoundError:
-                if os.path.isdir(f"{root}/{entry}/net"):
-                    return None, index  # this kernel has no such table (IPv6 disabled)
+                # No such table on this kernel (IPv6 disabled), or the process is gone or a
+                # zombie (whose /proc/PID/net is still a directory, but cannot be listed).
+                try:
+                    present = os.listdir(f"{root}/{entry}/net")
+                except OSError:
+                    continue
+                if table.name not in present:
+                    return None, index
             except OSError:
                 continue  # gone, or not ours to read: try the next process
         return None, current

@@ -463,6 +463,30 @@ def test_namespace_emptied_between_discovery_and_socket_tables(
     assert info and info[0].pid == -1 and "no process" in info[0].error
 
 
+def test_a_process_turned_zombie_after_discovery_does_not_hide_its_namespace(
+    victim_host: Callable[[], Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process that discovery chose to read a namespace through (its lowest pid) dies
+    before the tables are read and is not reaped yet: a zombie, whose ``/proc/PID/net`` is
+    still a directory but holds no table.  That is no kernel without the table: the tables
+    are read through the next process of the namespace.  (Under churn with ``pid_max`` at
+    32768, short-lived children wrap around to low pids and do exactly this.)"""
+    first, second = victim_host(), victim_host()
+    victim, keeper = sorted((first, second), key=lambda proc: proc.pid)
+    real = sampler_module.discover_namespaces
+
+    def discover_then_die(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        os.kill(victim.pid, signal.SIGKILL)  # not reaped: a zombie until the fixture ends
+        _wait_state(victim.pid, "Z")
+        return found
+
+    monkeypatch.setattr(sampler_module, "discover_namespaces", discover_then_die)
+    rows = Sampler(CLASSIFIER).sample()
+    mine = _rows_of(rows, keeper)
+    assert [(r.pid, r.local_port) for r in mine] == [(keeper.pid, keeper.local_port)]
+
+
 def test_a_vanished_owner_in_the_cache_is_not_reused(victim_host: Callable[[], Proc]) -> None:
     """A warm sampler (identity cached) whose owner then exits: no stale identity."""
     victim = victim_host()
