@@ -70,13 +70,8 @@ def make_sampler(backend: str, settings: Settings) -> SocketSampler:
     return open_sampler(Classifier(settings.internal_networks), backend)
 
 
-def select_connections(
-    connections: Sequence[Connection], direction: str, settings: Settings
-) -> List[Connection]:
-    """Keep the asked direction and mark what the ``allow`` rules expect."""
-    kept = [c for c in connections if direction == "any" or c.direction == direction]
-    annotate(settings.allow, kept)
-    return kept
+def in_direction(connections: Sequence[Connection], direction: str) -> List[Connection]:
+    return [c for c in connections if direction == "any" or c.direction == direction]
 
 
 def is_unexpected(connection: Connection) -> bool:
@@ -92,11 +87,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     sampler = make_sampler(args.backend, settings)
     if sampler.limited:
         print(UNPRIVILEGED_NOTICE, file=sys.stderr)
-    connections = select_connections(sampler.sample(want_all=args.all), args.direction, settings)
+    connections = in_direction(sampler.sample(want_all=args.all), args.direction)
+    annotate(settings.allow, connections)
     unexpected = sum(1 for c in connections if is_unexpected(c))
     shown = [c for c in connections if args.all or args.allowlisted or not c.allowlisted]
     fmt = args.format or _default_format(sys.stdout)
-    columns = TABLE_COLUMNS if fmt == "table" else None
+    columns = (
+        ((*TABLE_COLUMNS, "external") if args.all else TABLE_COLUMNS) if fmt == "table" else None
+    )
     sys.stdout.write(render([c.as_dict() for c in shown], columns, fmt))
     if sys.stderr.isatty() or args.summary:
         stats = sampler.last
@@ -128,12 +126,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     samples = 0
     while not stop.is_set():
         try:
-            connections = select_connections(sampler.sample(), args.direction, settings)
+            sample = sampler.sample()
         except SamplerError as error:
             print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
             return EXIT_USAGE
+        annotate(settings.allow, sample)
         if store is not None:
-            store.record([c for c in connections if c.external])
+            store.record(sample)  # both directions, as the extension records them
+        connections = in_direction(sample, args.direction)
         current = {history_key(c): c for c in connections}
         new = [c for key, c in current.items() if key not in seen]
         seen = set(current) | (seen if args.once_per_run else set())
