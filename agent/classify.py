@@ -332,6 +332,18 @@ def _parse_ipv6(text: str, original: str) -> int:
     return value
 
 
+MAX_ADDRESS_LENGTH = 110
+"""The longest text that can be an address: 45 characters of IPv6 with a dotted tail
+(``ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255``), ``%`` and a 64-character zone."""
+
+
+def _bounded(value: object, limit: int = 60) -> str:
+    """``repr`` of a value for a message, cut to ``limit`` characters: a 100 KB input must not
+    make a 100 KB error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def parse_address(text: str) -> Tuple[int, int, Optional[str]]:
     """Parse strict address text into ``(version, integer value, zone)``.
 
@@ -340,7 +352,9 @@ def parse_address(text: str) -> Tuple[int, int, Optional[str]]:
     empty zones, a second ``::`` and five-digit groups are all refused.
     """
     if not isinstance(text, str):
-        raise AddressError(f"{text!r}: an address must be text")
+        raise AddressError(f"{_bounded(text)}: an address must be text")
+    if len(text) > MAX_ADDRESS_LENGTH:
+        raise AddressError(f"{_bounded(text)} ({len(text)} characters): longer than any address")
     if text == "":
         raise AddressError("'': empty address")
     if text != text.strip():

@@ -22,27 +22,12 @@ from agent.config import ConfigError, Settings, load_settings
 from agent.history import HistoryStore, HistoryUnavailable, Key, history_key
 from agent.osquery.server import add_arguments as add_extension_arguments
 from agent.osquery.server import extension_main
-from agent.output import TABLE_COLUMNS, render, safe_text
+from agent.output import HISTORY_TABLE_COLUMNS, TABLE_COLUMNS, render, safe_text
 from agent.records import Connection, Value
 from agent.sampler import UNPRIVILEGED_NOTICE, SamplerError, SocketSampler, open_sampler
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
-HISTORY_TABLE_COLUMNS = [
-    "pid",
-    "name",
-    "username",
-    "direction",
-    "protocol",
-    "remote_address",
-    "remote_port",
-    "address_class",
-    "first_seen",
-    "last_seen",
-    "samples",
-    "connections",
-    "open",
-]
 CLASSIFY_TABLE_COLUMNS = [
     "address",
     "external",
@@ -85,13 +70,8 @@ def make_sampler(backend: str, settings: Settings) -> SocketSampler:
     return open_sampler(Classifier(settings.internal_networks), backend)
 
 
-def select_connections(
-    connections: Sequence[Connection], direction: str, settings: Settings
-) -> List[Connection]:
-    """Keep the asked direction and mark what the ``allow`` rules expect."""
-    kept = [c for c in connections if direction == "any" or c.direction == direction]
-    annotate(settings.allow, kept)
-    return kept
+def in_direction(connections: Sequence[Connection], direction: str) -> List[Connection]:
+    return [c for c in connections if direction == "any" or c.direction == direction]
 
 
 def is_unexpected(connection: Connection) -> bool:
@@ -107,11 +87,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     sampler = make_sampler(args.backend, settings)
     if sampler.limited:
         print(UNPRIVILEGED_NOTICE, file=sys.stderr)
-    connections = select_connections(sampler.sample(want_all=args.all), args.direction, settings)
+    connections = in_direction(sampler.sample(want_all=args.all), args.direction)
+    annotate(settings.allow, connections)
     unexpected = sum(1 for c in connections if is_unexpected(c))
     shown = [c for c in connections if args.all or args.allowlisted or not c.allowlisted]
     fmt = args.format or _default_format(sys.stdout)
-    columns = TABLE_COLUMNS if fmt == "table" else None
+    columns = (
+        ((*TABLE_COLUMNS, "external") if args.all else TABLE_COLUMNS) if fmt == "table" else None
+    )
     sys.stdout.write(render([c.as_dict() for c in shown], columns, fmt))
     if sys.stderr.isatty() or args.summary:
         stats = sampler.last
@@ -143,12 +126,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     samples = 0
     while not stop.is_set():
         try:
-            connections = select_connections(sampler.sample(), args.direction, settings)
+            sample = sampler.sample()
         except SamplerError as error:
             print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
             return EXIT_USAGE
+        annotate(settings.allow, sample)
         if store is not None:
-            store.record([c for c in connections if c.external])
+            store.record(sample)  # both directions, as the extension records them
+        connections = in_direction(sample, args.direction)
         current = {history_key(c): c for c in connections}
         new = [c for key, c in current.items() if key not in seen]
         seen = set(current) | (seen if args.once_per_run else set())
@@ -326,7 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerant_streams() -> None:
+    """Let no byte stop the command.  Under a strict UTF-8 locale (``en_US.UTF-8``) Python
+    decodes stdin strictly and encodes stdout with the locale's codec: an undecodable input
+    line or a process name outside a narrow terminal encoding (Latin-1, ASCII) would end in a
+    traceback.  Undecodable input bytes become lone surrogates instead (PEP 383), which the
+    address parser refuses by name; unencodable output characters become escapes."""
+    for stream, errors in (
+        (sys.stdin, "surrogateescape"),
+        (sys.stdout, "backslashreplace"),
+        (sys.stderr, "backslashreplace"),
+    ):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors=errors)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _tolerant_streams()
     logging.basicConfig(format="egress-agent: %(message)s", level=logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)

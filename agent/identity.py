@@ -21,9 +21,12 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from agent.procnet import PROC_ROOT
+
+if TYPE_CHECKING:
+    import psutil  # imported where used: only off Linux (see the module's docstring)
 
 _CONTAINER_COMPONENT = re.compile(
     r"(?:(?:docker|cri-containerd|containerd|crio|cri-o|libpod|nerdctl)-)?([0-9a-f]{64})"
@@ -280,7 +283,7 @@ class IdentityCache:
             readers = (
                 ("name", process.name),
                 ("path", process.exe),
-                ("cmdline", lambda: " ".join(process.cmdline())),
+                ("cmdline", lambda: self._read_cmdline(pid, process)),
                 ("uid", lambda: process.uids().real),
                 ("username", process.username),
                 ("parent", process.ppid),
@@ -305,6 +308,21 @@ class IdentityCache:
             container_id=container_id_from_cgroup(cgroup),
             systemd_unit=systemd_unit_from_cgroup(cgroup),
         )
+
+    def _read_cmdline(self, pid: int, process: psutil.Process) -> str:
+        """The command line, arguments joined by spaces.  On Linux read as bytes from
+        ``/proc/PID/cmdline`` (NUL-separated, ``proc(5)``): psutil opens it in text mode,
+        whose newline translation turns a ``\\r`` in an argument into ``\\n``."""
+        try:
+            with open(f"{self.proc_root}/{pid}/cmdline", "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            if os.path.isdir(self.proc_root):
+                raise
+            return " ".join(process.cmdline())
+        if data.endswith(b"\0"):
+            data = data[:-1]
+        return os.fsdecode(data.replace(b"\0", b" "))
 
     def _read_cgroup(self, pid: int) -> str:
         try:

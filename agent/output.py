@@ -46,6 +46,11 @@ TABLE_COLUMNS = (
     "path",
 )
 """A table-width choice of the Connection columns: the process first, then the destination."""
+HISTORY_TABLE_COLUMNS = (
+    *TABLE_COLUMNS[: TABLE_COLUMNS.index("address_class") + 1],
+    *("first_seen", "last_seen", "samples", "connections", "open"),
+)
+"""The same for history rows: who, where to, then when and how often."""
 ECS_VERSION = "8.11.0"
 ELLIPSIS = "\u2026"
 

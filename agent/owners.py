@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Collection, Dict, List, Optional, Set, Tuple
+from typing import Collection, Dict, List, Mapping, Optional, Set, Tuple
 
 from agent.procnet import PROC_ROOT, list_pids
 
@@ -63,11 +63,18 @@ class OwnerFinder:
         self._unowned: Dict[int, int] = {}
         self._calls = 0
 
-    def find(self, wanted: Collection[int], pids: Optional[Collection[int]] = None) -> OwnerScan:
+    def find(
+        self,
+        wanted: Collection[int],
+        pids: Optional[Collection[int]] = None,
+        threads: Optional[Mapping[int, int]] = None,
+    ) -> OwnerScan:
         """Find the owners of the ``wanted`` socket inodes.
 
         With ``pids``, look only in those processes (osquery's ``WHERE pid = N``); such a
-        restricted scan leaves the remembered state alone.
+        restricted scan leaves the remembered state alone.  ``threads`` maps a process whose
+        main thread has exited to a live thread, whose ``/proc/PID/task/TID/fd`` is read
+        instead of the empty ``/proc/PID/fd`` (:func:`agent.procnet.live_thread`).
         """
         self._calls += 1
         scan = OwnerScan()
@@ -89,10 +96,11 @@ class OwnerFinder:
             stopped_early = self._confirm(links, waiting, scan)
         order: List[int] = sorted(set(pids)) if pids is not None else list(self._recent_pids)
         tried: Set[int] = set(order)
-        stopped_early = stopped_early or self._scan(order, links, waiting, scan)
+        threads = threads or {}
+        stopped_early = stopped_early or self._scan(order, links, waiting, scan, threads)
         if not stopped_early and not restricted:
             rest = [pid for pid in self._list_pids() if pid not in tried]
-            stopped_early = self._scan(rest, links, waiting, scan)
+            stopped_early = self._scan(rest, links, waiting, scan, threads)
         scan.complete = not stopped_early
 
         if not restricted:
@@ -130,7 +138,12 @@ class OwnerFinder:
         return not waiting
 
     def _scan(
-        self, order: List[int], links: Dict[str, int], waiting: Set[int], scan: OwnerScan
+        self,
+        order: List[int],
+        links: Dict[str, int],
+        waiting: Set[int],
+        scan: OwnerScan,
+        threads: Mapping[int, int],
     ) -> bool:
         """Scan fd directories in ``order``; True when it stopped because nothing is waiting.
 
@@ -142,8 +155,10 @@ class OwnerFinder:
         proc_root = self.proc_root
         readlink = os.readlink
         for pid in order:
+            tid = threads.get(pid)
+            path = f"{proc_root}/{pid}/fd" if tid is None else f"{proc_root}/{pid}/task/{tid}/fd"
             try:
-                dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
+                dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 scan.unreadable_pids += 1
                 continue

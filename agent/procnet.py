@@ -249,6 +249,14 @@ def scan_socket_table(
     which go into ``listeners``.  ``tcp_ends`` collects the (local, remote) endpoint text of
     every TCP row that does not listen, for counting connections without decoding them.
     Truncated or garbage lines are skipped.
+
+    A row the kernel printed twice is kept once.  The table is produced a page (4 KB) per
+    ``read()``, and each read resumes at a (hash bucket, offset) position
+    (``seq_read_iter`` in ``fs/seq_file.c``, ``tcp_seek_last_pos`` in
+    ``net/ipv4/tcp_ipv4.c``): a socket opened meanwhile in the bucket being read shifts an
+    already printed one into the next page.  Churn makes that common (see
+    ``tests/test_churn.py``).  A socket is known by its inode, or when it has none (TIME_WAIT,
+    request sockets) by its two ends, which no two sockets of one table share.
     Returns (the wanted sockets, how many well-formed rows the table had).
     """
     version = table.version
@@ -258,6 +266,7 @@ def scan_socket_table(
     is_tcp = table.protocol == IPPROTO_TCP
     protocol = table.protocol
     kept: List[Socket] = []
+    kept_keys: Set[object] = set()
     seen = 0
     for line in _data_lines(text):
         fields = line.split(None, 4)
@@ -282,7 +291,10 @@ def scan_socket_table(
         if wanted is None or wanted(remote[:address_len], version):
             sock = _decode_row(fields, table)
             if sock is not None:
-                kept.append(sock)
+                key = sock.inode or (fields[1], remote)
+                if key not in kept_keys:
+                    kept_keys.add(key)
+                    kept.append(sock)
     return kept, seen
 
 
@@ -377,6 +389,38 @@ class NetNamespace:
         return self.pids[0]
 
 
+def live_thread(pid: int, proc_root: str = PROC_ROOT) -> Optional[int]:
+    """A live thread of a process whose main thread has exited alone, or None.
+
+    When the thread-group leader ends with ``pthread_exit`` or ``SYS_exit`` while other
+    threads run on, the process lives (``ps`` shows ``Zl``) but ``/proc/PID/ns/net``,
+    ``/proc/PID/net/*`` and ``/proc/PID/fd`` go with the leader's files and namespaces
+    (``proc_ns_get_link``, ``get_proc_task_net`` and ``proc_fd_link`` in ``fs/proc`` read the
+    leader's task); ``/proc/PID/task/TID/`` of a live thread still shows them.  A process
+    could otherwise hide its sockets, and a namespace whose processes all do so, this way.
+    """
+    try:
+        names = os.listdir(f"{proc_root}/{pid}/task")
+    except OSError:
+        return None
+    for name in names:
+        if name.isdigit() and int(name) != pid:
+            try:
+                os.readlink(f"{proc_root}/{pid}/task/{name}/ns/net")
+            except OSError:
+                continue
+            return int(name)
+    return None
+
+
+def proc_entry(pid: int, threads: Dict[int, int], proc_root: str = PROC_ROOT) -> Tuple[int, str]:
+    """The ``(pid, proc_root)`` to hand the readers here for PID: itself, or its live thread
+    under ``/proc/PID/task`` when its leader has exited (``threads``, as discovery found them;
+    see :func:`live_thread`)."""
+    tid = threads.get(pid)
+    return (pid, proc_root) if tid is None else (tid, f"{proc_root}/{pid}/task")
+
+
 @dataclass
 class NamespaceDiscovery:
     """The outcome of :func:`discover_namespaces`."""
@@ -385,6 +429,9 @@ class NamespaceDiscovery:
     errors: Dict[int, str]
     """pid -> why its namespace could not be read (gone, permission denied, ...)."""
     pids_seen: int
+    threads: Dict[int, int] = field(default_factory=dict)
+    """pid -> a live thread, for processes whose main thread has exited (see
+    :func:`live_thread`): read their tables and fds through ``/proc/PID/task/TID``."""
 
 
 def discover_namespaces(
@@ -398,9 +445,17 @@ def discover_namespaces(
     candidates = list_pids(proc_root) if pids is None else sorted(set(pids))
     by_inode: Dict[int, NetNamespace] = {}
     errors: Dict[int, str] = {}
+    threads: Dict[int, int] = {}
     for pid in candidates:
         try:
-            inode = namespace_of(pid, proc_root)
+            try:
+                inode = namespace_of(pid, proc_root)
+            except FileNotFoundError:
+                tid = live_thread(pid, proc_root)
+                if tid is None:
+                    raise
+                inode = namespace_of(tid, f"{proc_root}/{pid}/task")
+                threads[pid] = tid
         except OSError as error:
             errors[pid] = error.strerror or type(error).__name__
             continue
@@ -412,4 +467,4 @@ def discover_namespaces(
             by_inode[inode] = NetNamespace(inode, [pid])
         else:
             namespace.pids.append(pid)
-    return NamespaceDiscovery(list(by_inode.values()), errors, len(candidates))
+    return NamespaceDiscovery(list(by_inode.values()), errors, len(candidates), threads)

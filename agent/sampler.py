@@ -35,6 +35,7 @@ from agent.procnet import (
     decode_address,
     decode_endpoint,
     discover_namespaces,
+    proc_entry,
     read_socket_table,
     read_tcp_counters,
     scan_socket_table,
@@ -55,8 +56,9 @@ from agent.sockdiag import (
 )
 
 UNPRIVILEGED_NOTICE = (
-    "egress-agent: not running as root: sockets of other users' processes show without "
-    "an owner (pid -1)"
+    "egress-agent: not running as root, so this report is partial: sockets of other users' "
+    "processes show without an owner (pid -1), and network namespaces (containers) in which "
+    "none of your own processes run are not seen at all"
 )
 """What to say once on stderr when :attr:`Sampler.limited` is true."""
 
@@ -261,6 +263,7 @@ class Sampler:
         """namespace inode -> (its ActiveOpens, its outbound TCP connections) when last
         counted through sock_diag."""
         self._text: Dict[Tuple[int, int], str] = {}
+        self._threads: Dict[int, int] = {}
         self.use_sock_diag = (
             use_sock_diag
             if use_sock_diag is not None
@@ -309,6 +312,7 @@ class Sampler:
             ) from error
         stats.namespace_errors = discovery.errors
         stats.namespaces = len(discovery.namespaces)
+        self._threads = discovery.threads
         kept: List[_Kept] = []
         outbound_tcp: Optional[Set[OutboundKey]] = set() if self.count_outbound_tcp else None
         backends: Set[str] = set()
@@ -331,7 +335,7 @@ class Sampler:
                 del self._outbound_by_namespace[inode]
         stats.wanted = len(kept)
 
-        scan = self.owners.find({sock.inode for _, _, sock in kept}, pids)
+        scan = self.owners.find({sock.inode for _, _, sock in kept}, pids, discovery.threads)
         stats.pids_scanned = scan.pids_scanned
         stats.fds_scanned = scan.fds_scanned
         stats.unreadable_pids = scan.unreadable_pids
@@ -396,15 +400,16 @@ class Sampler:
         diag = None
         for pid in namespace.pids:
             try:
-                diag = DiagSocket.in_namespace(pid, self.proc_root)
+                diag = DiagSocket.in_namespace(*proc_entry(pid, self._threads, self.proc_root))
                 break
             except OSError:
                 continue  # gone, or not ours to enter: try the next process
         if diag is None:
             return None
         info = NamespaceStats(namespace.inode, pid)
+        entry = proc_entry(pid, self._threads, self.proc_root)
         with contextlib.suppress(OSError):
-            info.active_opens = read_tcp_counters(pid, self.proc_root).get("ActiveOpens")
+            info.active_opens = read_tcp_counters(*entry).get("ActiveOpens")
         unchanged: Optional[FrozenSet[OutboundKey]] = None
         if outbound_tcp is not None and not want_all:
             last = self._outbound_by_namespace.get(namespace.inode)
@@ -467,7 +472,7 @@ class Sampler:
             info.sockets = rows
         else:
             try:
-                info.sockets = count_sockets(pid, self.proc_root)
+                info.sockets = count_sockets(*entry)
             except OSError:
                 info.sockets = rows
         return info
@@ -527,7 +532,8 @@ class Sampler:
             info.error = "no process of this namespace let its socket tables be read"
         else:
             with contextlib.suppress(OSError):
-                info.active_opens = read_tcp_counters(info.pid, self.proc_root).get("ActiveOpens")
+                counters = read_tcp_counters(*proc_entry(info.pid, self._threads, self.proc_root))
+                info.active_opens = counters.get("ActiveOpens")
         info.listeners = len(listeners)
         if outbound_tcp is not None:
             info.outbound_tcp = _add_outbound(outbound_tcp, namespace.inode, listeners, tcp_ends)
@@ -538,12 +544,18 @@ class Sampler:
     ) -> Tuple[Optional[str], int]:
         """The table's text through the first candidate pid still there, from ``current``."""
         for index in range(current, len(candidates)):
-            pid = candidates[index]
+            entry, root = proc_entry(candidates[index], self._threads, self.proc_root)
             try:
-                return read_socket_table(pid, table, self.proc_root), index
+                return read_socket_table(entry, table, root), index
             except FileNotFoundError:
-                if os.path.isdir(f"{self.proc_root}/{pid}/net"):
-                    return None, index  # this kernel has no such table (IPv6 disabled)
+                # No such table on this kernel (IPv6 disabled), or the process is gone or a
+                # zombie (whose /proc/PID/net is still a directory, but cannot be listed).
+                try:
+                    present = os.listdir(f"{root}/{entry}/net")
+                except OSError:
+                    continue
+                if table.name not in present:
+                    return None, index
             except OSError:
                 continue  # gone, or not ours to read: try the next process
         return None, current

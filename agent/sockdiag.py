@@ -95,7 +95,7 @@ def open_in_namespace(pid: int, proc_root: str = PROC_ROOT) -> socket.socket:
     OSError: the process is gone, or we may not enter its namespace (not root); and
     :class:`SockDiagError` if we could not come back, which leaves nothing usable.
     """
-    here = os.open(f"{proc_root}/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    here = os.open(f"{PROC_ROOT}/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         there = os.open(f"{proc_root}/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:

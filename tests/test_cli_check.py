@@ -161,7 +161,7 @@ def test_csv_and_jsonl_carry_the_same_rows(host: Host) -> None:
 def test_ecs_fields_are_where_ecs_puts_them(host: Host) -> None:
     result = egress_agent("check", "--format", "ecs")
     docs = [json.loads(line) for line in result.stdout.splitlines()]
-    mapped = [d for d in docs if d["process"]["pid"] == host.c_mapped.pid]
+    mapped = [d for d in docs if d.get("process", {}).get("pid") == host.c_mapped.pid]
     assert len(mapped) == 1
     doc = mapped[0]
     assert doc["destination"]["ip"] == "::ffff:" + SRV4

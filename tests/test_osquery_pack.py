@@ -18,16 +18,14 @@ from osquery_core import (
 
 ROOT = Path(__file__).resolve().parent.parent
 PACK = ROOT / "config" / "osquery" / "egress-agent.conf"
-DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "osquery.md"]
+DOCUMENTS = [ROOT / "README.md"]
 EXTENSION = default_extension_command()
 
 
 def documented_sql() -> List[Tuple[str, str]]:
-    """Every ```sql block of the README and docs/osquery.md, named by file and position."""
+    """Every ```sql block of the README, named by file and position."""
     found = []
     for document in DOCUMENTS:
-        if not document.exists():
-            continue
         blocks = re.findall(r"```sql\n(.*?)```", document.read_text(), flags=re.S)
         found += [(f"{document.name}#{i}", sql) for i, sql in enumerate(blocks)]
     return found
