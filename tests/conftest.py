@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Iterator
+import traceback
+from typing import Any, Callable, Iterator
 
 import pytest
 from nethost import NetHost
@@ -24,3 +26,38 @@ def nethost() -> Iterator[NetHost]:
         pytest.skip("needs root: network namespaces and veth pairs")
     with NetHost(os.environ.get("NETHOST_PREFIX", "eat")) as host:
         yield host
+
+
+NOBODY = 65534
+
+
+def run_as_nobody(work: Callable[[], Any]) -> Any:
+    """``work()``'s result (anything JSON can carry), computed in a forked child that became
+    ``nobody`` (uid and gid 65534, no groups) when we are root.
+
+    How the tests see what an ordinary user sees.  Import and warm up what ``work`` needs
+    before calling: the interpreter's files may be unreadable to nobody.  A failure in the
+    child fails the test with the child's traceback.
+    """
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            os.close(reader)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            os.write(writer, json.dumps({"result": work()}).encode())
+            status = 0
+        except BaseException:
+            os.write(writer, traceback.format_exc().encode())
+        finally:
+            os._exit(status)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        output = pipe.read().decode("utf-8", "replace")
+    _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, output
+    return json.loads(output)["result"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import re
 import shutil
 import tempfile
@@ -13,6 +12,7 @@ from typing import Dict, Iterator
 
 import pytest
 import yaml
+from conftest import run_as_nobody
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -184,31 +184,19 @@ def test_an_unreadable_default_file_is_an_error_not_the_defaults(tmp_path: Path)
 
 
 def _load_as_nobody(path: str) -> str:
-    """``load_settings(path)``'s error, in a forked child that runs as ``nobody`` when we are
-    root (root reads any file whatever its mode, so the refusal needs another user).
-    """
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover (the child's result travels through the pipe)
+    """``load_settings(path)``'s error as ``nobody`` when we are root (root reads any file
+    whatever its mode, so the refusal needs another user)."""
+    b"".decode("utf-8-sig")  # the codec's module may be unreadable to nobody: load it here
+
+    def load() -> str:
         try:
-            os.close(read_end)
-            if os.geteuid() == 0:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-            try:
-                load_settings(path, {})
-                result = "no error"
-            except ConfigError as error:
-                result = str(error)
-            os.write(write_end, result.encode("utf-8", "surrogateescape"))
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as stream:
-        output = stream.read().decode("utf-8", "surrogateescape")
-    os.waitpid(child, 0)
-    return output
+            load_settings(path, {})
+        except ConfigError as error:
+            return str(error)
+        return "no error"
+
+    result: str = run_as_nobody(load)
+    return result
 
 
 @pytest.fixture()

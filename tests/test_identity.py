@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import needs_root
+from conftest import needs_root, run_as_nobody
 
 from agent.identity import (
     NO_OWNER,
@@ -229,26 +228,12 @@ def test_another_users_process_yields_what_can_be_read() -> None:
     needs no module it has not got: the interpreter's files may be unreadable to nobody)."""
     me = os.getpid()
     IdentityCache().lookup(me)
-    reader, writer = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            os.close(reader)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            found = IdentityCache().lookup(me)
-            os.write(writer, json.dumps([found.pid, found.name, found.path, found.uid]).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(writer)
-    with os.fdopen(reader) as pipe:
-        output = pipe.read()
-    _, status = os.waitpid(child, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    pid, name, path, uid = json.loads(output)
+
+    def look() -> list:  # type: ignore[type-arg]
+        found = IdentityCache().lookup(me)
+        return [found.pid, found.name, found.path, found.uid]
+
+    pid, name, path, uid = run_as_nobody(look)
     assert pid == me and name == psutil.Process().name()
     assert path == ""  # /proc/PID/exe of another user's process: EACCES
     assert uid == os.getuid()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from conftest import needs_root
+from conftest import NOBODY, needs_root, run_as_nobody
 from nethost import NetHost, Proc
 
 from agent import cli
@@ -34,7 +34,6 @@ from agent.sampler import UNPRIVILEGED_NOTICE
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat") + "p"
 SRV6, CLI6, LONE6 = "2a0e:4a00:b::1", "2a0e:4a00:b::2", "2a0e:4a00:c::2"
 SRV_LONE = "2a0e:4a00:c::1"
-NOBODY = 65534
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 NETHOST_SCRIPT = str(Path(__file__).with_name("nethost.py"))
 
@@ -247,35 +246,19 @@ def test_the_shell_scan_finds_what_it_looks_for(tmp_path: Path) -> None:
 
 
 def _as_nobody(attempts: Dict[str, Callable[[], object]]) -> Dict[str, str]:
-    """Run each attempt in a child that has become nobody: name -> "ok" or the errno name."""
-    reader, writer = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            os.close(reader)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            outcome = {}
-            for name, attempt in attempts.items():
-                try:
-                    attempt()
-                    outcome[name] = "ok"
-                except OSError as error:
-                    outcome[name] = errno.errorcode.get(error.errno or 0, str(error))
-            os.write(writer, json.dumps(outcome).encode())
-            status = 0
-        except BaseException:
-            os.write(writer, traceback.format_exc().encode())
-        finally:
-            os._exit(status)
-    os.close(writer)
-    with os.fdopen(reader) as pipe:
-        output = pipe.read()
-    _, status = os.waitpid(child, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, output
-    result: Dict[str, str] = json.loads(output)
+    """Run each attempt as nobody: name -> "ok" or the errno name."""
+
+    def attempt_all() -> Dict[str, str]:
+        outcome = {}
+        for name, attempt in attempts.items():
+            try:
+                attempt()
+                outcome[name] = "ok"
+            except OSError as error:
+                outcome[name] = errno.errorcode.get(error.errno or 0, str(error))
+        return outcome
+
+    result: Dict[str, str] = run_as_nobody(attempt_all)
     return result
 
 

@@ -14,13 +14,12 @@ import json
 import os
 import socket
 import sys
-import traceback
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import psutil
 import pytest
-from conftest import needs_root
+from conftest import needs_root, run_as_nobody
 from nethost import NetHost, Proc
 
 from agent.classify import Classifier
@@ -630,32 +629,15 @@ def test_not_root_sees_other_users_sockets_without_owner() -> None:
         server.bind(("127.0.0.1", 0))
         server.listen()
         inode = os.fstat(server.fileno()).st_ino
-        reader, writer = os.pipe()
-        child = os.fork()
-        if child == 0:  # pragma: no cover - runs in the child
-            status = 1
-            try:
-                os.close(reader)
-                server.close()  # only the parent (root) holds it now
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                sampler = Sampler(CLASSIFIER)
-                rows = sampler.sample(want_all=True)
-                mine = [(row.pid, row.fd) for row in rows if row.socket == inode]
-                report = [sampler.limited, mine, len(sampler.last.namespace_errors)]
-                os.write(writer, json.dumps(report).encode())
-                status = 0
-            except BaseException:
-                os.write(writer, traceback.format_exc().encode())
-            finally:
-                os._exit(status)
-        os.close(writer)
-        with os.fdopen(reader) as pipe:
-            output = pipe.read()
-        _, status = os.waitpid(child, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, output
-    limited, mine, namespace_errors = json.loads(output)
+
+        def look() -> List[object]:
+            server.close()  # only the parent (root) holds it now
+            sampler = Sampler(CLASSIFIER)
+            rows = sampler.sample(want_all=True)
+            mine = [(row.pid, row.fd) for row in rows if row.socket == inode]
+            return [sampler.limited, mine, len(sampler.last.namespace_errors)]
+
+        limited, mine, namespace_errors = run_as_nobody(look)
     assert limited
     assert mine == [[-1, -1]]
     assert namespace_errors > 0  # other users' /proc/PID/ns/net links are not readable
