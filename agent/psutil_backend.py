@@ -29,7 +29,7 @@ from agent.procnet import (
     namespace_of,
 )
 from agent.records import Connection
-from agent.sampler import NamespaceStats, SamplerTotals, SampleStats
+from agent.sampler import NamespaceStats, SamplerTotals, SampleStats, connection_of
 
 _PSUTIL_TO_OSQUERY_STATE = {"CLOSE": "CLOSED", "NONE": ""}
 """psutil's status names (``psutil.CONN_*``) that osquery spells otherwise; the rest agree."""
@@ -126,18 +126,9 @@ class PsutilSampler:
         family = AF_INET6 if conn.family == socketlib.AF_INET6 else AF_INET
         state = str(conn.status) if protocol == IPPROTO_TCP else ""
         remote_port = conn.raddr.port if conn.raddr else 0
-        return Connection(
-            pid=identity.pid if conn.pid is not None else -1,
-            name=identity.name,
-            path=identity.path,
-            cmdline=identity.cmdline,
-            uid=identity.uid,
-            username=identity.username,
-            parent=identity.parent,
-            process_start_time=identity.process_start_time,
-            process_uuid=identity.process_uuid,
-            container_id=identity.container_id,
-            systemd_unit=identity.systemd_unit,
+        return connection_of(
+            identity,
+            remote,
             net_namespace=namespace,
             fd=conn.fd if conn.fd is not None else -1,
             socket=None,
@@ -146,15 +137,8 @@ class PsutilSampler:
             state=_PSUTIL_TO_OSQUERY_STATE.get(state, state),
             local_address=local.normalized if local is not None else "",
             local_port=local_port,
-            remote_address=remote.normalized if remote is not None else "",
             remote_port=remote_port,
             direction="inbound" if inbound else "outbound",
-            external=bool(remote is not None and remote.external),
-            expanded_address=remote.expanded if remote is not None else "",
-            address_int=remote.address_int if remote is not None else "",
-            address_class=remote.category if remote is not None else "",
-            via=remote.via if remote is not None else None,
-            embedded_ipv4=remote.embedded_ipv4 if remote is not None else None,
         )
 
 

@@ -18,9 +18,9 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Collection, Dict, FrozenSet, List, Optional, Protocol, Set, Tuple
+from typing import Any, Collection, Dict, FrozenSet, List, Optional, Protocol, Set, Tuple
 
-from agent.classify import Classifier, format_ipv4, format_ipv6
+from agent.classify import Classifier, Verdict, format_ipv4, format_ipv6
 from agent.identity import NO_OWNER, Identity, IdentityCache
 from agent.owners import OwnerFinder
 from agent.procnet import (
@@ -165,6 +165,32 @@ class SocketSampler(Protocol):
     def sample(
         self, want_all: bool = False, pids: Optional[Collection[int]] = None
     ) -> List[Connection]: ...
+
+
+def connection_of(identity: Identity, verdict: Optional[Verdict], **socket: Any) -> Connection:
+    """One record from its three parts: the process holding the socket, the socket's own
+    columns, and the verdict on its remote address (None when it has none)."""
+    return Connection(
+        pid=identity.pid,
+        name=identity.name,
+        path=identity.path,
+        cmdline=identity.cmdline,
+        uid=identity.uid,
+        username=identity.username,
+        parent=identity.parent,
+        process_start_time=identity.process_start_time,
+        process_uuid=identity.process_uuid,
+        container_id=identity.container_id,
+        systemd_unit=identity.systemd_unit,
+        remote_address=verdict.normalized if verdict is not None else "",
+        external=verdict is not None and verdict.external,
+        expanded_address=verdict.expanded if verdict is not None else "",
+        address_int=verdict.address_int if verdict is not None else "",
+        address_class=verdict.category if verdict is not None else "",
+        via=verdict.via if verdict is not None else None,
+        embedded_ipv4=verdict.embedded_ipv4 if verdict is not None else None,
+        **socket,
+    )
 
 
 def open_sampler(
@@ -580,18 +606,9 @@ class Sampler:
         inbound = listeners.is_inbound(
             sock.protocol, sock.version, sock.local_address, sock.local_port
         )
-        return Connection(
-            pid=identity.pid,
-            name=identity.name,
-            path=identity.path,
-            cmdline=identity.cmdline,
-            uid=identity.uid,
-            username=identity.username,
-            parent=identity.parent,
-            process_start_time=identity.process_start_time,
-            process_uuid=identity.process_uuid,
-            container_id=identity.container_id,
-            systemd_unit=identity.systemd_unit,
+        return connection_of(
+            identity,
+            verdict,
             net_namespace=namespace_inode,
             fd=fd,
             socket=sock.inode,
@@ -600,13 +617,6 @@ class Sampler:
             state=sock.state_name,
             local_address=self._address_text(sock.local_address, sock.version),
             local_port=sock.local_port,
-            remote_address=verdict.normalized,
             remote_port=sock.remote_port,
             direction="inbound" if inbound else "outbound",
-            external=verdict.external,
-            expanded_address=verdict.expanded,
-            address_int=verdict.address_int,
-            address_class=verdict.category,
-            via=verdict.via,
-            embedded_ipv4=verdict.embedded_ipv4,
         )

@@ -27,6 +27,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -321,6 +322,10 @@ class Load:
         ]
         for family, address, port in plan.tcp:
             s = socket.socket(family, socket.SOCK_STREAM)
+            # Linger 0: when the client dies its connections are reset and gone at once,
+            # instead of lingering ownerless in FIN_WAIT for a minute where later samples
+            # (and tests that expect a quiet host) would still count them.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.settimeout(10)
             s.connect((address, port))
             held.append(s)

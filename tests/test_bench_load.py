@@ -81,6 +81,8 @@ def test_tiny_load_builds_the_planned_sockets_and_leaves_nothing_behind() -> Non
     assert leftovers(TOPOLOGY) == []
     assert alive(pids) == []
     assert not os.path.exists(files_dir)
+    # nor ownerless connections lingering in this namespace (the clients reset theirs)
+    assert client_sockets(peers())["all"] == 0
 
 
 def test_variants_place_external_connections_as_documented() -> None:
