@@ -318,18 +318,6 @@ def read_sockets(pid: int, table: SocketTable, proc_root: str = PROC_ROOT) -> Li
     return sockets
 
 
-def read_listeners(pid: int, proc_root: str = PROC_ROOT) -> ListenerIndex:
-    """The listening sockets of PID's network namespace, all four tables."""
-    index = ListenerIndex()
-    for table in SOCKET_TABLES:
-        try:
-            text = read_socket_table(pid, table, proc_root)
-        except OSError:
-            continue
-        scan_socket_table(text, table, lambda _hex, _version: False, index)
-    return index
-
-
 def parse_snmp(text: str, section: str = "Tcp") -> Dict[str, int]:
     """One section of ``/proc/net/snmp`` (a header line of names, then a line of values)."""
     prefix = section + ":"

@@ -283,7 +283,6 @@ class Sampler:
         self.last = SampleStats()
         self.totals = SamplerTotals()
         self._external_by_hex: Dict[str, bool] = {}
-        self._external_by_int: Dict[Tuple[int, int], bool] = {}
         self._external_by_bytes: Dict[bytes, bool] = {}
         self._outbound_by_namespace: Dict[int, Tuple[int, FrozenSet[OutboundKey]]] = {}
         """namespace inode -> (its ActiveOpens, its outbound TCP connections) when last
@@ -320,14 +319,9 @@ class Sampler:
         """
         started = time.perf_counter()
         stats = SampleStats()
-        if len(self._external_by_hex) > self.HEX_MEMO_LIMIT:
-            self._external_by_hex.clear()
-        if len(self._external_by_int) > self.HEX_MEMO_LIMIT:
-            self._external_by_int.clear()
-        if len(self._external_by_bytes) > self.HEX_MEMO_LIMIT:
-            self._external_by_bytes.clear()
-        if len(self._text) > self.HEX_MEMO_LIMIT:
-            self._text.clear()
+        for memo in (self._external_by_hex, self._external_by_bytes, self._text):
+            if len(memo) > self.HEX_MEMO_LIMIT:
+                memo.clear()
 
         try:
             discovery = discover_namespaces(self.proc_root, pids)
@@ -400,13 +394,6 @@ class Sampler:
                 return False
             external = self.classifier.judge(value, version).external
             self._external_by_hex[hex_text] = external
-        return external
-
-    def _is_external_int(self, value: int, version: int) -> bool:
-        key = (version, value)
-        external = self._external_by_int.get(key)
-        if external is None:
-            external = self._external_by_int[key] = self.classifier.judge(value, version).external
         return external
 
     def _diag_namespace(
@@ -522,7 +509,7 @@ class Sampler:
             remote = record[4]
             external = external_by_bytes.get(remote)
             if external is None:
-                external = self._is_external_int(int.from_bytes(remote, "big"), version)
+                external = self.classifier.judge(int.from_bytes(remote, "big"), version).external
                 external_by_bytes[remote] = external
             if external:
                 kept.append((namespace_inode, listeners, to_socket(record, table)))

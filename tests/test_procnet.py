@@ -27,7 +27,7 @@ from agent.procnet import (
     parse_line,
     parse_namespace_link,
     parse_snmp,
-    read_listeners,
+    read_socket_table,
     read_sockets,
     read_tcp_counters,
     scan_socket_table,
@@ -317,7 +317,9 @@ def test_this_process_namespace_and_tables() -> None:
             (1, port, "LISTEN")
         ]
         assert rows[0].uid == os.getuid()
-        assert read_listeners(os.getpid()).is_inbound(6, 6, 1, port)
+        listeners = ListenerIndex()
+        scan_socket_table(read_socket_table(os.getpid(), TCP6), TCP6, None, listeners)
+        assert listeners.is_inbound(6, 6, 1, port)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
         udp.connect(("127.0.0.2", 9))
