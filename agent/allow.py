@@ -16,14 +16,10 @@ import re
 from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 from agent.config import GLOB_CHARACTERS, AllowRule
+from agent.inet import ipv4_host
 from agent.records import Connection
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-
-# RFC 4291 section 2.5.5.2 (IPv4-mapped) and RFC 6052 section 2.1 (the NAT64 well-known
-# prefix): an IPv6 address under either reaches the IPv4 host in its last 32 bits.
-IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -38,17 +34,17 @@ def glob_matcher(pattern: str) -> Callable[[str], bool]:
 @functools.lru_cache(maxsize=4096)
 def remote_addresses(text: str) -> Tuple[Address, ...]:
     """The addresses a remote end stands for: itself and, for an IPv4-mapped or NAT64
-    address, the IPv4 host it reaches.  Text that is no address (an ownerless row's empty
-    field) stands for none.  A zone index (``fe80::1%eth0``) is dropped.
+    address, the IPv4 host it reaches (:func:`agent.inet.ipv4_host`).  Text that is no
+    address (an ownerless row's empty field) stands for none.  A zone index
+    (``fe80::1%eth0``) is dropped.
     """
     try:
         address = ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
         return ()
-    if isinstance(address, ipaddress.IPv6Address) and (
-        address in IPV4_MAPPED or address in NAT64_WELL_KNOWN
-    ):
-        return (address, ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    host = ipv4_host(int(address), address.version)
+    if host is not None:
+        return (address, ipaddress.IPv4Address(host))
     return (address,)
 
 

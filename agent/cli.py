@@ -16,15 +16,16 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, TextIO
 
 from agent import __version__
-from agent.allow import annotate
 from agent.classify import AddressError, Classifier
-from agent.config import ConfigError, Settings, load_settings
-from agent.history import HistoryStore, HistoryUnavailable, Key, history_key
-from agent.osquery.server import add_arguments as add_extension_arguments
-from agent.osquery.server import extension_main
-from agent.output import HISTORY_TABLE_COLUMNS, TABLE_COLUMNS, render, safe_text
+from agent.collect import BACKENDS, SamplerError
+from agent.config import ConfigError, load_settings
+from agent.history import HistoryUnavailable, Key, history_key
+from agent.osquery.options import add_arguments as add_extension_arguments
+from agent.osquery.options import extension_command
+from agent.pipeline import Monitor, Pipeline, Snapshot, open_store
 from agent.records import Connection, Value
-from agent.sampler import UNPRIVILEGED_NOTICE, SamplerError, SocketSampler, open_sampler
+from agent.render import HISTORY_TABLE_COLUMNS, TABLE_COLUMNS, format_choices, render
+from agent.textsafe import safe_text
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
@@ -66,10 +67,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_USAGE if failed else EXIT_OK
 
 
-def make_sampler(backend: str, settings: Settings) -> SocketSampler:
-    return open_sampler(Classifier(settings.internal_networks), backend)
-
-
 def in_direction(connections: Sequence[Connection], direction: str) -> List[Connection]:
     return [c for c in connections if direction == "any" or c.direction == direction]
 
@@ -82,13 +79,17 @@ def _default_format(stream: TextIO) -> str:
     return "table" if stream.isatty() else "json"
 
 
+def _print_notices(pipeline: Pipeline) -> None:
+    for notice in pipeline.notices:
+        print(f"egress-agent: {notice}", file=sys.stderr)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    sampler = make_sampler(args.backend, settings)
-    if sampler.limited:
-        print(UNPRIVILEGED_NOTICE, file=sys.stderr)
-    connections = in_direction(sampler.sample(want_all=args.all), args.direction)
-    annotate(settings.allow, connections)
+    pipeline = Pipeline.open(settings, args.backend)
+    _print_notices(pipeline)
+    snapshot = pipeline.sample(want_all=args.all)
+    connections = in_direction(snapshot.connections, args.direction)
     unexpected = sum(1 for c in connections if is_unexpected(c))
     shown = [c for c in connections if args.all or args.allowlisted or not c.allowlisted]
     fmt = args.format or _default_format(sys.stdout)
@@ -97,7 +98,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(render([c.as_dict() for c in shown], columns, fmt))
     if sys.stderr.isatty() or args.summary:
-        stats = sampler.last
+        stats = snapshot.stats
         print(
             f"egress-agent: {unexpected} unexpected external connection(s); looked at "
             f"{stats.sockets} sockets in {stats.namespaces} network namespace(s), "
@@ -108,13 +109,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FINDING if unexpected else EXIT_OK
 
 
+class _NewConnections:
+    """What ``watch`` prints of each sample: the connections not seen in the previous one (or,
+    with ``once_per_run``, never seen before in this run)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._args = args
+        self._seen: Set[Key] = set()
+
+    def __call__(self, snapshot: Snapshot) -> None:
+        args = self._args
+        connections = in_direction(snapshot.connections, args.direction)
+        current = {history_key(c): c for c in connections}
+        new = [c for key, c in current.items() if key not in self._seen]
+        self._seen = set(current) | (self._seen if args.once_per_run else set())
+        shown = [c for c in new if args.allowlisted or not c.allowlisted]
+        if shown:
+            sys.stdout.write(render([c.as_dict() for c in shown], None, args.format))
+            sys.stdout.flush()
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    sampler = make_sampler(args.backend, settings)
-    if sampler.limited:
-        print(UNPRIVILEGED_NOTICE, file=sys.stderr)
+    history_log = logging.getLogger("egress_agent.history")
+    pipeline = Pipeline.open(settings, args.backend, not args.no_history, history_log)
+    _print_notices(pipeline)
     interval = args.interval if args.interval is not None else settings.sampling_interval
-    store = open_history(settings) if settings.history_enabled and not args.no_history else None
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -122,40 +142,26 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    seen: Set[Key] = set()
+    printer = _NewConnections(args)
     samples = 0
-    while not stop.is_set():
-        try:
-            sample = sampler.sample()
-        except SamplerError as error:
-            print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
-            return EXIT_USAGE
-        annotate(settings.allow, sample)
-        if store is not None:
-            store.record(sample)  # both directions, as the extension records them
-        connections = in_direction(sample, args.direction)
-        current = {history_key(c): c for c in connections}
-        new = [c for key, c in current.items() if key not in seen]
-        seen = set(current) | (seen if args.once_per_run else set())
-        shown = [c for c in new if args.allowlisted or not c.allowlisted]
-        if shown:
-            sys.stdout.write(render([c.as_dict() for c in shown], None, args.format))
-            sys.stdout.flush()
+
+    def on_sample(snapshot: Snapshot) -> None:
+        nonlocal samples
+        printer(snapshot)
         samples += 1
         if args.count and samples >= args.count:
-            break
-        stop.wait(interval)
-    if store is not None:
-        store.close()
+            stop.set()
+
+    watch_log = logging.getLogger("egress_agent.watch")
+    monitor = Monitor(pipeline, interval, watch_log, "watch", on_sample)
+    try:
+        monitor.run(stop, fatal=(SamplerError,))
+    except SamplerError as error:
+        print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        pipeline.close()
     return EXIT_OK
-
-
-def open_history(settings: Settings) -> HistoryStore:
-    return HistoryStore(
-        settings.history_path,
-        retention_days=settings.history_retention_days,
-        max_rows=settings.history_max_rows,
-    )
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -182,7 +188,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(f"egress-agent history: no history at {path} yet", file=sys.stderr)
         rows: List[Dict[str, Value]] = []
     else:
-        store = open_history(settings)
+        store = open_store(settings)
         since = None if args.since is None else time.time() - args.since
         try:
             rows = store.rows(since)
@@ -232,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="an IPv4 or IPv6 address, or - to read one a line from stdin",
     )
-    classify.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    classify.add_argument("--format", choices=format_choices(connections=False), default="table")
     classify.add_argument(
         "--config", metavar="FILE", help="configuration file (for internal_networks)"
     )
@@ -252,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--backend",
-            choices=["auto", "proc", "psutil"],
+            choices=BACKENDS,
             default="auto",
             help="socket source: /proc in every network namespace (Linux), or psutil "
             "(this network namespace only)",
@@ -266,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_options(check)
     check.add_argument(
         "--format",
-        choices=["table", "json", "jsonl", "csv", "ecs"],
+        choices=format_choices(),
         help="default: table on a terminal, json otherwise",
     )
     check.add_argument("--all", action="store_true", help="every inet socket, with its verdict")
@@ -280,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         "watch", cmd_watch, "sample every interval; print each newly seen external connection once"
     )
     sampling_options(watch)
-    watch.add_argument("--format", choices=["jsonl", "ecs"], default="jsonl")
+    watch.add_argument("--format", choices=format_choices(stream=True), default="jsonl")
     watch.add_argument(
         "--interval",
         type=_positive_float,
@@ -302,10 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument(
         "--since", type=_duration, metavar="DURATION", help="only rows seen in the last 2h, 7d..."
     )
-    history.add_argument("--format", choices=["table", "json", "jsonl", "csv", "ecs"])
+    history.add_argument("--format", choices=format_choices())
 
     extension = command(
-        "extension", extension_main, "serve the osquery tables (osqueryd's autoloader runs this)"
+        "extension",
+        extension_command,
+        "serve the osquery tables (osqueryd's autoloader runs this)",
     )
     add_extension_arguments(extension)
     return parser

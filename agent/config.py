@@ -23,13 +23,15 @@ from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple, TypeVar, 
 
 import yaml
 
+from agent.inet import PROTOCOL_NUMBERS
+from agent.textsafe import one_line, safe_text
+
 DEFAULT_PATH = "/etc/egress-agent/config.yaml"
 ENVIRONMENT_VARIABLE = "EGRESS_AGENT_CONFIG"
 DEFAULT_HISTORY_PATH = "/var/lib/egress-agent/history.db"
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
-PROTOCOLS = {"tcp": 6, "udp": 17}
 DIRECTIONS = ("outbound", "inbound")
 # systemd.unit(5): the unit types; a unit name without one of these suffixes means ".service",
 # as systemctl reads it (unit_name_mangle() in systemd's src/basic/unit-name.c).
@@ -133,7 +135,7 @@ def quote(value: object) -> str:
     text = _REPR.repr(value)
     if len(text) > QUOTE_LIMIT:
         text = text[: QUOTE_LIMIT - 3] + "..."
-    return _safe_name(text)
+    return safe_text(text)
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
@@ -160,19 +162,10 @@ class _Invalid(Exception):
         self.show_value = show_value
 
     def message(self, source: str) -> str:
-        text = f"{_safe_name(source)}: {self.where}: {self.problem}"
+        text = f"{safe_text(source)}: {self.where}: {self.problem}"
         if self.show_value:
             text += f" (got {quote(self.value)})"
         return text
-
-
-def _safe_name(text: str) -> str:
-    """A file name (or quoted value) for a message: unprintable characters escaped, so that the
-    message stays one line and cannot drive a terminal.
-    """
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    )
 
 
 def _type_name(value: object) -> str:
@@ -296,7 +289,7 @@ def parse_network(value: object, where: str) -> Network:
         try:
             loose = network_class(text, strict=False)
         except ValueError:
-            raise _Invalid(where, f"not a CIDR: {_one_line(str(error))}", value) from None
+            raise _Invalid(where, f"not a CIDR: {one_line(str(error))}", value) from None
         raise _Invalid(where, f"host bits are set: did you mean {str(loose)!r}?", value) from None
 
 
@@ -369,9 +362,9 @@ def _container_id(value: object, where: str) -> str:
 
 
 def _protocol(value: object, where: str) -> int:
-    if not isinstance(value, str) or value.lower() not in PROTOCOLS:
+    if not isinstance(value, str) or value.lower() not in PROTOCOL_NUMBERS:
         raise _Invalid(where, "must be tcp or udp", value)
-    return PROTOCOLS[value.lower()]
+    return PROTOCOL_NUMBERS[value.lower()]
 
 
 def _direction(value: object, where: str) -> str:
@@ -518,10 +511,6 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(_safe_name(text).split())
-
-
 def parse_yaml(text: str, source: str) -> object:
     """Parse YAML text; a syntax error becomes one line naming the file, line and column."""
     try:
@@ -530,18 +519,18 @@ def parse_yaml(text: str, source: str) -> object:
         mark = error.problem_mark or error.context_mark
         problem = error.problem or error.context or "invalid YAML"
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(f"{_safe_name(source)}: {where}{_one_line(problem)}") from None
+        raise ConfigError(f"{safe_text(source)}: {where}{one_line(problem)}") from None
     except yaml.reader.ReaderError as error:
         line = text.count("\n", 0, error.position) + 1
         code = error.character if isinstance(error.character, int) else ord(error.character)
         character = f"U+{code:04X}"
         raise ConfigError(
-            f"{_safe_name(source)}: line {line}: character {character} is not allowed in YAML"
+            f"{safe_text(source)}: line {line}: character {character} is not allowed in YAML"
         ) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{_safe_name(source)}: invalid YAML: {_one_line(str(error))}") from None
+        raise ConfigError(f"{safe_text(source)}: invalid YAML: {one_line(str(error))}") from None
     except RecursionError:
-        raise ConfigError(f"{_safe_name(source)}: YAML nested too deeply") from None
+        raise ConfigError(f"{safe_text(source)}: YAML nested too deeply") from None
 
 
 def _read(path: str) -> str:
@@ -552,7 +541,7 @@ def _read(path: str) -> str:
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise ConfigError(
-            f"{_safe_name(path)}: line {line}: not UTF-8 text (byte {data[error.start]:#04x})"
+            f"{safe_text(path)}: line {line}: not UTF-8 text (byte {data[error.start]:#04x})"
         ) from None
 
 
@@ -561,7 +550,7 @@ def read_settings(path: str) -> Settings:
     try:
         text = _read(path)
     except OSError as error:
-        raise ConfigError(f"{_safe_name(path)}: cannot read: {error.strerror or error}") from None
+        raise ConfigError(f"{safe_text(path)}: cannot read: {error.strerror or error}") from None
     return parse_settings(parse_yaml(text, path), path)
 
 
@@ -587,6 +576,6 @@ def load_settings(
         return Settings()
     except OSError as error:
         raise ConfigError(
-            f"{_safe_name(default_path)}: cannot read: {error.strerror or error}"
+            f"{safe_text(default_path)}: cannot read: {error.strerror or error}"
         ) from None
     return parse_settings(parse_yaml(text, default_path), default_path)

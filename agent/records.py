@@ -1,8 +1,12 @@
 """The one record every output shares: a socket, its verdict and the process behind it.
 
 The osquery tables, the JSON/CSV/ECS output and the history store all derive their columns
-from :class:`Connection`, so a new column is added here and nowhere else.  Each field carries
-its osquery column type (``osquery/core/sql/column.h``: TEXT, INTEGER, BIGINT, ...).
+from :class:`Connection`, so a new column is added here and nowhere else (and filled by the
+reader that knows it; the history store adds it to an existing file by itself).  Each field
+carries its osquery column type (``osquery/core/sql/column.h``: TEXT, INTEGER, BIGINT, ...).
+
+Readers build records with :func:`connection_of` from three typed parts, so a misspelt column
+is an error mypy reports, not a surprise at run time.
 """
 
 from __future__ import annotations
@@ -10,7 +14,11 @@ from __future__ import annotations
 import dataclasses
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    from agent.classify import Verdict
+    from agent.identity import Identity
 
 Value = Union[str, int, bool, None]
 
@@ -78,3 +86,47 @@ COLUMNS: Tuple[Tuple[str, str], ...] = tuple(
 COLUMN_NAMES: List[str] = [name for name, _ in COLUMNS]
 
 _column_values = operator.attrgetter(*COLUMN_NAMES)
+
+
+class SocketColumns(NamedTuple):
+    """The columns of a record that the socket reader fills (the rest come from the process
+    and the verdict)."""
+
+    net_namespace: Optional[int]
+    fd: Optional[int]
+    socket: Optional[int]
+    family: int
+    protocol: int
+    state: str
+    local_address: str
+    local_port: int
+    remote_port: int
+    direction: str
+
+
+def connection_of(
+    identity: Identity, verdict: Optional[Verdict], sock: SocketColumns
+) -> Connection:
+    """One record from its three parts: the process holding the socket, the socket's own
+    columns, and the verdict on its remote address (None when it has none)."""
+    return Connection(
+        pid=identity.pid,
+        name=identity.name,
+        path=identity.path,
+        cmdline=identity.cmdline,
+        uid=identity.uid,
+        username=identity.username,
+        parent=identity.parent,
+        process_start_time=identity.process_start_time,
+        process_uuid=identity.process_uuid,
+        container_id=identity.container_id,
+        systemd_unit=identity.systemd_unit,
+        remote_address=verdict.normalized if verdict is not None else "",
+        external=verdict is not None and verdict.external,
+        expanded_address=verdict.expanded if verdict is not None else "",
+        address_int=verdict.address_int if verdict is not None else "",
+        address_class=verdict.category if verdict is not None else "",
+        via=verdict.via if verdict is not None else None,
+        embedded_ipv4=verdict.embedded_ipv4 if verdict is not None else None,
+        **sock._asdict(),
+    )

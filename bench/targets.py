@@ -5,7 +5,7 @@
 ``/proc/net/{tcp,tcp6,udp,udp6}`` of its own namespace only), then the identity of every pid
 that owns a socket via ``Process.oneshot()``, the same fields the agent reports.
 
-``our_sampler`` is egress-agent's own sampler (``agent.sampler``): every network namespace,
+``our_sampler`` is egress-agent's own sampler (``agent.collect.linux``): every network namespace,
 external connections only, each with its process, as ``egress-agent check`` takes it.
 
 Imports are inside the factories: the worker times the factory in cold mode, so what a fresh
@@ -54,16 +54,16 @@ def psutil_table() -> Callable[[], int]:
 
 
 def our_sampler() -> Callable[[], List[object]]:
-    """One sample of ``agent.sampler``: all namespaces, external rows only, with identity.
+    """One sample of ``agent.collect.linux``: all namespaces, external rows only, with identity.
 
     Cold and warm differ only in the process: cold is a fresh interpreter per run (imports,
     classifier and sampler construction included), warm keeps this closure (and the sampler's
     caches: verdicts, owner scan order, identities) across runs.
     """
     from agent.classify import Classifier
-    from agent.sampler import Sampler
+    from agent.collect.linux import LinuxSampler
 
-    sampler = Sampler(Classifier())
+    sampler = LinuxSampler(Classifier())
 
     def sample() -> List[object]:
         return list(sampler.sample())
@@ -81,8 +81,8 @@ def kernel_floor() -> Callable[[], int]:
     nothing, so the kernel walks its hash tables and copies nothing out.  Warm only (the
     sockets are opened once); the floor under the sampler, as ``ss -tunaH`` is for one
     namespace."""
-    from agent.procnet import SOCKET_TABLES, discover_namespaces
-    from agent.sockdiag import ALL_STATES, DiagSocket
+    from agent.collect.procnet import SOCKET_TABLES, discover_namespaces
+    from agent.collect.sockdiag import ALL_STATES, DiagSocket
 
     def sample() -> int:
         walked = 0

@@ -26,8 +26,8 @@ import pytest
 from nethost import NetHost, Proc
 
 from agent.classify import Classifier
+from agent.collect.linux import LinuxSampler
 from agent.records import Connection
-from agent.sampler import Sampler
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat") + "c"
 SRV6, CLI6, CLI6B = "2a0e:4a00:9::1", "2a0e:4a00:9::2", "2a0e:4a00:a::2"
@@ -112,7 +112,7 @@ def _long_lived_rows(rows: List[Connection], host: Host) -> Dict[LongLived, int]
 
 
 def test_every_long_lived_connection_in_every_sample_while_processes_churn(host: Host) -> None:
-    sampler = Sampler(Classifier())
+    sampler = LinuxSampler(Classifier())
     expected = host.long_lived()
     restricted_client = host.clients[0][0]
     churn = host.start_churn()

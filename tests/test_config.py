@@ -31,7 +31,7 @@ from agent.config import (
     quote,
     read_settings,
 )
-from agent.output import safe_text
+from agent.textsafe import safe_text
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "egress-agent.yaml"
 SOURCE = "/etc/egress-agent/config.yaml"

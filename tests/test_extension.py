@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import pytest
+from fakes import FunctionSampler, monitor_of
 from osquery_core import (
     CoreError,
     CoreStandIn,
@@ -25,9 +25,9 @@ from osquery_core import (
 
 import agent
 from agent.osquery import table
-from agent.osquery.monitor import Monitor, Snapshot
 from agent.osquery.server import Options, Stopper, serve
 from agent.osquery.tables import AgentInfo, ExtensionTables
+from agent.records import Connection
 
 EXTENSION = default_extension_command()
 STOP_WITHIN_S = 2.0
@@ -266,13 +266,12 @@ def test_ping_is_answered_during_a_slow_generate(core: CoreStandIn) -> None:
     made slow on demand.  With a one-connection-at-a-time server the ping would hang."""
     entered, release = threading.Event(), threading.Event()
 
-    def slow(pids: Optional[FrozenSet[int]]) -> Snapshot:
+    def slow(pids: Optional[FrozenSet[int]]) -> List[Connection]:
         entered.set()
         release.wait(60)
-        return Snapshot(connections=[])
+        return []
 
-    log = logging.getLogger("test")
-    monitor = Monitor(slow, None, 3600, log, active_opens=dict)
+    monitor = monitor_of(FunctionSampler(slow), interval=3600)
     tables = ExtensionTables(monitor, None, AgentInfo("1", "defaults", 1.0, ""))
     stopper = Stopper()
     options = Options(socket=core.socket_path, timeout=5, interval=1)

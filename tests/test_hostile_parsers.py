@@ -25,8 +25,7 @@ from hypothesis import strategies as st
 
 from agent import cli
 from agent.classify import MAX_ADDRESS_LENGTH, AddressError, Classifier
-from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
-from agent.procnet import (
+from agent.collect.procnet import (
     SOCKET_TABLES,
     TCP4,
     TCP6,
@@ -38,6 +37,7 @@ from agent.procnet import (
     parse_snmp,
     scan_socket_table,
 )
+from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
 
 CLASSIFIER = Classifier()
 

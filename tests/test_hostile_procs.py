@@ -43,11 +43,12 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 from nethost import Namespace, NetHost, Proc
 
-from agent import sampler as sampler_module
 from agent.classify import Classifier
-from agent.output import FORMATS, cell_text, render, utf8_safe
+from agent.collect import linux as sampler_module
+from agent.collect.linux import LinuxSampler
 from agent.owners import OwnerFinder, OwnerScan
-from agent.sampler import Sampler
+from agent.render import FORMATS, render
+from agent.textsafe import cell_text, utf8_safe
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat") + "h"
 SRV6, CLI6 = "2a0e:4a00:7::1", "2a0e:4a00:7::2"
@@ -420,7 +421,7 @@ def test_process_gone_between_owner_scan_and_identity(
     victim_host: Callable[[], Proc],
 ) -> None:
     victim = victim_host()
-    sampler = Sampler(CLASSIFIER, owners=ExitAfterOwnerScan(victim))
+    sampler = LinuxSampler(CLASSIFIER, owners=ExitAfterOwnerScan(victim))
     rows = sampler.sample()
     mine = _rows_of(rows, victim)
     assert len(mine) == 1
@@ -434,7 +435,7 @@ def test_process_gone_between_socket_tables_and_owner_scan(
     victim_host: Callable[[], Proc],
 ) -> None:
     victim = victim_host()
-    sampler = Sampler(CLASSIFIER, owners=ExitBeforeOwnerScan(victim))
+    sampler = LinuxSampler(CLASSIFIER, owners=ExitBeforeOwnerScan(victim))
     rows = sampler.sample()
     mine = _rows_of(rows, victim)
     assert len(mine) == 1 and mine[0].pid == -1  # the socket was read, then lost its owner
@@ -456,7 +457,7 @@ def test_namespace_emptied_between_discovery_and_socket_tables(
         return found
 
     monkeypatch.setattr(sampler_module, "discover_namespaces", discover_then_exit)
-    sampler = Sampler(CLASSIFIER)
+    sampler = LinuxSampler(CLASSIFIER)
     rows = sampler.sample()
     assert not _rows_of(rows, victim)
     info = [n for n in sampler.last.per_namespace if n.inode == namespace]
@@ -482,7 +483,7 @@ def test_a_process_turned_zombie_after_discovery_does_not_hide_its_namespace(
         return found
 
     monkeypatch.setattr(sampler_module, "discover_namespaces", discover_then_die)
-    rows = Sampler(CLASSIFIER).sample()
+    rows = LinuxSampler(CLASSIFIER).sample()
     mine = _rows_of(rows, keeper)
     assert [(r.pid, r.local_port) for r in mine] == [(keeper.pid, keeper.local_port)]
 
@@ -490,7 +491,7 @@ def test_a_process_turned_zombie_after_discovery_does_not_hide_its_namespace(
 def test_a_vanished_owner_in_the_cache_is_not_reused(victim_host: Callable[[], Proc]) -> None:
     """A warm sampler (identity cached) whose owner then exits: no stale identity."""
     victim = victim_host()
-    sampler = Sampler(CLASSIFIER)
+    sampler = LinuxSampler(CLASSIFIER)
     first = _rows_of(sampler.sample(), victim)
     assert first and first[0].name
     sampler.owners = ExitAfterOwnerScan(victim)
@@ -525,7 +526,7 @@ def test_a_zombie_leader_is_read_through_its_live_thread(tmp_path: Path) -> None
     os.symlink(f"socket:[{inode}]", thread / "fd" / "5")
     (tmp_path / str(zombie) / "task" / str(zombie)).mkdir(parents=True)
 
-    sampler = Sampler(CLASSIFIER, proc_root=str(tmp_path))
+    sampler = LinuxSampler(CLASSIFIER, proc_root=str(tmp_path))
     rows = sampler.sample()
     assert [(r.net_namespace, r.socket, r.pid, r.fd) for r in rows] == [(namespace, inode, pid, 5)]
     assert list(sampler.last.namespace_errors) == [zombie]

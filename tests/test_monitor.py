@@ -1,4 +1,7 @@
-"""The background sampler's figures and history feed, and the ActiveOpens coverage counter."""
+"""The background loop's figures, history feed and runs, and the ActiveOpens coverage counter.
+
+The loop is fed by a scripted sampler (tests/fakes.py): these tests need sequences and failures
+on demand; the real sampler feeds it in test_extension and test_cli_check."""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ from pathlib import Path
 from typing import FrozenSet, List, Optional
 
 import pytest
+from fakes import FunctionSampler, monitor_of
 
 from agent import coverage
+from agent.collect import NamespaceStats, SampleStats
 from agent.history import HistoryStore
-from agent.osquery.monitor import Monitor, Snapshot
 from agent.records import Connection
 
 
@@ -48,24 +52,26 @@ def outbound(port: int, remote: str = "2001:db8::1", protocol: int = 6) -> Conne
     )
 
 
-class Samples:
-    def __init__(self, *samples: List[Connection]) -> None:
-        self.samples = list(samples)
+def scripted(*samples: List[Connection]) -> FunctionSampler:
+    """Each sample in turn (then empty ones), seen in two namespaces with 10 sockets."""
+    queue = list(samples)
 
-    def __call__(self, pids: Optional[FrozenSet[int]]) -> Snapshot:
-        connections = self.samples.pop(0) if self.samples else []
-        return Snapshot(connections, sockets_seen=10, namespaces_seen=2, active_opens={1: 0})
+    def stats(rows: List[Connection]) -> SampleStats:
+        namespaces = [NamespaceStats(1, 1, active_opens=0), NamespaceStats(2, 2)]
+        return SampleStats(sockets=10, namespaces=2, rows=len(rows), per_namespace=namespaces)
+
+    return FunctionSampler(lambda pids: queue.pop(0) if queue else [], stats)
 
 
 def test_figures_and_history(tmp_path: Path) -> None:
     store = HistoryStore(str(tmp_path / "h.db"))
-    samples = Samples(
+    sampler = scripted(
         [outbound(1), outbound(2)],
         [outbound(2), outbound(3), outbound(4, protocol=17)],
         [],
         [outbound(2)],
     )
-    monitor = Monitor(samples, store, 1.0, logging.getLogger("test"))
+    monitor = monitor_of(sampler, store)
     for _ in range(4):
         assert monitor.sample_once()
     stats = monitor.stats()
@@ -79,25 +85,26 @@ def test_figures_and_history(tmp_path: Path) -> None:
         (6, 3, 4, 1),
         (17, 1, 1, 0),
     }
+    assert {r["seen_by"] for r in rows} == {"sampling"}
 
 
 def test_internal_rows_stay_out_of_history(tmp_path: Path) -> None:
     store = HistoryStore(str(tmp_path / "h.db"))
     internal = Connection(pid=1, remote_address="10.0.0.1", external=False)
-    Monitor(Samples([internal]), store, 1.0, logging.getLogger("test")).sample_once()
+    monitor_of(scripted([internal]), store).sample_once()
     assert store.rows() == []
 
 
 def test_a_failing_sampler_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     calls: List[int] = []
 
-    def flaky(pids: Optional[FrozenSet[int]]) -> Snapshot:
+    def flaky(pids: Optional[FrozenSet[int]]) -> List[Connection]:
         calls.append(1)
         if len(calls) <= 3:
             raise OSError("proc went away")
-        return Snapshot([])
+        return []
 
-    monitor = Monitor(flaky, None, 1.0, logging.getLogger("test.flaky"), active_opens=dict)
+    monitor = monitor_of(FunctionSampler(flaky), logger=logging.getLogger("test.flaky"))
     with caplog.at_level(logging.INFO, logger="test.flaky"):
         results = [monitor.sample_once() for _ in range(4)]
     assert results == [False, False, False, True]
@@ -106,17 +113,29 @@ def test_a_failing_sampler_is_logged_once(caplog: pytest.LogCaptureFixture) -> N
     assert monitor.stats().samples_total == 1
 
 
+def test_a_fatal_error_ends_the_loop() -> None:
+    """``watch`` stops on a sampler that cannot work at all; the extension keeps trying."""
+
+    def no_proc(pids: Optional[FrozenSet[int]]) -> List[Connection]:
+        raise LookupError("no /proc")
+
+    monitor = monitor_of(FunctionSampler(no_proc))
+    with pytest.raises(LookupError):
+        monitor.run(threading.Event(), fatal=(LookupError,))
+    assert monitor.sample_once() is False
+
+
 def test_run_samples_until_stopped() -> None:
     stop = threading.Event()
     seen: List[int] = []
 
-    def sample(pids: Optional[FrozenSet[int]]) -> Snapshot:
+    def sample(pids: Optional[FrozenSet[int]]) -> List[Connection]:
         seen.append(1)
         if len(seen) == 3:
             stop.set()
-        return Snapshot([])
+        return []
 
-    monitor = Monitor(sample, None, 0.01, logging.getLogger("test"), active_opens=dict)
+    monitor = monitor_of(FunctionSampler(sample), interval=0.01)
     thread = threading.Thread(target=monitor.run, args=(stop,))
     thread.start()
     thread.join(30)
@@ -124,24 +143,35 @@ def test_run_samples_until_stopped() -> None:
     assert len(seen) == 3
 
 
-def test_queries_and_background_samples_can_differ() -> None:
-    """The extension counts outbound TCP only in background samples: a query gets the live
-    function, the history and figures the background one."""
-    asked: List[str] = []
-
-    def live(pids: Optional[FrozenSet[int]]) -> Snapshot:
-        asked.append("live")
-        return Snapshot([])
-
-    def background(pids: Optional[FrozenSet[int]]) -> Snapshot:
-        asked.append("background")
-        return Snapshot([], sockets_seen=7, outbound_tcp=frozenset({1, 2}))
-
-    monitor = Monitor(
-        live, None, 1.0, logging.getLogger("test"), active_opens=dict, background=background
-    )
+def test_queries_and_background_samples_differ() -> None:
+    """The extension counts outbound TCP only in background samples: a query pays only for the
+    rows it returns."""
+    sampler = FunctionSampler(lambda pids: [outbound(1)])
+    monitor = monitor_of(sampler)
     monitor.live(frozenset({1}))
     assert monitor.sample_once()
-    assert asked == ["live", "background"]
-    stats = monitor.stats()
-    assert (stats.sockets_seen, stats.outbound_tcp_seen) == (7, 2)
+    assert sampler.asked == [(frozenset({1}), False), (None, True)]
+    assert monitor.stats().outbound_tcp_seen == 1
+
+
+def test_the_run_is_recorded_with_heartbeats_and_stop(tmp_path: Path) -> None:
+    store = HistoryStore(str(tmp_path / "h.db"))
+    clock = iter(range(1000, 2000, 5))
+    stop = threading.Event()
+    seen: List[int] = []
+
+    def sample(pids: Optional[FrozenSet[int]]) -> List[Connection]:
+        seen.append(1)
+        if len(seen) == 3:
+            stop.set()
+        return [outbound(1)]
+
+    monitor = monitor_of(
+        FunctionSampler(sample), store, interval=0.01, run_kind="watch", clock=lambda: next(clock)
+    )
+    monitor.run(stop)
+    (run,) = store.runs()
+    assert run["kind"] == "watch" and run["heartbeat_interval"] == 0.01
+    assert run["started_at"] == 1000
+    assert run["stopped_at"] is not None and run["stopped_at"] >= run["last_heartbeat"]
+    assert run["events_source"] == "sampling" and run["outbound_tcp_seen"] == 1

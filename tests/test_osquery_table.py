@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import FrozenSet, List, Optional
 
 import pytest
+from fakes import FunctionSampler, monitor_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.history import HISTORY_COLUMNS
 from agent.osquery import table
-from agent.osquery.monitor import Monitor, Snapshot
 from agent.osquery.table import ColumnOptions, ContextError, Operator, parse_context
 from agent.osquery.tables import AgentInfo, ExtensionTables
 from agent.records import COLUMNS, Connection
@@ -228,9 +227,9 @@ class _Recorder:
         self.connections = connections
         self.asked: List[Optional[FrozenSet[int]]] = []
 
-    def __call__(self, pids: Optional[FrozenSet[int]]) -> Snapshot:
+    def __call__(self, pids: Optional[FrozenSet[int]]) -> List[Connection]:
         self.asked.append(pids)
-        return Snapshot(connections=[c for c in self.connections if pids is None or c.pid in pids])
+        return [c for c in self.connections if pids is None or c.pid in pids]
 
 
 @pytest.fixture
@@ -245,7 +244,7 @@ def recorder() -> _Recorder:
 
 
 def _tables(recorder: _Recorder) -> ExtensionTables:
-    monitor = Monitor(recorder, None, 5.0, logging.getLogger("test"), active_opens=dict)
+    monitor = monitor_of(FunctionSampler(recorder), interval=5.0)
     return ExtensionTables(monitor, None, AgentInfo("9.9", "defaults", 5.0, "/nowhere"))
 
 
@@ -300,10 +299,10 @@ def test_failures_are_status_1_with_a_message(recorder: _Recorder) -> None:
 
 
 def test_a_failing_sampler_fails_the_query_only() -> None:
-    def broken(pids: Optional[FrozenSet[int]]) -> Snapshot:
+    def broken(pids: Optional[FrozenSet[int]]) -> List[Connection]:
         raise RuntimeError("boom")
 
-    monitor = Monitor(broken, None, 5.0, logging.getLogger("test"), active_opens=dict)
+    monitor = monitor_of(FunctionSampler(broken), interval=5.0)
     tables = ExtensionTables(monitor, None, AgentInfo("9.9", "defaults", 5.0, "/nowhere"))
     result = tables.call("external_connections", {"action": "generate"})
     assert result.code == 1 and "RuntimeError: boom" in result.message

@@ -12,19 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.output import (
-    ELLIPSIS,
-    FORMATS,
-    TABLE_CELL_LIMIT,
-    TABLE_COLUMNS,
-    cell_text,
-    display_width,
-    ecs_document,
-    render,
-    safe_text,
-    utf8_safe,
-)
+from agent.ecs import ecs_document
 from agent.records import COLUMN_NAMES, Connection, Value
+from agent.render import FORMATS, TABLE_CELL_LIMIT, TABLE_COLUMNS, render
+from agent.textsafe import ELLIPSIS, cell_text, display_width, safe_text, utf8_safe
 
 # Undecodable bytes in a process name or path arrive as surrogateescape text (PEP 383).
 UNDECODABLE = os.fsdecode(b"bad\xff\xfebytes")

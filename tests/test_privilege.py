@@ -29,7 +29,7 @@ from conftest import NOBODY, needs_root, run_as_nobody
 from nethost import NetHost, Proc
 
 from agent import cli
-from agent.sampler import UNPRIVILEGED_NOTICE
+from agent.collect import UNPRIVILEGED_NOTICE
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat") + "p"
 SRV6, CLI6, LONE6 = "2a0e:4a00:b::1", "2a0e:4a00:b::2", "2a0e:4a00:c::2"
@@ -150,7 +150,7 @@ def test_nobody_gets_partial_results_and_is_told_what_is_missing(host: Host) -> 
     mine, roots = rows[host.nobody.local_port], rows[host.root.local_port]
     assert (mine["pid"], mine["username"], mine["uid"]) == (host.nobody.pid, "nobody", NOBODY)
     assert (roots["pid"], roots["name"], roots["fd"]) == (-1, "", -1)
-    assert UNPRIVILEGED_NOTICE in stderr.split("\n")
+    assert f"egress-agent: {UNPRIVILEGED_NOTICE}" in stderr.split("\n")
     assert "without an owner (pid -1)" in UNPRIVILEGED_NOTICE
     assert "not seen at all" in UNPRIVILEGED_NOTICE
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.procnet import (
+from agent.collect.procnet import (
     SOCKET_TABLES,
     TCP4,
     TCP6,

@@ -23,10 +23,11 @@ from conftest import needs_root, run_as_nobody
 from nethost import NetHost, Proc
 
 from agent.classify import Classifier
+from agent.collect import Sampler, SamplerError
+from agent.collect.linux import LinuxSampler
+from agent.collect.procnet import encode_address, namespace_of
 from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
-from agent.procnet import encode_address, namespace_of
 from agent.records import Connection
-from agent.sampler import Sampler, SamplerError, SocketSampler
 
 SRV6, CLI6 = "2001:4860:4860::8888", "2001:4860:4860::2"
 SRV4, CLI4 = "9.9.9.9", "9.9.9.10"
@@ -146,7 +147,7 @@ def use_sock_diag(request: pytest.FixtureRequest) -> bool:
 def test_external_connections_with_owner_namespace_and_direction(
     scenario: Scenario, use_sock_diag: bool
 ) -> None:
-    sampler = Sampler(CLASSIFIER, use_sock_diag=use_sock_diag)
+    sampler = LinuxSampler(CLASSIFIER, use_sock_diag=use_sock_diag)
     rows = scenario.ours(sampler.sample())
     assert sampler.last.backend == ("sock_diag" if use_sock_diag else "proc")
     assert {key(row) for row in rows} == scenario.expected_external()
@@ -156,7 +157,7 @@ def test_external_connections_with_owner_namespace_and_direction(
 
 @needs_root
 def test_rows_carry_the_process_identity(scenario: Scenario) -> None:
-    rows = scenario.ours(Sampler(CLASSIFIER).sample())
+    rows = scenario.ours(LinuxSampler(CLASSIFIER).sample())
     procs = scenario.procs()
     uuids = set()
     for row in rows:
@@ -184,7 +185,7 @@ def test_rows_carry_the_process_identity(scenario: Scenario) -> None:
 
 @needs_root
 def test_columns_of_each_kind_of_row(scenario: Scenario) -> None:
-    rows = {key(row): row for row in scenario.ours(Sampler(CLASSIFIER).sample())}
+    rows = {key(row): row for row in scenario.ours(LinuxSampler(CLASSIFIER).sample())}
     s, c = scenario.srv.inode, scenario.cli.inode
     v6 = rows[(c, scenario.c6.pid, 6, scenario.c6.local_port, SRV6, scenario.l6.port, "outbound")]
     assert (v6.family, v6.state, v6.local_address, v6.address_class) == (
@@ -261,7 +262,9 @@ def test_columns_of_each_kind_of_row(scenario: Scenario) -> None:
 def test_every_socket_when_asked_and_never_ula_link_local_or_loopback_as_external(
     scenario: Scenario, use_sock_diag: bool
 ) -> None:
-    rows = scenario.ours(Sampler(CLASSIFIER, use_sock_diag=use_sock_diag).sample(want_all=True))
+    rows = scenario.ours(
+        LinuxSampler(CLASSIFIER, use_sock_diag=use_sock_diag).sample(want_all=True)
+    )
     by_class: Dict[str, List[Connection]] = collections.defaultdict(list)
     for row in rows:
         by_class[row.address_class].append(row)
@@ -307,7 +310,7 @@ def test_every_socket_when_asked_and_never_ula_link_local_or_loopback_as_externa
 
 @needs_root
 def test_pid_filter_keeps_only_those_processes(scenario: Scenario, use_sock_diag: bool) -> None:
-    sampler = Sampler(CLASSIFIER, use_sock_diag=use_sock_diag)
+    sampler = LinuxSampler(CLASSIFIER, use_sock_diag=use_sock_diag)
     only = sampler.sample(pids=[scenario.c6.pid])
     assert [key(row) for row in only] == [
         (
@@ -329,7 +332,7 @@ def test_pid_filter_keeps_only_those_processes(scenario: Scenario, use_sock_diag
 
 @needs_root
 def test_stats_and_a_warm_second_sample(scenario: Scenario, use_sock_diag: bool) -> None:
-    sampler = Sampler(CLASSIFIER, use_sock_diag=use_sock_diag)
+    sampler = LinuxSampler(CLASSIFIER, use_sock_diag=use_sock_diag)
     first = {key(row) for row in scenario.ours(sampler.sample())}
     cold = sampler.last
     second = {key(row) for row in scenario.ours(sampler.sample())}
@@ -355,7 +358,7 @@ def test_outbound_tcp_ends_match_the_kernels_active_opens(
 ) -> None:
     """Every TCP connection this host opened, external or not, is counted once: in each
     namespace as many as the kernel's ActiveOpens (nothing closed during the scenario)."""
-    sampler = Sampler(CLASSIFIER, count_outbound_tcp=True, use_sock_diag=use_sock_diag)
+    sampler = LinuxSampler(CLASSIFIER, count_outbound_tcp=True, use_sock_diag=use_sock_diag)
     sampler.sample()
     stats = sampler.last
     assert stats.outbound_tcp is not None
@@ -363,7 +366,7 @@ def test_outbound_tcp_ends_match_the_kernels_active_opens(
     for namespace in stats.per_namespace:
         if namespace.inode in scenario.namespaces:
             assert namespace.outbound_tcp == namespace.active_opens, namespace
-    plain = Sampler(CLASSIFIER)
+    plain = LinuxSampler(CLASSIFIER)
     plain.sample()
     assert plain.last.outbound_tcp is None
 
@@ -373,13 +376,13 @@ def test_psutil_backend_agrees_inside_a_namespace(scenario: Scenario) -> None:
     """psutil sees only its own namespace, so it runs inside the client namespace."""
     script = (
         "import json; from agent.classify import Classifier;"
-        "from agent.psutil_backend import PsutilSampler;"
+        "from agent.collect.psutil_backend import PsutilSampler;"
         "rows = PsutilSampler(Classifier()).sample();"
         "print(json.dumps([r.as_dict() for r in rows]))"
     )
     out = scenario.cli.run([sys.executable, "-c", script])
     theirs = [Connection(**row) for row in json.loads(out)]
-    mine = [r for r in Sampler(CLASSIFIER).sample() if r.net_namespace == scenario.cli.inode]
+    mine = [r for r in LinuxSampler(CLASSIFIER).sample() if r.net_namespace == scenario.cli.inode]
     columns = [
         "pid",
         "name",
@@ -476,7 +479,7 @@ def test_sampling_a_proc_tree_on_disk(tmp_path: Path) -> None:
     )
     make_process(tmp_path, NOBODY + 2, None, {})  # its namespace link is unreadable
 
-    sampler = Sampler(CLASSIFIER, proc_root=str(tmp_path))
+    sampler = LinuxSampler(CLASSIFIER, proc_root=str(tmp_path))
     rows = sampler.sample()
     got = {
         (r.net_namespace, r.pid, r.fd, r.socket, r.local_port, r.remote_port, r.direction, r.state)
@@ -515,7 +518,7 @@ def test_nothing_external_means_no_fd_scan(tmp_path: Path) -> None:
         tmp_path, NOBODY, 9001, {"tcp": [tcp_line((4, 1, 1), (4, ip4("127.0.0.1"), 2), 1, 5)]}
     )
     os.symlink("socket:[5]", tmp_path / str(NOBODY) / "fd" / "3")
-    sampler = Sampler(CLASSIFIER, proc_root=str(tmp_path))
+    sampler = LinuxSampler(CLASSIFIER, proc_root=str(tmp_path))
     assert sampler.sample() == []
     assert sampler.last.owner_scan_skipped and sampler.last.fds_scanned == 0
     assert [r.pid for r in sampler.sample(want_all=True)] == [NOBODY]
@@ -604,7 +607,7 @@ def test_same_sockets_and_owners_as_psutil_in_the_root_namespace(nethost: NetHos
         try:
             before = psutil_view()
             owners = socket_owners()
-            rows = Sampler(CLASSIFIER).sample(want_all=True)
+            rows = LinuxSampler(CLASSIFIER).sample(want_all=True)
             after = psutil_view()
         except Unstable:
             continue
@@ -624,7 +627,7 @@ def test_not_root_sees_other_users_sockets_without_owner() -> None:
     """A forked child drops to nobody: root's socket shows, ownerless, and nothing raises.
     The parent samples first, so the child needs no module it has not got (the interpreter's
     files may be unreadable to nobody)."""
-    Sampler(CLASSIFIER).sample(want_all=True)
+    LinuxSampler(CLASSIFIER).sample(want_all=True)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -632,7 +635,7 @@ def test_not_root_sees_other_users_sockets_without_owner() -> None:
 
         def look() -> List[object]:
             server.close()  # only the parent (root) holds it now
-            sampler = Sampler(CLASSIFIER)
+            sampler = LinuxSampler(CLASSIFIER)
             rows = sampler.sample(want_all=True)
             mine = [(row.pid, row.fd) for row in rows if row.socket == inode]
             return [sampler.limited, mine, len(sampler.last.namespace_errors)]
@@ -645,13 +648,13 @@ def test_not_root_sees_other_users_sockets_without_owner() -> None:
 
 def test_no_proc_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SamplerError, match=r"cannot list the processes in .*psutil backend"):
-        Sampler(CLASSIFIER, proc_root=str(tmp_path / "missing")).sample()
+        LinuxSampler(CLASSIFIER, proc_root=str(tmp_path / "missing")).sample()
 
 
 def test_both_backends_are_socket_samplers() -> None:
-    from agent.psutil_backend import PsutilSampler
+    from agent.collect.psutil_backend import PsutilSampler
 
-    samplers: List[SocketSampler] = [Sampler(CLASSIFIER), PsutilSampler(CLASSIFIER)]
+    samplers: List[Sampler] = [LinuxSampler(CLASSIFIER), PsutilSampler(CLASSIFIER)]
     assert all(isinstance(s.limited, bool) for s in samplers)
 
 
@@ -663,7 +666,7 @@ def test_outbound_tcp_is_recounted_only_when_active_opens_moved(nethost: NetHost
     space.ip("addr", "add", "10.77.0.1/24", "dev", "lo")
     listener = nethost.listen(space, "10.77.0.1")
     nethost.connect(space, "10.77.0.1", listener.port)
-    sampler = Sampler(CLASSIFIER, count_outbound_tcp=True)
+    sampler = LinuxSampler(CLASSIFIER, count_outbound_tcp=True)
 
     def counted() -> Tuple[Optional[int], Optional[int]]:
         sampler.sample()

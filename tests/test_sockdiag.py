@@ -18,8 +18,8 @@ from conftest import needs_root
 from nethost import NetHost
 
 from agent.classify import NEVER_EXTERNAL, Classifier
-from agent.procnet import SOCKET_TABLES, TCP4, TCP6, UDP4, namespace_of, read_sockets
-from agent.sockdiag import (
+from agent.collect.procnet import SOCKET_TABLES, TCP4, TCP6, UDP4, namespace_of, read_sockets
+from agent.collect.sockdiag import (
     ALL_STATES,
     LISTEN_ONLY,
     NOT_LISTENING,
@@ -28,10 +28,10 @@ from agent.sockdiag import (
     count_sockets,
     exclude_inbound_internal,
     exclude_remote,
-    is_listening,
     open_in_namespace,
     parse_sockstat,
 )
+from agent.inet import is_listening
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat")
 _OP = struct.Struct("=BBH")
@@ -234,7 +234,9 @@ def test_records_equal_the_proc_rows_and_the_filter_runs_in_the_kernel(nethost: 
         }
         udp_rows = diag.dump(UDP4)
         assert [s.remote_port for s in udp_rows] == [udp.port]
-        assert not any(is_listening(s) for s in udp_rows)
+        assert not any(
+            is_listening(s.protocol, s.state, s.remote_address, s.remote_port) for s in udp_rows
+        )
         assert count_sockets(client.pid) >= len(diag.dump(TCP4)) + len(diag.dump(TCP6))
         with pytest.raises(SockDiagError):
             diag.dump(TCP4, ALL_STATES, b"\x01\x00\x04\x00")  # a jump the audit refuses
@@ -242,7 +244,9 @@ def test_records_equal_the_proc_rows_and_the_filter_runs_in_the_kernel(nethost: 
 
     with DiagSocket.in_namespace(listeners["9.9.9.9"].pid) as diag:
         listening = diag.dump(TCP4, LISTEN_ONLY) + diag.dump(TCP6, LISTEN_ONLY)
-        assert len(listening) == 4 and all(is_listening(s) for s in listening)
+        assert len(listening) == 4 and all(
+            is_listening(s.protocol, s.state, s.remote_address, s.remote_port) for s in listening
+        )
         ends = [(s.version, s.local_address, s.local_port) for s in listening]
         never = Classifier().never_external()
         accepted = diag.dump(TCP4, NOT_LISTENING, exclude_inbound_internal(ends, never, 4))

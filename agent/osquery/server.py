@@ -27,7 +27,6 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -37,16 +36,16 @@ from thrift.protocol import TBinaryProtocol
 from thrift.transport import TSocket, TTransport
 
 from agent import __version__
-from agent.history import HistoryStore
 from agent.osquery import table
-from agent.osquery.monitor import Monitor
+from agent.osquery.options import Options, add_arguments
 from agent.osquery.tables import AgentInfo, ExtensionTables
+from agent.pipeline import Monitor, Pipeline
+from agent.textsafe import one_line
 
 EXTENSION_NAME = "egress_agent"
 SDK_VERSION = "3.0.7"
 """The Thrift API generation of osquery-python 3.1.1's bindings (what it reports itself)."""
 MIN_SDK_VERSION = "1.8.0"
-DEFAULT_SOCKET = "/var/osquery/osquery.em"
 STOP_WITHIN_S = 2.0
 CONNECT_RETRY_S = 0.1
 REGISTER_TIMEOUT_S = 10.0
@@ -357,7 +356,10 @@ class ThreadedUnixServer:
         except TTransport.TTransportException:
             pass  # the peer closed the connection
         except Exception as error:  # a malformed request ends that connection only
-            log.warning("dropped a connection after a bad request: %s", _one_line(error))
+            log.warning(
+                "dropped a connection after a bad request: %s",
+                one_line(f"{type(error).__name__}: {error}", 300),
+            )
         finally:
             with contextlib.suppress(OSError):
                 connection.close()
@@ -373,19 +375,7 @@ class ThreadedUnixServer:
                 os.unlink(self.path)
 
 
-def _one_line(error: BaseException) -> str:
-    return repr(f"{type(error).__name__}: {error}")[:300]
-
-
 # -- the process -------------------------------------------------------------------------------
-
-
-@dataclass
-class Options:
-    socket: str = DEFAULT_SOCKET
-    timeout: float = 3.0
-    interval: float = 3.0
-    verbose: bool = False
 
 
 def serve(
@@ -466,43 +456,6 @@ def serve(
     return stopper.code
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``egress-agent extension``: osqueryd's (and ``--config``)."""
-    parser.add_argument(
-        "--socket", default=DEFAULT_SOCKET, help="osquery core's extensions socket (%(default)s)"
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_positive_seconds,
-        default=3.0,
-        help="seconds to wait for core's socket to appear (%(default)s)",
-    )
-    parser.add_argument(
-        "--interval",
-        type=_positive_seconds,
-        default=3.0,
-        help="seconds between pings of core (%(default)s)",
-    )
-    parser.add_argument(
-        "--verbose", action="store_true", help="log each registration and call to stderr"
-    )
-    parser.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help="configuration file (default: $EGRESS_AGENT_CONFIG, /etc/egress-agent/config.yaml)",
-    )
-
-
 def run_extension(argv: Sequence[str]) -> int:
     """``egress-agent extension ARGS``: parse, then :func:`extension_main`; the exit status."""
     parser = argparse.ArgumentParser(
@@ -519,7 +472,6 @@ def run_extension(argv: Sequence[str]) -> int:
 def extension_main(args: argparse.Namespace) -> int:
     """Run the extension with parsed arguments (see :func:`add_arguments`) until told to stop."""
     from agent.config import ConfigError, load_settings
-    from agent.osquery.source import make_sample_functions
 
     _configure_logging(args.verbose)
     options = Options(
@@ -533,30 +485,28 @@ def extension_main(args: argparse.Namespace) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return 2
-    store = None
-    if settings.history_enabled:
-        store = HistoryStore(
-            settings.history_path,
-            retention_days=settings.history_retention_days,
-            max_rows=settings.history_max_rows,
-            logger=logging.getLogger("egress_agent.history"),
-        )
+    history_log = logging.getLogger("egress_agent.history")
+    pipeline = Pipeline.open(settings, history=True, logger=history_log)
     sampler_log = logging.getLogger("egress_agent.sampler")
-    live, background = make_sample_functions(settings, sampler_log)
-    monitor = Monitor(live, store, settings.sampling_interval, sampler_log, background=background)
+    for notice in pipeline.notices:
+        sampler_log.warning("%s", notice)
+    monitor = Monitor(pipeline, settings.sampling_interval, sampler_log, run_kind="extension")
     tables = ExtensionTables(
         monitor,
-        store,
+        pipeline.store,
         AgentInfo(
             version=__version__,
             config_path=settings.source or "",
             sampling_interval=settings.sampling_interval,
-            history_path=settings.history_path if store is not None else "",
+            history_path=settings.history_path if pipeline.store is not None else "",
         ),
     )
     stopper = Stopper()
-    with _stop_on_signals(stopper):
-        return serve(options, tables, monitor, stopper)
+    try:
+        with _stop_on_signals(stopper):
+            return serve(options, tables, monitor, stopper)
+    finally:
+        pipeline.close()
 
 
 @contextlib.contextmanager

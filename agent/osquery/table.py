@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from agent.history import HISTORY_COLUMNS
-from agent.output import utf8_safe
 from agent.records import COLUMNS
+from agent.textsafe import utf8_safe
 
 Cell = Union[str, int, float, bool, None]
 """A value before it becomes a string: what records, the history store and stats hold."""

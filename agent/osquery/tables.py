@@ -19,8 +19,8 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 from agent.history import HistoryStore, HistoryUnavailable
 from agent.osquery import table
-from agent.osquery.monitor import Monitor
 from agent.osquery.table import ContextError, QueryContext, TableSpec
+from agent.pipeline import Monitor
 
 Row = Dict[str, str]
 

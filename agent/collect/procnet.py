@@ -20,43 +20,19 @@ import os
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
+
+from agent.inet import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_LISTEN,
+    is_ipv4_mapped,
+    tcp_state_name,
+)
 
 PROC_ROOT = "/proc"
-
-AF_INET = 2
-AF_INET6 = 10
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-
-TCP_LISTEN = 0x0A
-"""``TCP_LISTEN`` in ``include/net/tcp_states.h``."""
-
-TCP_STATE_NAMES: Tuple[str, ...] = (
-    "UNKNOWN",
-    "ESTABLISHED",
-    "SYN_SENT",
-    "SYN_RECV",
-    "FIN_WAIT1",
-    "FIN_WAIT2",
-    "TIME_WAIT",
-    "CLOSED",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "LISTEN",
-    "CLOSING",
-)
-"""TCP state names exactly as osquery's ``process_open_sockets`` spells them
-(``tcp_states`` in ``osquery/filesystem/linux/proc.h``), indexed by the kernel's state number
-(``include/net/tcp_states.h``).  Note ``CLOSED`` (the kernel says ``TCP_CLOSE``) and that
-anything else, including ``TCP_NEW_SYN_RECV`` (12), is ``UNKNOWN`` there too."""
-
-
-def tcp_state_name(state: int) -> str:
-    """The osquery name of a kernel TCP state number; ``UNKNOWN`` outside the known range."""
-    if 0 < state < len(TCP_STATE_NAMES):
-        return TCP_STATE_NAMES[state]
-    return "UNKNOWN"
 
 
 class SocketTable(NamedTuple):
@@ -201,7 +177,7 @@ class ListenerIndex:
 
     @staticmethod
     def _key(protocol: int, version: int, address: int, port: int) -> Tuple[int, int, int, int]:
-        if version == 6 and address >> 32 == 0xFFFF:
+        if version == 6 and is_ipv4_mapped(address):
             return (protocol, 4, address & 0xFFFFFFFF, port)
         return (protocol, version, address, port)
 
@@ -231,6 +207,9 @@ class ListenerIndex:
         return key in keys or (protocol, key[1], self._ANY, port) in keys
 
 
+_LISTEN_HEX = f"{TCP_LISTEN:02X}"
+"""The state column of a TCP listener, as the kernel prints it (``%02X``)."""
+
 WantedPredicate = Callable[[str, int], bool]
 """``wanted(remote_address_hex, version)``: whether to decode and keep a row."""
 
@@ -247,7 +226,9 @@ def scan_socket_table(
     Only the remote-address field is looked at before ``wanted`` decides, so a caller that
     keeps few sockets pays little for the rest; the local end is decoded for listeners only,
     which go into ``listeners``.  ``tcp_ends`` collects the (local, remote) endpoint text of
-    every TCP row that does not listen, for counting connections without decoding them.
+    every TCP row that does not listen, for counting connections (:func:`connection_ends`
+    decodes them when the count is taken).  Listening is :func:`agent.inet.is_listening` read
+    off the text as printed: state ``0A``, or a UDP peer of all zeros.
     Truncated or garbage lines are skipped.
 
     A row the kernel printed twice is kept once.  The table is produced a page (4 KB) per
@@ -276,10 +257,10 @@ def scan_socket_table(
         if len(remote) != remote_len or remote[address_len] != ":":
             continue
         seen += 1
-        if tcp_ends is not None and is_tcp and fields[3] != "0A":
+        if tcp_ends is not None and is_tcp and fields[3] != _LISTEN_HEX:
             tcp_ends.append((fields[1], remote))
         if listeners is not None:
-            listening = fields[3] == "0A" if is_tcp else remote == unconnected
+            listening = fields[3] == _LISTEN_HEX if is_tcp else remote == unconnected
             if listening:
                 try:
                     address, port = decode_endpoint(fields[1], version)
@@ -296,6 +277,20 @@ def scan_socket_table(
                     kept_keys.add(key)
                     kept.append(sock)
     return kept, seen
+
+
+def connection_ends(
+    pairs: Iterable[Tuple[str, str]], version: int
+) -> Iterator[Tuple[int, int, int, int, int]]:
+    """(version, local address, local port, remote address, remote port) of each pair of
+    endpoint texts that :func:`scan_socket_table` collected; garbage is skipped."""
+    for local, remote in pairs:
+        try:
+            local_address, local_port = decode_endpoint(local, version)
+            remote_address, remote_port = decode_endpoint(remote, version)
+        except ValueError:
+            continue
+        yield (version, local_address, local_port, remote_address, remote_port)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,30 +13,24 @@ from __future__ import annotations
 import os
 import socket as socketlib
 import time
-from typing import Any, Collection, Dict, List, Optional
+from typing import Any, Collection, Dict, Iterator, List, Optional, Set, Tuple
 
 import psutil
 
 from agent.classify import AddressError, Classifier, Verdict
+from agent.collect import NamespaceStats, SamplerTotals, SampleStats
+from agent.collect.outbound import add_outbound
+from agent.collect.procnet import PROC_ROOT, ListenerIndex, namespace_of
 from agent.identity import NO_OWNER, Identity, IdentityCache
-from agent.procnet import (
-    AF_INET,
-    AF_INET6,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    PROC_ROOT,
-    ListenerIndex,
-    namespace_of,
-)
-from agent.records import Connection
-from agent.sampler import NamespaceStats, SamplerTotals, SampleStats, connection_of
+from agent.inet import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, TCP_LISTEN, is_listening
+from agent.records import Connection, SocketColumns, connection_of
 
 _PSUTIL_TO_OSQUERY_STATE = {"CLOSE": "CLOSED", "NONE": ""}
 """psutil's status names (``psutil.CONN_*``) that osquery spells otherwise; the rest agree."""
 
 
 class PsutilSampler:
-    """A drop-in for :class:`agent.sampler.Sampler` built on ``psutil.net_connections``."""
+    """A :class:`agent.collect.Sampler` built on ``psutil.net_connections``."""
 
     def __init__(self, classifier: Classifier, identities: Optional[IdentityCache] = None) -> None:
         self.classifier = classifier
@@ -44,8 +38,7 @@ class PsutilSampler:
         self.last = SampleStats()
         self.totals = SamplerTotals()
         self.count_outbound_tcp = False
-        """Not supported here: :attr:`SampleStats.outbound_tcp` stays None (the monitor then
-        counts the outbound TCP rows it is given)."""
+        """Also collect every outbound TCP connection (:attr:`SampleStats.outbound_tcp`)."""
         self._verdicts: Dict[str, Optional[Verdict]] = {}
 
     @property
@@ -73,6 +66,11 @@ class PsutilSampler:
                     address = int(verdict.address_int)
                     listeners.add(_protocol(conn.type), verdict.version, address, conn.laddr.port)
 
+        if self.count_outbound_tcp:
+            outbound: Set[int] = set()
+            add_outbound(outbound, namespace or 0, listeners, self._tcp_ends(found))
+            stats.outbound_tcp = frozenset(outbound)
+
         wanted_pids = None if pids is None else set(pids)
         rows: List[Connection] = []
         identities: Dict[int, Identity] = {}
@@ -96,10 +94,26 @@ class PsutilSampler:
         stats.rows = len(rows)
         stats.processes = len(identities)
         stats.per_namespace = [NamespaceStats(namespace or 0, -1, stats.sockets, len(listeners))]
+        stats.backend = "psutil"
         stats.duration_ms = (time.perf_counter() - started) * 1000.0
         self.last = stats
         self.totals.add(stats)
         return rows
+
+    def _tcp_ends(self, found: List[Any]) -> Iterator[Tuple[int, int, int, int, int]]:
+        """(version, local, local port, remote, remote port) of each connected TCP socket."""
+        for conn in found:
+            if _protocol(conn.type) != IPPROTO_TCP or not (conn.laddr and conn.raddr):
+                continue
+            local, remote = self._verdict(conn.laddr.ip), self._verdict(conn.raddr.ip)
+            if local is not None and remote is not None:
+                yield (
+                    remote.version,
+                    int(local.address_int),
+                    conn.laddr.port,
+                    int(remote.address_int),
+                    conn.raddr.port,
+                )
 
     def _verdict(self, text: str) -> Optional[Verdict]:
         if text not in self._verdicts:
@@ -129,16 +143,18 @@ class PsutilSampler:
         return connection_of(
             identity,
             remote,
-            net_namespace=namespace,
-            fd=conn.fd if conn.fd is not None else -1,
-            socket=None,
-            family=family,
-            protocol=protocol,
-            state=_PSUTIL_TO_OSQUERY_STATE.get(state, state),
-            local_address=local.normalized if local is not None else "",
-            local_port=local_port,
-            remote_port=remote_port,
-            direction="inbound" if inbound else "outbound",
+            SocketColumns(
+                net_namespace=namespace,
+                fd=conn.fd if conn.fd is not None else -1,
+                socket=None,
+                family=family,
+                protocol=protocol,
+                state=_PSUTIL_TO_OSQUERY_STATE.get(state, state),
+                local_address=local.normalized if local is not None else "",
+                local_port=local_port,
+                remote_port=remote_port,
+                direction="inbound" if inbound else "outbound",
+            ),
         )
 
 
@@ -147,11 +163,11 @@ def _protocol(sock_type: int) -> int:
 
 
 def _listens(conn: Any) -> bool:
+    """:func:`agent.inet.is_listening` of a psutil connection bound to a port."""
     if not conn.laddr or not conn.laddr.port:
         return False
-    if conn.type == socketlib.SOCK_STREAM:
-        return bool(conn.status == psutil.CONN_LISTEN)
-    return not conn.raddr
+    state = TCP_LISTEN if conn.status == psutil.CONN_LISTEN else 0
+    return is_listening(_protocol(conn.type), state, int(bool(conn.raddr)), 0)
 
 
 def _unspecified(family: int) -> str:

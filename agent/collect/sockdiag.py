@@ -27,9 +27,10 @@ import os
 import socket
 import struct
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
-from agent.procnet import IPPROTO_TCP, PROC_ROOT, TCP_LISTEN, Socket, SocketTable
+from agent.collect.procnet import PROC_ROOT, Socket, SocketTable
+from agent.inet import TCP_LISTEN, is_listening
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -218,17 +219,47 @@ def exclude_inbound_internal(
     return _assemble(ops)
 
 
-Record = Tuple[int, int, int, bytes, bytes, int, int]
-"""One ``inet_diag_msg`` as it comes: (state, source port, destination port, source address,
-destination address, uid, inode).  Ports are still in network byte order as read in host
-order (:func:`port` turns them into numbers); addresses are 4 bytes for IPv4 and 16 for IPv6,
-in network order, so equal addresses are equal bytes and a dict can key on them."""
+class DiagRecord(NamedTuple):
+    """One ``inet_diag_msg`` as it comes (``include/uapi/linux/inet_diag.h``).
+
+    Ports are still in network byte order as read in host order (:func:`port` turns them into
+    numbers); addresses are 4 bytes for IPv4 and 16 for IPv6, in network order, so equal
+    addresses are equal bytes and a dict can key on them."""
+
+    state: int
+    sport: int
+    dport: int
+    src: bytes
+    dst: bytes
+    uid: int
+    inode: int
+
+    @property
+    def local_port(self) -> int:
+        return port(self.sport)
+
+    @property
+    def remote_port(self) -> int:
+        return port(self.dport)
+
+    @property
+    def local_address(self) -> int:
+        return int.from_bytes(self.src, "big")
+
+    @property
+    def remote_address(self) -> int:
+        return int.from_bytes(self.dst, "big")
+
+    def listening(self, protocol: int) -> bool:
+        """:func:`agent.inet.is_listening` of this record."""
+        return is_listening(protocol, self.state, int(any(self.dst)), self.dport)
+
 
 _SWAP_PORTS = sys.byteorder == "little"
 
 
 def port(wire: int) -> int:
-    """A port of a :data:`Record` as a number."""
+    """A port of a :class:`DiagRecord` as a number."""
     return ((wire & 0xFF) << 8) | (wire >> 8) if _SWAP_PORTS else wire
 
 
@@ -262,7 +293,7 @@ class DiagSocket:
 
     def records(
         self, table: SocketTable, states: int = ALL_STATES, bytecode: bytes = b""
-    ) -> List[Record]:
+    ) -> List[DiagRecord]:
         """:meth:`dump` without decoding: the sampler decodes only the records it keeps."""
         self._sock.send(self._request(table, states, bytecode))
         unpack = (_MESSAGE_V4 if table.version == 4 else _MESSAGE_V6).unpack_from
@@ -271,8 +302,9 @@ class DiagSocket:
         buffer = self._buffer
         view = memoryview(buffer)
         sequence = self._sequence
-        records: List[Record] = []
+        records: List[DiagRecord] = []
         append = records.append
+        make = DiagRecord._make
         while True:
             received = self._sock.recv_into(buffer)
             offset = 0
@@ -282,7 +314,7 @@ class DiagSocket:
                     raise SockDiagError(errno.EPROTO, "sock_diag: truncated netlink message")
                 if seq == sequence:
                     if kind == SOCK_DIAG_BY_FAMILY and length >= header_size + message_size:
-                        append(unpack(view, offset + header_size))
+                        append(make(unpack(view, offset + header_size)))
                     elif kind == NLMSG_DONE:
                         return records
                     elif kind == NLMSG_ERROR:
@@ -306,35 +338,20 @@ class DiagSocket:
         )
 
 
-def to_socket(record: Record, table: SocketTable) -> Socket:
-    """A :data:`Record` of ``table`` decoded as :mod:`agent.procnet` decodes a ``/proc`` row."""
-    state, sport, dport, src, dst, uid, inode = record
+def to_socket(record: DiagRecord, table: SocketTable) -> Socket:
+    """A record of ``table`` decoded as :mod:`agent.collect.procnet` decodes a ``/proc`` row."""
     return Socket(
-        inode,
+        record.inode,
         table.family,
         table.protocol,
         table.version,
-        int.from_bytes(src, "big"),
-        port(sport),
-        int.from_bytes(dst, "big"),
-        port(dport),
-        state,
-        uid,
+        record.local_address,
+        record.local_port,
+        record.remote_address,
+        record.remote_port,
+        record.state,
+        record.uid,
     )
-
-
-def is_listening_record(record: Record, protocol: int) -> bool:
-    """:func:`is_listening` of a :data:`Record`."""
-    if protocol == IPPROTO_TCP:
-        return record[0] == TCP_LISTEN
-    return record[2] == 0 and not any(record[4])
-
-
-def is_listening(sock: Socket) -> bool:
-    """A TCP listener, or an unconnected UDP socket (no peer): as ``/proc`` shows them."""
-    if sock.protocol == IPPROTO_TCP:
-        return sock.state == TCP_LISTEN
-    return sock.remote_address == 0 and sock.remote_port == 0
 
 
 def parse_sockstat(text: str) -> int:

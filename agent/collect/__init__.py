@@ -1,0 +1,165 @@
+"""Where connections come from: the sources, what they report about themselves, and the factory.
+
+A :class:`Sampler` takes one sample of the host's inet sockets and returns
+:class:`agent.records.Connection` records; :func:`open_sampler` picks the one for this platform:
+
+- :mod:`agent.collect.linux`: every network namespace, through netlink ``sock_diag``
+  (:mod:`agent.collect.sockdiag`) filtered in the kernel, or ``/proc/PID/net`` text
+  (:mod:`agent.collect.procnet`); owners and identities from ``/proc``;
+- :mod:`agent.collect.psutil_backend`: ``psutil.net_connections()``, this namespace only, for
+  other platforms and as the reference the Linux sampler is checked against.
+
+The statistics types live here, beside the protocol, so that each backend imports them from its
+package and no backend imports another.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Collection, Dict, FrozenSet, List, Optional, Protocol
+
+from agent.classify import Classifier
+
+if TYPE_CHECKING:
+    from agent.records import Connection
+
+UNPRIVILEGED_NOTICE = (
+    "not running as root, so this report is partial: sockets of other users' processes show "
+    "without an owner (pid -1), and network namespaces (containers) in which none of your own "
+    "processes run are not seen at all"
+)
+"""What to say once when :attr:`Sampler.limited` is true."""
+
+
+class SamplerError(RuntimeError):
+    """The sampler cannot work here at all (no /proc to list); the message says why."""
+
+
+@dataclass
+class NamespaceStats:
+    """One network namespace as the last sample saw it."""
+
+    inode: int
+    pid: int
+    """The pid its tables were read through (-1 when none could be read)."""
+    sockets: int = 0
+    listeners: int = 0
+    active_opens: Optional[int] = None
+    """``Tcp: ActiveOpens`` from ``/proc/PID/net/snmp``: connections this namespace opened
+    since it was created (RFC 1213 ``tcpActiveOpens``)."""
+    outbound_tcp: Optional[int] = None
+    """Outbound TCP connections in its tables, when the sampler counts them."""
+    error: str = ""
+
+
+@dataclass
+class SampleStats:
+    """What one sample looked at and what it cost."""
+
+    sockets: int = 0
+    """Inet sockets in every namespace: the rows of their tables, or, when the kernel filtered
+    the tables (sock_diag), its own count of them (``/proc/PID/net/sockstat``)."""
+    wanted: int = 0
+    """Sockets kept (external ones, or all) before owners were looked up."""
+    rows: int = 0
+    """Connections returned."""
+    namespaces: int = 0
+    processes: int = 0
+    """Distinct owning processes of the rows."""
+    ownerless: int = 0
+    pids_scanned: int = 0
+    fds_scanned: int = 0
+    unreadable_pids: int = 0
+    owner_scan_skipped: bool = False
+    namespace_errors: Dict[int, str] = field(default_factory=dict)
+    """pid -> why its network namespace could not be read."""
+    duration_ms: float = 0.0
+    per_namespace: List[NamespaceStats] = field(default_factory=list)
+    outbound_tcp: Optional[FrozenSet[int]] = None
+    """Every outbound TCP connection in the tables, external or not, as
+    :func:`agent.collect.outbound.outbound_key` names them; only when the sampler counts them
+    (:attr:`Sampler.count_outbound_tcp`)."""
+    backend: str = ""
+    """How the socket tables were read: ``sock_diag`` (netlink, filtered in the kernel),
+    ``proc`` (``/proc/PID/net`` text), ``sock_diag+proc`` when some namespaces fell back, or
+    ``psutil``."""
+
+    @property
+    def active_opens(self) -> Dict[int, int]:
+        """``{namespace inode: Tcp ActiveOpens}`` of the namespaces whose counters were read."""
+        return {
+            namespace.inode: namespace.active_opens
+            for namespace in self.per_namespace
+            if namespace.active_opens is not None
+        }
+
+
+@dataclass
+class SamplerTotals:
+    """Counters over the sampler's life, for the extension's info table and the benchmark."""
+
+    samples: int = 0
+    sockets: int = 0
+    wanted: int = 0
+    rows: int = 0
+    pids_scanned: int = 0
+    fds_scanned: int = 0
+    owner_scans_skipped: int = 0
+    duration_ms: float = 0.0
+
+    def add(self, stats: SampleStats) -> None:
+        self.samples += 1
+        self.sockets += stats.sockets
+        self.wanted += stats.wanted
+        self.rows += stats.rows
+        self.pids_scanned += stats.pids_scanned
+        self.fds_scanned += stats.fds_scanned
+        self.owner_scans_skipped += stats.owner_scan_skipped
+        self.duration_ms += stats.duration_ms
+
+
+class Sampler(Protocol):
+    """What the pipeline needs of a sampler: :class:`agent.collect.linux.LinuxSampler` on Linux,
+    :class:`agent.collect.psutil_backend.PsutilSampler` elsewhere or with ``--backend psutil``.
+
+    Not thread-safe: one caller at a time (the pipeline serialises samples).
+    """
+
+    last: SampleStats
+    totals: SamplerTotals
+    count_outbound_tcp: bool
+    """Collect :attr:`SampleStats.outbound_tcp` in the next samples."""
+
+    @property
+    def limited(self) -> bool:
+        """True when the sample is partial for lack of privilege (see
+        :data:`UNPRIVILEGED_NOTICE`)."""
+        ...
+
+    def sample(
+        self, want_all: bool = False, pids: Optional[Collection[int]] = None
+    ) -> List[Connection]:
+        """The connections of this moment: external ones (every inet socket with ``want_all``),
+        of the processes ``pids`` only when given.  Raises :class:`SamplerError` when the host
+        cannot be sampled at all."""
+        ...
+
+
+BACKENDS = ("auto", "proc", "psutil")
+"""What ``--backend`` accepts: ``proc`` is the Linux sampler (sock_diag, else /proc)."""
+
+
+def open_sampler(
+    classifier: Classifier, backend: str = "auto", count_outbound_tcp: bool = False
+) -> Sampler:
+    """The sampler for this platform: every network namespace on Linux (``backend="proc"``),
+    psutil's view of this namespace elsewhere (``backend="psutil"``).  Each backend is imported
+    only when chosen."""
+    if backend == "psutil" or (backend == "auto" and not os.path.isdir("/proc/self/net")):
+        from agent.collect.psutil_backend import PsutilSampler
+
+        return PsutilSampler(classifier)
+    from agent.collect.linux import LinuxSampler
+
+    return LinuxSampler(classifier, count_outbound_tcp=count_outbound_tcp)

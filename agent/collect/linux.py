@@ -1,0 +1,473 @@
+"""One live sample on Linux: namespaces -> sockets -> verdicts -> owners -> identity -> records.
+
+The order is the point (``shared/reference/performance-notes.md``): the socket tables of every
+network namespace are read first and only the remote address of each row is decoded and
+classified; the expensive steps, mapping sockets to processes through ``/proc/*/fd`` and
+looking up who those processes are, run only for the sockets that are kept (external ones,
+or every one when asked).  That is osquery's ``process_open_sockets``
+(``osquery/tables/networking/linux/process_open_sockets.cpp``) turned inside out, so that the
+cost follows the few sockets that matter rather than every fd on the host.
+
+Races are normal: a socket that closes between the passes simply has no owner (pid -1), a
+process that exits yields an identity with nothing but its pid.  Neither raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Collection, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
+
+from agent.classify import Classifier, format_ipv4, format_ipv6
+from agent.collect import NamespaceStats, SamplerError, SamplerTotals, SampleStats
+from agent.collect.outbound import Ends, OutboundKey, OutboundMemo, add_outbound
+from agent.collect.procnet import (
+    PROC_ROOT,
+    SOCKET_TABLES,
+    ListenerIndex,
+    NetNamespace,
+    Socket,
+    SocketTable,
+    connection_ends,
+    decode_address,
+    discover_namespaces,
+    proc_entry,
+    read_socket_table,
+    read_tcp_counters,
+    scan_socket_table,
+)
+from agent.collect.sockdiag import (
+    ALL_STATES,
+    LISTEN_ONLY,
+    NOT_LISTENING,
+    DiagRecord,
+    DiagSocket,
+    count_sockets,
+    exclude_inbound_internal,
+    exclude_remote,
+    to_socket,
+)
+from agent.identity import NO_OWNER, Identity, IdentityCache
+from agent.inet import IPPROTO_TCP, TCP_LISTEN
+from agent.owners import OwnerFinder
+from agent.records import Connection, SocketColumns, connection_of
+
+_Kept = Tuple[int, ListenerIndex, Socket]
+"""(namespace inode, its listeners, a kept socket)"""
+
+_TCP_TABLES = tuple(table for table in SOCKET_TABLES if table.protocol == IPPROTO_TCP)
+
+
+def _active_opens(entry: Tuple[int, str]) -> Optional[int]:
+    """The namespace's ``Tcp: ActiveOpens`` through ``(pid, proc_root)``, None if unreadable."""
+    with contextlib.suppress(OSError):
+        return read_tcp_counters(*entry).get("ActiveOpens")
+    return None
+
+
+def _record_ends(records: List[DiagRecord], version: int) -> Iterator[Ends]:
+    """The ends of the TCP connections among ``records`` (listeners left out)."""
+    for record in records:
+        if record.state != TCP_LISTEN:
+            yield (
+                version,
+                record.local_address,
+                record.local_port,
+                record.remote_address,
+                record.remote_port,
+            )
+
+
+class LinuxSampler:
+    """Samples the inet sockets of every network namespace, keeping caches between samples.
+
+    Kept between samples: the classifier's verdicts, the remote-address hex -> external
+    memo, the owner scan's order and negative cache (:class:`OwnerFinder`) and process
+    identities (:class:`IdentityCache`).  Not thread-safe: one sampler per thread.
+    """
+
+    HEX_MEMO_LIMIT = 65536
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        proc_root: str = PROC_ROOT,
+        owners: Optional[OwnerFinder] = None,
+        identities: Optional[IdentityCache] = None,
+        count_outbound_tcp: bool = False,
+        use_sock_diag: Optional[bool] = None,
+    ) -> None:
+        self.classifier = classifier
+        self.count_outbound_tcp = count_outbound_tcp
+        """Also collect every outbound TCP connection's ends (:attr:`SampleStats.outbound_tcp`),
+        so that the extension can set what it saw beside the kernel's ``ActiveOpens``."""
+        self.proc_root = proc_root
+        self.owners = owners if owners is not None else OwnerFinder(proc_root)
+        self.identities = identities if identities is not None else IdentityCache(proc_root)
+        self.last = SampleStats()
+        self.totals = SamplerTotals()
+        self._external_by_hex: Dict[str, bool] = {}
+        self._external_by_bytes: Dict[bytes, bool] = {}
+        self._outbound_memo = OutboundMemo()
+        """Each namespace's outbound TCP connections when last counted through sock_diag."""
+        self._text: Dict[Tuple[int, int], str] = {}
+        self._threads: Dict[int, int] = {}
+        self.use_sock_diag = (
+            use_sock_diag
+            if use_sock_diag is not None
+            else proc_root == PROC_ROOT and os.geteuid() == 0
+        )
+        """Read the tables through netlink sock_diag (:mod:`agent.collect.sockdiag`), which
+        needs root to enter other namespaces; otherwise, and wherever it fails, ``/proc``."""
+        self._never_external = classifier.never_external()
+        self._prefilter = {
+            version: exclude_remote(self._never_external, version) for version in (4, 6)
+        }
+
+    @property
+    def limited(self) -> bool:
+        """True when not root: other users' fd links are unreadable, so their sockets come
+        without an owner (see :data:`agent.collect.UNPRIVILEGED_NOTICE`)."""
+        return os.geteuid() != 0
+
+    def sample(
+        self, want_all: bool = False, pids: Optional[Collection[int]] = None
+    ) -> List[Connection]:
+        """The connections of this moment.
+
+        ``want_all``: every inet socket, each with its verdict; otherwise only those whose
+        remote address is external.  ``pids``: only the sockets those processes hold, from
+        their namespaces (osquery pushes ``WHERE pid = N`` down); ownerless sockets are then
+        left out, as osquery does.  Raises :class:`SamplerError` when /proc cannot be listed.
+        """
+        started = time.perf_counter()
+        stats = SampleStats()
+        for memo in (self._external_by_hex, self._external_by_bytes, self._text):
+            if len(memo) > self.HEX_MEMO_LIMIT:
+                memo.clear()
+        try:
+            discovery = discover_namespaces(self.proc_root, pids)
+        except OSError as error:
+            raise SamplerError(
+                f"cannot list the processes in {self.proc_root}: "
+                f"{error.strerror or error}; without /proc use the psutil backend"
+            ) from error
+        stats.namespace_errors = discovery.errors
+        stats.namespaces = len(discovery.namespaces)
+        self._threads = discovery.threads
+        kept = self._read_namespaces(discovery.namespaces, want_all, stats)
+
+        scan = self.owners.find({sock.inode for _, _, sock in kept}, pids, discovery.threads)
+        stats.pids_scanned = scan.pids_scanned
+        stats.fds_scanned = scan.fds_scanned
+        stats.unreadable_pids = scan.unreadable_pids
+        stats.owner_scan_skipped = scan.skipped
+        rows = self._records(kept, scan.owners, pids is not None, stats)
+
+        stats.rows = len(rows)
+        stats.duration_ms = (time.perf_counter() - started) * 1000.0
+        self.last = stats
+        self.totals.add(stats)
+        return rows
+
+    def _read_namespaces(
+        self, namespaces: List[NetNamespace], want_all: bool, stats: SampleStats
+    ) -> List[_Kept]:
+        """The sockets worth an owner in every namespace: sock_diag where it works, ``/proc``
+        where it does not; the figures of each namespace go into ``stats``."""
+        kept: List[_Kept] = []
+        outbound_tcp: Optional[Set[OutboundKey]] = set() if self.count_outbound_tcp else None
+        backends: Set[str] = set()
+        for namespace in namespaces:
+            info: Optional[NamespaceStats] = None
+            if self.use_sock_diag:
+                info = self._diag_namespace(namespace, want_all, kept, outbound_tcp)
+            if info is None:
+                info = self._read_namespace(namespace, want_all, kept, outbound_tcp)
+                backends.add("proc")
+            else:
+                backends.add("sock_diag")
+            stats.sockets += info.sockets
+            stats.per_namespace.append(info)
+        stats.backend = "+".join(sorted(backends, reverse=True))
+        if outbound_tcp is not None:
+            stats.outbound_tcp = frozenset(outbound_tcp)
+            self._outbound_memo.keep_only(namespace.inode for namespace in namespaces)
+        stats.wanted = len(kept)
+        return kept
+
+    def _records(
+        self,
+        kept: List[_Kept],
+        owners: Dict[int, Tuple[int, int]],
+        narrowed: bool,
+        stats: SampleStats,
+    ) -> List[Connection]:
+        """A record for each kept socket, with its owner's identity (looked up once per
+        process); ownerless sockets are left out when the sample was ``narrowed`` to pids."""
+        rows: List[Connection] = []
+        identities: Dict[int, Identity] = {}
+        for namespace_inode, listeners, sock in kept:
+            owner = owners.get(sock.inode)
+            if owner is None:
+                if narrowed:
+                    continue
+                identity, fd = NO_OWNER, -1
+                stats.ownerless += 1
+            else:
+                pid, fd = owner
+                known = identities.get(pid)
+                if known is None:
+                    known = identities[pid] = self.identities.lookup(pid)
+                identity = known
+            rows.append(self._record(namespace_inode, listeners, sock, identity, fd))
+        stats.processes = len(identities)
+        return rows
+
+    def _is_external_hex(self, hex_text: str, version: int) -> bool:
+        external = self._external_by_hex.get(hex_text)
+        if external is None:
+            try:
+                value = decode_address(hex_text, version)
+            except ValueError:
+                return False
+            external = self.classifier.judge(value, version).external
+            self._external_by_hex[hex_text] = external
+        return external
+
+    def _diag_namespace(
+        self,
+        namespace: NetNamespace,
+        want_all: bool,
+        kept: List[_Kept],
+        outbound_tcp: Optional[Set[OutboundKey]],
+    ) -> Optional[NamespaceStats]:
+        """Read one namespace through sock_diag; None when it cannot (then ``/proc`` does).
+
+        Counting outbound connections needs every TCP socket; a namespace whose ActiveOpens has
+        not moved since its last count keeps the connections of that count instead
+        (:class:`OutboundMemo`), and its tables stay filtered in the kernel."""
+        opened = self._open_diag(namespace)
+        if opened is None:
+            return None
+        diag, pid = opened
+        entry = proc_entry(pid, self._threads, self.proc_root)
+        info = NamespaceStats(namespace.inode, pid, active_opens=_active_opens(entry))
+        unchanged: Optional[FrozenSet[OutboundKey]] = None
+        if outbound_tcp is not None and not want_all:
+            unchanged = self._outbound_memo.unchanged(namespace.inode, info.active_opens)
+        counted: Optional[Set[OutboundKey]] = (
+            set() if outbound_tcp is not None and unchanged is None else None
+        )
+        listeners = ListenerIndex()
+        try:
+            with diag:
+                rows = self._diag_tables(diag, namespace.inode, listeners, want_all, counted, kept)
+        except OSError:
+            return None
+        if outbound_tcp is not None:
+            keys = unchanged if unchanged is not None else frozenset(counted or ())
+            outbound_tcp.update(keys)
+            info.outbound_tcp = len(keys)
+            self._outbound_memo.remember(namespace.inode, info.active_opens, keys)
+        info.listeners = len(listeners)
+        info.sockets = rows
+        if not (want_all or counted is not None):
+            with contextlib.suppress(OSError):  # the kernel left most sockets out: ask its count
+                info.sockets = count_sockets(*entry)
+        return info
+
+    def _open_diag(self, namespace: NetNamespace) -> Optional[Tuple[DiagSocket, int]]:
+        """A sock_diag socket in the namespace, through the first of its processes we may
+        enter, and that process's pid; None when none can be entered."""
+        for pid in namespace.pids:
+            try:
+                return DiagSocket.in_namespace(*proc_entry(pid, self._threads, self.proc_root)), pid
+            except OSError:
+                continue  # gone, or not ours to enter: try the next process
+        return None
+
+    def _diag_tables(
+        self,
+        diag: DiagSocket,
+        namespace_inode: int,
+        listeners: ListenerIndex,
+        want_all: bool,
+        counted: Optional[Set[OutboundKey]],
+        kept: List[_Kept],
+    ) -> int:
+        """Read the four tables of one namespace into ``kept``; how many records came.
+
+        First what can listen: the TCP listeners (a cheap dump: the kernel walks only its
+        listening hash) and the UDP tables (small), or every table when ``want_all``.  Then
+        the rest of TCP, one table at a time, the kernel dropping what is never external
+        (:meth:`_rest_program`).  Records are decoded only when kept, and one big table at a
+        time is held in memory.  Raises OSError when the kernel refuses a dump."""
+        batches: List[Tuple[SocketTable, Optional[List[DiagRecord]]]] = [
+            (table, self._listening_pass(diag, table, want_all, listeners))
+            for table in SOCKET_TABLES
+        ]
+        if not want_all:
+            batches += [(table, None) for table in _TCP_TABLES]  # None: read when its turn comes
+        rows = 0
+        for table, batch in batches:
+            if batch is None:
+                program = self._rest_program(table, listeners, counting=counted is not None)
+                batch = diag.records(table, NOT_LISTENING, program)
+            rows += len(batch)
+            if counted is not None and table.protocol == IPPROTO_TCP:
+                add_outbound(
+                    counted, namespace_inode, listeners, _record_ends(batch, table.version)
+                )
+            self._keep_records(table, batch, namespace_inode, listeners, want_all, kept)
+            batch.clear()
+        return rows
+
+    @staticmethod
+    def _listening_pass(
+        diag: DiagSocket, table: SocketTable, want_all: bool, listeners: ListenerIndex
+    ) -> List[DiagRecord]:
+        """The records of ``table`` that can listen (all of them with ``want_all``, and all of
+        UDP's), with the listeners among them added to ``listeners``."""
+        listen_only = table.protocol == IPPROTO_TCP and not want_all
+        records = diag.records(table, LISTEN_ONLY if listen_only else ALL_STATES)
+        for record in records:
+            if record.sport and record.listening(table.protocol):
+                listeners.add(
+                    table.protocol, table.version, record.local_address, record.local_port
+                )
+        return records
+
+    def _rest_program(self, table: SocketTable, listeners: ListenerIndex, counting: bool) -> bytes:
+        """The kernel filter for the rest of a TCP table: drop every peer that is never
+        external; or, when every outbound connection is being counted, only the accepted
+        sockets whose peer is never external (neither the count nor the verdicts need them)."""
+        if counting:
+            return exclude_inbound_internal(
+                listeners.endpoints(IPPROTO_TCP), self._never_external, table.version
+            )
+        return self._prefilter[table.version]
+
+    def _keep_records(
+        self,
+        table: SocketTable,
+        records: List[DiagRecord],
+        namespace_inode: int,
+        listeners: ListenerIndex,
+        want_all: bool,
+        kept: List[_Kept],
+    ) -> None:
+        """Decode and keep the records whose peer is external (all of them with ``want_all``)."""
+        if want_all:
+            kept.extend((namespace_inode, listeners, to_socket(r, table)) for r in records)
+            return
+        external_by_bytes = self._external_by_bytes
+        version = table.version
+        for record in records:
+            remote = record.dst
+            external = external_by_bytes.get(remote)
+            if external is None:
+                external = self.classifier.judge(int.from_bytes(remote, "big"), version).external
+                external_by_bytes[remote] = external
+            if external:
+                kept.append((namespace_inode, listeners, to_socket(record, table)))
+
+    def _read_namespace(
+        self,
+        namespace: NetNamespace,
+        want_all: bool,
+        kept: List[_Kept],
+        outbound_tcp: Optional[Set[OutboundKey]] = None,
+    ) -> NamespaceStats:
+        """Read the four tables of one namespace, trying its next pid when one exits."""
+        listeners = ListenerIndex()
+        tcp_ends: Dict[int, List[Tuple[str, str]]] = {}
+        info = NamespaceStats(namespace.inode, -1)
+        candidates = namespace.pids
+        current = 0
+        for table in SOCKET_TABLES:
+            text, current = self._read_table(candidates, current, table)
+            if text is None:
+                continue
+            info.pid = candidates[current]
+            sockets, seen = scan_socket_table(
+                text,
+                table,
+                None if want_all else self._is_external_hex,
+                listeners,
+                None if outbound_tcp is None else tcp_ends.setdefault(table.version, []),
+            )
+            info.sockets += seen
+            kept.extend((namespace.inode, listeners, sock) for sock in sockets)
+        if info.pid < 0:
+            info.error = "no process of this namespace let its socket tables be read"
+        else:
+            info.active_opens = _active_opens(proc_entry(info.pid, self._threads, self.proc_root))
+        info.listeners = len(listeners)
+        if outbound_tcp is not None:
+            info.outbound_tcp = sum(
+                add_outbound(
+                    outbound_tcp, namespace.inode, listeners, connection_ends(pairs, version)
+                )
+                for version, pairs in tcp_ends.items()
+            )
+        return info
+
+    def _read_table(
+        self, candidates: List[int], current: int, table: SocketTable
+    ) -> Tuple[Optional[str], int]:
+        """The table's text through the first candidate pid still there, from ``current``."""
+        for index in range(current, len(candidates)):
+            entry, root = proc_entry(candidates[index], self._threads, self.proc_root)
+            try:
+                return read_socket_table(entry, table, root), index
+            except FileNotFoundError:
+                # No such table on this kernel (IPv6 disabled), or the process is gone or a
+                # zombie (whose /proc/PID/net is still a directory, but cannot be listed).
+                try:
+                    present = os.listdir(f"{root}/{entry}/net")
+                except OSError:
+                    continue
+                if table.name not in present:
+                    return None, index
+            except OSError:
+                continue  # gone, or not ours to read: try the next process
+        return None, current
+
+    def _address_text(self, value: int, version: int) -> str:
+        key = (version, value)
+        text = self._text.get(key)
+        if text is None:
+            text = format_ipv4(value) if version == 4 else format_ipv6(value)
+            self._text[key] = text
+        return text
+
+    def _record(
+        self,
+        namespace_inode: int,
+        listeners: ListenerIndex,
+        sock: Socket,
+        identity: Identity,
+        fd: int,
+    ) -> Connection:
+        verdict = self.classifier.classify_int(sock.remote_address, sock.version)
+        inbound = listeners.is_inbound(
+            sock.protocol, sock.version, sock.local_address, sock.local_port
+        )
+        return connection_of(
+            identity,
+            verdict,
+            SocketColumns(
+                net_namespace=namespace_inode,
+                fd=fd,
+                socket=sock.inode,
+                family=sock.family,
+                protocol=sock.protocol,
+                state=sock.state_name,
+                local_address=self._address_text(sock.local_address, sock.version),
+                local_port=sock.local_port,
+                remote_port=sock.remote_port,
+                direction="inbound" if inbound else "outbound",
+            ),
+        )

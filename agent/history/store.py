@@ -1,0 +1,817 @@
+"""The history store: every external connection the agent has seen, in one SQLite file.
+
+A live sample misses every connection that opens and closes between two queries; the
+extension's background sampler, ``egress-agent watch`` and the kernel event source record
+what they see here, so a connection stays visible after it closed.  Several sources write the
+same store, each in its own terms:
+
+- :meth:`HistoryStore.snapshot`: a source's whole view of some namespaces at one moment (a
+  sample); rows of that source and scope that are absent from it are closed, nothing else;
+- :meth:`HistoryStore.observe`: :class:`Observation` events, a connection seen opening, seen
+  alive or seen closing, at a time, by a source.
+
+Rows are aggregated per :data:`KEY_COLUMNS`, with the aggregate columns of
+:data:`agent.history.schema.AGGREGATE_COLUMNS` and the identity and classification columns of
+the latest sighting.  A row is open while some source holds one of its local ends open
+(``open_ends``: which source, which namespace, which end).  The agent's own runs (start,
+heartbeats, stop) are kept beside them (:meth:`HistoryStore.runs`), so that gaps are known.
+
+Operational rules (https://sqlite.org/wal.html, https://sqlite.org/howtocorrupt.html):
+
+- WAL journal, ``synchronous=NORMAL``: readers never block the writer, a crash loses at most
+  the last transaction.  Two writers (the extension and ``watch``) serialise through SQLite's
+  own lock, waiting up to :data:`BUSY_TIMEOUT_S` (``busy_timeout``).
+- Directory created 0700, file 0600 (SQLite gives ``-wal``/``-shm`` the database file's mode).
+- Bounded after every write: rows older than ``retention_days`` go, then the oldest rows
+  (by ``last_seen``) beyond ``max_rows``.
+- A file of an earlier (or later) version is brought up to date in place, every row kept
+  (:func:`agent.history.schema.upgrade`).  A file that is not a database, is corrupt, or is
+  another program's database is renamed to ``<path>.corrupt-<time>`` (nothing is deleted) and
+  a new store is created.  Any other failure (unwritable, disk full, locked too long) is logged
+  once per condition; the next write tries again.  Writes never raise.
+- ``read_only=True`` opens a copy as it is (an auditor's): nothing is written, upgraded or
+  moved, and the columns an old file lacks read as NULL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import operator
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import (
+    Any,
+    Callable,
+    Collection,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    TypeVar,
+)
+
+from agent.history import schema
+from agent.history.schema import HISTORY_COLUMNS, KEY_COLUMNS, RECORD_COLUMNS, RUN_COLUMNS
+from agent.records import Connection, Value
+from agent.textsafe import utf8_safe
+
+BUSY_TIMEOUT_S = 5.0
+T = TypeVar("T")
+
+OPENED, ALIVE, CLOSED = "opened", "alive", "closed"
+"""The kinds of :class:`Observation`."""
+
+Key = Tuple[Any, ...]
+End = Tuple[int, str, int]
+"""(network namespace inode, local address, local port) of one socket of a row."""
+
+log = logging.getLogger("egress_agent.history")
+
+
+class HistoryUnavailable(RuntimeError):
+    """The store cannot be read now; the message says why and names the file."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One event for the store: ``connection`` seen ``kind`` (:data:`OPENED`, :data:`ALIVE`,
+    :data:`CLOSED`) at ``at`` (unix seconds) by ``source``."""
+
+    kind: str
+    at: float
+    source: str
+    connection: Connection
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What a writer says of itself when it starts (:meth:`HistoryStore.start_run`)."""
+
+    kind: str
+    """``extension`` or ``watch``."""
+    pid: int
+    hostname: str
+    machine_id: str
+    version: str
+    heartbeat_interval: float
+    events_source: str
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """Totals over a run so far, written with each heartbeat."""
+
+    events_source: str
+    events_lost: int = 0
+    tcp_active_opens: Optional[int] = None
+    outbound_tcp_seen: int = 0
+
+
+class _Corrupt(Exception):
+    """The file is not a history store we can use: move it aside."""
+
+
+def _is_corruption(error: sqlite3.DatabaseError) -> bool:
+    # SQLITE_CORRUPT and SQLITE_NOTADB map to the base DatabaseError (Modules/_sqlite/util.c);
+    # locks, permissions, a full disk and I/O errors are OperationalError.
+    name = getattr(error, "sqlite_errorname", None)
+    if name is not None:
+        return name in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+    return type(error) is sqlite3.DatabaseError
+
+
+# The statements name columns of the record and the schema only, never anything from input.
+_RECORD_NAMES = [name for name, _ in RECORD_COLUMNS]
+_HISTORY_NAMES = [name for name, _ in HISTORY_COLUMNS]
+_RUN_NAMES = [name for name, _ in RUN_COLUMNS]
+_KEY_MATCH = " AND ".join(f"{n} = ?" for n in KEY_COLUMNS)
+_FIND = f"SELECT id FROM history WHERE {_KEY_MATCH}"  # noqa: S608
+_OPEN_ROWS = f"SELECT id, {', '.join(KEY_COLUMNS)} FROM history WHERE open = 1"  # noqa: S608
+_INSERT = (
+    f"INSERT INTO history ({', '.join(_RECORD_NAMES)}, first_seen, last_seen, samples, "  # noqa: S608
+    f"connections, open, seen_by) VALUES ({', '.join('?' for _ in _RECORD_NAMES)}, "
+    "?, ?, 1, ?, ?, ?)"
+)
+_SEEN_BY = (
+    "seen_by = CASE WHEN seen_by IS NULL OR seen_by = '' THEN :source "
+    "WHEN instr(',' || seen_by || ',', ',' || :source || ',') > 0 THEN seen_by "
+    "ELSE seen_by || ',' || :source END"
+)
+_UPDATE_SEEN = (
+    f"UPDATE history SET {', '.join(f'{n} = :{n}' for n in _RECORD_NAMES)}, "  # noqa: S608
+    "first_seen = MIN(first_seen, :at), last_seen = MAX(last_seen, :at), samples = samples + 1, "
+    f"connections = connections + :new_ends, open = 1, {_SEEN_BY} WHERE id = :id"
+)
+_UPDATE_CLOSED = f"UPDATE history SET last_seen = MAX(last_seen, :at), {_SEEN_BY} WHERE id = :id"  # noqa: S608
+_BOOL_COLUMNS = frozenset(
+    f.name for f in dataclasses.fields(Connection) if f.type in ("bool", bool)
+)
+
+
+class _OpenEnds:
+    """The open ends of every open row, read once per write: row id -> source -> ends."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.rows: Dict[Key, int] = {tuple(row[1:]): row[0] for row in db.execute(_OPEN_ROWS)}
+        self.ends: Dict[int, Dict[str, Set[End]]] = {}
+        for row_id, source, namespace, address, port in db.execute(
+            "SELECT history_id, source, net_namespace, local_address, local_port FROM open_ends"
+        ):
+            self.ends.setdefault(row_id, {}).setdefault(source, set()).add(
+                (namespace, address, port)
+            )
+
+    def any_source(self, row_id: int) -> Set[End]:
+        found: Set[End] = set()
+        for ends in self.ends.get(row_id, {}).values():
+            found |= ends
+        return found
+
+
+class HistoryStore:
+    """The SQLite history file at ``path``, opened on first use and reopened after a failure.
+
+    Thread-safe: one connection behind a lock (the extension writes from its sampler and event
+    threads and reads from Thrift handler threads).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        retention_days: float = 30,
+        max_rows: int = 100_000,
+        logger: Optional[logging.Logger] = None,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,
+    ) -> None:
+        self.path = path
+        self.retention_days = retention_days
+        self.max_rows = max_rows
+        self.read_only = read_only
+        self._log = logger or log
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db: Optional[sqlite3.Connection] = None
+        self._inode: Optional[Tuple[int, int]] = None
+        self._conditions: Dict[str, str] = {}
+        self._present: Optional[Dict[str, Set[str]]] = None
+        """The columns of each table of a read-only file (None: the file is ours, up to date)."""
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def problem(self) -> Optional[str]:
+        """What keeps the store from working now (writing first), or None when it works."""
+        for kind in ("write to", "read", "corrupt"):
+            if kind in self._conditions:
+                return self._conditions[kind]
+        return None
+
+    def snapshot(
+        self,
+        source: str,
+        connections: Iterable[Connection],
+        at: Optional[float] = None,
+        scope: Optional[Collection[int]] = None,
+        unread: Collection[int] = (),
+    ) -> bool:
+        """Record ``source``'s whole view at ``at`` of the network namespaces in ``scope`` (None:
+        every namespace, those that are gone included) but those it could not read
+        (``unread``); True when stored.  Rows that ``source`` held open in that scope and that
+        are absent here are closed; what other sources hold open stays open."""
+        now = int(self._clock() if at is None else at)
+        groups = _group(connections)
+        covered = _Scope(None if scope is None else frozenset(scope), frozenset(unread))
+        return self._write(lambda db: self._write_snapshot(db, source, groups, now, covered), now)
+
+    def observe(self, observations: Sequence[Observation]) -> bool:
+        """Record events, in order, in one transaction; True when stored."""
+        if not observations:
+            return True
+        latest = int(max(observation.at for observation in observations))
+        return self._write(lambda db: self._write_observations(db, observations), latest)
+
+    def query(
+        self,
+        *,
+        columns: Optional[Sequence[str]] = None,
+        since: Optional[float] = None,
+        until: Optional[float] = None,
+        pids: Optional[Collection[int]] = None,
+        open_: Optional[bool] = None,
+        directions: Optional[Collection[str]] = None,
+        limit: Optional[int] = None,
+    ) -> List[Dict[str, Value]]:
+        """History rows, oldest first: those overlapping [``since``, ``until``] (last seen at or
+        after ``since``, first seen at or before ``until``), of ``pids``, ``open_`` or not, in
+        ``directions``, at most ``limit``; with only the keys ``columns`` (default: all).
+
+        Raises :class:`HistoryUnavailable` when the file cannot be read, ValueError for a
+        column the table does not have.
+        """
+        names = list(columns) if columns is not None else list(_HISTORY_NAMES)
+        unknown = [name for name in names if name not in _HISTORY_NAMES]
+        if unknown:
+            raise ValueError(f"no history column {unknown[0]!r}")
+        filters = _Filters(since, until, pids, open_, directions, limit)
+        return self._read(lambda db: self._select(db, names, filters))
+
+    def rows(self, since: Optional[float] = None) -> List[Dict[str, Value]]:
+        """Every row (or those last seen at or after ``since``), oldest first; every column.
+        Raises :class:`HistoryUnavailable` when the file cannot be read."""
+        return self.query(since=since)
+
+    def count(self) -> Optional[int]:
+        """How many rows the store holds; None when it cannot be read."""
+        with self._lock:
+            result: Optional[int] = self._attempt(
+                "read", lambda db: int(db.execute("SELECT COUNT(*) FROM history").fetchone()[0])
+            )
+            return result
+
+    def start_run(self, run: RunStart, at: Optional[float] = None) -> Optional[int]:
+        """Record that a writer started; its run id, or None when the store cannot be written
+        (try again with the next heartbeat)."""
+        started = self._clock() if at is None else at
+        values = dataclasses.asdict(run)
+        values.update(started_at=started, last_heartbeat=started)
+        names = list(values)
+        statement = (
+            f"INSERT INTO runs ({', '.join(names)}) "  # noqa: S608 (our own column names)
+            f"VALUES ({', '.join('?' for _ in names)})"
+        )
+
+        def insert(db: sqlite3.Connection) -> int:
+            row_id = db.execute(statement, [values[n] for n in names]).lastrowid
+            return int(row_id or 0)
+
+        with self._lock:
+            result: Optional[int] = self._attempt("write to", insert)
+            return result
+
+    def heartbeat(
+        self, run_id: int, figures: RunFigures, at: Optional[float] = None, stopped: bool = False
+    ) -> bool:
+        """Record that the run is alive at ``at`` (and stopped then, with ``stopped``), with its
+        totals so far; True when stored."""
+        moment = self._clock() if at is None else at
+        values = dict(dataclasses.asdict(figures), at=moment, run_id=run_id)
+        stop = ", stopped_at = :at" if stopped else ""
+        statement = (
+            "UPDATE runs SET last_heartbeat = MAX(last_heartbeat, :at), "  # noqa: S608
+            "events_source = :events_source, events_lost = :events_lost, "
+            f"tcp_active_opens = :tcp_active_opens, outbound_tcp_seen = :outbound_tcp_seen{stop} "
+            "WHERE run_id = :run_id"
+        )
+        return self._write(lambda db: db.execute(statement, values), int(moment))
+
+    def runs(
+        self, since: Optional[float] = None, until: Optional[float] = None
+    ) -> List[Dict[str, Value]]:
+        """The agent runs that overlap [``since``, ``until``], oldest first, with the keys of
+        :data:`agent.history.schema.RUN_COLUMNS`.  Raises :class:`HistoryUnavailable`."""
+
+        def select(db: sqlite3.Connection) -> List[Dict[str, Value]]:
+            present = self._present.get("runs", set()) if self._present is not None else None
+            if present is not None and not present:
+                return []  # a file from before runs were kept
+            names = [n for n in _RUN_NAMES if present is None or n in present]
+            clauses, parameters = [], []
+            if since is not None:
+                clauses.append("COALESCE(stopped_at, last_heartbeat) >= ?")
+                parameters.append(since)
+            if until is not None:
+                clauses.append("started_at <= ?")
+                parameters.append(until)
+            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            query = f"SELECT {', '.join(names)} FROM runs{where} ORDER BY started_at, run_id"  # noqa: S608
+            return [
+                {name: dict(zip(names, values)).get(name) for name in _RUN_NAMES}
+                for values in db.execute(query, parameters)
+            ]
+
+        return self._read(select)
+
+    def close(self) -> None:
+        with self._lock:
+            self._disconnect()
+
+    def _write(self, operation: Callable[[sqlite3.Connection], Any], now: int) -> bool:
+        """Run ``operation`` in one transaction, then bound the store as of ``now``."""
+        if self.read_only:
+            return False
+        with self._lock:
+            return bool(self._attempt("write to", lambda db: self._transaction(db, operation, now)))
+
+    def _read(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            result: Optional[T] = self._attempt("read", operation)
+            if result is None:
+                raise HistoryUnavailable(self.problem or f"history store {self.path} unavailable")
+            return result
+
+    def _transaction(
+        self, db: sqlite3.Connection, operation: Callable[[sqlite3.Connection], Any], now: int
+    ) -> bool:
+        db.execute("BEGIN IMMEDIATE")
+        operation(db)
+        self._prune(db, now)
+        db.execute("COMMIT")
+        return True
+
+    # -- opening, failing, recovering ------------------------------------------------------
+
+    def _attempt(self, verb: str, operation: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``operation`` on an open connection; log and return None when it fails."""
+        for _ in range(2):  # a second time only after a corrupt file was moved aside
+            try:
+                db = self._connection()
+                result = operation(db)
+            except _Corrupt as error:
+                if not self._set_aside(str(error)):
+                    return None
+                continue
+            except sqlite3.DatabaseError as error:
+                self._rollback()
+                if _is_corruption(error):
+                    if not self._set_aside(f"{error}"):
+                        return None
+                    continue
+                self._fail(verb, error)
+                return None
+            except (OSError, ValueError) as error:  # ValueError: text SQLite cannot take
+                self._rollback()
+                self._fail(verb, error)
+                return None
+            self._recovered(verb)
+            return result
+        return None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
+        if self.read_only:
+            return self._read_only_connection()
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            if os.path.lexists(directory):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            status = os.fstat(fd)
+            if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        self._inode = (status.st_dev, status.st_ino)
+        db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """Check the file and bring it up to date (:func:`agent.history.schema.upgrade`)."""
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise _Corrupt(f"fails SQLite's quick_check: {check}")
+            try:
+                version, added = schema.upgrade(db)
+            except schema.NotOurs as error:
+                raise _Corrupt(str(error)) from None
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if 0 < version < schema.SCHEMA_VERSION:
+            self._log.warning(
+                "history store %s: upgraded from schema version %d to %d, every row kept",
+                self.path,
+                version,
+                schema.SCHEMA_VERSION,
+            )
+        elif version > schema.SCHEMA_VERSION:
+            self._log.warning(
+                "history store %s was written by a newer egress-agent (schema version %d; this "
+                "one knows %d): using the columns this version knows",
+                self.path,
+                version,
+                schema.SCHEMA_VERSION,
+            )
+        if added and version >= schema.SCHEMA_VERSION:
+            self._log.warning("history store %s: added the columns %s", self.path, ", ".join(added))
+
+    def _read_only_connection(self) -> sqlite3.Connection:
+        """The file as it is, never written: an auditor's copy (``immutable``: no WAL or lock
+        files are made beside it either, https://sqlite.org/uri.html).  Whatever its version,
+        the columns it lacks read as NULL."""
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.path)
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro&immutable=1"
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        try:
+            tables = {
+                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if "history" not in tables:
+                raise _Corrupt(f"holds tables {sorted(tables)[:5]} but no history table")
+            self._present = {table: set(schema.table_columns(db, table)) for table in tables}
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    def _disconnect(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
+
+    def _rollback(self) -> None:
+        if self._db is not None and self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
+    def _set_aside(self, why: str) -> bool:
+        """Rename the unusable file (and its WAL) out of the way; True when a new one can start.
+        A read-only store is never moved: it reports the problem instead."""
+        if self.read_only:
+            self._disconnect()
+            self._report("corrupt", f"history store {self.path} is unusable: {why}")
+            return False
+        opened = self._inode
+        self._disconnect()
+        self._inode = None
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError as error:
+            self._fail("inspect", error)
+            return False
+        if opened is not None and (status.st_dev, status.st_ino) != opened:
+            return True  # another writer already replaced it
+        target = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(self._clock()))}"
+        suffix = 0
+        while os.path.exists(target if not suffix else f"{target}.{suffix}"):
+            suffix += 1
+        if suffix:
+            target = f"{target}.{suffix}"
+        try:
+            os.rename(self.path, target)
+        except OSError as error:
+            self._report(
+                "corrupt",
+                f"history store {self.path} is unusable ({why}) and cannot be moved aside: "
+                f"{error.strerror or error}",
+            )
+            return False
+        for extension in ("-wal", "-shm"):
+            try:
+                if extension == "-wal":
+                    os.rename(self.path + extension, target + extension)
+                else:
+                    os.unlink(self.path + extension)
+            except OSError:
+                pass
+        self._log.error(
+            "history store %s is unusable (%s); moved it to %s and started a new one",
+            self.path,
+            why,
+            target,
+        )
+        self._conditions.pop("corrupt", None)
+        return True
+
+    def _fail(self, verb: str, error: BaseException) -> None:
+        self._disconnect()
+        if isinstance(error, OSError):
+            reason = error.strerror or str(error)
+            if error.filename:
+                reason = f"{reason}: {error.filename}"
+        else:
+            reason = str(error)
+        self._report(verb, f"cannot {verb} history store {self.path}: {reason}")
+
+    def _report(self, kind: str, message: str) -> None:
+        """Log ``message`` unless the same condition of this kind was the last one logged."""
+        if self._conditions.get(kind) != message:
+            self._log.error("%s", message)
+        self._conditions[kind] = message
+
+    def _recovered(self, kind: str) -> None:
+        # A write that worked means the store works; a read that worked says nothing of writes.
+        cleared = [kind, "corrupt"] + (["read"] if kind == "write to" else [])
+        if [name for name in cleared if self._conditions.pop(name, None) is not None]:
+            self._log.warning("history store %s works again", self.path)
+
+    # -- the SQL ---------------------------------------------------------------------------
+
+    def _write_snapshot(
+        self,
+        db: sqlite3.Connection,
+        source: str,
+        groups: Dict[Key, Tuple[Connection, Set[End]]],
+        now: int,
+        scope: _Scope,
+    ) -> None:
+        """One snapshot in a few statements whatever its size: the open rows and their ends
+        are read at once, rows seen again are updated with one ``executemany``, and the
+        source's ends in scope are replaced by this snapshot's."""
+        state = _OpenEnds(db)
+        updates: List[Dict[str, Value]] = []
+        kept: Dict[int, Set[End]] = {}
+        for key, (connection, ends) in groups.items():
+            values = _record_values(connection)
+            row_id = state.rows.get(key)
+            if row_id is None:
+                found = db.execute(_FIND, key).fetchone()  # seen before, closed since
+                if found is None:
+                    row_id = _insert(db, values, now, len(ends), True, source)
+                else:
+                    row_id = found[0]
+                    updates.append(_update(values, now, len(ends), row_id, source))
+            else:
+                new_ends = len(ends - state.any_source(row_id))
+                updates.append(_update(values, now, new_ends, row_id, source))
+            kept[row_id] = ends
+        db.executemany(_UPDATE_SEEN, updates)
+        gone: List[Tuple[int, str, int, str, int]] = []
+        closed: List[Tuple[int]] = []
+        for row_id, by_source in state.ends.items():
+            ours = {end for end in by_source.get(source, ()) if scope.covers(end[0])}
+            gone.extend((row_id, source, *end) for end in ours - kept.get(row_id, set()))
+            remaining = self._remaining(by_source, source, ours)
+            if row_id not in kept and not remaining:
+                closed.append((row_id,))
+        db.executemany(
+            "DELETE FROM open_ends WHERE history_id = ? AND source = ? AND net_namespace = ? "
+            "AND local_address = ? AND local_port = ?",
+            gone,
+        )
+        db.executemany("UPDATE history SET open = 0 WHERE id = ?", closed)
+        db.executemany(
+            "INSERT OR IGNORE INTO open_ends VALUES (?, ?, ?, ?, ?)",
+            [(row_id, source, *end) for row_id, ends in kept.items() for end in ends],
+        )
+
+    @staticmethod
+    def _remaining(by_source: Dict[str, Set[End]], source: str, replaced: Set[End]) -> bool:
+        """Whether a row keeps an open end once ``source``'s ends ``replaced`` are gone."""
+        return any(ends if name != source else ends - replaced for name, ends in by_source.items())
+
+    def _write_observations(
+        self, db: sqlite3.Connection, observations: Sequence[Observation]
+    ) -> None:
+        """Events in order: an opening or a sighting adds the end for its source (counting a
+        connection when no source had that end open), a closing removes the end for every
+        source and closes the row when none is left."""
+        state = _OpenEnds(db)
+        closed_rows: Dict[Key, Optional[int]] = {}
+        for observation in observations:
+            connection = observation.connection
+            key = _key(connection)
+            end = _end(connection)
+            at = int(observation.at)
+            row_id = state.rows.get(key)
+            if row_id is None:
+                if key not in closed_rows:
+                    found = db.execute(_FIND, key).fetchone()
+                    closed_rows[key] = None if found is None else found[0]
+                row_id = closed_rows[key]
+            opening = observation.kind != CLOSED
+            if row_id is None:
+                row_id = _insert(db, _record_values(connection), at, 1, opening, observation.source)
+                closed_rows[key] = row_id
+                if opening:
+                    state.rows[key] = row_id
+                    state.ends[row_id] = {observation.source: {end}}
+                    db.execute(
+                        "INSERT OR IGNORE INTO open_ends VALUES (?, ?, ?, ?, ?)",
+                        (row_id, observation.source, *end),
+                    )
+                continue
+            by_source = state.ends.setdefault(row_id, {})
+            if opening:
+                new_end = end not in state.any_source(row_id)
+                db.execute(
+                    _UPDATE_SEEN,
+                    _update(
+                        _record_values(connection), at, int(new_end), row_id, observation.source
+                    ),
+                )
+                by_source.setdefault(observation.source, set()).add(end)
+                state.rows[key] = row_id
+                db.execute(
+                    "INSERT OR IGNORE INTO open_ends VALUES (?, ?, ?, ?, ?)",
+                    (row_id, observation.source, *end),
+                )
+                continue
+            db.execute(_UPDATE_CLOSED, {"at": at, "id": row_id, "source": observation.source})
+            for ends in by_source.values():
+                ends.discard(end)
+            db.execute(
+                "DELETE FROM open_ends WHERE history_id = ? AND net_namespace = ? "
+                "AND local_address = ? AND local_port = ?",
+                (row_id, *end),
+            )
+            if not any(by_source.values()):
+                db.execute("UPDATE history SET open = 0 WHERE id = ?", (row_id,))
+                state.rows.pop(key, None)
+                closed_rows[key] = row_id
+
+    def _prune(self, db: sqlite3.Connection, now: int) -> None:
+        pruned = 0
+        if self.retention_days and self.retention_days > 0:
+            cutoff = now - int(self.retention_days * 86400)
+            pruned += db.execute("DELETE FROM history WHERE last_seen < ?", (cutoff,)).rowcount
+            db.execute("DELETE FROM runs WHERE COALESCE(stopped_at, last_heartbeat) < ?", (cutoff,))
+        if self.max_rows and self.max_rows > 0:
+            excess = db.execute("SELECT COUNT(*) FROM history").fetchone()[0] - self.max_rows
+            if excess > 0:
+                pruned += db.execute(
+                    "DELETE FROM history WHERE id IN "
+                    "(SELECT id FROM history ORDER BY last_seen, id LIMIT ?)",
+                    (excess,),
+                ).rowcount
+        if pruned:
+            db.execute("DELETE FROM open_ends WHERE history_id NOT IN (SELECT id FROM history)")
+
+    def _select(
+        self, db: sqlite3.Connection, names: List[str], filters: _Filters
+    ) -> List[Dict[str, Value]]:
+        present = self._present.get("history") if self._present is not None else None
+        selected = [name for name in names if present is None or name in present]
+        where, parameters = filters.sql(present)
+        query = f"SELECT {', '.join(selected) or 'id'} FROM history{where} ORDER BY first_seen, id"  # noqa: S608
+        if filters.limit is not None:
+            query += " LIMIT ?"
+            parameters.append(filters.limit)
+        rows = []
+        for values in db.execute(query, parameters):
+            found = dict(zip(selected, values))
+            rows.append({name: _value(name, found.get(name)) for name in names})
+        return rows
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """The namespaces a snapshot speaks for: ``only`` these (None: all), but not ``unread``."""
+
+    only: Optional[FrozenSet[int]]
+    unread: FrozenSet[int]
+
+    def covers(self, namespace: int) -> bool:
+        return (self.only is None or namespace in self.only) and namespace not in self.unread
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """The constraints :meth:`HistoryStore.query` pushes into SQL, as bound parameters."""
+
+    since: Optional[float]
+    until: Optional[float]
+    pids: Optional[Collection[int]]
+    open_: Optional[bool]
+    directions: Optional[Collection[str]]
+    limit: Optional[int]
+
+    def sql(self, present: Optional[Set[str]]) -> Tuple[str, List[Any]]:
+        clauses: List[str] = []
+        parameters: List[Any] = []
+        if self.since is not None:
+            clauses.append("last_seen >= ?")
+            parameters.append(int(self.since))
+        if self.until is not None:
+            clauses.append("first_seen <= ?")
+            parameters.append(int(self.until))
+        for column, values in (("pid", self.pids), ("direction", self.directions)):
+            if values is not None:
+                listed = sorted(values)
+                clauses.append(f"{column} IN ({', '.join('?' for _ in listed)})" if listed else "0")
+                parameters.extend(listed)
+        if self.open_ is not None:
+            clauses.append("open = ?")
+            parameters.append(int(self.open_))
+        return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), parameters
+
+
+def history_key(connection: Connection) -> Key:
+    """The connection as history (and ``watch``) counts it: :data:`KEY_COLUMNS`."""
+    return _key(connection)
+
+
+_key = operator.attrgetter(*KEY_COLUMNS)
+
+
+def _end(connection: Connection) -> End:
+    return (connection.net_namespace or 0, connection.local_address, connection.local_port)
+
+
+def _group(connections: Iterable[Connection]) -> Dict[Key, Tuple[Connection, Set[End]]]:
+    groups: Dict[Key, Tuple[Connection, Set[End]]] = {}
+    for connection in connections:
+        key = _key(connection)
+        if key in groups:
+            groups[key][1].add(_end(connection))
+        else:
+            groups[key] = (connection, {_end(connection)})
+    return groups
+
+
+_record_getter = operator.attrgetter(*_RECORD_NAMES)
+_TEXT_INDEXES = [i for i, (_, sql_type) in enumerate(RECORD_COLUMNS) if sql_type == "TEXT"]
+
+
+def _record_values(connection: Connection) -> List[Value]:
+    """The record columns of ``connection`` as SQLite takes them (booleans are ints to
+    sqlite3 already); text that UTF-8 cannot encode is escaped."""
+    values: List[Value] = list(_record_getter(connection))
+    for index in _TEXT_INDEXES:
+        value = values[index]
+        if isinstance(value, str) and not value.isascii():
+            values[index] = utf8_safe(value)  # a process name may hold undecodable bytes
+    return values
+
+
+def _insert(
+    db: sqlite3.Connection, values: List[Value], at: int, ends: int, is_open: bool, source: str
+) -> int:
+    row_id = db.execute(_INSERT, [*values, at, at, ends, int(is_open), source]).lastrowid
+    return int(row_id or 0)
+
+
+def _update(
+    values: List[Value], at: int, new_ends: int, row_id: int, source: str
+) -> Dict[str, Value]:
+    parameters: Dict[str, Value] = dict(zip(_RECORD_NAMES, values))
+    parameters.update(at=at, new_ends=new_ends, id=row_id, source=source)
+    return parameters
+
+
+def _value(name: str, value: Any) -> Value:
+    return bool(value) if name in _BOOL_COLUMNS and value is not None else value

@@ -1,0 +1,101 @@
+"""The names and numbers of the internet protocols, in one place: families, protocols, TCP
+states, the IPv6 prefixes that carry an IPv4 host, and what it means for a socket to listen.
+
+Every module that reads sockets, judges addresses, matches rules or renders rows takes these
+from here, so the kernel's numbers and osquery's names are written down once, each with its
+source.  Addresses are integers, as ``int(ipaddress.ip_address(text))`` gives them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+AF_INET = 2
+AF_INET6 = 10
+"""Address families as Linux numbers them (``include/linux/socket.h``) and osquery reports them
+(``process_open_sockets.family``)."""
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+"""IANA protocol numbers (``include/uapi/linux/in.h``), osquery's ``protocol`` column."""
+
+PROTOCOL_NAMES: Dict[int, str] = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+PROTOCOL_NUMBERS: Dict[str, int] = {name: number for number, name in PROTOCOL_NAMES.items()}
+FAMILY_NAMES: Dict[int, str] = {AF_INET: "ipv4", AF_INET6: "ipv6"}
+"""The names ECS gives them (``network.type``)."""
+FAMILY_OF_VERSION: Dict[int, int] = {4: AF_INET, 6: AF_INET6}
+
+IPV4_BITS = 32
+IPV6_BITS = 128
+
+TCP_ESTABLISHED = 1
+TCP_SYN_SENT = 2
+TCP_SYN_RECV = 3
+TCP_TIME_WAIT = 6
+TCP_CLOSE = 7
+TCP_LISTEN = 10
+TCP_NEW_SYN_RECV = 12
+"""The kernel's TCP states (``include/net/tcp_states.h``)."""
+
+TCP_STATE_NAMES: Tuple[str, ...] = (
+    "UNKNOWN",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSED",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+)
+"""TCP state names exactly as osquery's ``process_open_sockets`` spells them (``tcp_states`` in
+``osquery/filesystem/linux/proc.h``), indexed by the kernel's state number.  Note ``CLOSED``
+(the kernel says ``TCP_CLOSE``) and that anything else, ``TCP_NEW_SYN_RECV`` (12) included, is
+``UNKNOWN`` there too."""
+
+
+def tcp_state_name(state: int) -> str:
+    """The osquery name of a kernel TCP state number; ``UNKNOWN`` outside the known range."""
+    if 0 < state < len(TCP_STATE_NAMES):
+        return TCP_STATE_NAMES[state]
+    return "UNKNOWN"
+
+
+Block = Tuple[int, int]
+"""(network as an integer, prefix length) of an IPv6 block."""
+
+IPV4_MAPPED: Block = (0xFFFF << 32, 96)
+"""``::ffff:0:0/96``, RFC 4291 section 2.5.5.2: an AF_INET6 socket talking IPv4."""
+NAT64_WELL_KNOWN: Block = (0x0064FF9B << 96, 96)
+"""``64:ff9b::/96``, RFC 6052 section 2.1: a NAT64 gateway reaching the IPv4 host."""
+
+
+def in_block(value: int, block: Block, bits: int = IPV6_BITS) -> bool:
+    """Whether the address ``value`` lies in ``block``."""
+    network, length = block
+    return value >> (bits - length) == network >> (bits - length)
+
+
+def is_ipv4_mapped(value: int) -> bool:
+    """An IPv6 address in ``::ffff:0:0/96``: IPv4 on the wire."""
+    return value >> 32 == 0xFFFF
+
+
+def ipv4_host(value: int, version: int) -> Optional[int]:
+    """The IPv4 host an IPv6 address reaches through IPv4-mapping or the NAT64 well-known prefix
+    (its last 32 bits), else None.  6to4 and Teredo carry a relay's or a client's address, not
+    the peer's, so they reach no IPv4 host here (RFC 3056, RFC 4380)."""
+    if version == 6 and (is_ipv4_mapped(value) or in_block(value, NAT64_WELL_KNOWN)):
+        return value & 0xFFFFFFFF
+    return None
+
+
+def is_listening(protocol: int, state: int, remote_address: int, remote_port: int) -> bool:
+    """Whether a socket listens: a TCP socket in ``LISTEN``, or a UDP socket with no peer (bound,
+    unconnected: what ``/proc/net/udp`` shows as remote ``0:0``)."""
+    if protocol == IPPROTO_TCP:
+        return state == TCP_LISTEN
+    return remote_address == 0 and remote_port == 0

@@ -1,0 +1,305 @@
+"""The one composition point: settings -> sources -> allow rules -> history -> the consumer.
+
+``egress-agent check`` takes one :meth:`Pipeline.sample`; ``egress-agent watch`` and the osquery
+extension run a :class:`Monitor`, the same background loop for both, which samples every
+interval, records each sample in the history and tells its consumer (``watch`` prints what is
+new, the extension keeps the figures of ``egress_agent_info``).  Queries of the extension's live
+table go through :meth:`Monitor.live`.  Nothing here knows a protocol or a format: the front
+ends (``agent/cli.py``, ``agent/osquery/``) do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, FrozenSet, List, Mapping, Optional, Tuple, Type
+
+from agent import __version__, coverage
+from agent.allow import annotate
+from agent.classify import Classifier
+from agent.collect import UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
+from agent.config import Settings
+from agent.history import HistoryStore, RunFigures, RunStart
+from agent.records import Connection
+
+SAMPLING = "sampling"
+"""The history source name of the socket sampler."""
+
+
+def open_store(
+    settings: Settings,
+    path: Optional[str] = None,
+    read_only: bool = False,
+    logger: Optional[logging.Logger] = None,
+) -> HistoryStore:
+    """The history store the settings name (or the file at ``path``: a copy, read only)."""
+    return HistoryStore(
+        path or settings.history_path,
+        retention_days=settings.history_retention_days,
+        max_rows=settings.history_max_rows,
+        logger=logger,
+        read_only=read_only,
+    )
+
+
+@dataclass
+class Snapshot:
+    """One sample as the pipeline hands it on: the connections, annotated with the allow rules,
+    and what the sample looked at."""
+
+    connections: List[Connection]
+    stats: SampleStats
+    at: float
+    """Unix seconds, when the sample was taken."""
+
+    @property
+    def unread(self) -> FrozenSet[int]:
+        """The network namespaces whose tables the sample could not read: their rows in the
+        history stay as they were (the sample says nothing of them)."""
+        return frozenset(n.inode for n in self.stats.per_namespace if n.error or n.pid < 0)
+
+
+class Pipeline:
+    """A sampler, the allow rules and (optionally) the history store, used as one.
+
+    Thread-safe: one lock serialises samples (the sampler's caches are not for concurrent
+    use, and a query waiting for a background sample gets the freshest data anyway).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sampler: Sampler,
+        store: Optional[HistoryStore] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.sampler = sampler
+        self.store = store
+        self.clock = clock
+        """Unix seconds: when samples are taken, and the times the history records."""
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        settings: Settings,
+        backend: str = "auto",
+        history: bool = False,
+        logger: Optional[logging.Logger] = None,
+    ) -> Pipeline:
+        """The pipeline the settings describe; with ``history``, writing the history store
+        (when the settings keep one)."""
+        sampler = open_sampler(Classifier(settings.internal_networks), backend)
+        store = (
+            open_store(settings, logger=logger) if history and settings.history_enabled else None
+        )
+        return cls(settings, sampler, store)
+
+    @property
+    def notices(self) -> List[str]:
+        """What the user should know once about what this pipeline cannot see, one line each."""
+        return [UNPRIVILEGED_NOTICE] if self.sampler.limited else []
+
+    def sample(
+        self,
+        pids: Optional[FrozenSet[int]] = None,
+        want_all: bool = False,
+        count_outbound_tcp: bool = False,
+    ) -> Snapshot:
+        """One live sample (narrowed to ``pids`` when given), annotated with the allow rules.
+        Raises :class:`agent.collect.SamplerError` when the host cannot be sampled at all."""
+        with self._lock:
+            self.sampler.count_outbound_tcp = count_outbound_tcp
+            at = self.clock()
+            connections = self.sampler.sample(want_all=want_all, pids=pids)
+            stats = self.sampler.last
+        annotate(self.settings.allow, connections)
+        return Snapshot(connections, stats, at)
+
+    def record(self, snapshot: Snapshot) -> bool:
+        """The external connections of a whole-host sample into the history; True when stored
+        (or when no history is kept)."""
+        if self.store is None:
+            return True
+        external = [c for c in snapshot.connections if c.external]
+        return self.store.snapshot(SAMPLING, external, snapshot.at, unread=snapshot.unread)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+@dataclass
+class Stats:
+    """Figures for ``egress_agent_info``: all from the background samples."""
+
+    started_at: int
+    samples_total: int = 0
+    last_sample_ms: Optional[float] = None
+    sockets_seen: Optional[int] = None
+    namespaces_seen: Optional[int] = None
+    tcp_active_opens: Optional[int] = None
+    outbound_tcp_seen: int = 0
+    last_error: Optional[str] = None
+
+
+@dataclass
+class _Coverage:
+    growth: coverage.ActiveOpensGrowth = field(default_factory=coverage.ActiveOpensGrowth)
+    previous_outbound: FrozenSet[int] = frozenset()
+
+
+ActiveOpensFunction = Callable[[], Mapping[int, int]]
+"""``{net namespace inode: Tcp ActiveOpens}`` of every namespace (agent.coverage)."""
+
+
+def read_machine_id() -> str:
+    """The host's machine id (``machine-id(5)``), or "" when it has none."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii", errors="replace") as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return ""
+
+
+class Monitor:
+    """The background loop of ``watch`` and the extension: a sample every ``interval`` s into
+    the history, the coverage figures, the agent's run, and ``on_sample`` for the consumer."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        interval: float,
+        logger: logging.Logger,
+        run_kind: Optional[str] = None,
+        on_sample: Optional[Callable[[Snapshot], None]] = None,
+        active_opens: ActiveOpensFunction = coverage.active_opens_by_namespace,
+    ) -> None:
+        """``run_kind`` (``extension``, ``watch``): record this run's start, heartbeats and
+        stop in the history, so that an audit knows when the agent was watching."""
+        self.pipeline = pipeline
+        self.interval = interval
+        self._log = logger
+        self._run_kind = run_kind
+        self._run_id: Optional[int] = None
+        self._run_attempted = False
+        self._on_sample = on_sample
+        self._active_opens = active_opens
+        self._stats_lock = threading.Lock()
+        self._started_at = pipeline.clock()
+        self._stats = Stats(started_at=int(self._started_at))
+        self._coverage = _Coverage()
+
+    def live(self, pids: Optional[FrozenSet[int]] = None) -> Snapshot:
+        """One sample for a query (narrowed to ``pids``); the sampler's errors propagate."""
+        return self.pipeline.sample(pids)
+
+    def stats(self) -> Stats:
+        """A copy of the figures; never waits for a sample in progress."""
+        with self._stats_lock:
+            return Stats(**vars(self._stats))
+
+    def sample_once(self, fatal: Tuple[Type[BaseException], ...] = ()) -> bool:
+        """One background sample: record it in history, update the figures, hand it to the
+        consumer; True when done.  A failing sample is logged once per distinct message and
+        the next one tries again, unless its error is one of ``fatal``, which propagates."""
+        started = time.monotonic()
+        try:
+            snapshot = self.pipeline.sample(count_outbound_tcp=True)
+        except fatal:
+            raise
+        except Exception as error:  # the sampler's bug must not end the background loop
+            self._sampling_failed(f"sampling failed: {type(error).__name__}: {error}")
+            return False
+        elapsed_ms = (time.monotonic() - started) * 1000.0
+        active_opens: Mapping[int, int] = snapshot.stats.active_opens
+        if not active_opens:
+            try:
+                active_opens = self._active_opens()
+            except OSError:
+                active_opens = {}
+        with self._stats_lock:
+            if self._stats.last_error is not None:
+                self._log.warning("sampling works again")
+                self._stats.last_error = None
+            self._stats.samples_total += 1
+            self._stats.last_sample_ms = round(elapsed_ms, 3)
+            self._stats.sockets_seen = snapshot.stats.sockets
+            self._stats.namespaces_seen = snapshot.stats.namespaces
+            self._count_outbound(snapshot.stats.outbound_tcp)
+            self._stats.tcp_active_opens = self._coverage.growth.update(active_opens)
+        self.pipeline.record(snapshot)
+        self._heartbeat(snapshot.at)
+        if self._on_sample is not None:
+            self._on_sample(snapshot)
+        return True
+
+    def run(self, stop: threading.Event, fatal: Tuple[Type[BaseException], ...] = ()) -> None:
+        """Sample now and then every ``interval`` seconds (fixed rate) until ``stop`` is set;
+        the run ends in the history as stopped."""
+        try:
+            next_at = time.monotonic()
+            while not stop.is_set():
+                self.sample_once(fatal)
+                next_at += self.interval
+                now = time.monotonic()
+                if next_at < now:  # a sample overran: skip the missed slots instead of bursting
+                    next_at = now + self.interval
+                if stop.wait(next_at - now):
+                    return
+        finally:
+            self._heartbeat(self.pipeline.clock(), stopped=True)
+
+    def _sampling_failed(self, message: str) -> None:
+        with self._stats_lock:
+            if message != self._stats.last_error:
+                self._log.error("%s", message)
+            self._stats.last_error = message
+
+    def _figures(self) -> RunFigures:
+        with self._stats_lock:
+            return RunFigures(
+                events_source=SAMPLING,
+                tcp_active_opens=self._stats.tcp_active_opens,
+                outbound_tcp_seen=self._stats.outbound_tcp_seen,
+            )
+
+    def _heartbeat(self, at: float, stopped: bool = False) -> None:
+        """Say in the history that this run is alive (starting it when the store could not be
+        written before)."""
+        store = self.pipeline.store
+        if store is None or self._run_kind is None:
+            return
+        if self._run_id is None:
+            # A run starts when its history could first be written: before, nothing was kept.
+            first_attempt, self._run_attempted = not self._run_attempted, True
+            self._run_id = store.start_run(
+                RunStart(
+                    kind=self._run_kind,
+                    pid=os.getpid(),
+                    hostname=socket.gethostname(),
+                    machine_id=read_machine_id(),
+                    version=__version__,
+                    heartbeat_interval=self.interval,
+                    events_source=SAMPLING,
+                ),
+                at=self._started_at if first_attempt else at,
+            )
+        if self._run_id is not None:
+            store.heartbeat(self._run_id, self._figures(), at=at, stopped=stopped)
+
+    def _count_outbound(self, current: Optional[FrozenSet[int]]) -> None:
+        if current is None:
+            return
+        # A connection seen in consecutive samples counts once; memory stays one sample deep.
+        self._stats.outbound_tcp_seen += len(current - self._coverage.previous_outbound)
+        self._coverage.previous_outbound = current
