@@ -41,12 +41,10 @@ from typing import (
     Union,
 )
 
+from agent.inet import IPV4_BITS, IPV4_MAPPED, IPV6_BITS, NAT64_WELL_KNOWN, in_block
+
 DATA_DIR = Path(__file__).with_name("data")
 
-IPV4_BITS = 32
-IPV6_BITS = 128
-IPV4_MAPPED = (0xFFFF << 32, 96)  # ::ffff:0:0/96
-NAT64_WKP = (0x0064FF9B << 96, 96)  # 64:ff9b::/96
 SIX_TO_FOUR = (0x2002 << 112, 16)  # 2002::/16
 TEREDO = (0x20010000 << 96, 32)  # 2001::/32
 GLOBAL_UNICAST = (0x2000 << 112, 3)  # 2000::/3
@@ -229,11 +227,6 @@ def expand_ipv6(value: int) -> str:
     return ":".join(text[i : i + 4] for i in range(0, 32, 4))
 
 
-def _in(value: int, block: Tuple[int, int], bits: int = IPV6_BITS) -> bool:
-    network, length = block
-    return value >> (bits - length) == network >> (bits - length)
-
-
 def format_ipv6(value: int) -> str:
     """RFC 5952 canonical text.
 
@@ -241,7 +234,7 @@ def format_ipv6(value: int) -> str:
     replaced by ``::`` (the first on a tie).  Section 5: IPv4-mapped and (RFC 6052 section 2.4)
     NAT64 well-known-prefix addresses end in a dotted quad.
     """
-    dotted = _in(value, IPV4_MAPPED) or _in(value, NAT64_WKP)
+    dotted = in_block(value, IPV4_MAPPED) or in_block(value, NAT64_WELL_KNOWN)
     groups = [(value >> (112 - 16 * i)) & 0xFFFF for i in range(6 if dotted else 8)]
     best_start, best_len, run_start = -1, 1, -1
     for i, group in enumerate([*groups, 1]):
@@ -380,13 +373,13 @@ def parse_address(text: str) -> Tuple[int, int, Optional[str]]:
 
 def _embedded_ipv4(value: int) -> Optional[Tuple[str, int]]:
     """Rules 1-4: the IPv6 transition mechanism carrying an IPv4 address, and that address."""
-    if _in(value, IPV4_MAPPED):
+    if in_block(value, IPV4_MAPPED):
         return "ipv4_mapped", value & 0xFFFFFFFF
-    if _in(value, NAT64_WKP):
+    if in_block(value, NAT64_WELL_KNOWN):
         return "nat64", value & 0xFFFFFFFF
-    if _in(value, SIX_TO_FOUR):
+    if in_block(value, SIX_TO_FOUR):
         return "6to4", (value >> 80) & 0xFFFFFFFF
-    if _in(value, TEREDO):
+    if in_block(value, TEREDO):
         # RFC 4380 section 4: the client's public IPv4 address, bits inverted, in the last 32.
         return "teredo", ~value & 0xFFFFFFFF
     return None
@@ -556,13 +549,14 @@ class Classifier:
         if via is not None and embedded is not None:
             external, category, reason = self._decide_ipv4(embedded)
             return external, category, f"{VIA_NAMES[via]} {format_ipv4(embedded)}: {reason}"
-        if _in(value, IPV6_MULTICAST):
+        if in_block(value, IPV6_MULTICAST):
             block = registries.multicast_v6_scopes[(value >> 112) & 0xF]
             return block.external, block.category, f"Multicast, {block.reason}"
         special = registries.special_v6.lookup(value)
         if special is not None:
             return special.external, special.category, special.reason
-        outside = None if _in(value, GLOBAL_UNICAST) else registries.outside_global_v6.lookup(value)
+        global_unicast = in_block(value, GLOBAL_UNICAST)
+        outside = None if global_unicast else registries.outside_global_v6.lookup(value)
         if outside is not None:  # the table holds ::/0, so every address outside 2000::/3
             return False, outside.category, outside.reason
         return True, "global", "global unicast: no special-purpose entry applies (RFC6890)"

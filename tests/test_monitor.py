@@ -125,22 +125,27 @@ def test_a_fatal_error_ends_the_loop() -> None:
     assert monitor.sample_once() is False
 
 
-def test_run_samples_until_stopped() -> None:
-    stop = threading.Event()
+def three_samples(stop: threading.Event, rows: List[Connection]) -> FunctionSampler:
+    """A sampler that asks the loop to stop at its third sample; how often it was asked."""
     seen: List[int] = []
 
     def sample(pids: Optional[FrozenSet[int]]) -> List[Connection]:
         seen.append(1)
         if len(seen) == 3:
             stop.set()
-        return []
+        return rows
 
-    monitor = monitor_of(FunctionSampler(sample), interval=0.01)
-    thread = threading.Thread(target=monitor.run, args=(stop,))
+    return FunctionSampler(sample)
+
+
+def test_run_samples_until_stopped() -> None:
+    stop = threading.Event()
+    sampler = three_samples(stop, [])
+    thread = threading.Thread(target=monitor_of(sampler, interval=0.01).run, args=(stop,))
     thread.start()
     thread.join(30)
     assert not thread.is_alive()
-    assert len(seen) == 3
+    assert len(sampler.asked) == 3
 
 
 def test_queries_and_background_samples_differ() -> None:
@@ -158,16 +163,12 @@ def test_the_run_is_recorded_with_heartbeats_and_stop(tmp_path: Path) -> None:
     store = HistoryStore(str(tmp_path / "h.db"))
     clock = iter(range(1000, 2000, 5))
     stop = threading.Event()
-    seen: List[int] = []
-
-    def sample(pids: Optional[FrozenSet[int]]) -> List[Connection]:
-        seen.append(1)
-        if len(seen) == 3:
-            stop.set()
-        return [outbound(1)]
-
     monitor = monitor_of(
-        FunctionSampler(sample), store, interval=0.01, run_kind="watch", clock=lambda: next(clock)
+        three_samples(stop, [outbound(1)]),
+        store,
+        interval=0.01,
+        run_kind="watch",
+        clock=lambda: next(clock),
     )
     monitor.run(stop)
     (run,) = store.runs()
