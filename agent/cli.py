@@ -13,13 +13,12 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, TextIO
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, TextIO, Tuple
 
 from agent import __version__
 from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
-from agent.history import HistoryUnavailable, Key, history_key
 from agent.osquery.options import add_arguments as add_extension_arguments
 from agent.osquery.options import extension_command
 from agent.pipeline import Monitor, Pipeline, Snapshot, open_store
@@ -115,9 +114,11 @@ class _NewConnections:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self._args = args
-        self._seen: Set[Key] = set()
+        self._seen: Set[Tuple[object, ...]] = set()
 
     def __call__(self, snapshot: Snapshot) -> None:
+        from agent.history import history_key
+
         args = self._args
         connections = in_direction(snapshot.connections, args.direction)
         current = {history_key(c): c for c in connections}
@@ -182,6 +183,8 @@ def _duration(text: str) -> float:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from agent.history import HistoryUnavailable
+
     settings = load_settings(args.config)
     path = settings.history_path
     if not os.path.exists(path):

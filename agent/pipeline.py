@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, FrozenSet, List, Mapping, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Callable, FrozenSet, List, Mapping, Optional, Tuple, Type
 
 from agent import __version__, coverage
 from agent.allow import annotate
 from agent.classify import Classifier
 from agent.collect import UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
 from agent.config import Settings
-from agent.history import HistoryStore, RunFigures, RunStart
 from agent.records import Connection
+
+if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
+    from agent.history import HistoryStore, RunFigures
 
 SAMPLING = "sampling"
 """The history source name of the socket sampler."""
@@ -37,6 +38,8 @@ def open_store(
     logger: Optional[logging.Logger] = None,
 ) -> HistoryStore:
     """The history store the settings name (or the file at ``path``: a copy, read only)."""
+    from agent.history import HistoryStore
+
     return HistoryStore(
         path or settings.history_path,
         retention_days=settings.history_retention_days,
@@ -266,6 +269,8 @@ class Monitor:
             self._stats.last_error = message
 
     def _figures(self) -> RunFigures:
+        from agent.history import RunFigures
+
         with self._stats_lock:
             return RunFigures(
                 events_source=SAMPLING,
@@ -279,6 +284,8 @@ class Monitor:
         store = self.pipeline.store
         if store is None or self._run_kind is None:
             return
+        from agent.history import RunStart
+
         if self._run_id is None:
             # A run starts when its history could first be written: before, nothing was kept.
             first_attempt, self._run_attempted = not self._run_attempted, True
@@ -286,7 +293,7 @@ class Monitor:
                 RunStart(
                     kind=self._run_kind,
                     pid=os.getpid(),
-                    hostname=socket.gethostname(),
+                    hostname=os.uname().nodename,
                     machine_id=read_machine_id(),
                     version=__version__,
                     heartbeat_interval=self.interval,
