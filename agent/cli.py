@@ -13,17 +13,25 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, TextIO, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TextIO, Tuple
 
 from agent import __version__
 from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
+from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
 from agent.osquery.options import extension_command
 from agent.pipeline import Monitor, Pipeline, Snapshot, open_store
 from agent.records import Connection, Value
-from agent.render import HISTORY_TABLE_COLUMNS, TABLE_COLUMNS, format_choices, render
+from agent.render import (
+    HISTORY_TABLE_COLUMNS,
+    TABLE_COLUMNS,
+    format_choices,
+    render,
+    table_view,
+)
+from agent.scope import Scope, ScopeError, host_namespace, named_namespaces
 from agent.textsafe import safe_text
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
@@ -66,12 +74,36 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_USAGE if failed else EXIT_OK
 
 
+DIRECTION_CHOICES = ("outbound", "inbound", "any")
+
+
 def in_direction(connections: Sequence[Connection], direction: str) -> List[Connection]:
-    return [c for c in connections if direction == "any" or c.direction == direction]
+    """The connections a ``--direction`` shows: ``outbound`` includes those whose direction is
+    unknown (they may have gone out: hiding them could hide egress)."""
+    wanted = {"outbound": (OUTBOUND, UNKNOWN), "inbound": (INBOUND,)}.get(direction)
+    return [c for c in connections if wanted is None or c.direction in wanted]
 
 
 def is_unexpected(connection: Connection) -> bool:
     return connection.external and not connection.allowlisted
+
+
+def owner_gone(connection: Connection) -> bool:
+    """A connection seen after its process let go of it: no owner (TIME_WAIT and orphaned
+    sockets have none), or a TCP state past the close.  When not root, "no owner" may also be
+    another user's live socket: the summary says which it counts."""
+    return connection.pid < 0 or connection.state in CLOSING_STATES
+
+
+def _scope(args: argparse.Namespace) -> Scope:
+    try:
+        return Scope.of(args.netns, args.container, args.unit, args.pid)
+    except ScopeError as error:
+        raise ConfigError(f"egress-agent {args.command}: {error}") from None
+
+
+def _table_rows(records: Iterable[Mapping[str, Value]]) -> List[Dict[str, Value]]:
+    return table_view(records, named_namespaces(), host_namespace())
 
 
 def _default_format(stream: TextIO) -> str:
@@ -85,42 +117,65 @@ def _print_notices(pipeline: Pipeline) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    scope = _scope(args)
     pipeline = Pipeline.open(settings, args.backend)
     _print_notices(pipeline)
-    snapshot = pipeline.sample(want_all=args.all)
-    connections = in_direction(snapshot.connections, args.direction)
-    unexpected = sum(1 for c in connections if is_unexpected(c))
+    narrowed = scope.pids if scope.pids else None
+    snapshot = pipeline.sample(narrowed, want_all=args.all)
+    connections = [
+        c for c in in_direction(snapshot.connections, args.direction) if scope.matches(c.as_dict())
+    ]
+    unexpected = [c for c in connections if is_unexpected(c)]
+    gone = [c for c in unexpected if owner_gone(c)]
+    counted = len(unexpected) - (len(gone) if args.ignore_closed else 0)
     shown = [c for c in connections if args.all or args.allowlisted or not c.allowlisted]
     fmt = args.format or _default_format(sys.stdout)
-    columns = (
-        ((*TABLE_COLUMNS, "external") if args.all else TABLE_COLUMNS) if fmt == "table" else None
-    )
-    sys.stdout.write(render([c.as_dict() for c in shown], columns, fmt))
+    records = [c.as_dict() for c in shown]
+    if fmt == "table":
+        columns: Optional[Sequence[str]] = (
+            (*TABLE_COLUMNS, "external") if args.all else TABLE_COLUMNS
+        )
+        sys.stdout.write(render(_table_rows(records), columns, fmt))
+    else:
+        sys.stdout.write(render(records, None, fmt))
     if sys.stderr.isatty() or args.summary:
         stats = snapshot.stats
         print(
-            f"egress-agent: {unexpected} unexpected external connection(s); looked at "
+            f"egress-agent: {len(unexpected)} unexpected external connection(s)"
+            f"{_gone_note(len(gone), pipeline.sampler.limited, args.ignore_closed)}; looked at "
             f"{stats.sockets} sockets in {stats.namespaces} network namespace(s), "
             f"{stats.processes} process(es), {stats.fds_scanned} fds, "
             f"in {stats.duration_ms:.0f} ms",
             file=sys.stderr,
         )
-    return EXIT_FINDING if unexpected else EXIT_OK
+    return EXIT_FINDING if counted else EXIT_OK
+
+
+def _gone_note(gone: int, limited: bool, ignored: bool) -> str:
+    if not gone:
+        return ""
+    what = "without a known owner" if limited else "recently closed, owner gone"
+    return f" ({gone} {what}{', not counted' if ignored else ''})"
 
 
 class _NewConnections:
     """What ``watch`` prints of each sample: the connections not seen in the previous one (or,
     with ``once_per_run``, never seen before in this run)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, scope: Scope) -> None:
         self._args = args
+        self._scope = scope
         self._seen: Set[Tuple[object, ...]] = set()
 
     def __call__(self, snapshot: Snapshot) -> None:
         from agent.history import history_key
 
         args = self._args
-        connections = in_direction(snapshot.connections, args.direction)
+        connections = [
+            c
+            for c in in_direction(snapshot.connections, args.direction)
+            if self._scope.matches(c.as_dict())
+        ]
         current = {history_key(c): c for c in connections}
         new = [c for key, c in current.items() if key not in self._seen]
         self._seen = set(current) | (self._seen if args.once_per_run else set())
@@ -132,6 +187,7 @@ class _NewConnections:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    scope = _scope(args)
     history_log = logging.getLogger("egress_agent.history")
     pipeline = Pipeline.open(settings, args.backend, not args.no_history, history_log)
     _print_notices(pipeline)
@@ -143,7 +199,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    printer = _NewConnections(args)
+    printer = _NewConnections(args, scope)
     samples = 0
 
     def on_sample(snapshot: Snapshot) -> None:
@@ -186,6 +242,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     from agent.history import HistoryUnavailable
 
     settings = load_settings(args.config)
+    scope = _scope(args)
     path = settings.history_path
     if not os.path.exists(path):
         print(f"egress-agent history: no history at {path} yet", file=sys.stderr)
@@ -194,16 +251,24 @@ def cmd_history(args: argparse.Namespace) -> int:
         store = open_store(settings)
         since = None if args.since is None else time.time() - args.since
         try:
-            rows = store.rows(since)
+            rows = [row for row in store.rows(since) if scope.matches(row)]
         except HistoryUnavailable as error:
             print(f"egress-agent history: {safe_text(str(error))}", file=sys.stderr)
             return EXIT_USAGE
         finally:
             store.close()
     fmt = args.format or _default_format(sys.stdout)
-    columns = HISTORY_TABLE_COLUMNS if fmt == "table" else None
-    sys.stdout.write(render(rows, columns, fmt))
+    if fmt == "table":
+        sys.stdout.write(render(_table_rows(rows), HISTORY_TABLE_COLUMNS, fmt))
+    else:
+        sys.stdout.write(render(rows, None, fmt))
     return EXIT_OK
+
+
+def _pid(text: str) -> int:
+    if not (text.isdigit() and text.isascii()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
+    return int(text)
 
 
 def _positive_float(text: str) -> float:
@@ -246,6 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="configuration file (for internal_networks)"
     )
 
+    def scope_options(sub: argparse.ArgumentParser) -> None:
+        limits = sub.add_argument_group(
+            "limits", "show only these (each may be given more than once; all kinds must match)"
+        )
+        limits.add_argument(
+            "--netns",
+            action="append",
+            default=[],
+            metavar="NAME|INODE",
+            help="a network namespace: its ip netns name or its inode",
+        )
+        limits.add_argument(
+            "--container", action="append", default=[], metavar="ID", help="a container id prefix"
+        )
+        limits.add_argument(
+            "--unit",
+            action="append",
+            default=[],
+            metavar="UNIT",
+            help="a systemd unit or glob (nginx means nginx.service)",
+        )
+        limits.add_argument(
+            "--pid", action="append", default=[], type=_pid, metavar="PID", help="a process"
+        )
+
     def sampling_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--config",
@@ -253,7 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="configuration file (default: $EGRESS_AGENT_CONFIG, then "
             "/etc/egress-agent/config.yaml, then the built-in defaults)",
         )
-        sub.add_argument("--direction", choices=["outbound", "inbound", "any"], default="outbound")
+        sub.add_argument(
+            "--direction",
+            choices=DIRECTION_CHOICES,
+            default="outbound",
+            help="outbound (default) also shows connections whose direction is unknown",
+        )
+        scope_options(sub)
         sub.add_argument(
             "--allowlisted",
             action="store_true",
@@ -284,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the summary line on stderr even when it is not a terminal",
     )
+    check.add_argument(
+        "--ignore-closed",
+        action="store_true",
+        help="exit 0 when the only unexpected connections are closed ones whose process is "
+        "gone (TIME_WAIT, orphans); by default they count, since they did go out",
+    )
 
     watch = command(
         "watch", cmd_watch, "sample every interval; print each newly seen external connection once"
@@ -312,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--since", type=_duration, metavar="DURATION", help="only rows seen in the last 2h, 7d..."
     )
     history.add_argument("--format", choices=format_choices())
+    scope_options(history)
 
     extension = command(
         "extension",

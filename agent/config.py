@@ -346,12 +346,17 @@ def _user(value: object, where: str) -> str:
     return _text(value, where, "a user name or uid")
 
 
-def _systemd_unit(value: object, where: str) -> str:
-    """A unit name or glob; a plain name without a unit type suffix means ``NAME.service``."""
-    text = _text(value, where, "a systemd unit name or glob")
+def unit_pattern(text: str) -> str:
+    """A unit name or glob as systemctl reads it: a plain name without a unit type suffix
+    means ``NAME.service``."""
     if GLOB_CHARACTERS.isdisjoint(text) and not text.endswith(SYSTEMD_UNIT_TYPES):
         return text + ".service"
     return text
+
+
+def _systemd_unit(value: object, where: str) -> str:
+    """A unit name or glob (:func:`unit_pattern`)."""
+    return unit_pattern(_text(value, where, "a systemd unit name or glob"))
 
 
 def _container_id(value: object, where: str) -> str:

@@ -18,7 +18,7 @@ from agent.textsafe import utf8_safe
 
 ECS_VERSION = "8.11.0"
 
-ECS_DIRECTIONS = {"outbound": "egress", "inbound": "ingress"}
+ECS_DIRECTIONS = {"outbound": "egress", "inbound": "ingress", "unknown": "unknown"}
 # Columns that land in ECS fields; every other column goes under ``egress_agent``.
 ECS_MAPPED = frozenset(
     {
@@ -84,9 +84,10 @@ def ecs_document(record: Mapping[str, Value], timestamp: float) -> Dict[str, Any
 
     ``source`` is the end that opened the connection (ECS: "the sender"), so for an inbound
     connection it is the remote end; ``network.direction`` is ``egress``/``ingress``, the
-    values ECS gives for a host's own view.  ``network.type`` says what is on the wire: an
-    IPv4-mapped remote address on an AF_INET6 socket is ``ipv4``.  Columns without an ECS
-    field go under ``egress_agent`` with their own names.
+    values ECS gives for a host's own view (``unknown`` when the agent cannot tell).
+    ``network.type`` says what is on the wire: an IPv4-mapped remote address on an AF_INET6
+    socket is ``ipv4``.  Columns without an ECS field go under ``egress_agent`` with their own
+    names.
     """
     get = record.get
     stamp = get("last_seen")

@@ -57,6 +57,10 @@ TCP_STATE_NAMES: Tuple[str, ...] = (
 ``UNKNOWN`` there too."""
 
 
+CLOSING_STATES = frozenset({"FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSED", "LAST_ACK", "CLOSING"})
+"""The osquery names of the TCP states a socket is in once its own side has closed."""
+
+
 def tcp_state_name(state: int) -> str:
     """The osquery name of a kernel TCP state number; ``UNKNOWN`` outside the known range."""
     if 0 < state < len(TCP_STATE_NAMES):
@@ -91,6 +95,22 @@ def ipv4_host(value: int, version: int) -> Optional[int]:
     if version == 6 and (is_ipv4_mapped(value) or in_block(value, NAT64_WELL_KNOWN)):
         return value & 0xFFFFFFFF
     return None
+
+
+OUTBOUND, INBOUND, UNKNOWN = "outbound", "inbound", "unknown"
+
+
+def direction_of(accepted_by_listener: bool, has_owner: bool) -> str:
+    """Which way a connection was opened, from what the socket tables and fds tell.
+
+    A socket whose local end is a listener's address and port was accepted: ``inbound``.  One a
+    process holds and no listener accepted was connected by it: ``outbound``.  A socket with
+    neither (an ownerless TIME_WAIT or orphan whose listener has closed too, or another user's
+    socket when not root) could be either: ``unknown``, rather than a guess.
+    """
+    if accepted_by_listener:
+        return INBOUND
+    return OUTBOUND if has_owner else UNKNOWN
 
 
 def is_listening(protocol: int, state: int, remote_address: int, remote_port: int) -> bool:

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from agent.inet import PROTOCOL_NAMES
 from agent.records import Value
 from agent.textsafe import cell_text, display_width, utf8_safe
 
@@ -37,20 +38,48 @@ TABLE_COLUMNS = (
     "username",
     "direction",
     "protocol",
+    "state",
     "remote_address",
     "remote_port",
     "address_class",
     "local_port",
-    "container_id",
+    "namespace",
     "systemd_unit",
     "path",
 )
-"""A table-width choice of the Connection columns: the process first, then the destination."""
+"""A table-width choice of the Connection columns: the process first, then the destination,
+then where it lives (see :func:`table_view`)."""
 HISTORY_TABLE_COLUMNS = (
-    *TABLE_COLUMNS[: TABLE_COLUMNS.index("address_class") + 1],
+    *(c for c in TABLE_COLUMNS[: TABLE_COLUMNS.index("address_class") + 1] if c != "state"),
+    "namespace",
     *("first_seen", "last_seen", "samples", "connections", "open"),
 )
 """The same for history rows: who, where to, then when and how often."""
+
+
+def table_view(
+    records: Iterable[Record], names: Mapping[int, str], host: Optional[int]
+) -> List[Dict[str, Value]]:
+    """Records as a person reads them in a table: ``protocol`` by name (``tcp``, ``udp``: the
+    machine formats keep osquery's numbers), and a ``namespace`` column saying where a row
+    outside the host's own network namespace lives: its container (short id), else the
+    ``ip netns`` name of its namespace (``names``), else the namespace's inode."""
+    rows = []
+    for record in records:
+        row = dict(record)
+        protocol = row.get("protocol")
+        if isinstance(protocol, int) and not isinstance(protocol, bool):
+            row["protocol"] = PROTOCOL_NAMES.get(protocol, str(protocol))
+        container = row.get("container_id")
+        namespace = row.get("net_namespace")
+        if container:
+            row["namespace"] = f"container {str(container)[:12]}"
+        elif isinstance(namespace, int) and namespace != host:
+            row["namespace"] = names.get(namespace, f"net:[{namespace}]")
+        else:
+            row["namespace"] = ""
+        rows.append(row)
+    return rows
 
 
 def _columns(records: Sequence[Record], columns: Optional[Sequence[str]]) -> List[str]:

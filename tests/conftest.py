@@ -10,6 +10,24 @@ from typing import Any, Callable, Iterator
 import pytest
 from nethost import NetHost
 
+
+@pytest.fixture(scope="session", autouse=True)
+def foreign_connections() -> Iterator[None]:
+    """External connections that are not the tests' own, for the whole run (tests/foreign.py):
+    every test must pass beside them, as on any real machine.  As root only (it builds test
+    hosts); ``EGRESS_AGENT_TESTS_ALONE=1`` leaves them out, for a run that wants a quiet host."""
+    if os.geteuid() != 0 or os.environ.get("EGRESS_AGENT_TESTS_ALONE") == "1":
+        yield
+        return
+    from foreign import ForeignConnections
+
+    foreign = ForeignConnections()
+    try:
+        yield
+    finally:
+        foreign.close()
+
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: network namespaces, veth pairs and every /proc/PID/fd"
 )

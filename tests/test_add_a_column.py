@@ -31,7 +31,7 @@ SERVER, CLIENT = "2001:4860:4862::8888", "2001:4860:4862::2"
 
 RECORD_FIELD = '    allow_rule: str = _col("TEXT", "")\n'
 SOCKET_FIELD = "    direction: str\n"
-READER_LINE = '                direction="inbound" if inbound else "outbound",\n'
+READER_LINE = "                direction=direction_of(inbound, identity.pid > 0),\n"
 
 
 def copy_with_a_new_column(target: Path) -> Path:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from agent.ecs import ecs_document
 from agent.records import COLUMN_NAMES, Connection, Value
-from agent.render import FORMATS, TABLE_CELL_LIMIT, TABLE_COLUMNS, render
+from agent.render import FORMATS, TABLE_CELL_LIMIT, TABLE_COLUMNS, render, table_view
 from agent.textsafe import ELLIPSIS, cell_text, display_width, safe_text, utf8_safe
 
 # Undecodable bytes in a process name or path arrive as surrogateescape text (PEP 383).
@@ -190,9 +190,28 @@ def test_table_columns_are_chosen_and_ordered() -> None:
 
 
 def test_table_of_connections_uses_the_default_columns() -> None:
-    assert set(TABLE_COLUMNS) <= set(COLUMN_NAMES)
+    assert set(TABLE_COLUMNS) - {"namespace"} <= set(COLUMN_NAMES)  # namespace: table_view's
     header = render([record()], TABLE_COLUMNS, "table").splitlines()[0]
     assert header.split() == list(TABLE_COLUMNS)
+
+
+def test_the_table_view_names_protocols_and_places() -> None:
+    rows = table_view(
+        [
+            record(protocol=6, net_namespace=1, container_id=""),
+            record(protocol=17, net_namespace=2, container_id=""),
+            record(protocol=6, net_namespace=3, container_id=""),
+            record(protocol=6, net_namespace=3, container_id="3f4a9c2b1d0e" + "0" * 52),
+        ],
+        names={2: "eat-cli"},
+        host=1,
+    )
+    assert [(r["protocol"], r["namespace"]) for r in rows] == [
+        ("tcp", ""),
+        ("udp", "eat-cli"),
+        ("tcp", "net:[3]"),
+        ("tcp", "container 3f4a9c2b1d0e"),
+    ]
 
 
 def test_table_of_nothing_is_empty() -> None:

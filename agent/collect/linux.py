@@ -49,7 +49,7 @@ from agent.collect.sockdiag import (
     to_socket,
 )
 from agent.identity import NO_OWNER, Identity, IdentityCache
-from agent.inet import IPPROTO_TCP, TCP_LISTEN
+from agent.inet import IPPROTO_TCP, TCP_LISTEN, direction_of
 from agent.owners import OwnerFinder
 from agent.records import Connection, SocketColumns, connection_of
 
@@ -468,6 +468,6 @@ class LinuxSampler:
                 local_address=self._address_text(sock.local_address, sock.version),
                 local_port=sock.local_port,
                 remote_port=sock.remote_port,
-                direction="inbound" if inbound else "outbound",
+                direction=direction_of(inbound, identity.pid > 0),
             ),
         )

@@ -22,7 +22,15 @@ from agent.collect import NamespaceStats, SamplerTotals, SampleStats
 from agent.collect.outbound import add_outbound
 from agent.collect.procnet import PROC_ROOT, ListenerIndex, namespace_of
 from agent.identity import NO_OWNER, Identity, IdentityCache
-from agent.inet import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, TCP_LISTEN, is_listening
+from agent.inet import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_LISTEN,
+    direction_of,
+    is_listening,
+)
 from agent.records import Connection, SocketColumns, connection_of
 
 _PSUTIL_TO_OSQUERY_STATE = {"CLOSE": "CLOSED", "NONE": ""}
@@ -153,7 +161,7 @@ class PsutilSampler:
                 local_address=local.normalized if local is not None else "",
                 local_port=local_port,
                 remote_port=remote_port,
-                direction="inbound" if inbound else "outbound",
+                direction=direction_of(inbound, conn.pid is not None),
             ),
         )
 
