@@ -169,6 +169,18 @@ def utf8_safe(text: str) -> str:
     return text
 
 
+def json_safe(document: Any) -> Any:
+    """``document`` (dicts, lists, tuples, scalars) with every string, keys too, made
+    :func:`utf8_safe`: what ``json.dumps`` can write as lossless ASCII."""
+    if isinstance(document, str):
+        return utf8_safe(document)
+    if isinstance(document, dict):
+        return {utf8_safe(str(k)): json_safe(v) for k, v in document.items()}
+    if isinstance(document, (list, tuple)):
+        return [json_safe(v) for v in document]
+    return document
+
+
 # --- the formats ----------------------------------------------------------------------------
 
 
