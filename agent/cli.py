@@ -1,12 +1,14 @@
 """The ``egress-agent`` command: subcommands, exit codes and wiring, nothing else.
 
 Exit status everywhere: 0 all is well, 1 a finding (an unexpected external connection),
-2 a usage, input or configuration error (argparse's own convention).
+2 a usage, input or configuration error (argparse's own convention); ``audit`` adds 3, the
+evidence is incomplete (:mod:`agent.audit`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import signal
@@ -17,13 +19,17 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Text
 
 from agent import __version__
 from agent.allow import annotate
+from agent.audit import EXIT_INCOMPLETE, render_json, render_text, statement_of
 from agent.classify import AddressError, Classifier
 from agent.config import ConfigError, Settings, load_settings
+from agent.evidence import Evidence, Window, read_evidence
 from agent.history import HistoryStore, HistoryUnavailable, Key, history_key
+from agent.history_copy import HistoryFileError, open_history_copy
 from agent.osquery.server import add_arguments as add_extension_arguments
 from agent.osquery.server import extension_main
 from agent.output import HISTORY_TABLE_COLUMNS, TABLE_COLUMNS, render, safe_text
 from agent.records import Connection, Value
+from agent.report import html_report, text_report
 from agent.sampler import UNPRIVILEGED_NOTICE, SamplerError, SocketSampler, open_sampler
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
@@ -175,6 +181,81 @@ def _duration(text: str) -> float:
     return value * _DURATION_UNITS[unit]
 
 
+def _moment(text: str) -> float:
+    """``--since``/``--until`` -> unix seconds: unix seconds (``1767225600``), ISO-8601 with
+    ``Z`` or an offset (``2026-11-01T10:00:00Z``, ``...+01:00``), or a duration ago (``2h``,
+    ``7d``: :func:`_duration`'s units; a bare number is unix seconds here)."""
+    if text[-1:] in _DURATION_UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - _duration(text)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    iso_text = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
+    try:
+        moment = datetime.datetime.fromisoformat(iso_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (use unix seconds, ISO-8601 such as 2026-11-01T10:00:00Z, "
+            "or a duration ago such as 2h or 7d)"
+        ) from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone: add Z or an offset")
+    return moment.timestamp()
+
+
+def _read_window(args: argparse.Namespace, default_since: float) -> Evidence:
+    """The evidence for ``--since``..``--until`` from ``--history FILE`` or the configured
+    store, read from a private copy (:mod:`agent.history_copy`).  Raises HistoryFileError."""
+    path = args.history or load_settings(args.config).history_path
+    until = time.time() if args.until is None else args.until
+    since = default_since if args.since is None else args.since
+    if until <= since:
+        raise HistoryFileError(f"--until ({until:.0f}) must be later than --since ({since:.0f})")
+    with open_history_copy(path) as store:
+        return read_evidence(store, Window(since, until))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        evidence = _read_window(args, time.time() - 86400)
+    except HistoryFileError as error:
+        print(f"egress-agent report: {safe_text(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.html is None:
+        sys.stdout.write(text_report(evidence))
+        return EXIT_OK
+    page = html_report(evidence)
+    try:  # a new file, then renamed over: no reader sees half a page
+        temporary = f"{args.html}.tmp-{os.getpid()}"
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(page)
+        os.replace(temporary, args.html)
+    except OSError as error:
+        print(
+            f"egress-agent report: cannot write {safe_text(args.html)}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    print(
+        f"egress-agent report: wrote {safe_text(args.html)}: {evidence.connections} external "
+        f"connection(s), {evidence.unexpected_connections} unexpected",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        evidence = _read_window(args, args.since)
+    except HistoryFileError as error:
+        print(f"egress-agent audit: {safe_text(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    statement = statement_of(evidence)
+    sys.stdout.write(render_json(statement) if args.format == "json" else render_text(statement))
+    return statement.exit_code
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     path = settings.history_path
@@ -303,6 +384,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--since", type=_duration, metavar="DURATION", help="only rows seen in the last 2h, 7d..."
     )
     history.add_argument("--format", choices=["table", "json", "jsonl", "csv", "ecs"])
+
+    def window_options(sub: argparse.ArgumentParser, since_help: str, required: bool) -> None:
+        sub.add_argument("--since", type=_moment, metavar="T", required=required, help=since_help)
+        sub.add_argument("--until", type=_moment, metavar="T", help="default: now")
+        sub.add_argument(
+            "--history",
+            metavar="FILE",
+            help="a history file (a copy collected from a host, say): read, never written",
+        )
+        sub.add_argument("--config", metavar="FILE", help="configuration file (history.path)")
+
+    report = command(
+        "report", cmd_report, "the window's external connections: an HTML page or a summary"
+    )
+    window_options(report, "unix seconds, ISO-8601 (Z or offset) or 2h, 7d ago; default 24h", False)
+    report.add_argument(
+        "--html", metavar="FILE", help="write one self-contained page (mode 0600) to FILE"
+    )
+    audit = command(
+        "audit",
+        cmd_audit,
+        "the statement for a window: exit 0 nothing unexpected and fully seen, 1 unexpected "
+        f"egress, {EXIT_INCOMPLETE} incomplete evidence, 2 usage error",
+    )
+    window_options(audit, "unix seconds, ISO-8601 (Z or offset) or 2h, 7d ago", True)
+    audit.add_argument("--format", choices=["text", "json"], default="text")
 
     extension = command(
         "extension", extension_main, "serve the osquery tables (osqueryd's autoloader runs this)"
