@@ -105,6 +105,12 @@ def _check(copy: str, original: str) -> List[str]:
     return tables
 
 
+def _window(since: Optional[float], until: Optional[float]) -> Window:
+    return Window(
+        float("-inf") if since is None else since, float("inf") if until is None else until
+    )
+
+
 class CopiedHistory:
     """``query`` and ``runs`` over a private copy of a history file (interim: today's
     :class:`HistoryStore` has neither call)."""
@@ -134,9 +140,7 @@ class CopiedHistory:
             raise HistoryFileError(f"cannot read history {self._original}: {error}") from None
         if any(".corrupt-" in name for name in os.listdir(os.path.dirname(self._copy))):
             raise HistoryFileError(f"{self._original} is not a history store this agent reads")
-        window = Window(
-            float("-inf") if since is None else since, float("inf") if until is None else until
-        )
+        window = _window(since, until)
         kept = [
             row
             for row in rows
@@ -163,9 +167,7 @@ class CopiedHistory:
                 db.close()
         except sqlite3.DatabaseError as error:
             raise HistoryFileError(f"cannot read the runs in {self._original}: {error}") from None
-        window = Window(
-            float("-inf") if since is None else since, float("inf") if until is None else until
-        )
+        window = _window(since, until)
         runs = [{key: record.get(key) for key in RUN_KEYS} for record in records]
         overlapping = [run for run in runs if window.overlaps(run_span(run))]
         return sorted(overlapping, key=lambda run: number(run, "started_at"))

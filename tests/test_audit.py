@@ -7,13 +7,11 @@ import hashlib
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
-from history_fixture import connection, run, write_history
+from history_fixture import connection, egress_agent, run, write_history
 
 from agent.history import HistoryStore
 from agent.records import Connection
@@ -21,19 +19,6 @@ from agent.records import Connection
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
 WINDOW = ("--since", str(T0), "--until", str(T0 + 3600))
 FULL_RUN = run(T0 - 60, T0 + 3700)
-
-
-def egress_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("EGRESS_AGENT_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
 
 
 def audit(history: str, *args: str) -> Tuple[int, List[str], str]:

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from browser import Browser, missing
-from history_fixture import add_runs, connection, run, write_history
+from history_fixture import add_runs, connection, egress_agent, run, write_history
 from nethost import NetHost, Proc
 
 from agent.allow import annotate
@@ -76,19 +76,6 @@ def browser() -> Iterator[Browser]:
     browser_available()
     with Browser(width=1280, height=1250) as instance:
         yield instance
-
-
-def egress_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("EGRESS_AGENT_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
 
 
 class RealHistory:
