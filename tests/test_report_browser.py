@@ -228,6 +228,14 @@ def test_the_filters_work_offline(browser: Browser, real_history: RealHistory) -
     apt = browser.find("#graph g.node.program:not(.unexpected)")
     assert not browser.displayed(apt)  # a process with nothing unexpected is gone too
     browser.click("#filter-unexpected")
+    apt_get = browser.execute(
+        "return Array.from(document.querySelectorAll('#filter-process option'))"
+        ".filter(function (o) { return o.textContent.indexOf('apt-get') === 0; })[0].value"
+    )
+    browser.click(f'#filter-process option[value="{apt_get}"]')
+    apt_rows = [r for r in real_history.rows if r["name"] == "apt-get"]
+    assert [row["process"] for row in visible_rows(browser)] == ["apt-get"] * len(apt_rows)
+    browser.click('#filter-process option[value=""]')
     browser.type("#filter-text", "CURL")
     assert [row["process"] for row in visible_rows(browser)] == ["curl"]  # the name, any case
     browser.execute("document.getElementById('filter-text').value = ''")
