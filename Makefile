@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest test-matrix bench bench-tools clean
+.PHONY: run test lint typecheck pytest browser report-screenshot test-matrix bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	tools/make-venv $(PYTHON) $(VENV)
@@ -25,8 +25,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Debian's chromium and chromium-driver, for the report's browser tests: apt-gets them when
+## missing (as root; an ordinary user is told, and those tests skip with that reason).
+browser:
+	tools/install-browser
+
+## docs/report.png: the report page of a test host's history, screenshot by the browser tests
+## (root: the test host is made of network namespaces).
+report-screenshot: $(STAMP) browser
+	$(BIN)/python -m pytest tests/test_report_browser.py -q -k screenshot
+	cp build/artifacts/report-top.png docs/report.png
 
 ## The suite on the oldest and newest supported interpreters (from pyenv, or on PATH).
 MATRIX ?= 3.8 3.13

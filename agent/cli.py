@@ -1,12 +1,14 @@
 """The ``egress-agent`` command: subcommands, exit codes and wiring, nothing else.
 
 Exit status everywhere: 0 all is well, 1 a finding (an unexpected external connection),
-2 a usage, input or configuration error (argparse's own convention).
+2 a usage, input or configuration error (argparse's own convention); ``audit`` adds 3, the
+evidence is incomplete (:mod:`agent.audit`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import signal
@@ -16,9 +18,11 @@ import time
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TextIO, Tuple
 
 from agent import __version__
+from agent.audit import EXIT_INCOMPLETE, render_json, render_text, statement_of
 from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
+from agent.evidence import Evidence, Window, read_evidence
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
 from agent.osquery.options import extension_command
@@ -31,6 +35,7 @@ from agent.render import (
     render,
     table_view,
 )
+from agent.report import html_report, text_report
 from agent.scope import Scope, ScopeError, host_namespace, named_namespaces
 from agent.textsafe import safe_text
 
@@ -238,6 +243,91 @@ def _duration(text: str) -> float:
     return value * _DURATION_UNITS[unit]
 
 
+def _moment(text: str) -> float:
+    """``--since``/``--until`` -> unix seconds: unix seconds (``1767225600``), ISO-8601 with
+    ``Z`` or an offset (``2026-11-01T10:00:00Z``, ``...+01:00``), or a duration ago (``2h``,
+    ``7d``: :func:`_duration`'s units; a bare number is unix seconds here)."""
+    if text[-1:] in _DURATION_UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - _duration(text)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    iso_text = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
+    try:
+        moment = datetime.datetime.fromisoformat(iso_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (use unix seconds, ISO-8601 such as 2026-11-01T10:00:00Z, "
+            "or a duration ago such as 2h or 7d)"
+        ) from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone: add Z or an offset")
+    return moment.timestamp()
+
+
+def _read_window(args: argparse.Namespace, default_since: float) -> Evidence:
+    """The evidence for ``--since``..``--until`` from ``--history FILE`` or the configured
+    store, read from a private copy (``HistoryStore(read_only=True)``).  Raises
+    :class:`agent.history.HistoryUnavailable`."""
+    from agent.history import HistoryUnavailable
+
+    settings = load_settings(args.config)
+    until = time.time() if args.until is None else args.until
+    since = default_since if args.since is None else args.since
+    if until <= since:
+        raise HistoryUnavailable(f"--until ({until:.0f}) must be later than --since ({since:.0f})")
+    store = open_store(settings, path=args.history, read_only=True)
+    try:
+        return read_evidence(store, Window(since, until))
+    finally:
+        store.close()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from agent.history import HistoryUnavailable
+
+    try:
+        evidence = _read_window(args, time.time() - 86400)
+    except HistoryUnavailable as error:
+        print(f"egress-agent report: {safe_text(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.html is None:
+        sys.stdout.write(text_report(evidence))
+        return EXIT_OK
+    page = html_report(evidence)
+    try:  # a new file, then renamed over: no reader sees half a page
+        temporary = f"{args.html}.tmp-{os.getpid()}"
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(page)
+        os.replace(temporary, args.html)
+    except OSError as error:
+        print(
+            f"egress-agent report: cannot write {safe_text(args.html)}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    print(
+        f"egress-agent report: wrote {safe_text(args.html)}: {evidence.connections} external "
+        f"connection(s), {evidence.unexpected_connections} unexpected",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from agent.history import HistoryUnavailable
+
+    try:
+        evidence = _read_window(args, args.since)
+    except HistoryUnavailable as error:
+        print(f"egress-agent audit: {safe_text(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    statement = statement_of(evidence)
+    sys.stdout.write(render_json(statement) if args.format == "json" else render_text(statement))
+    return statement.exit_code
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from agent.history import HistoryUnavailable
 
@@ -415,6 +505,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     history.add_argument("--format", choices=format_choices())
     scope_options(history)
+
+    def window_options(sub: argparse.ArgumentParser, since_help: str, required: bool) -> None:
+        sub.add_argument("--since", type=_moment, metavar="T", required=required, help=since_help)
+        sub.add_argument("--until", type=_moment, metavar="T", help="default: now")
+        sub.add_argument(
+            "--history",
+            metavar="FILE",
+            help="a history file (a copy collected from a host, say): read, never written",
+        )
+        sub.add_argument("--config", metavar="FILE", help="configuration file (history.path)")
+
+    report = command(
+        "report", cmd_report, "the window's external connections: an HTML page or a summary"
+    )
+    window_options(report, "unix seconds, ISO-8601 (Z or offset) or 2h, 7d ago; default 24h", False)
+    report.add_argument(
+        "--html", metavar="FILE", help="write one self-contained page (mode 0600) to FILE"
+    )
+    audit = command(
+        "audit",
+        cmd_audit,
+        "the statement for a window: exit 0 nothing unexpected and fully seen, 1 unexpected "
+        f"egress, {EXIT_INCOMPLETE} incomplete evidence, 2 usage error",
+    )
+    window_options(audit, "unix seconds, ISO-8601 (Z or offset) or 2h, 7d ago", True)
+    audit.add_argument("--format", choices=["text", "json"], default="text")
 
     extension = command(
         "extension",

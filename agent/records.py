@@ -58,6 +58,8 @@ class Connection:
     local_port: int = _col("INTEGER", 0)
     remote_address: str = _col("TEXT", "")
     remote_port: int = _col("INTEGER", 0)
+    remote_domain: str = _col("TEXT", "")
+    """The name that was asked for this address, when a DNS answer was seen (issue 12)."""
     direction: str = _col("TEXT", "outbound")
     # the verdict on the remote address (agent.classify.Verdict)
     external: bool = _col("INTEGER", False)

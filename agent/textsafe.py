@@ -16,7 +16,7 @@ as the kernel gives it and escapes it only on the way out, by one policy:
 from __future__ import annotations
 
 import unicodedata
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 ELLIPSIS = "\u2026"
 
@@ -131,6 +131,18 @@ def utf8_safe(text: str) -> str:
     except UnicodeEncodeError:
         return "".join(_escape(c) if "\ud800" <= c <= "\udfff" else c for c in text)
     return text
+
+
+def json_safe(document: Any) -> Any:
+    """``document`` (dicts, lists, tuples, scalars) with every string, keys too, made
+    :func:`utf8_safe`: what ``json.dumps`` can write as lossless ASCII."""
+    if isinstance(document, str):
+        return utf8_safe(document)
+    if isinstance(document, dict):
+        return {utf8_safe(str(k)): json_safe(v) for k, v in document.items()}
+    if isinstance(document, (list, tuple)):
+        return [json_safe(v) for v in document]
+    return document
 
 
 def one_line(text: object, limit: Optional[int] = None) -> str:

@@ -38,6 +38,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -313,7 +314,7 @@ def _await_ready(proc: Proc) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the processes: `python nethost.py listen|connect PROTO ADDRESS PORT [dualstack|close]`
+# the processes: `python nethost.py listen|connect PROTO ADDRESS PORT [dualstack|close|reset]`
 
 
 def _family(address: str) -> int:
@@ -355,8 +356,10 @@ def _serve(proto: str, address: str, port: int, dualstack: bool) -> None:
                 sock.sendto(data, peer)
 
 
-def _dial(proto: str, address: str, port: int, close: bool) -> None:
+def _dial(proto: str, address: str, port: int, close: bool, reset: bool = False) -> None:
     sock = _socket(proto, _family(address))
+    if reset:  # close with RST when the process ends: no TIME_WAIT socket is left behind
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.connect(_endpoint(address, port))
     if proto == "udp":
         sock.send(b"hello")
@@ -375,7 +378,7 @@ def main(argv: Sequence[str]) -> int:
     if role == "listen":
         _serve(proto, address, int(port), flag == "dualstack")
     elif role == "connect":
-        _dial(proto, address, int(port), flag == "close")
+        _dial(proto, address, int(port), flag == "close", reset=flag == "reset")
     else:
         print(f"unknown role {role!r}", file=sys.stderr)
         return 2

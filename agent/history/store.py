@@ -29,8 +29,9 @@ Operational rules (https://sqlite.org/wal.html, https://sqlite.org/howtocorrupt.
   another program's database is renamed to ``<path>.corrupt-<time>`` (nothing is deleted) and
   a new store is created.  Any other failure (unwritable, disk full, locked too long) is logged
   once per condition; the next write tries again.  Writes never raise.
-- ``read_only=True`` opens a copy as it is (an auditor's): nothing is written, upgraded or
-  moved, and the columns an old file lacks read as NULL.
+- ``read_only=True`` reads a private copy of the file and its ``-wal`` (an auditor's file, or
+  the live store for a report): nothing is written beside the file, upgraded or moved, and
+  the columns an old file lacks read as NULL.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import os
 import sqlite3
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import (
     Any,
@@ -62,6 +62,7 @@ from typing import (
 )
 
 from agent.history import schema
+from agent.history.copy import HistoryUnavailable, private_copy, remove_copy
 from agent.history.schema import HISTORY_COLUMNS, KEY_COLUMNS, RECORD_COLUMNS, RUN_COLUMNS
 from agent.records import Connection, Value
 from agent.textsafe import utf8_safe
@@ -77,10 +78,6 @@ End = Tuple[int, str, int]
 """(network namespace inode, local address, local port) of one socket of a row."""
 
 log = logging.getLogger("egress_agent.history")
-
-
-class HistoryUnavailable(RuntimeError):
-    """The store cannot be read now; the message says why and names the file."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +204,8 @@ class HistoryStore:
         self._conditions: Dict[str, str] = {}
         self._present: Optional[Dict[str, Set[str]]] = None
         """The columns of each table of a read-only file (None: the file is ours, up to date)."""
+        self._copy: Optional[str] = None
+        """The private copy a read-only store reads."""
 
     # -- public ----------------------------------------------------------------------------
 
@@ -465,19 +464,21 @@ class HistoryStore:
             self._log.warning("history store %s: added the columns %s", self.path, ", ".join(added))
 
     def _read_only_connection(self) -> sqlite3.Connection:
-        """The file as it is, never written: an auditor's copy (``immutable``: no WAL or lock
-        files are made beside it either, https://sqlite.org/uri.html).  Whatever its version,
-        the columns it lacks read as NULL."""
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.path)
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro&immutable=1"
-        db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        """A private copy of the file (:mod:`agent.history.copy`), never the file itself: an
+        auditor's copy stays as it was collected, the live store as its writers left it.
+        Whatever its version, the columns it lacks read as NULL."""
+        self._copy = private_copy(self.path)
+        db = sqlite3.connect(self._copy, check_same_thread=False)
         try:
+            db.execute("PRAGMA query_only = 1")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise _Corrupt(f"fails SQLite's quick_check: {check}")
             tables = {
                 row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             }
             if "history" not in tables:
-                raise _Corrupt(f"holds tables {sorted(tables)[:5]} but no history table")
+                raise _Corrupt(f"it has no history table (its tables: {sorted(tables)[:5]})")
             self._present = {table: set(schema.table_columns(db, table)) for table in tables}
         except BaseException:
             db.close()
@@ -490,6 +491,9 @@ class HistoryStore:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
         self._db = None
+        if self._copy is not None:
+            remove_copy(self._copy)
+            self._copy = None
 
     def _rollback(self) -> None:
         if self._db is not None and self._db.in_transaction:
@@ -501,7 +505,7 @@ class HistoryStore:
         A read-only store is never moved: it reports the problem instead."""
         if self.read_only:
             self._disconnect()
-            self._report("corrupt", f"history store {self.path} is unusable: {why}")
+            self._report("corrupt", f"{self.path} is not a history store: {why}")
             return False
         opened = self._inode
         self._disconnect()
@@ -558,8 +562,9 @@ class HistoryStore:
         self._report(verb, f"cannot {verb} history store {self.path}: {reason}")
 
     def _report(self, kind: str, message: str) -> None:
-        """Log ``message`` unless the same condition of this kind was the last one logged."""
-        if self._conditions.get(kind) != message:
+        """Log ``message`` unless the same condition of this kind was the last one logged.  A
+        read-only store logs nothing: its reader gets the message as HistoryUnavailable."""
+        if self._conditions.get(kind) != message and not self.read_only:
             self._log.error("%s", message)
         self._conditions[kind] = message
 
