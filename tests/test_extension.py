@@ -313,12 +313,15 @@ def test_a_garbage_history_file_is_moved_aside_and_sampling_goes_on(
     history = tmp_path / "state" / "history.db"
     history.parent.mkdir(mode=0o700)
     history.write_bytes(b"\x00garbage\xff" * 10000)
+    started = int(time.time())
     process, registration = launch(core, config)
     with core.connect(registration) as extension:
         info = _wait_for(extension, lambda row: int(row["samples_total"]) >= 2)
         assert info["history_error"] == ""
-        assert info["history_rows"] == "0"
-        assert extension.generate("external_connection_history") == []
+        # A fresh store: what it holds was sampled by this run (other external connections on
+        # the machine may be in it), nothing came from the garbage.
+        rows = extension.generate("external_connection_history")
+        assert all(int(row["first_seen"]) >= started for row in rows)
     aside = [p.name for p in history.parent.iterdir() if ".corrupt-" in p.name]
     assert len(aside) == 1
     assert (history.parent / aside[0]).read_bytes().startswith(b"\x00garbage")
