@@ -197,6 +197,8 @@ def test_remembered_rows_are_reused_and_replaced() -> None:
     again = encoder.encode_records([Connection(**vars(c)) for c in connections], remember=True)
     assert all(a is b for a, b in zip(first.chunks, again.chunks))  # the kept bytes themselves
     assert encoder.kept_rows == len(connections)
+    encoder.encode_records(connections[:3], remember=True)  # every row kept, but fewer rows
+    assert encoder.kept_rows == 3
     changed = Connection(**vars(connections[0]))
     changed.state = "CLOSE_WAIT"
     third = encoder.encode_records([changed], remember=True)

@@ -227,6 +227,8 @@ class RowEncoder:
         self._template = template
         self._formats: Dict[Tuple[type, ...], Optional[_Format]] = {}
         self._kept: Dict[Tuple[type, ...], Dict[Tuple[Cell, ...], bytes]] = {}
+        self._kept_answer = 0
+        """How many rows the answer had that ``_kept`` was made of."""
 
     @property
     def kept_rows(self) -> int:
@@ -256,22 +258,29 @@ class RowEncoder:
         """Rows from tuples of values in column order.
 
         Raises ``ValueError`` for a tuple of the wrong length, ``TypeError`` for a value that
-        cannot be hashed when rows are remembered.
+        cannot be hashed when rows are kept.
         """
         kept = self._kept
-        keep: Dict[Tuple[type, ...], Dict[Tuple[Cell, ...], bytes]] = {}
         chunks: List[bytes] = []
         append = chunks.append
+        answer: List[Tuple[Tuple[type, ...], Tuple[Cell, ...], bytes]] = []
+        reused = 0
         for values in rows:
             types = tuple(map(type, values))
             data = kept.get(types, _NOTHING_KEPT).get(values) if kept else None
             if data is None:
                 data = self._encode(types, values)
+            else:
+                reused += 1
             if remember:
-                keep.setdefault(types, {})[values] = data
+                answer.append((types, values, data))
             append(data)
-        if remember:
-            self._kept = keep
+        if remember and not reused == len(chunks) == self._kept_answer:
+            # Not the same rows as last time (when every row was kept, nothing changed).
+            keep: Dict[Tuple[type, ...], Dict[Tuple[Cell, ...], bytes]] = {}
+            for types, values, data in answer:
+                keep.setdefault(types, {})[values] = data
+            self._kept, self._kept_answer = keep, len(chunks)
         return EncodedRows(chunks)
 
     def _encode(self, types: Tuple[type, ...], values: Sequence[Cell]) -> bytes:
