@@ -16,12 +16,13 @@ uuid}, response: list<map<string, string>>}}`` in Thrift's binary protocol with 
     0x00                                 end of call_result
 
 where ``string`` is an i32 byte length and the UTF-8 bytes, every integer big-endian, and a
-field that is None is left out, as the generated ``write`` does.  That code spends about
-35-120 ms on 1,840 rows of 30 columns (eight protocol calls per cell); thrift's C codec
-(``fastbinary``) would be faster but cannot be used: osquery-python's bindings (Thrift
-compiler 0.10.0) give it struct specs as tuples, which thrift >= 0.11 refuses ("expecting
-list of size 2 for struct args"), and the packages vendor thrift without it (a C extension
-built for one CPython version; the packages serve every CPython from 3.8 on).
+field that is None is left out, as the generated ``write`` does.  That code spends 25-40 ms
+(CPython 3.11) to 70-110 ms (3.8) on 1,840 rows of 30 columns, several protocol calls per
+cell (``bench/RESULTS.md``, issue 16).  thrift's C codec (``fastbinary``) would be faster but
+cannot be used: osquery-python's bindings (Thrift compiler 0.10.0) give it struct specs as
+tuples, which thrift >= 0.11 refuses ("expecting list of size 2 for struct args"), and the
+packages vendor thrift without it (a C extension built for one CPython version; the packages
+serve every CPython from 3.8 on).
 
 Rows are encoded straight from records (:class:`RowEncoder`): each row's values become one
 ``%``-formatted text with a NUL between cells, one ``str.encode``, one ``split``; lengths,
