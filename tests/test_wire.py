@@ -191,7 +191,7 @@ def test_record_rows_are_string_rows() -> None:
 
 
 def test_remembered_rows_are_reused_and_replaced() -> None:
-    connections = records()
+    connections = records()[:-1]  # not the IntEnum one, which is never kept
     encoder = wire.RowEncoder(LIVE)
     first = encoder.encode_records(connections, remember=True)
     again = encoder.encode_records([Connection(**vars(c)) for c in connections], remember=True)
@@ -217,6 +217,16 @@ def test_equal_values_of_other_types_are_not_mistaken_for_kept_ones() -> None:
         {"v": "1", "w": "0"},
         {"v": "1", "w": "0"},
         {"v": table.cell(Family.INET), "w": "2"},
+    ]
+
+
+def test_rows_with_floats_or_other_types_are_never_taken_from_the_kept_ones() -> None:
+    encoder = wire.RowEncoder(["v"])
+    encoder.encode_values([(0.0,), (Family.INET,)], remember=True)
+    assert encoder.kept_rows == 0
+    assert list(encoder.encode_values([(-0.0,), (Family.INET,)], remember=True)) == [
+        {"v": "-0.0"},
+        {"v": table.cell(Family.INET)},
     ]
 
 

@@ -155,7 +155,7 @@ def encode_string_map(row: Mapping[str, str]) -> bytes:
         parts = _SEPARATOR.join(texts).encode("utf-8").split(b"\x00")
     except (UnicodeEncodeError, TypeError):
         parts = []
-    if len(parts) != len(texts) or not texts:
+    if len(parts) != len(texts):
         parts = [utf8_safe(text).encode("utf-8") for text in texts]
     chunks: List[bytes] = [b""] * (2 * len(parts))
     chunks[0::2] = map(_I32, map(len, parts))
@@ -175,6 +175,9 @@ class _Format(NamedTuple):
 
     template: str
     pick: Callable[[Sequence[Cell]], Tuple[Cell, ...]]
+    keepable: bool
+    """Equal values of these types have the same text, so their row can be kept by value:
+    not so for floats (``0.0 == -0.0``)."""
 
 
 _NONE = type(None)
@@ -189,14 +192,20 @@ def _compile(types: Tuple[type, ...]) -> Optional[_Format]:
         return None
     template = _SEPARATOR.join(_SPECIFIERS[kind] for kind in types)
     used = [index for index, kind in enumerate(types) if kind is not _NONE]
+    pick: Callable[[Sequence[Cell]], Tuple[Cell, ...]]
     if len(used) > 1:
-        return _Format(template, operator.itemgetter(*used))
-    if used:
+        pick = operator.itemgetter(*used)
+    elif used:
         (only,) = used
-        return _Format(template, lambda values: (values[only],))
-    return _Format(template, lambda values: ())
+        pick = lambda values: (values[only],)  # noqa: E731
+    else:
+        pick = lambda values: ()  # noqa: E731
+    return _Format(template, pick, keepable=float not in types)
 
 
+MAX_FORMATS = 1024
+"""Formats an encoder holds, one per tuple of value types seen (a table has a few: which of
+its optional columns are empty)."""
 _NOTHING_KEPT: Dict[Tuple[Cell, ...], bytes] = {}
 
 
@@ -208,8 +217,9 @@ class RowEncoder:
     of that answer's rows, keyed by their values and the types of their values (a cell's text
     depends on both: ``1`` and ``1.0`` are equal), and the next call reuses every row whose
     values did not change; what it keeps is exactly the last remembered answer, so its size is
-    bounded by one answer.  Calls may overlap (threads): each reads the rows kept and replaces
-    them with its own when done.
+    bounded by one answer.  Rows holding a float or a value of another type are not kept
+    (``0.0 == -0.0``; another type's equality may not follow its text).  Calls may overlap
+    (threads): each reads the rows kept and replaces them with its own when done.
     """
 
     def __init__(self, columns: Sequence[str]) -> None:
@@ -270,10 +280,10 @@ class RowEncoder:
             types = tuple(map(type, values))
             data = kept.get(types, _NOTHING_KEPT).get(values) if kept else None
             if data is None:
-                data = self._encode(types, values)
+                data, keepable = self._encode(types, values)
             else:
-                reused += 1
-            if remember:
+                reused, keepable = reused + 1, True
+            if remember and keepable:
                 answer.append((types, values, data))
             append(data)
         if remember and not reused == len(chunks) == self._kept_answer:
@@ -284,14 +294,17 @@ class RowEncoder:
             self._kept, self._kept_answer = keep, len(chunks)
         return EncodedRows(chunks)
 
-    def _encode(self, types: Tuple[type, ...], values: Sequence[Cell]) -> bytes:
+    def _encode(self, types: Tuple[type, ...], values: Sequence[Cell]) -> Tuple[bytes, bool]:
+        """(the row's bytes, whether they may be kept by value)."""
         if len(values) != len(self.columns):
             raise ValueError(f"a row of {len(values)} values for {len(self.columns)} columns")
         if not values:
-            return self._empty_row
+            return self._empty_row, True
         try:
             form = self._formats[types]
         except KeyError:
+            if len(self._formats) >= MAX_FORMATS:
+                self._formats.clear()
             form = self._formats[types] = _compile(types)
         parts: List[bytes] = []
         if form is not None:
@@ -306,7 +319,7 @@ class RowEncoder:
         chunks = self._template[:]
         chunks[1::3] = map(_I32, map(len, parts))
         chunks[2::3] = parts
-        return b"".join(chunks)
+        return b"".join(chunks), form is not None and form.keepable
 
 
 # -- the reply ---------------------------------------------------------------------------------
