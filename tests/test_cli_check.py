@@ -125,10 +125,12 @@ def test_allow_rules_make_connections_expected(host: Host, tmp_path: Path) -> No
         f"    destinations: [{CLI6}/128, {CLI4}/32]\n"
     )
     quiet = egress_agent("check", "--format", "json", "--direction", "any", config=config)
-    assert quiet.returncode == 0, quiet.stdout
+    # The exit code speaks for the whole machine, where other test runs may hold external
+    # connections of their own: what this test can say is that none of ours is unexpected.
+    assert quiet.returncode in (0, 1), quiet.stderr
     assert ours(host, json.loads(quiet.stdout)) == []
     marked = egress_agent("check", "--format", "json", "--allowlisted", config=config)
-    assert marked.returncode == 0
+    assert marked.returncode in (0, 1), marked.stderr
     rows = ours(host, json.loads(marked.stdout))
     assert len(rows) == 3
     assert all(
