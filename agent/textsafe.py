@@ -149,3 +149,8 @@ def one_line(text: object, limit: Optional[int] = None) -> str:
     """:func:`safe_text` with every run of whitespace folded into one space: for quoting an
     error message (a YAML problem, an exception) inside a one-line message of ours."""
     return safe_text(" ".join(str(text).split()), limit)
+
+
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one bounded line for a log: its type and message."""
+    return one_line(f"{type(error).__name__}: {error}", limit)

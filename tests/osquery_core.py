@@ -60,6 +60,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from osquery.extensions import Extension, ExtensionManager
 from osquery.extensions.ttypes import ExtensionResponse, ExtensionStatus, InternalExtensionInfo
 from thrift.protocol import TBinaryProtocol
+from thrift.Thrift import TMessageType
 from thrift.transport import TSocket, TTransport
 
 Routes = List[Dict[str, str]]
@@ -367,6 +368,17 @@ class CoreStandIn:
 def default_extension_command() -> List[str]:
     """How to start egress-agent's extension from this checkout: ``egress-agent extension``."""
     return [sys.executable, "-m", "agent.cli", "extension"]
+
+
+def generated_call_reply(seqid: int, response: Optional[ExtensionResponse]) -> bytes:
+    """The reply to ``call`` as osquery-python's generated processor writes it, with thrift's
+    pure-Python binary protocol: the reference the extension's own writer is checked against."""
+    buffer = TTransport.TMemoryBuffer()
+    protocol = TBinaryProtocol.TBinaryProtocol(buffer)
+    protocol.writeMessageBegin("call", TMessageType.REPLY, seqid)
+    Extension.call_result(success=response).write(protocol)
+    protocol.writeMessageEnd()
+    return buffer.getvalue()
 
 
 # -- talking to the extension ---------------------------------------------------------------------

@@ -352,6 +352,28 @@ def test_osquery_tables_carry_hostile_text_intact(scene: Scene, tmp_path: Path) 
     assert all(line.isprintable() for line in output.split("\n"))
 
 
+def test_encoded_rows_of_hostile_records_are_the_old_string_rows(scene: Scene) -> None:
+    """The extension's encoded rows (agent/osquery/wire.py) against the path they replaced,
+    ``table.string_row`` and the generated Thrift writer, on these records: the same bytes."""
+    from osquery.extensions.ttypes import ExtensionResponse, ExtensionStatus
+    from osquery_core import generated_call_reply
+
+    from agent.osquery import table, wire
+
+    records = [r for r in LinuxSampler(Classifier()).sample() if r.net_namespace in scene.namespaces]
+    assert sorted(r.pid for r in records) == sorted(scene.owners())
+    columns = table.EXTERNAL_CONNECTIONS.column_names
+    old = [table.string_row(r.as_dict(), columns) for r in records]
+    status = ExtensionStatus(code=0, message="OK")
+    expected = generated_call_reply(3, ExtensionResponse(status=status, response=old))
+    encoder = wire.RowEncoder(columns)
+    for _ in range(2):  # cold, then from the kept rows
+        rows = encoder.encode_records(records, remember=True)
+        assert list(rows) == old
+        reply = wire.call_reply(3, ExtensionResponse(status=status, response=rows))
+        assert reply.data() == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # processes that exit in the middle of a sample
 

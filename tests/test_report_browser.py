@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from agent.collect import open_sampler
 from browser import Browser, missing
 from history_fixture import add_runs, connection, egress_agent, run, write_history
 from nethost import NetHost, Proc
 
 from agent.allow import annotate
 from agent.classify import Classifier
+from agent.collect import open_sampler
 from agent.config import load_settings
 from agent.history import HistoryStore
 from agent.textsafe import cell_text

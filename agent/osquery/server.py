@@ -7,7 +7,8 @@ The launch contract is osqueryd's autoloader (osquery/extensions/extensions.cpp)
 2. ``registerExtension({name: egress_agent, version}, {"table": {...routes}})`` -> a uuid,
 3. serve the ``Extension`` service on ``S.<uuid>``: Unix socket, buffered transport, binary
    protocol, one thread per connection, so a ping is answered while a generate runs
-   (osquery-python's ``start_extension()`` serves one connection at a time: its issue #47),
+   (osquery-python's ``start_extension()`` serves one connection at a time: its issue #47);
+   the reply to ``call`` is written by :mod:`agent.osquery.wire` (:class:`CallProcessor`),
 4. ping core every ``I`` seconds, and end when core stops answering or no longer lists us,
    when core calls ``shutdown()``, or on SIGTERM/SIGINT: within 2 s, removing our socket.
 
@@ -33,14 +34,15 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from osquery.extensions import Extension, ExtensionManager
 from osquery.extensions.ttypes import ExtensionResponse, ExtensionStatus, InternalExtensionInfo
 from thrift.protocol import TBinaryProtocol
+from thrift.Thrift import TApplicationException, TMessageType
 from thrift.transport import TSocket, TTransport
 
 from agent import __version__
-from agent.osquery import table
+from agent.osquery import table, wire
 from agent.osquery.options import Options, add_arguments
 from agent.osquery.tables import AgentInfo, ExtensionTables
 from agent.pipeline import Monitor, Pipeline
-from agent.textsafe import one_line
+from agent.textsafe import error_line
 
 EXTENSION_NAME = "egress_agent"
 SDK_VERSION = "3.0.7"
@@ -111,7 +113,8 @@ class _ProtocolFactory(TBinaryProtocol.TBinaryProtocolFactory):  # type: ignore[
 
 def _protocol_factory() -> Any:
     # The pure-Python codec: osquery-python's generated specs predate what thrift's C codec
-    # (fastbinary) expects of nested structs, and it refuses them.
+    # (fastbinary) expects of nested structs, and it refuses them.  The one big message, the
+    # reply to call, is written by agent.osquery.wire instead.
     return _ProtocolFactory(
         string_length_limit=STRING_LIMIT, container_length_limit=CONTAINER_LIMIT
     )
@@ -243,14 +246,16 @@ class ExtensionHandler:
 
     def call(self, registry: str, item: str, request: Mapping[str, str]) -> ExtensionResponse:
         started = time.monotonic()
+        rows: Sequence[Dict[str, str]] = []
         try:
             if registry != "table":
-                result_code, message, rows = 1, f"no {registry!r} plugins in {EXTENSION_NAME}", []
+                result_code, message = 1, f"no {registry!r} plugins in {EXTENSION_NAME}"
             else:
                 result = self._tables.call(item, request or {})
                 result_code, message, rows = result.code, result.message, result.rows
         except Exception as error:  # a bug must fail one query, not the connection
-            result_code, message, rows = 1, f"internal error: {type(error).__name__}: {error}", []
+            result_code, message = 1, f"internal error: {type(error).__name__}: {error}"
+            rows = []
         if self._verbose or result_code != 0:
             level = logging.INFO if result_code == 0 else logging.WARNING
             log.log(
@@ -266,6 +271,46 @@ class ExtensionHandler:
         return ExtensionResponse(
             status=ExtensionStatus(code=result_code, message=message), response=rows
         )
+
+
+class CallProcessor(Extension.Processor):  # type: ignore[misc]
+    """The generated ``Extension`` processor, except that the reply to ``call`` is written by
+    :mod:`agent.osquery.wire` (its rows may come encoded already: :class:`wire.EncodedRows`).
+
+    Requests are still read by the generated code through our protocol (with its string and
+    container limits); ``ping`` and ``shutdown`` are the generated code's.  A response that
+    cannot be encoded becomes a failed status for that call, not a broken connection.
+    """
+
+    def __init__(self, handler: ExtensionHandler) -> None:
+        super().__init__(handler)
+        self._processMap["call"] = CallProcessor.process_call
+
+    def process_call(self, seqid: int, iprot: Any, oprot: Any) -> None:
+        args = Extension.call_args()
+        args.read(iprot)
+        iprot.readMessageEnd()
+        try:
+            response = self._handler.call(args.registry, args.item, args.request)
+        except (TTransport.TTransportException, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # what the generated processor answers (never happens)
+            log.warning("call failed: %s", error_line(error))
+            failure = TApplicationException(TApplicationException.INTERNAL_ERROR, "Internal error")
+            oprot.writeMessageBegin("call", TMessageType.EXCEPTION, seqid)
+            failure.write(oprot)
+            oprot.writeMessageEnd()
+            oprot.trans.flush()
+            return
+        try:
+            reply = wire.call_reply(seqid, response)
+        except Exception as error:
+            message = f"internal error: cannot encode the response: {error_line(error)}"
+            log.warning("call %r %r -> failed: %s", args.registry, args.item, message)
+            reply = wire.call_reply(
+                seqid, ExtensionResponse(ExtensionStatus(code=1, message=message), [])
+            )
+        reply.write(oprot.trans)
 
 
 def _describe(request: Optional[Mapping[str, str]]) -> str:
@@ -358,7 +403,7 @@ class ThreadedUnixServer:
         except Exception as error:  # a malformed request ends that connection only
             log.warning(
                 "dropped a connection after a bad request: %s",
-                one_line(f"{type(error).__name__}: {error}", 300),
+                error_line(error),
             )
         finally:
             with contextlib.suppress(OSError):
@@ -407,7 +452,7 @@ def serve(
         return 1
     server = ThreadedUnixServer(
         f"{options.socket}.{uuid}",
-        Extension.Processor(ExtensionHandler(tables, stopper, options.verbose)),
+        CallProcessor(ExtensionHandler(tables, stopper, options.verbose)),
     )
     try:
         server.listen()

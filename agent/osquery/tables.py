@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from agent.history import HistoryStore, HistoryUnavailable
-from agent.osquery import table
+from agent.osquery import table, wire
 from agent.osquery.table import ContextError, QueryContext, TableSpec
 from agent.pipeline import Monitor
 
@@ -27,11 +27,12 @@ Row = Dict[str, str]
 
 @dataclass
 class TableResult:
-    """What a table plugin answers: status code (0 success, 1 failed), a message, the rows."""
+    """What a table plugin answers: status code (0 success, 1 failed), a message, the rows
+    (dicts, or :class:`wire.EncodedRows` already in Thrift's binary form)."""
 
     code: int
     message: str
-    rows: List[Row] = field(default_factory=list)
+    rows: Sequence[Row] = field(default_factory=list)
 
     @classmethod
     def failed(cls, message: str) -> TableResult:
@@ -56,7 +57,9 @@ class ExtensionTables:
         self._monitor = monitor
         self._store = store
         self._info = info
-        self._generators: Dict[str, Callable[[QueryContext], List[Row]]] = {
+        self._live_rows = wire.RowEncoder(table.EXTERNAL_CONNECTIONS.column_names)
+        self._history_rows = wire.RowEncoder(table.EXTERNAL_CONNECTION_HISTORY.column_names)
+        self._generators: Dict[str, Callable[[QueryContext], Sequence[Row]]] = {
             table.EXTERNAL_CONNECTIONS.name: self._live,
             table.EXTERNAL_CONNECTION_HISTORY.name: self._history,
             table.EGRESS_AGENT_INFO.name: self._agent_info,
@@ -85,27 +88,28 @@ class ExtensionTables:
             return TableResult.failed(f"{name}: {type(error).__name__}: {error}")
         return TableResult(0, "OK", rows)
 
-    def _live(self, context: QueryContext) -> List[Row]:
+    def _live(self, context: QueryContext) -> Sequence[Row]:
         pids = context.equal_integers("pid")
         addresses = context.equal_values("remote_address")
         if pids is not None and not pids:
             return []  # only values that are no integer: no row can match
         snapshot = self._monitor.live(pids)
-        columns = table.EXTERNAL_CONNECTIONS.column_names
-        return [
-            table.string_row(connection.as_dict(), columns)
-            for connection in snapshot.connections
-            if (pids is None or connection.pid in pids)
-            and (addresses is None or connection.remote_address in addresses)
-        ]
+        return self._live_rows.encode_records(
+            (
+                connection
+                for connection in snapshot.connections
+                if (pids is None or connection.pid in pids)
+                and (addresses is None or connection.remote_address in addresses)
+            ),
+            remember=pids is None and addresses is None,  # a full answer: the next one's rows
+        )
 
-    def _history(self, context: QueryContext) -> List[Row]:
+    def _history(self, context: QueryContext) -> Sequence[Row]:
         if self._store is None:
             raise HistoryUnavailable("history is not kept (no history store configured)")
-        columns = table.EXTERNAL_CONNECTION_HISTORY.column_names
-        return [table.string_row(row, columns) for row in self._store.rows()]
+        return self._history_rows.encode_mappings(self._store.rows())
 
-    def _agent_info(self, context: QueryContext) -> List[Row]:
+    def _agent_info(self, context: QueryContext) -> Sequence[Row]:
         stats = self._monitor.stats()
         store = self._store
         record: Dict[str, table.Cell] = {
