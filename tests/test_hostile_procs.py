@@ -360,7 +360,9 @@ def test_encoded_rows_of_hostile_records_are_the_old_string_rows(scene: Scene) -
 
     from agent.osquery import table, wire
 
-    records = [r for r in LinuxSampler(Classifier()).sample() if r.net_namespace in scene.namespaces]
+    records = [
+        r for r in LinuxSampler(Classifier()).sample() if r.net_namespace in scene.namespaces
+    ]
     assert sorted(r.pid for r in records) == sorted(scene.owners())
     columns = table.EXTERNAL_CONNECTIONS.column_names
     old = [table.string_row(r.as_dict(), columns) for r in records]
