@@ -35,7 +35,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from agent.output import utf8_safe
 from agent.records import COLUMNS, Connection, Value
@@ -196,6 +196,77 @@ class HistoryStore:
             result: Optional[List[Dict[str, Value]]] = self._attempt(
                 "read", lambda db: self._select(db, since)
             )
+            if result is None:
+                raise HistoryUnavailable(self.problem or f"history store {self.path} unavailable")
+            return result
+
+    def query(
+        self,
+        *,
+        columns: Optional[Sequence[str]] = None,
+        since: Optional[float] = None,
+        until: Optional[float] = None,
+        pids: Optional[Iterable[int]] = None,
+        open_: Optional[bool] = None,
+        directions: Optional[Iterable[str]] = None,
+        limit: Optional[int] = None,
+    ) -> List[Dict[str, Value]]:
+        """Rows of ``external_connection_history``, newest first (by ``last_seen``), so that a
+        ``limit`` keeps the newest.
+
+        ``columns`` limits the keys of each row (None: every column); ``since``/``until``
+        keep the rows that overlap [since, until] (``last_seen >= since``, ``first_seen <=
+        until``); ``pids``, ``open_`` and ``directions`` keep rows with those values.
+        Raises :class:`HistoryUnavailable` when the file cannot be read, ValueError for a
+        column the history has not.
+        """
+        names = list(_HISTORY_NAMES if columns is None else columns)
+        unknown = set(names) - set(_HISTORY_NAMES)
+        if unknown:
+            raise ValueError(f"history has no column {sorted(unknown)[0]!r}")
+        where: List[str] = []
+        parameters: List[Any] = []
+        if since is not None:
+            where.append("last_seen >= ?")
+            parameters.append(int(since))
+        if until is not None:
+            where.append("first_seen <= ?")
+            parameters.append(int(until))
+        # Beyond 500 values an IN is left out (SQLite before 3.32 binds at most 999): a
+        # superset is still right, callers filter (osquery core re-applies every constraint).
+        wanted_pids = sorted(set(pids)) if pids is not None else []
+        if pids is not None and len(wanted_pids) <= 500:
+            where.append(f"pid IN ({', '.join('?' for _ in wanted_pids)})")
+            parameters.extend(wanted_pids)
+        wanted_directions = sorted(set(directions)) if directions is not None else []
+        if directions is not None and len(wanted_directions) <= 500:
+            where.append(f"direction IN ({', '.join('?' for _ in wanted_directions)})")
+            parameters.extend(wanted_directions)
+        if open_ is not None:
+            where.append("open = ?")
+            parameters.append(1 if open_ else 0)
+        # Column names come from HISTORY_COLUMNS only (checked above), values are bound.
+        statement = f"SELECT {', '.join(names) or '1'} FROM history"  # noqa: S608
+        if where:
+            statement += " WHERE " + " AND ".join(where)
+        statement += " ORDER BY last_seen DESC, id DESC"
+        if limit is not None:
+            statement += " LIMIT ?"
+            parameters.append(max(int(limit), 0))
+
+        flags = [name in _BOOL_COLUMNS for name in names]
+
+        def select(db: sqlite3.Connection) -> List[Dict[str, Value]]:
+            return [
+                {
+                    name: bool(value) if flag and value is not None else value
+                    for name, flag, value in zip(names, flags, values)
+                }
+                for values in db.execute(statement, parameters)
+            ]
+
+        with self._lock:
+            result: Optional[List[Dict[str, Value]]] = self._attempt("read", select)
             if result is None:
                 raise HistoryUnavailable(self.problem or f"history store {self.path} unavailable")
             return result
