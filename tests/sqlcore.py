@@ -981,7 +981,7 @@ def _processes(context: Dict[str, Any]) -> Rows:
                         "cgroup_path": "",
                     }
                 )
-        except (psutil.Error, OSError):
+        except (psutil.Error, OSError, ValueError):  # ValueError: a pid below 0
             continue
     return rows
 
