@@ -21,7 +21,7 @@ from agent.classify import AddressError, Classifier
 from agent.config import ConfigError, Settings, load_settings
 from agent.history import HistoryStore, HistoryUnavailable, Key, history_key
 from agent.osquery.server import add_arguments as add_extension_arguments
-from agent.osquery.server import extension_main
+from agent.osquery.server import core_argv, extension_main
 from agent.output import HISTORY_TABLE_COLUMNS, TABLE_COLUMNS, render, safe_text
 from agent.records import Connection, Value
 from agent.sampler import UNPRIVILEGED_NOTICE, SamplerError, SocketSampler, open_sampler
@@ -331,7 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _tolerant_streams()
     logging.basicConfig(format="egress-agent: %(message)s", level=logging.WARNING)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(core_argv(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.handler(args))
     except (ConfigError, SamplerError) as error:

@@ -5,6 +5,8 @@ The launch contract is osqueryd's autoloader (osquery/extensions/extensions.cpp)
 
 1. connect to core's ExtensionManager on ``S`` (retrying until ``T`` seconds have passed),
 2. ``registerExtension({name: egress_agent, version}, {"table": {...routes}})`` -> a uuid,
+   waiting as long as core takes (it attaches tables only between queries) and trying a
+   "Duplicate extension registered" again while core drops an orphan of a predecessor,
 3. serve the ``Extension`` service on ``S.<uuid>``: Unix socket, buffered transport, binary
    protocol, one thread per connection, so a ping is answered while a generate runs
    (osquery-python's ``start_extension()`` serves one connection at a time: its issue #47),
@@ -49,7 +51,12 @@ MIN_SDK_VERSION = "1.8.0"
 DEFAULT_SOCKET = "/var/osquery/osquery.em"
 STOP_WITHIN_S = 2.0
 CONNECT_RETRY_S = 0.1
-REGISTER_TIMEOUT_S = 10.0
+REGISTER_TIMEOUT_S = 300.0
+"""How long a registration may take: core attaches our tables under a lock that every running
+query holds for its whole duration, so registration lasts as long as the slowest query
+running then.  osquery's C++ SDK waits ``--thrift_timeout`` (300 s) for it; so do we."""
+DUPLICATE_RETRY_S = 0.5
+DUPLICATE = "Duplicate extension registered"
 MAX_CONNECTIONS = 64
 STRING_LIMIT = 64 * 1024 * 1024
 """Largest string a request may carry; a bigger length prefix is refused, not allocated."""
@@ -97,6 +104,13 @@ class _BinaryProtocol(TBinaryProtocol.TBinaryProtocol):  # type: ignore[misc]
     def writeString(self, value: str) -> None:
         data = value.encode("utf-8")
         self.trans.write(_I32.pack(len(data)) + data)
+
+    def readString(self) -> str:
+        """A request's string, whatever its bytes: core does not validate UTF-8 (rapidjson
+        neither), and a JOIN on a ``/proc``-derived name forwards raw bytes.  Undecodable
+        bytes become PEP 383 surrogates, so nothing is lost and nothing drops the
+        connection; answers never echo them raw (text is escaped where it leaves)."""
+        return str(self.readBinary().decode("utf-8", "surrogateescape"))
 
 
 class _ProtocolFactory(TBinaryProtocol.TBinaryProtocolFactory):  # type: ignore[misc]
@@ -151,25 +165,40 @@ class CoreClient:
     def set_timeout(self, timeout_s: float) -> None:
         self._socket.setTimeout(int(timeout_s * 1000))
 
-    def register(self, version: str, registry: Dict[str, Any]) -> int:
+    def register(
+        self, version: str, registry: Dict[str, Any], stop: threading.Event
+    ) -> ExtensionStatus:
+        """One ``registerExtension`` call, as long as core takes; :class:`StartupError` when
+        it fails or ``stop`` is set meanwhile (the call is cut short then)."""
         info = InternalExtensionInfo(
             name=EXTENSION_NAME,
             version=version,
             sdk_version=SDK_VERSION,
             min_sdk_version=MIN_SDK_VERSION,
         )
-        try:
-            status = self._client.registerExtension(info, registry)
-        except Exception as error:
+        outcome: Dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                outcome["status"] = self._client.registerExtension(info, registry)
+            except Exception as error:
+                outcome["error"] = error
+
+        caller = threading.Thread(target=call, name="core-register", daemon=True)
+        caller.start()
+        while caller.is_alive():
+            caller.join(0.2)
+            if stop.is_set() and caller.is_alive():
+                with contextlib.suppress(Exception):  # wakes the blocked read
+                    self._socket.handle.shutdown(socket.SHUT_RDWR)
+                caller.join(STOP_WITHIN_S / 2)
+                raise StartupError("stopped while registering with osquery core")
+        if "error" in outcome:
             raise StartupError(
-                f"registration with osquery core at {self.path} failed: {error}"
-            ) from None
-        if status.code != 0:
-            raise StartupError(
-                f"osquery core at {self.path} refused the registration of {EXTENSION_NAME}: "
-                f"{status.message!r}"
+                f"registration with osquery core at {self.path} failed: {outcome['error']}"
             )
-        return int(status.uuid)
+        status: ExtensionStatus = outcome["status"]
+        return status
 
     def ping(self) -> ExtensionStatus:
         return self._client.ping()
@@ -265,7 +294,7 @@ class ExtensionHandler:
                 (time.monotonic() - started) * 1000.0,
             )
         return ExtensionResponse(
-            status=ExtensionStatus(code=result_code, message=message), response=rows
+            status=ExtensionStatus(code=result_code, message=table.cell(message)), response=rows
         )
 
 
@@ -410,10 +439,12 @@ def serve(
         log.error("%s", error)
         return 1
     try:
-        uuid = core.register(__version__, table.registry(list(tables.specs.values())))
+        uuid = register(core, table.registry(list(tables.specs.values())), options, stopper)
     except StartupError as error:
-        log.error("%s", error)
         core.close()
+        if stopper.event.is_set():
+            return stopper.code
+        log.error("%s", error)
         return 1
     server = ThreadedUnixServer(
         f"{options.socket}.{uuid}",
@@ -466,14 +497,86 @@ def serve(
     return stopper.code
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return value
+def register(core: CoreClient, registry: Dict[str, Any], options: Options, stopper: Stopper) -> int:
+    """Register with core, waiting as long as core takes; the uuid.
+
+    A "Duplicate extension registered" refusal is tried again every 0.5 s for ``--timeout``
+    plus two ``--interval``: an extension that gave up (or was killed) while core was still
+    attaching its tables left core an orphan registration, which core drops after its next
+    ping of it fails (within one interval, plus up to ``--timeout`` of grace at the first
+    check); only then is the name free.  Any other refusal is final.
+    """
+    deadline: Optional[float] = None
+    while True:
+        status = core.register(__version__, registry, stopper.event)
+        if status.code == 0:
+            return int(status.uuid)
+        if status.message != DUPLICATE:
+            raise StartupError(
+                f"osquery core at {core.path} refused the registration of {EXTENSION_NAME}: "
+                f"{status.message!r}"
+            )
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + options.timeout + 2 * options.interval
+            if options.verbose:
+                log.info("osquery core has %s registered already; trying again", EXTENSION_NAME)
+        if now + DUPLICATE_RETRY_S > deadline or stopper.wait(DUPLICATE_RETRY_S):
+            raise StartupError(
+                f"osquery core at {core.path} refused the registration of {EXTENSION_NAME}: "
+                f"{status.message!r} (tried again for {options.timeout + 2 * options.interval:g}"
+                " s: another egress_agent is registered)"
+            )
+
+
+MIN_SECONDS = 0.2
+"""The least ``--timeout`` and ``--interval`` core uses itself (extensions.cpp: 200 ms)."""
+_C_SPACE = " \t\n\v\f\r"
+
+
+def core_seconds(text: str) -> float:
+    """``--timeout``/``--interval`` as osquery core reads its own copy: ``atoi``, at least
+    200 ms.  Never raises: core passes its string flags unparsed, whatever they hold.
+
+    ``atoi`` (glibc: ``(int) strtol(text, NULL, 10)``) skips leading blanks, takes a sign and
+    digits and ignores the rest: ``"3s"`` is 3, ``" 10"`` 10, ``"1.5"`` 1, ``""`` and
+    ``"abc"`` 0; past ``long`` it saturates, then keeps the low 32 bits.  Core's C++ SDK
+    turns a negative value into a huge unsigned one (never ping, wait forever); here it is
+    the minimum, like zero.
+    """
+    rest = text.lstrip(_C_SPACE)
+    sign = -1 if rest[:1] == "-" else 1
+    if rest[:1] in ("-", "+"):
+        rest = rest[1:]
+    digits = ""
+    for char in rest:
+        if char not in "0123456789":
+            break
+        digits += char
+    number = sign * int(digits) if digits else 0
+    number = max(-(2**63), min(number, 2**63 - 1))  # strtol saturates at LONG_MIN/LONG_MAX
+    number = (number + 2**31) % 2**32 - 2**31  # (int): the low 32 bits
+    return max(float(number), MIN_SECONDS)
+
+
+CORE_VALUE_OPTIONS = ("--socket", "--timeout", "--interval")
+
+
+def core_argv(argv: Sequence[str]) -> List[str]:
+    """``argv`` with each ``--socket``/``--timeout``/``--interval VALUE`` written as
+    ``--option=VALUE``, so that a value core passes is read as a value whatever it looks
+    like (``-1``, ``-x``: argparse would take them for options)."""
+    joined: List[str] = []
+    index = 0
+    while index < len(argv):
+        argument = argv[index]
+        if argument in CORE_VALUE_OPTIONS and index + 1 < len(argv):
+            joined.append(f"{argument}={argv[index + 1]}")
+            index += 2
+            continue
+        joined.append(argument)
+        index += 1
+    return joined
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -483,15 +586,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=core_seconds,
         default=3.0,
-        help="seconds to wait for core's socket to appear (%(default)s)",
+        help="seconds to wait for core's socket to appear, read as core reads it (%(default)s)",
     )
     parser.add_argument(
         "--interval",
-        type=_positive_seconds,
+        type=core_seconds,
         default=3.0,
-        help="seconds between pings of core (%(default)s)",
+        help="seconds between pings of core, read as core reads it (%(default)s)",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="log each registration and call to stderr"
@@ -510,7 +613,7 @@ def run_extension(argv: Sequence[str]) -> int:
     )
     add_arguments(parser)
     try:
-        args = parser.parse_args(list(argv))
+        args = parser.parse_args(core_argv(argv))
     except SystemExit as exit:
         return int(exit.code or 0)
     return extension_main(args)
@@ -525,7 +628,7 @@ def extension_main(args: argparse.Namespace) -> int:
     options = Options(
         socket=args.socket,
         timeout=args.timeout,
-        interval=max(args.interval, 0.1),
+        interval=args.interval,
         verbose=args.verbose,
     )
     try:
