@@ -25,7 +25,7 @@ from agent.config import ConfigError, load_settings
 from agent.evidence import Evidence, Window, read_evidence
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
-from agent.osquery.options import extension_command
+from agent.osquery.options import core_argv, extension_command
 from agent.pipeline import Monitor, Pipeline, Snapshot, open_store
 from agent.records import Connection, Value
 from agent.render import (
@@ -561,7 +561,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _tolerant_streams()
     logging.basicConfig(format="egress-agent: %(message)s", level=logging.WARNING)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(core_argv(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.handler(args))
     except (ConfigError, SamplerError) as error:

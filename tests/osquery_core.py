@@ -9,8 +9,13 @@ No osqueryd can be installed here, so this plays its part of the extension proto
 - it launches an extension as osqueryd's autoloader does: ``execve(path, [path, (--verbose),
   --socket S, --timeout T, --interval I])`` with ``OSQUERY_EXTENSION=<our pid>`` added to the
   environment;
-- ``registerExtension`` answers a fresh uuid (a duplicate name is refused, as core does);
-  ``extensions()`` lists core (uuid 0) and the live registrations;
+- ``registerExtension`` applies core's rules (osquery/extensions/interface.cpp,
+  osquery/registry/registry_factory.cpp): a duplicate extension name, an SDK version below
+  1.7.7, a table name that core or another extension has, an unknown registry and an empty
+  route list are refused with core's messages; uuids are ``uint16(rand() + 1)``; each table is
+  attached through a hook (:class:`sqlcore.SqlCore` attaches it under core's attach lock);
+  ``extensions()`` lists the live registrations only (core's server never lists uuid 0: its
+  clients add it);
 - :class:`ExtensionConnection` calls ``ping``, ``call`` (columns, generate with or without a
   constraint context, in core 5.x's format or the pre-3.0 one) and ``shutdown`` on
   ``<socket>.<uuid>``;
@@ -46,6 +51,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import shlex
 import socket
 import sqlite3
@@ -55,7 +61,19 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 from osquery.extensions import Extension, ExtensionManager
 from osquery.extensions.ttypes import ExtensionResponse, ExtensionStatus, InternalExtensionInfo
@@ -71,6 +89,33 @@ ConstraintSpec = Mapping[str, Sequence[Tuple[int, str]]]
 # thrift logs every failed connect attempt itself; the stand-in reports failures in its own words.
 logging.getLogger("thrift").addHandler(logging.NullHandler())
 logging.getLogger("thrift").propagate = False
+
+
+class CoreProtocol(TBinaryProtocol.TBinaryProtocol):  # type: ignore[misc]
+    """The binary protocol as osquery core's C++ Thrift speaks it: strings are bytes.
+
+    Core never validates UTF-8 (rapidjson neither), so a request may carry any bytes; here
+    they travel as PEP 383 surrogates (``surrogateescape``) in both directions.
+    """
+
+    def writeString(self, value: str) -> None:
+        self.writeBinary(value.encode("utf-8", "surrogateescape"))
+
+    def readString(self) -> str:
+        return self.readBinary().decode("utf-8", "surrogateescape")
+
+
+class _CountingSocket(TSocket.TSocket):  # type: ignore[misc]
+    """A client socket that counts the bytes it received (the size of the answers)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bytes_read = 0
+
+    def read(self, size: int) -> bytes:
+        data = super().read(size)
+        self.bytes_read += len(data)
+        return data
 
 
 class CoreError(Exception):
@@ -94,16 +139,69 @@ class Registration:
 # -- the ExtensionManager service ---------------------------------------------------------------
 
 
+MIN_SDK_VERSION = "1.7.7"
+"""osquery's kSDKVersionChanges: registrations from older SDKs are refused."""
+
+KNOWN_REGISTRIES = frozenset(
+    {
+        "config",
+        "config_parser",
+        "database",
+        "distributed",
+        "enroll",
+        "event_publisher",
+        "event_subscriber",
+        "killswitch",
+        "logger",
+        "numeric_monitoring",
+        "sql",
+        "table",
+    }
+)
+"""The registries osqueryd has; a broadcast naming another is refused."""
+
+BUILTIN_TABLES = frozenset(
+    {"processes", "process_open_sockets", "listening_ports", "hash", "osquery_extensions"}
+)
+"""Table names that exist in core (of its hundreds, those the stand-ins serve or tests use)."""
+
+AttachHook = Callable[[int, str, Routes], None]
+
+
+def _version_at_least(required: str, actual: str) -> bool:
+    """osquery's ``versionAtLeast``: dotted numbers compared part by part."""
+
+    def parts(text: str) -> List[int]:
+        numbers = []
+        for part in text.split("."):
+            digits = "".join(itertools.takewhile(str.isdigit, part))
+            numbers.append(int(digits) if digits else 0)
+        return numbers
+
+    want, have = parts(required), parts(actual)
+    width = max(len(want), len(have))
+    return have + [0] * (width - len(have)) >= want + [0] * (width - len(want))
+
+
 class _Manager:
     """Core's side of the protocol, recording what extensions do."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        builtin_tables: FrozenSet[str] = BUILTIN_TABLES,
+        attach: Optional[AttachHook] = None,
+        detach: Optional[Callable[[str], None]] = None,
+    ) -> None:
         self.lock = threading.Condition()
         self.registrations: Dict[int, Registration] = {}
         self.history: List[Registration] = []
+        self.refusals: List[Tuple[str, str]] = []
         self.deregistered: List[int] = []
         self.pings = 0
-        self._uuids = itertools.count(int(time.time()) % 100000 * 100 + 1)
+        self.builtin_tables = builtin_tables
+        self.attach: AttachHook = attach or (lambda uuid, name, routes: None)
+        self.detach: Callable[[str], None] = detach or (lambda name: None)
+        self._reserved: set = set()  # type: ignore[type-arg]
 
     def ping(self) -> ExtensionStatus:
         with self.lock:
@@ -120,20 +218,17 @@ class _Manager:
         pass
 
     def extensions(self) -> Dict[int, InternalExtensionInfo]:
+        """The live registrations; never uuid 0 (core's clients add core themselves)."""
         with self.lock:
-            listed = {
-                0: InternalExtensionInfo(
-                    name="core", version="5.0.0", sdk_version="0.0.0", min_sdk_version="0.0.0"
-                )
-            }
-            for uuid, reg in self.registrations.items():
-                listed[uuid] = InternalExtensionInfo(
+            return {
+                uuid: InternalExtensionInfo(
                     name=reg.name,
                     version=reg.version,
                     sdk_version=reg.sdk_version,
                     min_sdk_version=reg.min_sdk_version,
                 )
-            return listed
+                for uuid, reg in self.registrations.items()
+            }
 
     def options(self) -> Dict[str, Any]:
         return {}
@@ -141,30 +236,100 @@ class _Manager:
     def registerExtension(
         self, info: InternalExtensionInfo, registry: Dict[str, Dict[str, Routes]]
     ) -> ExtensionStatus:
+        """ExtensionManagerInterface::registerExtension, then RegistryFactory::addBroadcast.
+
+        Each table is attached through :attr:`attach`, which may wait (core's attach lock is
+        held by running queries); the registration becomes visible only afterwards, and it
+        completes even when the extension has stopped waiting for the answer (an orphan).
+        """
         with self.lock:
             if any(reg.name == info.name for reg in self.registrations.values()):
-                return ExtensionStatus(code=1, message="Duplicate extension registered")
-            uuid = next(self._uuids)
-            reg = Registration(
-                uuid=uuid,
-                name=info.name,
-                version=info.version,
-                sdk_version=info.sdk_version,
-                min_sdk_version=info.min_sdk_version,
-                registry=registry,
-            )
+                return self._refuse(info, "Duplicate extension registered")
+        if not _version_at_least(MIN_SDK_VERSION, info.sdk_version or ""):
+            return self._refuse(info, "Incompatible extension SDK version")
+        with self.lock:
+            uuid = self._new_uuid()
+        problem = self._broadcast_problem(registry)
+        if problem is None:
+            problem = self._attach_tables(uuid, registry.get("table", {}))
+        if problem is not None:
+            with self.lock:
+                self._reserved.discard(uuid)
+            return self._refuse(info, f"Failed adding registry: {problem}")
+        reg = Registration(
+            uuid=uuid,
+            name=info.name,
+            version=info.version,
+            sdk_version=info.sdk_version,
+            min_sdk_version=info.min_sdk_version,
+            registry=registry,
+        )
+        with self.lock:
             self.registrations[uuid] = reg
             self.history.append(reg)
             self.lock.notify_all()
         return ExtensionStatus(code=0, message="OK", uuid=uuid)
 
+    def _refuse(self, info: InternalExtensionInfo, message: str) -> ExtensionStatus:
+        with self.lock:
+            self.refusals.append((info.name, message))
+            self.lock.notify_all()
+        return ExtensionStatus(code=1, message=message)
+
+    def _new_uuid(self) -> int:
+        """``uint16(rand() + 1)``, again while in use (interface.cpp's UuidGenerator)."""
+        while True:
+            uuid = (random.getrandbits(31) + 1) & 0xFFFF
+            if uuid not in self._reserved:
+                self._reserved.add(uuid)
+                return uuid
+
+    def _broadcast_problem(self, registry: Dict[str, Dict[str, Routes]]) -> Optional[str]:
+        taken = set(self.builtin_tables)
+        with self.lock:
+            for reg in self.registrations.values():
+                taken.update(reg.tables())
+        for registry_name, items in registry.items():
+            for item in items:
+                if registry_name == "table" and item in taken:
+                    return f"Registry item {item} conflicts with another item of the same name."
+        for registry_name in registry:
+            if registry_name not in KNOWN_REGISTRIES:
+                return f"Unknown registry: {registry_name}"
+        return None
+
+    def _attach_tables(self, uuid: int, tables: Dict[str, Routes]) -> Optional[str]:
+        attached = []
+        for name, routes in tables.items():
+            if not routes:
+                problem = "Invalid route info"
+                break
+            self.attach(uuid, name, routes)
+            attached.append(name)
+        else:
+            return None
+        for name in attached:  # a broadcast is atomic: detach what was attached
+            self.detach(name)
+        return problem
+
     def deregisterExtension(self, uuid: int) -> ExtensionStatus:
         with self.lock:
-            if self.registrations.pop(uuid, None) is None:
-                return ExtensionStatus(code=1, message="No extension UUID registered")
+            reg = self.registrations.get(uuid)
+            if reg is None:
+                return ExtensionStatus(code=1, message="No extension UUID found")
+        self.remove(reg)
+        with self.lock:
             self.deregistered.append(uuid)
-            self.lock.notify_all()
         return ExtensionStatus(code=0, message="OK")
+
+    def remove(self, reg: Registration) -> None:
+        """RegistryFactory::removeBroadcast: detach the tables, forget the uuid."""
+        for name in reg.tables():
+            self.detach(name)
+        with self.lock:
+            self.registrations.pop(reg.uuid, None)
+            self._reserved.discard(reg.uuid)
+            self.lock.notify_all()
 
     def query(self, sql: str) -> ExtensionResponse:
         return ExtensionResponse(
@@ -207,7 +372,7 @@ class _UnixThriftServer:
         handle = TSocket.TSocket()
         handle.setHandle(conn)
         transport = TTransport.TBufferedTransport(handle)
-        protocol = TBinaryProtocol.TBinaryProtocol(transport)
+        protocol = CoreProtocol(transport)
         try:
             while True:
                 self._processor.process(protocol, protocol)
@@ -282,8 +447,8 @@ class CoreStandIn:
     def launch(
         self,
         command: Union[str, Sequence[str]],
-        timeout: float = 3,
-        interval: float = 3,
+        timeout: Union[float, str] = 3,
+        interval: Union[float, str] = 3,
         verbose: bool = False,
         env: Optional[Mapping[str, str]] = None,
         socket_path: Optional[str] = None,
@@ -291,7 +456,8 @@ class CoreStandIn:
         """Start ``command`` with osqueryd's arguments and environment; stderr goes to a file.
 
         ``command`` is the extension's path (or a command line, like ``python -m agent.cli
-        extension``); osqueryd's arguments are appended to it.
+        extension``); osqueryd's arguments are appended to it.  A ``timeout`` or ``interval``
+        given as text is passed as it is: osqueryd passes its string flags unparsed.
         """
         argv = shlex.split(command) if isinstance(command, str) else list(command)
         if verbose:
@@ -300,9 +466,9 @@ class CoreStandIn:
             "--socket",
             socket_path or self.socket_path,
             "--timeout",
-            f"{timeout:g}",
+            timeout if isinstance(timeout, str) else f"{timeout:g}",
             "--interval",
-            f"{interval:g}",
+            interval if isinstance(interval, str) else f"{interval:g}",
         ]
         environment = dict(os.environ)
         environment.update(env or {})
@@ -422,7 +588,7 @@ class ExtensionConnection:
         self.path = path
         deadline = time.monotonic() + appear_within
         while True:
-            self._socket = TSocket.TSocket(unix_socket=path)
+            self._socket = _CountingSocket(unix_socket=path)
             self._socket.setTimeout(int(timeout * 1000))
             self._transport = TTransport.TBufferedTransport(self._socket)
             try:
@@ -432,8 +598,13 @@ class ExtensionConnection:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-        self._client = Extension.Client(TBinaryProtocol.TBinaryProtocol(self._transport))
+        self._client = Extension.Client(CoreProtocol(self._transport))
         self._routes: Dict[str, Routes] = {}
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes received on this connection so far."""
+        return int(self._socket.bytes_read)
 
     def __enter__(self) -> ExtensionConnection:
         return self
@@ -521,7 +692,7 @@ class SqlHost:
                     for col, kind in columns
                 ]
             )
-        self.db.executemany(f'INSERT INTO "{name}" VALUES ({placeholders})', values)  # noqa: S608
+        self.db.executemany(f'INSERT INTO "{name}" VALUES ({placeholders})', values)
 
     def load_natives(self, core: Optional[CoreStandIn] = None, paths: Iterable[str] = ()) -> None:
         """Stand-ins for the native tables fleet queries join with.
@@ -567,7 +738,9 @@ class SqlHost:
         )
         extensions = []
         if core is not None:
-            for uuid, info in core.manager.extensions().items():
+            core_info = InternalExtensionInfo(name="core", version="5.0.0", sdk_version="0.0.0")
+            listed = {0: core_info, **core.manager.extensions()}  # as core's getExtensions()
+            for uuid, info in listed.items():
                 extensions.append(
                     {
                         "uuid": str(uuid),

@@ -80,8 +80,8 @@ def test_registers_as_egress_agent_with_our_routes(
             assert extension.columns(name) == routes
         routes = extension.columns("external_connections")
         assert {r["name"]: r["op"] for r in routes if r["op"] != "0"} == {
-            "pid": "1",
-            "remote_address": "1",
+            "pid": "9",  # INDEX | OPTIMIZED
+            "remote_address": "9",
         }
     socket_path = core.extension_socket(registration)
     assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
@@ -120,7 +120,7 @@ def test_bad_requests_fail_with_a_message_and_serving_goes_on(
     with core.connect(registration) as extension:
         cases = [
             ("table", "no_such_table", {"action": "generate", "context": "{}"}, "unknown table"),
-            ("table", "egress_agent_info", {"action": "delete"}, "unknown action 'delete'"),
+            ("table", "egress_agent_info", {"action": "drop"}, "unknown action 'drop'"),
             ("table", "egress_agent_info", {"action": "generate", "context": "{"}, "valid JSON"),
             ("table", "external_connections", {"action": "generate", "context": "[]"}, "object"),
             ("config", "egress_agent_info", {"action": "genConfig"}, "no 'config' plugins"),

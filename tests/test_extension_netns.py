@@ -20,14 +20,12 @@ import pytest
 from nethost import Namespace, NetHost, Proc
 from osquery_core import (
     CoreError,
-    CoreStandIn,
     ExtensionConnection,
     Registration,
-    SqlHost,
     default_extension_command,
-    load_extension_tables,
     pack_queries,
 )
+from sqlcore import SqlCore
 
 from agent.classify import Classifier
 
@@ -64,7 +62,7 @@ def internet(nethost: NetHost) -> Internet:
 class Running:
     """The extension, launched by the core stand-in, and a connection to it."""
 
-    core: CoreStandIn
+    core: SqlCore
     registration: Registration
     connection: ExtensionConnection
 
@@ -73,7 +71,7 @@ class Running:
 def running(tmp_path: Path) -> Iterator[Running]:
     config = tmp_path / "config.yaml"
     config.write_text(f"sampling:\n  interval: 1\nhistory:\n  path: {tmp_path / 'h.db'}\n")
-    with CoreStandIn() as core:
+    with SqlCore(extensions_interval=1) as core:
         process = core.launch(
             default_extension_command(), interval=1, env={"EGRESS_AGENT_CONFIG": str(config)}
         )
@@ -162,13 +160,8 @@ def test_a_short_connection_stays_in_history_after_it_closed(
 def test_pack_and_documented_sql_over_real_rows(internet: Internet, running: Running) -> None:
     client = internet.net.connect(internet.cli, SERVER6, internet.server6.port)
     _wait(running.connection, lambda row: int(row["samples_total"]) >= 2)
-    host = SqlHost()
-    loaded = load_extension_tables(host, running.connection, running.registration)
-    host.load_natives(
-        running.core, {row.get("path", "") for rows in loaded.values() for row in rows}
-    )
     results = {
-        name: host.query(sql)
+        name: running.core.query(sql).rows
         for name, sql in pack_queries(str(ROOT / "config" / "osquery" / "egress-agent.conf"))
     }
     outbound = results["egress_outbound_external_connections"]
@@ -178,12 +171,12 @@ def test_pack_and_documented_sql_over_real_rows(internet: Internet, running: Run
     (health,) = results["egress_agent_health"]
     assert health["samples_total"] >= 2 and health["namespaces_seen"] >= 2
 
-    joined = host.query(
+    joined = running.core.query(
         "SELECT c.pid, p.name, h.sha256 FROM external_connections AS c "
         "JOIN processes AS p USING (pid) LEFT JOIN hash AS h ON h.path = p.path "
         "WHERE c.direction = 'outbound' AND c.pid = ?;",
         [client.pid],
-    )
+    ).rows
     assert len(joined) == 1 and len(joined[0]["sha256"]) == 64
     assert joined[0]["name"] == psutil.Process(client.pid).name()
 

@@ -1,4 +1,8 @@
-"""The osquery pack and the documented fleet queries run over rows the extension returns."""
+"""The osquery pack and the documented fleet queries, run by osquery core's SQL layer.
+
+tests/sqlcore.py plays core: the extension's tables are SQLite virtual tables over the real
+extension process, joined with core's own tables, and every query's cost is counted.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,14 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
-from osquery_core import (
-    CoreStandIn,
-    SqlHost,
-    default_extension_command,
-    load_extension_tables,
-    pack_queries,
-)
+from osquery_core import default_extension_command, pack_queries
+from sqlcore import SqlCore
 
 ROOT = Path(__file__).resolve().parent.parent
 PACK = ROOT / "config" / "osquery" / "egress-agent.conf"
 DOCUMENTS = [ROOT / "README.md"]
 EXTENSION = default_extension_command()
+TABLES = ("external_connections", "external_connection_history", "egress_agent_info")
 
 
 def documented_sql() -> List[Tuple[str, str]]:
@@ -32,21 +32,21 @@ def documented_sql() -> List[Tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlHost]:
-    """The extension's tables as osquery would see them, beside the native ones queries join."""
+def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlCore]:
+    """osquery core with the extension loaded, as osqueryd would run it."""
     tmp = tmp_path_factory.mktemp("pack")
     config = tmp / "config.yaml"
     config.write_text(f"sampling:\n  interval: 1\nhistory:\n  path: {tmp / 'history.db'}\n")
-    with CoreStandIn() as core:
-        process = core.launch(EXTENSION, interval=1, env={"EGRESS_AGENT_CONFIG": str(config)})
-        registration = core.wait_for_registration(process=process)
-        sql_host = SqlHost()
-        with core.connect(registration) as extension:
-            loaded = load_extension_tables(sql_host, extension, registration)
-            extension.shutdown()
-        paths = {row.get("path", "") for rows in loaded.values() for row in rows}
-        sql_host.load_natives(core, paths)
-        yield sql_host
+    with SqlCore(extensions_interval=1) as stand_in:
+        process = stand_in.launch(EXTENSION, interval=1, env={"EGRESS_AGENT_CONFIG": str(config)})
+        stand_in.wait_for_registration(process=process)
+        yield stand_in
+
+
+def assert_one_generate_per_table(generate: Dict[str, int]) -> None:
+    """Each of the extension's tables a documented query reads costs one generate call."""
+    assert set(generate) <= set(TABLES)
+    assert all(calls == 1 for calls in generate.values()), generate
 
 
 def test_the_pack_is_complete() -> None:
@@ -69,15 +69,19 @@ def test_the_pack_is_complete() -> None:
 
 
 @pytest.mark.parametrize(("name", "sql"), pack_queries(str(PACK)))
-def test_pack_sql_runs_over_the_extensions_rows(host: SqlHost, name: str, sql: str) -> None:
-    rows = host.query(sql)
+def test_pack_sql_runs_through_core(core: SqlCore, name: str, sql: str) -> None:
+    result = core.query(sql)
+    assert_one_generate_per_table(result.stats.generate)
     if name.startswith("discovery"):
-        assert rows, "the discovery query must find the extension"
+        assert result.rows, "the discovery query must find the extension"
     if name == "egress_agent_health":
-        (row,) = rows
+        (row,) = result.rows
         assert row["version"] and row["samples_total"] >= 0
+        assert result.stats.generate == {"egress_agent_info": 1}
 
 
 @pytest.mark.parametrize(("name", "sql"), documented_sql())
-def test_documented_sql_runs_over_the_extensions_rows(host: SqlHost, name: str, sql: str) -> None:
-    host.query(sql)
+def test_documented_sql_runs_through_core(core: SqlCore, name: str, sql: str) -> None:
+    result = core.query(sql)
+    assert result.stats.generate, "every documented query reads a table of the extension"
+    assert_one_generate_per_table(result.stats.generate)

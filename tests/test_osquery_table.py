@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
-from typing import FrozenSet, List, Optional
+from typing import FrozenSet, List, Optional, Tuple
 
 import pytest
 from fakes import FunctionSampler, monitor_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.collect import SampleStats
 from agent.history import HISTORY_COLUMNS
 from agent.osquery import table
-from agent.osquery.table import ColumnOptions, ContextError, Operator, parse_context
-from agent.osquery.tables import AgentInfo, ExtensionTables
+from agent.osquery.table import (
+    ColumnOptions,
+    Constraint,
+    ContextError,
+    Operator,
+    QueryContext,
+    parse_context,
+)
+from agent.osquery.tables import AgentInfo, ExtensionTables, LiveSamples
+from agent.pipeline import Snapshot
 from agent.records import COLUMNS, Connection
 
 # -- routes ------------------------------------------------------------------------------------
@@ -23,9 +32,16 @@ def test_live_table_routes_follow_the_record_with_index_bits() -> None:
     routes = table.EXTERNAL_CONNECTIONS.routes()
     assert [(r["name"], r["type"]) for r in routes] == list(COLUMNS)
     ops = {r["name"]: r["op"] for r in routes}
-    assert ops.pop("pid") == "1"
-    assert ops.pop("remote_address") == "1"
-    assert set(ops.values()) == {"0"}
+    assert ops.pop("pid") == "9"  # INDEX | OPTIMIZED: IN (...) in one call
+    assert ops.pop("remote_address") == "9"
+    assert set(ops.values()) == {"0"}  # core's default index makes these indexes too
+    history = {r["name"]: r["op"] for r in table.EXTERNAL_CONNECTION_HISTORY.routes()}
+    assert {name: op for name, op in history.items() if op != "0"} == {
+        "pid": "9",
+        "direction": "9",
+        "last_seen": "1",
+        "open": "1",
+    }
     for route in routes:
         assert route["id"] == "column"
         assert all(isinstance(value, str) for value in route.values())
@@ -290,8 +306,11 @@ def test_failures_are_status_1_with_a_message(recorder: _Recorder) -> None:
     tables = _tables(recorder)
     unknown_table = tables.call("processes", {"action": "generate", "context": "{}"})
     assert unknown_table.code == 1 and "unknown table 'processes'" in unknown_table.message
-    unknown_action = tables.call("external_connections", {"action": "insert"})
-    assert unknown_action.code == 1 and "unknown action 'insert'" in unknown_action.message
+    unknown_action = tables.call("external_connections", {"action": "truncate"})
+    assert unknown_action.code == 1 and "unknown action 'truncate'" in unknown_action.message
+    for write in ("insert", "update", "delete"):  # osquery's TablePlugin answer
+        readonly = tables.call("external_connections", {"action": write, "id": "1"})
+        assert (readonly.code, readonly.rows) == (0, [{"status": "readonly"}])
     bad = tables.call("external_connections", {"action": "generate", "context": "{oops"})
     assert bad.code == 1 and "not valid JSON" in bad.message
     no_history = tables.call("external_connection_history", {"action": "generate"})
@@ -317,3 +336,72 @@ def test_info_row(recorder: _Recorder) -> None:
     assert row["version"] == "9.9" and row["samples_total"] == "0"
     assert row["last_sample_ms"] == "" and row["history_rows"] == ""
     assert all(isinstance(value, str) for value in row.values())
+
+
+def _constrained(**lists: List[Tuple[int, str]]) -> QueryContext:
+    return QueryContext(
+        constraints={
+            name: [Constraint(op, expr) for op, expr in pairs] for name, pairs in lists.items()
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("pairs", "bounds"),
+    [
+        ([(4, "10")], (11, None)),  # >
+        ([(32, "10")], (10, None)),  # >=
+        ([(16, "10")], (None, 9)),  # <
+        ([(8, "10")], (None, 10)),  # <=
+        ([(2, "10")], (10, 10)),
+        ([(4, "10.5"), (16, "20.5")], (11, 20)),
+        ([(32, "5"), (32, "7"), (8, "9"), (8, "8")], (7, 8)),  # the tightest of each
+        ([(4, "abc"), (65, "1%")], (None, None)),  # text and LIKE are left to core
+        ([(4, " 12 ")], (13, None)),
+    ],
+)
+def test_bounds_of_a_column(pairs: List[Tuple[int, str]], bounds: Tuple[object, object]) -> None:
+    assert _constrained(last_seen=pairs).bounds("last_seen") == bounds
+
+
+def test_used_columns_keep_table_order() -> None:
+    names = ["a", "b", "c"]
+    assert QueryContext().used(names) == names
+    assert QueryContext(columns_used=["c", "a"]).used(names) == ["a", "c"]
+    assert QueryContext(columns_used=[]).used(names) == []
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_live_samples_serve_a_burst_of_calls_from_one_sample() -> None:
+    taken: List[Optional[FrozenSet[int]]] = []
+
+    def sample(pids: Optional[FrozenSet[int]]) -> Snapshot:
+        taken.append(pids)
+        return Snapshot(connections=[], stats=SampleStats(), at=0.0)
+
+    clock = _Clock()
+    samples = LiveSamples(sample)
+    samples._clock = clock  # type: ignore[method-assign]
+    samples.get(frozenset({1}))  # a first call alone: narrowed
+    assert taken == [frozenset({1})]
+    for pid in range(2, 50):  # the next rows of a JOIN: one sample of everything serves them
+        clock.now += 0.05
+        samples.get(frozenset({pid}))
+    assert taken == [frozenset({1}), None]
+    clock.now += 0.5
+    samples.get(None)
+    assert len(taken) == 2
+    clock.now += 3  # a later query: a sample of its own
+    samples.get(frozenset({7}))
+    assert taken[-1] == frozenset({7})
+    for _ in range(400):  # a burst longer than REUSE_MAX_S takes a fresh sample now and then
+        clock.now += 0.5
+        samples.get(None)
+    assert 3 + 400 * 0.5 / 10 - 1 <= len(taken) <= 3 + 400 * 0.5 / 10 + 1

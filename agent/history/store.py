@@ -251,10 +251,13 @@ class HistoryStore:
         open_: Optional[bool] = None,
         directions: Optional[Collection[str]] = None,
         limit: Optional[int] = None,
+        newest_first: bool = False,
     ) -> List[Dict[str, Value]]:
-        """History rows, oldest first: those overlapping [``since``, ``until``] (last seen at or
-        after ``since``, first seen at or before ``until``), of ``pids``, ``open_`` or not, in
-        ``directions``, at most ``limit``; with only the keys ``columns`` (default: all).
+        """History rows, oldest first (by ``first_seen``; with ``newest_first``, the latest
+        ``last_seen`` first, so that a ``limit`` keeps the newest): those overlapping
+        [``since``, ``until``] (last seen at or after ``since``, first seen at or before
+        ``until``), of ``pids``, ``open_`` or not, in ``directions``, at most ``limit``; with
+        only the keys ``columns`` (default: all).
 
         Raises :class:`HistoryUnavailable` when the file cannot be read, ValueError for a
         column the table does not have.
@@ -263,7 +266,7 @@ class HistoryStore:
         unknown = [name for name in names if name not in _HISTORY_NAMES]
         if unknown:
             raise ValueError(f"no history column {unknown[0]!r}")
-        filters = _Filters(since, until, pids, open_, directions, limit)
+        filters = _Filters(since, until, pids, open_, directions, limit, newest_first)
         return self._read(lambda db: self._select(db, names, filters))
 
     def rows(self, since: Optional[float] = None) -> List[Dict[str, Value]]:
@@ -712,7 +715,8 @@ class HistoryStore:
         present = self._present.get("history") if self._present is not None else None
         selected = [name for name in names if present is None or name in present]
         where, parameters = filters.sql(present)
-        query = f"SELECT {', '.join(selected) or 'id'} FROM history{where} ORDER BY first_seen, id"  # noqa: S608
+        order = "last_seen DESC, id DESC" if filters.newest_first else "first_seen, id"
+        query = f"SELECT {', '.join(selected) or 'id'} FROM history{where} ORDER BY {order}"  # noqa: S608
         if filters.limit is not None:
             query += " LIMIT ?"
             parameters.append(filters.limit)
@@ -744,6 +748,12 @@ class _Filters:
     open_: Optional[bool]
     directions: Optional[Collection[str]]
     limit: Optional[int]
+    newest_first: bool = False
+
+    MAX_LISTED = 500
+    """Beyond this many values an IN is left out (SQLite before 3.32 binds at most 999
+    parameters): a superset is still right, and every caller filters again (osquery core
+    re-applies every constraint)."""
 
     def sql(self, present: Optional[Set[str]]) -> Tuple[str, List[Any]]:
         clauses: List[str] = []
@@ -755,7 +765,7 @@ class _Filters:
             clauses.append("first_seen <= ?")
             parameters.append(int(self.until))
         for column, values in (("pid", self.pids), ("direction", self.directions)):
-            if values is not None:
+            if values is not None and len(values) <= self.MAX_LISTED:
                 listed = sorted(values)
                 clauses.append(f"{column} IN ({', '.join('?' for _ in listed)})" if listed else "0")
                 parameters.extend(listed)

@@ -5,6 +5,8 @@ The launch contract is osqueryd's autoloader (osquery/extensions/extensions.cpp)
 
 1. connect to core's ExtensionManager on ``S`` (retrying until ``T`` seconds have passed),
 2. ``registerExtension({name: egress_agent, version}, {"table": {...routes}})`` -> a uuid,
+   waiting as long as core takes (it attaches tables only between queries) and trying a
+   "Duplicate extension registered" again while core drops an orphan of a predecessor,
 3. serve the ``Extension`` service on ``S.<uuid>``: Unix socket, buffered transport, binary
    protocol, one thread per connection, so a ping is answered while a generate runs
    (osquery-python's ``start_extension()`` serves one connection at a time: its issue #47);
@@ -39,7 +41,7 @@ from thrift.transport import TSocket, TTransport
 
 from agent import __version__
 from agent.osquery import table, wire
-from agent.osquery.options import Options, add_arguments
+from agent.osquery.options import Options, add_arguments, core_argv
 from agent.osquery.tables import AgentInfo, ExtensionTables
 from agent.pipeline import Monitor, Pipeline
 from agent.textsafe import error_line
@@ -50,7 +52,12 @@ SDK_VERSION = "3.0.7"
 MIN_SDK_VERSION = "1.8.0"
 STOP_WITHIN_S = 2.0
 CONNECT_RETRY_S = 0.1
-REGISTER_TIMEOUT_S = 10.0
+REGISTER_TIMEOUT_S = 300.0
+"""How long a registration may take: core attaches our tables under a lock that every running
+query holds for its whole duration, so registration lasts as long as the slowest query
+running then.  osquery's C++ SDK waits ``--thrift_timeout`` (300 s) for it; so do we."""
+DUPLICATE_RETRY_S = 0.5
+DUPLICATE = "Duplicate extension registered"
 MAX_CONNECTIONS = 64
 STRING_LIMIT = 64 * 1024 * 1024
 """Largest string a request may carry; a bigger length prefix is refused, not allocated."""
@@ -98,6 +105,13 @@ class _BinaryProtocol(TBinaryProtocol.TBinaryProtocol):  # type: ignore[misc]
     def writeString(self, value: str) -> None:
         data = value.encode("utf-8")
         self.trans.write(_I32.pack(len(data)) + data)
+
+    def readString(self) -> str:
+        """A request's string, whatever its bytes: core does not validate UTF-8 (rapidjson
+        neither), and a JOIN on a ``/proc``-derived name forwards raw bytes.  Undecodable
+        bytes become PEP 383 surrogates, so nothing is lost and nothing drops the
+        connection; answers never echo them raw (text is escaped where it leaves)."""
+        return str(self.readBinary().decode("utf-8", "surrogateescape"))
 
 
 class _ProtocolFactory(TBinaryProtocol.TBinaryProtocolFactory):  # type: ignore[misc]
@@ -153,25 +167,40 @@ class CoreClient:
     def set_timeout(self, timeout_s: float) -> None:
         self._socket.setTimeout(int(timeout_s * 1000))
 
-    def register(self, version: str, registry: Dict[str, Any]) -> int:
+    def register(
+        self, version: str, registry: Dict[str, Any], stop: threading.Event
+    ) -> ExtensionStatus:
+        """One ``registerExtension`` call, as long as core takes; :class:`StartupError` when
+        it fails or ``stop`` is set meanwhile (the call is cut short then)."""
         info = InternalExtensionInfo(
             name=EXTENSION_NAME,
             version=version,
             sdk_version=SDK_VERSION,
             min_sdk_version=MIN_SDK_VERSION,
         )
-        try:
-            status = self._client.registerExtension(info, registry)
-        except Exception as error:
+        outcome: Dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                outcome["status"] = self._client.registerExtension(info, registry)
+            except Exception as error:
+                outcome["error"] = error
+
+        caller = threading.Thread(target=call, name="core-register", daemon=True)
+        caller.start()
+        while caller.is_alive():
+            caller.join(0.2)
+            if stop.is_set() and caller.is_alive():
+                with contextlib.suppress(Exception):  # wakes the blocked read
+                    self._socket.handle.shutdown(socket.SHUT_RDWR)
+                caller.join(STOP_WITHIN_S / 2)
+                raise StartupError("stopped while registering with osquery core")
+        if "error" in outcome:
             raise StartupError(
-                f"registration with osquery core at {self.path} failed: {error}"
-            ) from None
-        if status.code != 0:
-            raise StartupError(
-                f"osquery core at {self.path} refused the registration of {EXTENSION_NAME}: "
-                f"{status.message!r}"
+                f"registration with osquery core at {self.path} failed: {outcome['error']}"
             )
-        return int(status.uuid)
+        status: ExtensionStatus = outcome["status"]
+        return status
 
     def ping(self) -> ExtensionStatus:
         return self._client.ping()
@@ -269,7 +298,7 @@ class ExtensionHandler:
                 (time.monotonic() - started) * 1000.0,
             )
         return ExtensionResponse(
-            status=ExtensionStatus(code=result_code, message=message), response=rows
+            status=ExtensionStatus(code=result_code, message=table.cell(message)), response=rows
         )
 
 
@@ -445,10 +474,12 @@ def serve(
         log.error("%s", error)
         return 1
     try:
-        uuid = core.register(__version__, table.registry(list(tables.specs.values())))
+        uuid = register(core, table.registry(list(tables.specs.values())), options, stopper)
     except StartupError as error:
-        log.error("%s", error)
         core.close()
+        if stopper.event.is_set():
+            return stopper.code
+        log.error("%s", error)
         return 1
     server = ThreadedUnixServer(
         f"{options.socket}.{uuid}",
@@ -501,6 +532,38 @@ def serve(
     return stopper.code
 
 
+def register(core: CoreClient, registry: Dict[str, Any], options: Options, stopper: Stopper) -> int:
+    """Register with core, waiting as long as core takes; the uuid.
+
+    A "Duplicate extension registered" refusal is tried again every 0.5 s for ``--timeout``
+    plus two ``--interval``: an extension that gave up (or was killed) while core was still
+    attaching its tables left core an orphan registration, which core drops after its next
+    ping of it fails (within one interval, plus up to ``--timeout`` of grace at the first
+    check); only then is the name free.  Any other refusal is final.
+    """
+    deadline: Optional[float] = None
+    while True:
+        status = core.register(__version__, registry, stopper.event)
+        if status.code == 0:
+            return int(status.uuid)
+        if status.message != DUPLICATE:
+            raise StartupError(
+                f"osquery core at {core.path} refused the registration of {EXTENSION_NAME}: "
+                f"{status.message!r}"
+            )
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + options.timeout + 2 * options.interval
+            if options.verbose:
+                log.info("osquery core has %s registered already; trying again", EXTENSION_NAME)
+        if now + DUPLICATE_RETRY_S > deadline or stopper.wait(DUPLICATE_RETRY_S):
+            raise StartupError(
+                f"osquery core at {core.path} refused the registration of {EXTENSION_NAME}: "
+                f"{status.message!r} (tried again for {options.timeout + 2 * options.interval:g}"
+                " s: another egress_agent is registered)"
+            )
+
+
 def run_extension(argv: Sequence[str]) -> int:
     """``egress-agent extension ARGS``: parse, then :func:`extension_main`; the exit status."""
     parser = argparse.ArgumentParser(
@@ -508,7 +571,7 @@ def run_extension(argv: Sequence[str]) -> int:
     )
     add_arguments(parser)
     try:
-        args = parser.parse_args(list(argv))
+        args = parser.parse_args(core_argv(argv))
     except SystemExit as exit:
         return int(exit.code or 0)
     return extension_main(args)
@@ -522,7 +585,7 @@ def extension_main(args: argparse.Namespace) -> int:
     options = Options(
         socket=args.socket,
         timeout=args.timeout,
-        interval=max(args.interval, 0.1),
+        interval=args.interval,
         verbose=args.verbose,
     )
     try:

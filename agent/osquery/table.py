@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -112,15 +113,33 @@ def make_spec(
     )
 
 
+INDEXED = ColumnOptions.INDEX | ColumnOptions.OPTIMIZED
+"""What osquery's own ``processes.pid`` is: an index whose ``IN (...)`` comes in one call
+(``sqlite3_vtab_in``, osquery 5.14 and later) instead of one call per value."""
+
 EXTERNAL_CONNECTIONS = make_spec(
     "external_connections",
     COLUMNS,
-    {"pid": ColumnOptions.INDEX, "remote_address": ColumnOptions.INDEX},
+    {"pid": INDEXED, "remote_address": INDEXED},
 )
-"""The live table: one row per socket of a live sample (agent.records.Connection)."""
+"""The live table: one row per socket of a live sample (agent.records.Connection).
 
-EXTERNAL_CONNECTION_HISTORY = make_spec("external_connection_history", HISTORY_COLUMNS)
-"""What the background sampler has seen (agent.history)."""
+Every other column is sent with op 0, which core's ``--extensions_default_index`` makes an
+index too: a JOIN on any column may call generate once per outer row, which one live sample
+serves (agent.osquery.tables.LiveSamples)."""
+
+EXTERNAL_CONNECTION_HISTORY = make_spec(
+    "external_connection_history",
+    HISTORY_COLUMNS,
+    {
+        "pid": INDEXED,
+        "direction": INDEXED,
+        "last_seen": ColumnOptions.INDEX,
+        "open": ColumnOptions.INDEX,
+    },
+)
+"""What the background sampler has seen (agent.history); the indexed columns are the
+constraints pushed down to the store."""
 
 INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("version", "TEXT"),
@@ -188,12 +207,54 @@ class QueryContext:
         ]
         return frozenset(values) if values else None
 
+    def bounds(self, column: str) -> Tuple[Optional[int], Optional[int]]:
+        """(lowest, highest) integer ``column`` can hold under its ``=``, ``>``, ``>=``, ``<``,
+        ``<=`` constraints; None where unbounded, or where a value is no number (SQLite
+        orders every number before every text, so a text bound is left to core)."""
+        low: Optional[int] = None
+        high: Optional[int] = None
+        for constraint in self.constraints.get(column, ()):
+            number = _sqlite_number(constraint.expr)
+            if number is None:
+                continue
+            floor, ceiling = math.floor(number), math.ceil(number)
+            if constraint.op in (Operator.EQUALS, Operator.GREATER_THAN_OR_EQUALS):
+                low = max(low, ceiling) if low is not None else ceiling
+            if constraint.op == Operator.GREATER_THAN:
+                above = floor + 1
+                low = max(low, above) if low is not None else above
+            if constraint.op in (Operator.EQUALS, Operator.LESS_THAN_OR_EQUALS):
+                high = min(high, floor) if high is not None else floor
+            if constraint.op == Operator.LESS_THAN:
+                below = ceiling - 1
+                high = min(high, below) if high is not None else below
+        return low, high
+
+    def used(self, columns: Sequence[str]) -> List[str]:
+        """The ``columns`` the query reads (``colsUsed``), in table order; all when core did
+        not say.  Core reads no other key of a row (a missing key is NULL to it)."""
+        if self.columns_used is None:
+            return list(columns)
+        wanted = set(self.columns_used)
+        return [name for name in columns if name in wanted]
+
     def equal_integers(self, column: str) -> Optional[FrozenSet[int]]:
         """:meth:`equal_values` for an INTEGER column: values that are no integer match no row."""
         values = self.equal_values(column)
         if values is None:
             return None
         return frozenset(number for number in map(_sqlite_integer, values) if number is not None)
+
+
+def _sqlite_number(text: str) -> Optional[float]:
+    """``text`` as a finite number the way SQLite's numeric affinity reads it, else None."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return None
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
+    return number
 
 
 def _sqlite_integer(text: str) -> Optional[int]:
