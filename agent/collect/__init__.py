@@ -1,0 +1,1 @@
+"""Sources of what the agent reports: sockets, kernel events, DNS answers."""
