@@ -6,7 +6,8 @@ inside a namespace (``ip netns exec NS python -m bench.dnsload ROLE ...``)::
 
     serve ADDRESS ZONE_JSON   answer on ADDRESS port 53, UDP and TCP, from the zone
     stub                      a client taking commands on stdin (see :func:`_stub`)
-    flood SERVER RATE SECONDS query SERVER at RATE per second for SECONDS, unique names
+    flood SERVER RATE SECONDS query SERVER at RATE per second for SECONDS, unique names,
+                              once a line (``go``) comes on stdin
 
 Each prints one ``READY`` line when its sockets are open and ends when its stdin closes (the
 test host's processes all do), so nothing outlives the test that started it.
@@ -298,6 +299,7 @@ def _flood(server: str, rate: float, seconds: float) -> None:
     sock.connect((server, DNS_PORT))
     sock.setblocking(False)
     print("READY", flush=True)
+    sys.stdin.readline()  # "go"
     started = time.monotonic()
     sent = received = 0
     total = int(rate * seconds)

@@ -269,7 +269,9 @@ def test_a_flood_of_real_answers_stays_within_the_bound(dns_host: DnsHost) -> No
     cli1 = dns_host.clients[0]
     argv = [sys.executable, "-m", "bench.dnsload", "flood", "10.53.1.1", "1500", "1"]
     flood = dns_host.net.spawn(cli1, argv, ready=True)
-    assert flood.popen.stdout is not None
+    assert flood.popen.stdout is not None and flood.popen.stdin is not None
+    flood.popen.stdin.write("go\n")
+    flood.popen.stdin.flush()
     ready, _, _ = select.select([flood.popen.stdout], [], [], 30)
     assert ready
     done = flood.popen.stdout.readline().split()
