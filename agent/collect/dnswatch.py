@@ -7,8 +7,10 @@ lets through only UDP and TCP to or from port 53, over IPv4 (first fragments) an
 (without extension headers), received by this host or sent by it.  A cooked socket's filter
 sees the packet from its IP header in both directions (``packet_rcv`` in
 ``net/packet/af_packet.c``), so one program serves Ethernet, veth, tun and WireGuard alike.
-Loopback shows every packet twice, once sent (``PACKET_OUTGOING``) and once received: the
-program drops the sent copy.
+A packet received passes only from port 53 (an answer), a packet sent only to port 53 (a
+query), so a namespace that holds a DNS server costs nothing for the queries it receives and
+the answers it sends.  Loopback shows every packet twice, once sent (``PACKET_OUTGOING``) and
+once received: the program drops the sent copy.
 
 Which answers count (RFC 5452 section 3, what a resolver itself accepts): on any interface but
 loopback, a response must come from the address and port a query seen leaving this namespace
@@ -84,14 +86,17 @@ RESCAN_INTERVAL = 10.0
 
 _BPF_LD_W_ABS, _BPF_LD_H_ABS, _BPF_LD_B_ABS = 0x20, 0x28, 0x30
 _BPF_LD_H_IND = 0x48
+_BPF_LD_IMM, _BPF_LD_MEM, _BPF_ST = 0x00, 0x60, 0x02
 _BPF_LDX_MSH = 0xB1
-_BPF_JEQ_K, _BPF_JSET_K = 0x15, 0x45
+_BPF_ADD_X, _BPF_TAX = 0x0C, 0x07
+_BPF_JA, _BPF_JEQ_K, _BPF_JSET_K = 0x05, 0x15, 0x45
 _BPF_RET_K = 0x06
 _SKF_AD_OFF = -0x1000
 _SKF_AD_PROTOCOL, _SKF_AD_PKTTYPE, _SKF_AD_HATYPE = 0, 4, 28
 
 _Instruction = Tuple[int, object, object, int]
-"""(opcode, jump-if-true label, jump-if-false label, k): a label is a name or None (next)."""
+"""(opcode, jump-if-true label, jump-if-false label, k): a label is a name or None (next);
+``BPF_JA`` jumps to its jump-if-true label."""
 
 
 def _ancillary(offset: int) -> int:
@@ -99,33 +104,43 @@ def _ancillary(offset: int) -> int:
 
 
 def _program() -> List[Tuple[str, _Instruction]]:
-    """The filter as labelled instructions; :func:`dns_filter` assembles it."""
-    ld_h = _BPF_LD_H_ABS
+    """The filter as labelled instructions; :func:`dns_filter` assembles it.
+
+    A packet received must come from port 53 (an answer), a packet sent must go to port 53
+    (a query): so a namespace holding a DNS server, whose queries come in and answers go
+    out, costs the watch nothing.  Scratch memory M[0] holds the offset of the port to test
+    within the UDP or TCP header (0: source, 2: destination)."""
     return [
         ("", (_BPF_LD_W_ABS, None, None, _ancillary(_SKF_AD_PKTTYPE))),
-        ("", (_BPF_JEQ_K, "protocol", None, PACKET_HOST)),
+        ("", (_BPF_JEQ_K, "received", None, PACKET_HOST)),
         ("", (_BPF_JEQ_K, None, "drop", PACKET_OUTGOING)),
         ("", (_BPF_LD_W_ABS, None, None, _ancillary(_SKF_AD_HATYPE))),
         ("", (_BPF_JEQ_K, "drop", None, ARPHRD_LOOPBACK)),  # loopback's sent copy
+        ("", (_BPF_LD_IMM, None, None, 2)),  # sent: the destination port
+        ("", (_BPF_ST, None, None, 0)),
+        ("", (_BPF_JA, "protocol", None, 0)),
+        ("received", (_BPF_LD_IMM, None, None, 0)),  # received: the source port
+        ("", (_BPF_ST, None, None, 0)),
         ("protocol", (_BPF_LD_W_ABS, None, None, _ancillary(_SKF_AD_PROTOCOL))),
         ("", (_BPF_JEQ_K, "ipv4", None, ETH_P_IP)),
         ("", (_BPF_JEQ_K, "ipv6", "drop", ETH_P_IPV6)),
         ("ipv4", (_BPF_LD_B_ABS, None, None, 9)),  # protocol
-        ("", (_BPF_JEQ_K, "ipv4-ports", None, IPPROTO_UDP)),
-        ("", (_BPF_JEQ_K, "ipv4-ports", "drop", IPPROTO_TCP)),
-        ("ipv4-ports", (ld_h, None, None, 6)),  # flags and fragment offset
+        ("", (_BPF_JEQ_K, "ipv4-port", None, IPPROTO_UDP)),
+        ("", (_BPF_JEQ_K, "ipv4-port", "drop", IPPROTO_TCP)),
+        ("ipv4-port", (_BPF_LD_H_ABS, None, None, 6)),  # flags and fragment offset
         ("", (_BPF_JSET_K, "drop", None, 0x1FFF)),  # a later fragment: no ports in it
-        ("", (_BPF_LDX_MSH, None, None, 0)),  # X = header length
-        ("", (_BPF_LD_H_IND, None, None, 0)),  # source port
-        ("", (_BPF_JEQ_K, "accept", None, DNS_PORT)),
-        ("", (_BPF_LD_H_IND, None, None, 2)),  # destination port
+        ("", (_BPF_LDX_MSH, None, None, 0)),  # X = the IPv4 header's length
+        ("", (_BPF_LD_MEM, None, None, 0)),
+        ("", (_BPF_ADD_X, None, None, 0)),
+        ("", (_BPF_TAX, None, None, 0)),  # X = header length + the port's offset
+        ("", (_BPF_LD_H_IND, None, None, 0)),
         ("", (_BPF_JEQ_K, "accept", "drop", DNS_PORT)),
         ("ipv6", (_BPF_LD_B_ABS, None, None, 6)),  # next header
-        ("", (_BPF_JEQ_K, "ipv6-ports", None, IPPROTO_UDP)),
-        ("", (_BPF_JEQ_K, "ipv6-ports", "drop", IPPROTO_TCP)),
-        ("ipv6-ports", (ld_h, None, None, 40)),
-        ("", (_BPF_JEQ_K, "accept", None, DNS_PORT)),
-        ("", (ld_h, None, None, 42)),
+        ("", (_BPF_JEQ_K, "ipv6-port", None, IPPROTO_UDP)),
+        ("", (_BPF_JEQ_K, "ipv6-port", "drop", IPPROTO_TCP)),
+        ("ipv6-port", (_BPF_LD_MEM, None, None, 0)),
+        ("", (_BPF_TAX, None, None, 0)),
+        ("", (_BPF_LD_H_IND, None, None, 40)),
         ("", (_BPF_JEQ_K, "accept", "drop", DNS_PORT)),
         ("accept", (_BPF_RET_K, None, None, SNAPLEN)),
         ("drop", (_BPF_RET_K, None, None, 0)),
@@ -140,10 +155,12 @@ def dns_filter() -> bytes:
     def jump(target: object, index: int) -> int:
         return 0 if target is None else where[str(target)] - index - 1
 
-    return b"".join(
-        struct.pack("=HBBI", code, jump(true, index), jump(false, index), k)
-        for index, (_, (code, true, false, k)) in enumerate(program)
-    )
+    def encode(index: int, code: int, true: object, false: object, k: int) -> bytes:
+        if code == _BPF_JA:  # an unconditional jump carries its distance in k
+            return struct.pack("=HBBI", code, 0, 0, jump(true, index))
+        return struct.pack("=HBBI", code, jump(true, index), jump(false, index), k)
+
+    return b"".join(encode(index, *instruction) for index, (_, instruction) in enumerate(program))
 
 
 def attach_filter(sock: socket.socket, program: bytes) -> None:

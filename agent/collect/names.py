@@ -31,9 +31,9 @@ MIN_RETENTION = 60.0
 HOLD = 300.0
 
 _IPV4_MAPPED = 0xFFFF << 32
-_ADDRESS_COST = 350
-_ENTRY_COST = 160
-_NAME_COST = 56
+_ADDRESS_COST = 400
+_ENTRY_COST = 180
+_NAME_COST = 64
 """Bytes counted per address, per entry and per name besides its characters: what CPython
 3.11 spends on an address's key, dict slot and list, on an entry's tuples and float, and on a
 str object (``tests/test_names.py`` checks the estimate against tracemalloc)."""
