@@ -14,10 +14,10 @@ that travel (``xn--...``, RFC 5890), and any octet other than a letter, digit, `
 escaped as ``\\DDD`` (RFC 1035 section 5.1), so a name never holds a dot, space or control
 character of its own.
 
-Written for the agent's DNS observer instead of using dnspython: this parser takes about
-16 us per typical answer on the team's machine, against 310 us for ``dns.message.from_wire``
-plus 125 ms and 13 MB to import it (``docs/DNS.md`` has the measurements); it reads only what
-the observer needs (RFC 1035 section 4.1, RFC 3596 for AAAA).
+Written for the agent's DNS watch instead of using dnspython: 13-22 us per typical answer
+here, against 210-270 us for dnspython 2.8's ``dns.message.from_wire`` and 40-60 ms and
+11 MiB to import it (``python -m bench.dns_bench``; ``docs/DNS.md``); it reads only what the
+watch needs (RFC 1035 section 4.1, RFC 3596 for AAAA).
 """
 
 from __future__ import annotations
