@@ -65,6 +65,9 @@ def test_namespaces_are_apart_and_mapped_addresses_are_their_ipv4() -> None:
     cache.forget_namespace(NS)
     assert cache.lookup(NS, 4, CDN) is None and len(cache) == 1
     assert cache.namespaces() == {OTHER_NS}
+    cache.add(NS, 4, CDN, DEB, 300)
+    cache.retain_namespaces({NS})
+    assert cache.namespaces() == {NS} and len(cache) == 1
 
 
 def test_answers_live_for_their_ttl_but_at_least_the_minimum() -> None:
@@ -121,7 +124,14 @@ def test_export_and_load_across_a_restart() -> None:
     clock.advance(1)
     cache.add(NS, 4, CDN, PYPI, 300)
     rows = cache.export()
-    assert rows[0] == (NS, 4, CDN, "deb.debian.org debian.map.fastly.net", clock.now[0], 300)
+    assert rows[0] == (
+        NS,
+        "151.101.2.132",
+        "deb.debian.org debian.map.fastly.net",
+        clock.now[0],
+        300,
+    )
+    assert rows[1][1] == "2a04:4e42::644"
     assert all(isinstance(value, (int, float, str)) for row in rows for value in row)
     restarted = NameCache(clock=clock)
     assert restarted.load(rows) == 3
@@ -134,14 +144,16 @@ def test_export_and_load_across_a_restart() -> None:
 @pytest.mark.parametrize(
     "row",
     [
-        (NS, 5, CDN, "a.test", 0.0, 300),
-        (NS, 4, 1 << 32, "a.test", 0.0, 300),
-        (NS, 4, CDN, "", 0.0, 300),
-        (NS, 4, CDN, "a..b", 0.0, 300),
-        (NS, 4, CDN, "a.test", "yesterday", 300),
-        (NS, 4, CDN, "a.test", 0.0, -1),
-        (NS, 4, CDN, None, 0.0, 300),
-        (NS, 4, CDN, "a.test"),
+        (NS, "151.101.2.300", "a.test", 100.0, 300),
+        (NS, CDN, "a.test", 100.0, 300),
+        ("ns", "151.101.2.132", "a.test", 100.0, 300),
+        (NS, "151.101.2.132", "", 100.0, 300),
+        (NS, "151.101.2.132", "a..b", 100.0, 300),
+        (NS, "151.101.2.132", "a.test\n", 100.0, 300),
+        (NS, "151.101.2.132", "a.test", "yesterday", 300),
+        (NS, "151.101.2.132", "a.test", 100.0, -1),
+        (NS, "151.101.2.132", None, 100.0, 300),
+        (NS, "151.101.2.132", "a.test"),
         "not a row",
     ],
 )
@@ -150,6 +162,7 @@ def test_load_skips_what_it_cannot_trust(row: object) -> None:
     cache = NameCache(clock=clock)
     assert cache.load([row]) == 0  # type: ignore[list-item]
     assert len(cache) == 0
+    assert cache.load([(NS, "151.101.2.132", "a.test", 100.0, 300)]) == 1  # the sound one
 
 
 def test_a_flood_of_answers_stays_within_the_bounds() -> None:

@@ -743,8 +743,8 @@ class DnsWatch:
                 return
             namespaces, threads = discovery.namespaces, discovery.threads
         seen = {namespace.inode for namespace in namespaces}
+        self.cache.retain_namespaces(seen)  # a gone namespace's inode may come back for another
         for inode in [inode for inode in self._watched if inode not in seen]:
-            self.cache.forget_namespace(inode)  # its inode may come back for another one
             self._unwatch(inode)
         for inode in [inode for inode in self.errors if inode not in seen]:
             del self.errors[inode]

@@ -19,6 +19,7 @@ first; one address keeps at most :data:`MAX_NAMES_PER_ADDRESS` names.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
@@ -52,10 +53,11 @@ class NameEntry(NamedTuple):
         return self.chain[0]
 
 
-ExportRow = Tuple[int, int, int, str, float, int]
-"""(namespace inode, IP version, address, chain as names joined by spaces, seen, TTL): plain
-values for a SQLite row.  A name never holds a space (:mod:`agent.collect.dnsparse` escapes
-one as ``\\032``), so the chain splits back exactly."""
+ExportRow = Tuple[int, str, str, float, int]
+"""(namespace inode, address as text, chain as names joined by spaces, seen, TTL): plain values
+for a SQLite row (an IPv6 address as an integer would not fit SQLite's 64-bit INTEGER).  A name
+never holds a space (:mod:`agent.collect.dnsparse` escapes one as ``\\032``), so the chain
+splits back exactly."""
 
 
 class _Address:
@@ -214,6 +216,13 @@ class NameCache:
             for key in [key for key in self._addresses if key[0] == namespace]:
                 self._remove(key)
 
+    def retain_namespaces(self, live: Collection[int]) -> None:
+        """Drop every name of the namespaces not in ``live`` (gone, or loaded from a store
+        for namespaces that no longer exist)."""
+        with self._lock:
+            for key in [key for key in self._addresses if key[0] not in live]:
+                self._remove(key)
+
     def sweep(self, now: Optional[float] = None) -> int:
         """Drop every expired answer; how many went.  O(entries): call it now and then."""
         with self._lock:
@@ -233,25 +242,36 @@ class NameCache:
             for key, record in list(self._addresses.items()):
                 self._expire(key, record, now)
                 namespace, version, address = key
+                text = str(
+                    ipaddress.IPv4Address(address)
+                    if version == 4
+                    else ipaddress.IPv6Address(address)
+                )
                 rows.extend(
-                    (namespace, version, address, " ".join(entry.chain), entry.seen, entry.ttl)
+                    (namespace, text, " ".join(entry.chain), entry.seen, entry.ttl)
                     for entry in record.entries
                 )
-        rows.sort(key=lambda row: row[4])
+        rows.sort(key=lambda row: row[3])
         return rows
 
     def load(self, rows: Iterable[ExportRow], now: Optional[float] = None) -> int:
         """Add exported rows back (after a restart); rows that are malformed or expired are
-        skipped.  How many were added."""
+        skipped.  How many were added.
+
+        Namespace inodes mean something only within one boot (numbers are reused): load rows
+        exported since the current boot only (``/proc/sys/kernel/random/boot_id``).  The
+        watch's next rescan drops the rows of namespaces that are gone."""
         now = self._clock() if now is None else now
         added = 0
         for row in rows:
             try:
-                namespace, version, address, chain_text, seen, ttl = row
+                namespace, address_text, chain_text, seen, ttl = row
+                if not isinstance(address_text, str) or "%" in address_text:
+                    continue
+                parsed = ipaddress.ip_address(address_text)
                 chain = tuple(chain_text.split(" "))
                 valid = (
-                    version in (4, 6)
-                    and 0 <= address < (1 << (32 if version == 4 else 128))
+                    isinstance(namespace, int)
                     and all(_plausible(name) for name in chain)
                     and 0 <= ttl < 1 << 31
                     and seen + max(ttl, self.min_retention) > now
@@ -260,7 +280,7 @@ class NameCache:
             except (TypeError, ValueError, AttributeError):
                 continue
             if valid:
-                self.add(int(namespace), version, address, chain, int(ttl), float(seen))
+                self.add(namespace, parsed.version, int(parsed), chain, int(ttl), float(seen))
                 added += 1
         return added
 
