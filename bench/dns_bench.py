@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from agent.collect.dnsparse import parse_message
 from agent.collect.dnswatch import PACKET_HOST, PACKET_OUTGOING, AnswerTracker, DnsWatch
 from agent.collect.names import MAX_BYTES, MAX_ENTRIES, NameCache
-from bench.dnsload import TYPE_A, query, response
+from bench.dnsload import TYPE_A, ipv4_packet, query, response
 
 TYPICAL = response(
     0x1234,
@@ -160,13 +160,13 @@ def memory_rows() -> List[Row]:
     for ident in range(2 * tracker.max_pending):
         udp_payload = query(ident & 0xFFFF, f"pending{ident}.test")
         l4 = struct.pack("!HHHH", 1024 + ident % 60000, 53, 8 + len(udp_payload), 0) + udp_payload
-        tracker.packet(1, _ipv4(client, server, 17, l4), PACKET_OUTGOING, False, now)
+        tracker.packet(1, ipv4_packet(client, server, 17, l4), PACKET_OUTGOING, False, now)
     for port in range(2 * tracker.max_flows):
         syn = struct.pack("!HHIIBBHHH", 53, port + 1, 0, 0, 0x50, 0x12, 0, 0, 0)
-        tracker.packet(1, _ipv4(server, client, 6, syn), PACKET_HOST, False, now)
+        tracker.packet(1, ipv4_packet(server, client, 6, syn), PACKET_HOST, False, now)
         data = struct.pack("!HHIIBBHHH", 53, port + 1, 1, 0, 0x50, 0x18, 0, 0, 0)
         data += b"\xff\xff" + b"x" * 8000
-        tracker.packet(1, _ipv4(server, client, 6, data), PACKET_HOST, False, now)
+        tracker.packet(1, ipv4_packet(server, client, 6, data), PACKET_HOST, False, now)
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     rows.append(
@@ -177,11 +177,6 @@ def memory_rows() -> List[Row]:
         )
     )
     return rows
-
-
-def _ipv4(source: bytes, destination: bytes, protocol: int, l4: bytes) -> bytes:
-    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(l4), 0, 0, 64, protocol, 0)
-    return header + source + destination + l4
 
 
 # --- the observer under load ---------------------------------------------------------------------

@@ -115,6 +115,13 @@ def response(
     return bytes(message.data)
 
 
+def ipv4_packet(source: bytes, destination: bytes, protocol: int, l4: bytes) -> bytes:
+    """An IPv4 packet as a cooked packet socket gives it (from the IP header on), around a
+    UDP or TCP header and payload: for feeding the watch's tracker packets no socket makes."""
+    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(l4), 0, 0, 64, protocol, 0)
+    return header + source + destination + l4
+
+
 def question_of(message: bytes) -> Tuple[int, str, int]:
     """(id, name, qtype) of a well-formed query (the server's own, trusting, reading)."""
     (ident,) = struct.unpack_from("!H", message)

@@ -43,7 +43,7 @@ from agent.collect.dnswatch import (
 from agent.collect.names import NameCache
 from agent.config import parse_settings, parse_yaml
 from agent.sampler import Sampler
-from bench.dnsload import TYPE_A, query, response
+from bench.dnsload import TYPE_A, ipv4_packet, query, response
 
 FASTLY = "debian.map.fastly.net"
 ONE = {
@@ -304,15 +304,6 @@ NOW = time.time()  # the cache expires answers against the real clock
 CLIENT, SERVER = bytes([10, 53, 9, 2]), bytes([10, 53, 9, 1])
 
 
-def ipv4(source: bytes, destination: bytes, protocol: int, l4: bytes) -> bytes:
-    return (
-        struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(l4), 0, 0, 64, protocol, 0)
-        + source
-        + destination
-        + l4
-    )
-
-
 def udp(sport: int, dport: int, payload: bytes) -> bytes:
     return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
 
@@ -328,8 +319,13 @@ def framed(message: bytes) -> bytes:
 def test_tcp_segments_out_of_order_and_retransmitted() -> None:
     cache = NameCache()
     tracker = AnswerTracker(cache)
-    out = lambda l4: tracker.packet(NS, ipv4(CLIENT, SERVER, 6, l4), PACKET_OUTGOING, False, NOW)  # noqa: E731
-    back = lambda l4: tracker.packet(NS, ipv4(SERVER, CLIENT, 6, l4), PACKET_HOST, False, NOW)  # noqa: E731
+
+    def out(l4: bytes) -> None:
+        tracker.packet(NS, ipv4_packet(CLIENT, SERVER, 6, l4), PACKET_OUTGOING, False, NOW)
+
+    def back(l4: bytes) -> None:
+        tracker.packet(NS, ipv4_packet(SERVER, CLIENT, 6, l4), PACKET_HOST, False, NOW)
+
     asked = framed(query(77, "split.test"))
     out(tcp(41000, 53, 1000, 0x02))
     back(tcp(53, 41000, 5000, 0x12))
@@ -351,12 +347,16 @@ def test_tcp_without_its_syn_is_not_followed_and_flows_are_bounded() -> None:
     cache = NameCache()
     tracker = AnswerTracker(cache, max_flows=8, max_buffered=4096)
     answer = framed(response(5, "mid.test", TYPE_A, [], ["151.101.9.10"]))
-    tracker.packet(NS, ipv4(SERVER, CLIENT, 6, tcp(53, 42000, 9, 0x18, answer)), 0, False, NOW)
+    tracker.packet(
+        NS, ipv4_packet(SERVER, CLIENT, 6, tcp(53, 42000, 9, 0x18, answer)), 0, False, NOW
+    )
     assert tracker.counters[NS].tcp_dropped == 1 and len(cache) == 0
     for port in range(100):  # a flood of flows, each holding a partial message
-        tracker.packet(NS, ipv4(SERVER, CLIENT, 6, tcp(53, port + 1, 0, 0x12)), 0, False, NOW)
+        tracker.packet(
+            NS, ipv4_packet(SERVER, CLIENT, 6, tcp(53, port + 1, 0, 0x12)), 0, False, NOW
+        )
         partial = tcp(53, port + 1, 1, 0x18, b"\x04\x00" + b"x" * 900)
-        tracker.packet(NS, ipv4(SERVER, CLIENT, 6, partial), 0, False, NOW)
+        tracker.packet(NS, ipv4_packet(SERVER, CLIENT, 6, partial), 0, False, NOW)
     assert tracker.flows <= 8 and tracker.buffered <= 4096
     tracker.sweep(now=NOW + 1000)
     assert tracker.flows == 0 and tracker.buffered == 0
@@ -365,7 +365,7 @@ def test_tcp_without_its_syn_is_not_followed_and_flows_are_bounded() -> None:
 def test_pending_queries_are_bounded_and_expire() -> None:
     tracker = AnswerTracker(NameCache(), max_pending=50)
     for ident in range(500):
-        packet = ipv4(CLIENT, SERVER, 17, udp(40000, 53, query(ident, f"q{ident}.test")))
+        packet = ipv4_packet(CLIENT, SERVER, 17, udp(40000, 53, query(ident, f"q{ident}.test")))
         tracker.packet(NS, packet, PACKET_OUTGOING, False, NOW)
     assert tracker.pending == 50
     tracker.sweep(now=NOW + 100)
@@ -391,6 +391,6 @@ def test_hostile_packets_never_raise() -> None:
         for packet_type in (PACKET_HOST, PACKET_OUTGOING):
             tracker.packet(NS, data, packet_type, False, NOW)
             tracker.packet(NS, data, packet_type, True, NOW)
-    fake = ipv4(SERVER, CLIENT, 17, udp(53, 40000, b"\xff" * 40))
+    fake = ipv4_packet(SERVER, CLIENT, 17, udp(53, 40000, b"\xff" * 40))
     tracker.packet(NS, fake, PACKET_HOST, True, NOW)
     assert tracker.counters[NS].malformed == 1 and tracker.counters[NS].errors == 0
