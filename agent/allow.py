@@ -5,6 +5,11 @@ alternatives, any one of which may match (see :class:`agent.config.AllowRule`). 
 come from the configuration already parsed (networks as ``ipaddress`` objects, ports as
 ranges), and what is left per connection is cached: a glob compiles once, an address text
 parses once.
+
+``domains`` match the names DNS answered for the remote address in the connection's network
+namespace; those come from the caller as a :data:`NameLookup` (the DNS watch's
+``NameCache.names``), so this module keeps no state of its own.  Without one, or for a
+connection whose namespace is unknown, no ``domains`` rule matches.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from agent.inet import ipv4_host
 from agent.records import Connection
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+NameLookup = Callable[[int, int, int], Iterable[str]]
+"""(network namespace inode, IP version, address as an integer) -> every name DNS answered
+for that address there (``agent.collect.names.NameCache.names``)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -53,10 +62,38 @@ def _any_glob(patterns: Tuple[str, ...], value: str) -> bool:
     return value != "" and any(glob_matcher(pattern)(value) for pattern in patterns)
 
 
-def matches(rule: AllowRule, conn: Connection) -> bool:
-    """True when every matcher the rule names matches the connection.
+@functools.lru_cache(maxsize=4096)
+def domain_matcher(pattern: str) -> Callable[[str], bool]:
+    """A predicate for one ``domains`` pattern as :func:`agent.config.parse_domain` gives it:
+    ``*.example.com`` matches any name ending in ``.example.com``, any other pattern itself."""
+    if pattern.startswith("*."):
+        suffix = pattern[1:]
+        return lambda name: name.endswith(suffix)
+    return pattern.__eq__
 
-    The cheap comparisons come first; the address, the dearest, last.
+
+def answered_names(conn: Connection, names: Optional[NameLookup]) -> Iterable[str]:
+    """The names answered for the connection's remote address (and for the IPv4 address an
+    IPv4-mapped or NAT64 address reaches) in its namespace."""
+    if names is None or conn.net_namespace is None:
+        return
+    for address in remote_addresses(conn.remote_address):
+        yield from names(conn.net_namespace, address.version, int(address))
+
+
+def _any_domain(patterns: Tuple[str, ...], conn: Connection, names: Optional[NameLookup]) -> bool:
+    return any(
+        domain_matcher(pattern)(name)
+        for name in answered_names(conn, names)
+        for pattern in patterns
+    )
+
+
+def matches(rule: AllowRule, conn: Connection, names: Optional[NameLookup] = None) -> bool:
+    """True when every matcher the rule names matches the connection; ``names`` tells the
+    names answered for an address (without it no ``domains`` matcher matches).
+
+    The cheap comparisons come first; the address and the names, the dearest, last.
     """
     if rule.ports and not any(conn.remote_port in ports for ports in rule.ports):
         return False
@@ -78,24 +115,33 @@ def matches(rule: AllowRule, conn: Connection) -> bool:
         return False
     if rule.systemd_unit and not _any_glob(rule.systemd_unit, conn.systemd_unit):
         return False
-    return not rule.destinations or any(
+    if rule.destinations and not any(
         address in network
         for address in remote_addresses(conn.remote_address)
         for network in rule.destinations
-    )
+    ):
+        return False
+    return not rule.domains or _any_domain(rule.domains, conn, names)
 
 
-def first_match(rules: Sequence[AllowRule], conn: Connection) -> Optional[AllowRule]:
+def first_match(
+    rules: Sequence[AllowRule], conn: Connection, names: Optional[NameLookup] = None
+) -> Optional[AllowRule]:
     """The first rule, in file order, that matches the connection, or ``None``."""
     for rule in rules:
-        if matches(rule, conn):
+        if matches(rule, conn, names):
             return rule
     return None
 
 
-def annotate(rules: Sequence[AllowRule], connections: Iterable[Connection]) -> None:
-    """Set ``allowlisted`` and ``allow_rule`` (the rule's label) on each connection, in place."""
+def annotate(
+    rules: Sequence[AllowRule],
+    connections: Iterable[Connection],
+    names: Optional[NameLookup] = None,
+) -> None:
+    """Set ``allowlisted`` and ``allow_rule`` (the rule's label) on each connection, in place;
+    ``names`` as for :func:`matches`."""
     for conn in connections:
-        rule = first_match(rules, conn)
+        rule = first_match(rules, conn, names)
         conn.allowlisted = rule is not None
         conn.allow_rule = "" if rule is None else rule.label

@@ -76,7 +76,9 @@ class AllowRule:
     Each matcher is a tuple of alternatives (any one may match); an empty tuple means the rule
     does not name that matcher.  ``name``, ``path`` and ``systemd_unit`` hold glob patterns
     (``fnmatch``, case-sensitive), ``user`` user names or decimal uids, ``container_id`` id
-    prefixes, ``protocol`` IP protocol numbers (6, 17), ``direction`` ``outbound``/``inbound``.
+    prefixes, ``protocol`` IP protocol numbers (6, 17), ``direction`` ``outbound``/``inbound``,
+    ``domains`` DNS names in lower case without the trailing dot, each exact or ``*.`` and a
+    name (any name below it, :func:`parse_domain`).
     """
 
     index: int
@@ -90,6 +92,7 @@ class AllowRule:
     ports: Tuple[PortRange, ...] = ()
     protocol: Tuple[int, ...] = ()
     direction: Tuple[str, ...] = ()
+    domains: Tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -322,7 +325,16 @@ def parse_ports(value: object, where: str) -> PortRange:
 
 # --- the allow rules ------------------------------------------------------------------------
 
-RULE_MATCHERS = ("name", "path", "user", "systemd_unit", "container_id", "destinations", "ports")
+RULE_MATCHERS = (
+    "name",
+    "path",
+    "user",
+    "systemd_unit",
+    "container_id",
+    "destinations",
+    "ports",
+    "domains",
+)
 RULE_NARROWERS = ("protocol", "direction")
 RULE_KEYS = (*RULE_MATCHERS, *RULE_NARROWERS, "comment")
 
@@ -366,6 +378,57 @@ def _container_id(value: object, where: str) -> str:
     return text
 
 
+_DOMAIN_LABEL = re.compile(r"[a-z0-9_-]+\Z")
+
+
+def parse_domain(value: object, where: str) -> str:
+    """A DNS name to match (``api.github.com``) or ``*.`` and a name (``*.debian.org``: any
+    name below debian.org, at any depth, not debian.org itself, as Envoy's and nginx's
+    wildcard server names read).  Returned in lower case without the trailing dot, as
+    :mod:`agent.collect.dnsparse` writes the names it sees.
+
+    Refused: what no DNS answer can carry (RFC 1035 section 2.3.4: labels of 1 to 63
+    characters, names of at most 253), characters outside letters, digits, ``-`` and ``_``,
+    a label starting or ending with ``-`` (RFC 1123 section 2.1), a ``*`` anywhere but as the
+    whole first label, a ``*`` alone, an all-numeric last label (an address, RFC 3696
+    section 2), and non-ASCII text: DNS carries internationalised names as A-labels
+    (``xn--...``, RFC 5890), and that form is the one to write.
+    """
+    text = _text(value, where, "a domain name such as api.github.com or *.debian.org")
+    if text != text.strip():
+        raise _Invalid(where, "surrounding whitespace in a domain name", value)
+    if not text.isascii():
+        raise _Invalid(
+            where, "not ASCII: write an internationalised name as its A-labels (xn--...)", value
+        )
+    if ":" in text or "/" in text:
+        raise _Invalid(where, "an address or network: those belong in destinations", value)
+    name = text.lower()[:-1] if text.endswith(".") else text.lower()
+    if not name:
+        raise _Invalid(where, "the root ('.') is no name to match", value)
+    if len(name) > 253:
+        raise _Invalid(where, "a name longer than 253 characters (RFC 1035 section 2.3.4)", value)
+    labels = name.split(".")
+    for index, label in enumerate(labels):
+        if not label:
+            raise _Invalid(where, "an empty label (a leading dot, or two dots in a row)", value)
+        if label == "*" and index == 0:
+            if len(labels) == 1:
+                raise _Invalid(where, "'*' alone would match every name; name a domain", value)
+            continue
+        if "*" in label:
+            raise _Invalid(where, "'*' may only be the whole first label (*.example.com)", value)
+        if len(label) > 63:
+            raise _Invalid(where, f"a label longer than 63 characters ({len(label)})", value)
+        if not _DOMAIN_LABEL.match(label):
+            raise _Invalid(where, "a name holds only letters, digits, '-', '_' and dots", value)
+        if label.startswith("-") or label.endswith("-"):
+            raise _Invalid(where, "a label cannot start or end with '-' (RFC 1123)", value)
+    if labels[-1].isdigit():
+        raise _Invalid(where, "an address, not a name: addresses belong in destinations", value)
+    return name
+
+
 def _protocol(value: object, where: str) -> int:
     if not isinstance(value, str) or value.lower() not in PROTOCOL_NUMBERS:
         raise _Invalid(where, "must be tcp or udp", value)
@@ -402,6 +465,7 @@ def parse_rule(value: object, index: int) -> AllowRule:
         "container_id": _container_id,
         "destinations": parse_network,
         "ports": parse_ports,
+        "domains": parse_domain,
         "protocol": _protocol,
         "direction": _direction,
     }

@@ -20,6 +20,7 @@ from agent.config import (
     DEFAULT_PATH,
     ENVIRONMENT_VARIABLE,
     RULE_KEYS,
+    RULE_MATCHERS,
     TOP_KEYS,
     AllowRule,
     ConfigError,
@@ -424,22 +425,22 @@ REFUSALS = [
     (
         "allow: [{comment: everything}]\n",
         "allow[0]: a rule must name at least one of name, path, user, systemd_unit, container_id,"
-        " destinations, ports: without one it would allow every connection",
+        " destinations, ports, domains: without one it would allow every connection",
     ),
     (
         "allow: [{}]\n",
         "allow[0]: a rule must name at least one of name, path, user, systemd_unit, container_id,"
-        " destinations, ports: without one it would allow every connection",
+        " destinations, ports, domains: without one it would allow every connection",
     ),
     (
         "allow: [{protocol: tcp, direction: outbound}]\n",
         "allow[0]: a rule must name at least one of name, path, user, systemd_unit, container_id,"
-        " destinations, ports: without one it would allow every connection",
+        " destinations, ports, domains: without one it would allow every connection",
     ),
     (
         "allow: [{name: a}, {name: b, porst: [1]}]\n",
         "allow[1].porst: unknown key (known here: name, path, user, systemd_unit, container_id,"
-        " destinations, ports, protocol, direction, comment)",
+        " destinations, ports, domains, protocol, direction, comment)",
     ),
     ("allow: [{ports: [443, 70000]}]\n", "allow[0].ports[1]: port must be 1-65535 (got 70000)"),
     ("allow: [{ports: 0}]\n", "allow[0].ports: port must be 1-65535 (got 0)"),
@@ -598,7 +599,7 @@ def test_any_structure_is_settings_or_one_clear_line(data: object) -> None:
     else:
         for rule in result.allow:
             assert isinstance(rule, AllowRule)
-            assert any(getattr(rule, key) for key in RULE_KEYS[:7])
+            assert any(getattr(rule, key) for key in RULE_MATCHERS)
 
 
 # --- what a valid file gives ----------------------------------------------------------------

@@ -89,23 +89,27 @@ def _load_setns() -> Callable[[int, int], None]:
     return setns_libc
 
 
-def open_in_namespace(pid: int, proc_root: str = PROC_ROOT) -> socket.socket:
-    """A ``NETLINK_SOCK_DIAG`` socket in the network namespace of ``pid``.
+def open_in_namespace(
+    pid: int, proc_root: str = PROC_ROOT, make: Optional[Callable[[], socket.socket]] = None
+) -> socket.socket:
+    """A ``NETLINK_SOCK_DIAG`` socket (or whatever ``make`` creates) in the network namespace
+    of ``pid``.
 
     Enters that namespace (this thread only) just long enough to create the socket.  Raises
-    OSError: the process is gone, or we may not enter its namespace (not root); and
-    :class:`SockDiagError` if we could not come back, which leaves nothing usable.
+    OSError: the process is gone, or we may not enter its namespace (not root), or ``make``
+    failed; and :class:`SockDiagError` if we could not come back, which leaves nothing usable.
     """
+    make = _netlink_socket if make is None else make
     here = os.open(f"{PROC_ROOT}/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         there = os.open(f"{proc_root}/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             if os.fstat(there).st_ino == os.fstat(here).st_ino:
-                return _netlink_socket()
+                return make()
             setns = _load_setns()
             setns(there, CLONE_NEWNET)
             try:
-                return _netlink_socket()
+                return make()
             finally:
                 try:
                     setns(here, CLONE_NEWNET)

@@ -1,0 +1,396 @@
+"""The DNS watch on real packets in test hosts: our own DNS servers answer our own clients.
+
+Topology (``$NETHOST_PREFIX``-named namespaces; nothing leaves them)::
+
+    cli1 10.53.1.2, fd53:1::2  <-> s1  srv  s2 <->  10.53.2.2 cli2
+                                   10.53.1.1, fd53:1::1: a DNS server (zone ONE)
+                                   10.53.2.1: another DNS server (zone TWO)
+                                   lo: 151.101.2.132, 151.101.66.132, 2a04:4e42::644
+                                       (the "internet": one TCP listener on all of them)
+
+The clients send their own queries (``bench.dnsload`` stub: UDP, then TCP when the answer is
+truncated) and then connect to the answer.  Assertions look only at our namespaces'
+mappings and counters, so the host's own DNS traffic (and other developers') is no matter.
+The packet-level edge cases (TCP segments out of order, retransmitted, floods of flows) are
+fed to :class:`AnswerTracker` as packets built here, since no socket API makes them on demand.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import select
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import pytest
+from conftest import run_as_nobody
+from nethost import Namespace, NetHost, Proc
+
+from agent.allow import annotate
+from agent.classify import Classifier
+from agent.collect.dnswatch import (
+    PACKET_HOST,
+    PACKET_OUTGOING,
+    AnswerTracker,
+    DnsWatch,
+    dns_filter,
+)
+from agent.collect.linux import LinuxSampler as Sampler
+from agent.collect.names import NameCache
+from agent.config import parse_settings, parse_yaml
+from bench.dnsload import TYPE_A, ipv4_packet, query, response
+
+FASTLY = "debian.map.fastly.net"
+ONE = {
+    "deb.debian.org": {
+        "cnames": [FASTLY],
+        "a": ["151.101.2.132"],
+        "aaaa": ["2a04:4e42::644"],
+        "ttl": 300,
+    },
+    "big.test": {"tc": True, "a": ["151.101.66.132"], "cnames": ["large.cdn.test"]},
+}
+TWO = {"deb.debian.org": {"cnames": [FASTLY], "a": ["151.101.66.132"]}}
+WEB = ("151.101.2.132/32", "151.101.66.132/32", "2a04:4e42::644/128")
+
+
+def address(text: str) -> Tuple[int, int]:
+    parsed = ipaddress.ip_address(text)
+    return parsed.version, int(parsed)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class DnsHost:
+    net: NetHost
+    srv: Namespace
+    clients: List[Namespace]
+    stubs: List[Proc]
+    servers: List[Proc]
+    web_port: int
+    watches: List[DnsWatch] = field(default_factory=list)
+
+    def watch(self, cache: Optional[NameCache] = None, **options: float) -> DnsWatch:
+        """A started watch that sees our namespaces (stopped when the test ends)."""
+        watch = DnsWatch(NameCache() if cache is None else cache, **options)
+        self.watches.append(watch)
+        assert watch.start(), watch.unavailable
+        watch.rescan()
+        for namespace in (self.srv, *self.clients):
+            wait_for(lambda n=namespace: n.inode in watch.watched(), f"{namespace.name} watched")
+        return watch
+
+    def add_client(self, short: str, subnet: int) -> Tuple[Namespace, Proc]:
+        client = self.net.namespace(short)
+        self.net.veth(self.srv, f"s{subnet}", client, f"c{subnet}")
+        self.srv.add_address(self.net.name(f"s{subnet}"), f"10.53.{subnet}.1/24")
+        self.srv.add_address(self.net.name(f"s{subnet}"), f"fd53:{subnet}::1/64")
+        client.add_address(self.net.name(f"c{subnet}"), f"10.53.{subnet}.2/24")
+        client.add_address(self.net.name(f"c{subnet}"), f"fd53:{subnet}::2/64")
+        client.ip("route", "add", "default", "via", f"10.53.{subnet}.1")
+        client.ip("-6", "route", "add", "default", "via", f"fd53:{subnet}::1")
+        stub = self.net.spawn(client, [sys.executable, "-m", "bench.dnsload", "stub"], ready=True)
+        return client, stub
+
+    def serve(self, namespace: Namespace, where: str, zone: object) -> Proc:
+        argv = [sys.executable, "-m", "bench.dnsload", "serve", where, json.dumps(zone)]
+        server = self.net.spawn(namespace, argv, ready=True)
+        self.servers.append(server)
+        return server
+
+
+def resolve(stub: Proc, server: str, name: str, kind: str = "a") -> Tuple[str, List[str]]:
+    """(transport, addresses) as the stub in a client namespace got them."""
+    assert stub.popen.stdin is not None and stub.popen.stdout is not None
+    stub.popen.stdin.write(f"resolve {server} {name} {kind}\n")
+    stub.popen.stdin.flush()
+    ready, _, _ = select.select([stub.popen.stdout], [], [], 10)
+    assert ready, f"no answer from the stub for {name}"
+    words = stub.popen.stdout.readline().split()
+    assert words and words[0] == "ANSWER", words
+    return words[1], words[2:]
+
+
+@pytest.fixture
+def dns_host(nethost: NetHost) -> Iterator[DnsHost]:
+    srv = nethost.namespace("srv")
+    for cidr in WEB:
+        srv.ip("address", "add", cidr, "dev", "lo")
+    host = DnsHost(nethost, srv, [], [], [], 0)
+    for subnet in (1, 2):
+        client, stub = host.add_client(f"cli{subnet}", subnet)
+        host.clients.append(client)
+        host.stubs.append(stub)
+    host.serve(srv, "10.53.1.1", ONE)
+    host.serve(srv, "fd53:1::1", ONE)
+    host.serve(srv, "10.53.2.1", TWO)
+    host.web_port = nethost.listen(srv, "::", dualstack=True).port
+    try:
+        yield host
+    finally:
+        for watch in host.watches:  # before the namespaces go: a socket keeps one alive
+            watch.close()
+
+
+def test_an_answer_over_udp_names_the_address_the_client_connects_to(dns_host: DnsHost) -> None:
+    watch = dns_host.watch()
+    cli1, stub = dns_host.clients[0], dns_host.stubs[0]
+    assert resolve(stub, "10.53.1.1", "Deb.Debian.Org") == ("udp", ["151.101.2.132"])
+    client = dns_host.net.connect(cli1, "151.101.2.132", dns_host.web_port)
+    version, value = address("151.101.2.132")
+    wait_for(lambda: watch.cache.lookup(cli1.inode, version, value), "the name is known")
+    assert watch.cache.lookup(cli1.inode, version, value) == "deb.debian.org"
+    assert watch.cache.names(cli1.inode, version, value) == ("deb.debian.org", FASTLY)
+    (entry,) = watch.cache.entries(cli1.inode, version, value)
+    assert entry.ttl == 300 and entry.chain == ("deb.debian.org", FASTLY)
+    counters = watch.counters(cli1.inode)
+    assert counters.queries == 1 and counters.accepted == 1 and counters.answers == 1
+    assert counters.unsolicited == 0 and counters.errors == 0
+
+    # the real record of that connection, as the sampler reports it, against a domains rule
+    rows = Sampler(Classifier()).sample(pids=[client.pid])
+    (row,) = [r for r in rows if r.remote_port == dns_host.web_port]
+    assert row.net_namespace == cli1.inode and row.remote_address == "151.101.2.132"
+    assert watch.cache.touch(cli1.inode, version, value)
+    rules = parse_settings(
+        parse_yaml("allow:\n  - {comment: mirrors, domains: '*.debian.org'}\n", "t.yaml"), "t.yaml"
+    ).allow
+    annotate(rules, [row])
+    assert not row.allowlisted  # no names given: unexpected, as `check` would say (exit 1)
+    annotate(rules, [row], watch.cache.names)
+    assert row.allowlisted and row.allow_rule == "mirrors"  # allowlisted (exit 0)
+
+
+def test_a_truncated_answer_retried_over_tcp(dns_host: DnsHost) -> None:
+    watch = dns_host.watch()
+    cli1, stub = dns_host.clients[0], dns_host.stubs[0]
+    assert resolve(stub, "10.53.1.1", "big.test") == ("tcp", ["151.101.66.132"])
+    version, value = address("151.101.66.132")
+    wait_for(lambda: watch.cache.lookup(cli1.inode, version, value), "the TCP answer's name")
+    assert watch.cache.names(cli1.inode, version, value) == ("big.test", "large.cdn.test")
+    counters = watch.counters(cli1.inode)
+    assert counters.tcp_messages == 2  # the query and the answer, each reassembled
+    assert counters.accepted == 2  # the truncated UDP answer and the TCP one
+    assert counters.tcp_dropped == 0
+
+
+def test_aaaa_over_ipv6(dns_host: DnsHost) -> None:
+    watch = dns_host.watch()
+    cli1, stub = dns_host.clients[0], dns_host.stubs[0]
+    assert resolve(stub, "fd53:1::1", "deb.debian.org", "aaaa") == ("udp", ["2a04:4e42::644"])
+    version, value = address("2a04:4e42::644")
+    wait_for(lambda: watch.cache.lookup(cli1.inode, version, value), "the AAAA answer's name")
+    assert watch.cache.lookup(cli1.inode, version, value) == "deb.debian.org"
+
+
+def test_two_namespaces_keep_their_answers_apart(dns_host: DnsHost) -> None:
+    watch = dns_host.watch()
+    (cli1, cli2), (stub1, stub2) = dns_host.clients, dns_host.stubs
+    assert resolve(stub1, "10.53.1.1", "deb.debian.org")[1] == ["151.101.2.132"]
+    assert resolve(stub2, "10.53.2.1", "deb.debian.org")[1] == ["151.101.66.132"]
+    one, two = address("151.101.2.132"), address("151.101.66.132")
+    wait_for(lambda: watch.cache.lookup(cli2.inode, *two), "cli2's answer")
+    wait_for(lambda: watch.cache.lookup(cli1.inode, *one), "cli1's answer")
+    assert watch.cache.lookup(cli1.inode, *two) is None
+    assert watch.cache.lookup(cli2.inode, *one) is None
+    assert watch.cache.lookup(dns_host.srv.inode, *one) is None  # the server asked nothing
+
+
+def test_a_namespace_made_later_is_watched_and_one_gone_is_closed(dns_host: DnsHost) -> None:
+    watch = dns_host.watch(rescan_interval=0.2)  # finds new namespaces by itself
+    cli3, stub3 = dns_host.add_client("cli3", 3)
+    dns_host.serve(dns_host.srv, "10.53.3.1", TWO)
+    wait_for(lambda: cli3.inode in watch.watched(), "the new namespace watched")
+    assert resolve(stub3, "10.53.3.1", "deb.debian.org")[1] == ["151.101.66.132"]
+    wait_for(lambda: watch.cache.lookup(cli3.inode, *address("151.101.66.132")), "its answer")
+
+    explicit = dns_host.watch(rescan_interval=0)  # only when asked
+    cli4, _ = dns_host.add_client("cli4", 4)
+    time.sleep(0.3)
+    assert cli4.inode not in explicit.watched()
+    explicit.rescan()
+    wait_for(lambda: cli4.inode in explicit.watched(), "the namespace watched once asked")
+
+    dns_host.net.kill(stub3)  # the only process of cli3
+    dns_host.net.namespaces.remove(cli3)
+    inode = cli3.inode
+    dns_host.net.links.remove(dns_host.net.name("s3"))
+    subprocess.run(["ip", "netns", "del", cli3.name], check=True, capture_output=True)
+    wait_for(lambda: inode not in watch.watched(), "the gone namespace closed")
+    assert watch.cache.lookup(inode, *address("151.101.66.132")) is None
+
+
+def test_answers_nobody_asked_for_are_dropped(dns_host: DnsHost) -> None:
+    """Anyone who can reach the host can send a packet from port 53; only answers to queries
+    seen leaving the namespace count (RFC 5452 section 3)."""
+    watch = dns_host.watch()
+    cli1, stub = dns_host.clients[0], dns_host.stubs[0]
+    server = dns_host.servers[0]
+    assert server.popen.stdin is not None and server.popen.stdout is not None
+    server.popen.stdin.write("spoof 10.53.1.2 40000 evil.test 151.101.2.132\n")
+    server.popen.stdin.flush()
+    assert server.popen.stdout.readline().strip() == "SPOOFED"
+    assert resolve(stub, "10.53.1.1", "deb.debian.org")[1] == ["151.101.2.132"]
+    one = address("151.101.2.132")
+    wait_for(lambda: watch.cache.lookup(cli1.inode, *one), "the real answer")  # after the spoof
+    assert watch.cache.names(cli1.inode, *one) == ("deb.debian.org", FASTLY)
+    counters = watch.counters(cli1.inode)
+    assert counters.unsolicited == 1 and counters.accepted == 1
+
+
+def test_loopback_answers_count_once(dns_host: DnsHost) -> None:
+    """A resolver on the namespace's own loopback (systemd-resolved's 127.0.0.53, Docker's
+    127.0.0.11): loopback shows each packet sent and received; the answer counts once."""
+    cli1, stub = dns_host.clients[0], dns_host.stubs[0]
+    dns_host.serve(cli1, "127.0.0.53", ONE)
+    watch = dns_host.watch()
+    assert resolve(stub, "127.0.0.53", "deb.debian.org")[1] == ["151.101.2.132"]
+    wait_for(lambda: watch.cache.lookup(cli1.inode, *address("151.101.2.132")), "the answer")
+    counters = watch.counters(cli1.inode)
+    assert counters.packets == 1  # the answer received; the query and every sent copy dropped
+    assert counters.responses == 1 and counters.accepted == 1
+
+
+def test_a_flood_of_real_answers_stays_within_the_bound(dns_host: DnsHost) -> None:
+    cache = NameCache(max_entries=200)
+    watch = dns_host.watch(cache)
+    cli1 = dns_host.clients[0]
+    argv = [sys.executable, "-m", "bench.dnsload", "flood", "10.53.1.1", "1500", "1"]
+    flood = dns_host.net.spawn(cli1, argv, ready=True)
+    assert flood.popen.stdout is not None and flood.popen.stdin is not None
+    flood.popen.stdin.write("go\n")
+    flood.popen.stdin.flush()
+    ready, _, _ = select.select([flood.popen.stdout], [], [], 30)
+    assert ready
+    done = flood.popen.stdout.readline().split()
+    assert done[0] == "DONE" and int(done[2]) > 1000, done
+    wait_for(lambda: watch.counters(cli1.inode).answers >= int(done[2]) - 20, "the answers seen")
+    assert len(cache) <= 200 and cache.evicted >= 800
+    assert watch.tracker.pending <= 10  # every query got its answer
+
+
+def test_without_root_the_watch_says_why_and_does_nothing() -> None:
+    NameCache()  # imports warmed up before becoming nobody
+
+    def as_nobody() -> Tuple[bool, str, object]:
+        cache = NameCache()
+        watch = DnsWatch(cache)
+        started = watch.start()
+        watch.rescan()
+        watch.close()
+        return started, watch.unavailable, cache.lookup(1, 4, 1)
+
+    started, reason, looked_up = run_as_nobody(as_nobody)
+    assert started is False and looked_up is None
+    assert reason == "DNS names off: AF_PACKET sockets need CAP_NET_RAW (run as root)"
+
+
+# --- packet-level edge cases, fed to the tracker ----------------------------------------------
+
+NS = 4026534001
+NOW = time.time()  # the cache expires answers against the real clock
+CLIENT, SERVER = bytes([10, 53, 9, 2]), bytes([10, 53, 9, 1])
+
+
+def udp(sport: int, dport: int, payload: bytes) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def tcp(sport: int, dport: int, seq: int, flags: int, payload: bytes = b"") -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 65535, 0, 0) + payload
+
+
+def framed(message: bytes) -> bytes:
+    return struct.pack("!H", len(message)) + message
+
+
+def test_tcp_segments_out_of_order_and_retransmitted() -> None:
+    cache = NameCache()
+    tracker = AnswerTracker(cache)
+
+    def out(l4: bytes) -> None:
+        tracker.packet(NS, ipv4_packet(CLIENT, SERVER, 6, l4), PACKET_OUTGOING, False, NOW)
+
+    def back(l4: bytes) -> None:
+        tracker.packet(NS, ipv4_packet(SERVER, CLIENT, 6, l4), PACKET_HOST, False, NOW)
+
+    asked = framed(query(77, "split.test"))
+    out(tcp(41000, 53, 1000, 0x02))
+    back(tcp(53, 41000, 5000, 0x12))
+    out(tcp(41000, 53, 1001, 0x18, asked[:1]))  # the length split from the message
+    out(tcp(41000, 53, 1002, 0x18, asked[1:]))
+    answer = framed(response(77, "split.test", TYPE_A, ["cdn.test"], ["151.101.9.9"]))
+    third = len(answer) // 3
+    back(tcp(53, 41000, 5001 + third, 0x18, answer[third : 2 * third]))  # ahead of a gap
+    back(tcp(53, 41000, 5001, 0x18, answer[:third]))  # the gap fills
+    back(tcp(53, 41000, 5001, 0x18, answer[: third + 5]))  # a retransmission, overlapping
+    back(tcp(53, 41000, 5001 + 2 * third, 0x19, answer[2 * third :]))  # the rest, with FIN
+    assert cache.names(NS, *address("151.101.9.9")) == ("split.test", "cdn.test")
+    counters = tracker.counters[NS]
+    assert counters.tcp_messages == 2 and counters.accepted == 1 and counters.tcp_dropped == 0
+    assert tracker.flows == 1 and tracker.buffered == 0  # the client's side is still open
+
+
+def test_tcp_without_its_syn_is_not_followed_and_flows_are_bounded() -> None:
+    cache = NameCache()
+    tracker = AnswerTracker(cache, max_flows=8, max_buffered=4096)
+    answer = framed(response(5, "mid.test", TYPE_A, [], ["151.101.9.10"]))
+    tracker.packet(
+        NS, ipv4_packet(SERVER, CLIENT, 6, tcp(53, 42000, 9, 0x18, answer)), 0, False, NOW
+    )
+    assert tracker.counters[NS].tcp_dropped == 1 and len(cache) == 0
+    for port in range(100):  # a flood of flows, each holding a partial message
+        tracker.packet(
+            NS, ipv4_packet(SERVER, CLIENT, 6, tcp(53, port + 1, 0, 0x12)), 0, False, NOW
+        )
+        partial = tcp(53, port + 1, 1, 0x18, b"\x04\x00" + b"x" * 900)
+        tracker.packet(NS, ipv4_packet(SERVER, CLIENT, 6, partial), 0, False, NOW)
+    assert tracker.flows <= 8 and tracker.buffered <= 4096
+    tracker.sweep(now=NOW + 1000)
+    assert tracker.flows == 0 and tracker.buffered == 0
+
+
+def test_pending_queries_are_bounded_and_expire() -> None:
+    tracker = AnswerTracker(NameCache(), max_pending=50)
+    for ident in range(500):
+        packet = ipv4_packet(CLIENT, SERVER, 17, udp(40000, 53, query(ident, f"q{ident}.test")))
+        tracker.packet(NS, packet, PACKET_OUTGOING, False, NOW)
+    assert tracker.pending == 50
+    tracker.sweep(now=NOW + 100)
+    assert tracker.pending == 0
+
+
+def test_the_filter_program_is_classic_bpf() -> None:
+    program = dns_filter()
+    assert len(program) % 8 == 0 and 0 < len(program) // 8 <= 4096
+    last_code, _, _, last_k = struct.unpack_from("=HBBI", program, len(program) - 8)
+    assert (last_code, last_k) == (0x06, 0)  # ends by dropping
+    for index in range(len(program) // 8):  # every jump lands inside the program
+        code, true, false, k = struct.unpack_from("=HBBI", program, index * 8)
+        if code == 0x05:  # BPF_JA
+            assert index + 1 + k < len(program) // 8
+        elif code & 0x07 == 0x05:  # a conditional jump
+            assert index + 1 + max(true, false) < len(program) // 8
+
+
+def test_hostile_packets_never_raise() -> None:
+    tracker = AnswerTracker(NameCache())
+    for data in (b"", b"\x45", b"\x60" + b"\0" * 39, b"\x4f" + b"\0" * 30, b"\x45" * 60):
+        for packet_type in (PACKET_HOST, PACKET_OUTGOING):
+            tracker.packet(NS, data, packet_type, False, NOW)
+            tracker.packet(NS, data, packet_type, True, NOW)
+    fake = ipv4_packet(SERVER, CLIENT, 17, udp(53, 40000, b"\xff" * 40))
+    tracker.packet(NS, fake, PACKET_HOST, True, NOW)
+    assert tracker.counters[NS].malformed == 1 and tracker.counters[NS].errors == 0
