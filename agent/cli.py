@@ -123,7 +123,7 @@ def _print_notices(pipeline: Pipeline) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     scope = _scope(args)
-    pipeline = Pipeline.open(settings, args.backend)
+    pipeline = Pipeline.open(settings, args.backend, names="recorded")
     _print_notices(pipeline)
     narrowed = scope.pids if scope.pids else None
     snapshot = pipeline.sample(narrowed, want_all=args.all)
@@ -194,7 +194,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     scope = _scope(args)
     history_log = logging.getLogger("egress_agent.history")
-    pipeline = Pipeline.open(settings, args.backend, not args.no_history, history_log)
+    pipeline = Pipeline.open(
+        settings, args.backend, not args.no_history, history_log, names="watch"
+    )
     _print_notices(pipeline)
     interval = args.interval if args.interval is not None else settings.sampling_interval
     stop = threading.Event()

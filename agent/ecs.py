@@ -36,6 +36,7 @@ ECS_MAPPED = frozenset(
         "local_port",
         "remote_address",
         "remote_port",
+        "remote_domain",
         "protocol",
         "family",
     }
@@ -124,6 +125,8 @@ def ecs_document(record: Mapping[str, Value], timestamp: float) -> Dict[str, Any
     source, destination = (remote, local) if direction == "inbound" else (local, remote)
     _endpoint(document, "source", *source)
     _endpoint(document, "destination", *destination)
+    remote_side = "source" if direction == "inbound" else "destination"
+    _put(document, f"{remote_side}.domain", get("remote_domain"))
 
     protocol = get("protocol")
     if isinstance(protocol, int):

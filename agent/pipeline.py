@@ -25,6 +25,9 @@ from agent.config import Settings
 from agent.records import Connection
 
 if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
+    from agent.collect.dnswatch import DnsWatch
+    from agent.collect.names import NameCache
+    from agent.collect.procnet import NamespaceDiscovery
     from agent.history import HistoryStore, RunFigures
 
 SAMPLING = "sampling"
@@ -47,6 +50,118 @@ def open_store(
         logger=logger,
         read_only=read_only,
     )
+
+
+class DomainNames:
+    """Names for destinations: each connection's ``remote_domain``, and the names the
+    ``domains`` allow rules match, from the DNS answers seen on this host (``docs/DNS.md``).
+
+    :meth:`watching` (``watch``, the extension) observes the answers in every network
+    namespace and keeps them in the history, so that a restart and a one-shot ``check`` know
+    the names of the connections still open; :meth:`recorded` (``check``) reads what the
+    running agent kept.  Without root or packet sockets, or with nothing recorded, names stay
+    empty and :attr:`notice` says why, once.
+    """
+
+    PERSIST_EVERY_S = 10.0
+
+    def __init__(self, cache: NameCache, watch: Optional[DnsWatch] = None, notice: str = ""):
+        from agent.identity import read_boot_id
+
+        self.cache = cache
+        self.watch = watch
+        self.notice = notice
+        self.boot_id = read_boot_id()
+        self._saved_changes = cache.changes
+        self._saved_at = float("-inf")
+
+    @classmethod
+    def watching(cls, store: Optional[HistoryStore]) -> DomainNames:
+        """Answers observed from now on, on top of those this boot's agent recorded."""
+        from agent.collect.dnswatch import DnsWatch
+        from agent.collect.names import NameCache
+
+        cache = NameCache()
+        watch = DnsWatch(cache)
+        names = cls(cache, watch)
+        names._load(store)
+        names._saved_changes = cache.changes
+        if not watch.start():
+            names.notice = f"no names for destinations: {watch.unavailable}"
+        return names
+
+    @classmethod
+    def recorded(cls, settings: Settings) -> DomainNames:
+        """The answers the running agent recorded in the history store (none, and a notice
+        saying so, when there is no store or it holds none of this boot)."""
+        from agent.collect.names import NameCache
+
+        names = cls(NameCache())
+        path = settings.history_path
+        if not (settings.history_enabled and os.path.exists(path)):
+            names.notice = (
+                f"no names for destinations: no history store at {path} "
+                "(names come from a running extension or watch)"
+            )
+            return names
+        store = open_store(settings)
+        try:
+            loaded = names._load(store)
+        finally:
+            store.close()
+        if not loaded:
+            names.notice = (
+                f"no names for destinations: the history store {path} holds no DNS answers "
+                "of this boot (names come from a running extension or watch)"
+            )
+        return names
+
+    def _load(self, store: Optional[HistoryStore]) -> int:
+        if store is None:
+            return 0
+        from agent.history import HistoryUnavailable
+
+        try:
+            return self.cache.load(store.names(self.boot_id))
+        except HistoryUnavailable:
+            return 0
+
+    def lookup(self, namespace: int, version: int, address: int) -> Tuple[str, ...]:
+        """Every name answered for the address in the namespace (the allow rules' lookup)."""
+        return self.cache.names(namespace, version, address)
+
+    def annotate(self, connections: List[Connection]) -> None:
+        """Set ``remote_domain`` (the name asked, for the newest answer) on each connection, and
+        keep the names of every live connection past their TTL."""
+        cache = self.cache
+        for connection in connections:
+            namespace = connection.net_namespace
+            if namespace is None or not connection.address_int:
+                continue
+            version = 6 if ":" in connection.remote_address else 4
+            address = int(connection.address_int)
+            if cache.touch(namespace, version, address):
+                connection.remote_domain = cache.lookup(namespace, version, address) or ""
+
+    def rescan(self, discovery: Optional[NamespaceDiscovery]) -> None:
+        """Watch the namespaces a whole-host sample found (new ones at once, gone ones no more)."""
+        if self.watch is not None and discovery is not None and not self.watch.unavailable:
+            self.watch.rescan(discovery.namespaces, discovery.threads)
+
+    def persist(self, store: Optional[HistoryStore], at: float) -> None:
+        """Keep the recent answers in the store when they changed (at most every
+        :data:`PERSIST_EVERY_S`)."""
+        changes = self.cache.changes
+        if store is None or changes == self._saved_changes:
+            return
+        if at - self._saved_at < self.PERSIST_EVERY_S:
+            return
+        if store.save_names(self.boot_id, self.cache.export()):
+            self._saved_changes, self._saved_at = changes, at
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
 
 
 @dataclass
@@ -79,10 +194,12 @@ class Pipeline:
         sampler: Sampler,
         store: Optional[HistoryStore] = None,
         clock: Callable[[], float] = time.time,
+        names: Optional[DomainNames] = None,
     ) -> None:
         self.settings = settings
         self.sampler = sampler
         self.store = store
+        self.names = names
         self.clock = clock
         """Unix seconds: when samples are taken, and the times the history records."""
         self._lock = threading.Lock()
@@ -94,19 +211,29 @@ class Pipeline:
         backend: str = "auto",
         history: bool = False,
         logger: Optional[logging.Logger] = None,
+        names: Optional[str] = None,
     ) -> Pipeline:
         """The pipeline the settings describe; with ``history``, writing the history store
-        (when the settings keep one)."""
+        (when the settings keep one).  ``names``: ``"watch"`` observes DNS answers
+        (:meth:`DomainNames.watching`), ``"recorded"`` uses those the running agent kept."""
         sampler = open_sampler(Classifier(settings.internal_networks), backend)
         store = (
             open_store(settings, logger=logger) if history and settings.history_enabled else None
         )
-        return cls(settings, sampler, store)
+        domain_names = None
+        if names == "watch":
+            domain_names = DomainNames.watching(store)
+        elif names == "recorded":
+            domain_names = DomainNames.recorded(settings)
+        return cls(settings, sampler, store, names=domain_names)
 
     @property
     def notices(self) -> List[str]:
         """What the user should know once about what this pipeline cannot see, one line each."""
-        return [UNPRIVILEGED_NOTICE] if self.sampler.limited else []
+        notices = [UNPRIVILEGED_NOTICE] if self.sampler.limited else []
+        if self.names is not None and self.names.notice:
+            notices.append(self.names.notice)
+        return notices
 
     def sample(
         self,
@@ -121,7 +248,12 @@ class Pipeline:
             at = self.clock()
             connections = self.sampler.sample(want_all=want_all, pids=pids)
             stats = self.sampler.last
-        annotate(self.settings.allow, connections)
+        lookup = None
+        if self.names is not None:
+            self.names.annotate(connections)
+            self.names.rescan(stats.discovery)
+            lookup = self.names.lookup
+        annotate(self.settings.allow, connections, names=lookup)
         return Snapshot(connections, stats, at)
 
     def record(self, snapshot: Snapshot) -> bool:
@@ -133,6 +265,8 @@ class Pipeline:
         return self.store.snapshot(SAMPLING, external, snapshot.at, unread=snapshot.unread)
 
     def close(self) -> None:
+        if self.names is not None:
+            self.names.close()
         if self.store is not None:
             self.store.close()
 
@@ -148,6 +282,10 @@ class Stats:
     namespaces_seen: Optional[int] = None
     tcp_active_opens: Optional[int] = None
     outbound_tcp_seen: int = 0
+    dns_names: Optional[int] = None
+    """Answers in the name cache (None: no names are kept)."""
+    dns_error: Optional[str] = None
+    """Why no names are observed (empty while they are)."""
     last_error: Optional[str] = None
 
 
@@ -240,7 +378,13 @@ class Monitor:
             self._stats.namespaces_seen = snapshot.stats.namespaces
             self._count_outbound(snapshot.stats.outbound_tcp)
             self._stats.tcp_active_opens = self._coverage.growth.update(active_opens)
+            names = self.pipeline.names
+            if names is not None:
+                self._stats.dns_names = len(names.cache)
+                self._stats.dns_error = names.notice
         self.pipeline.record(snapshot)
+        if self.pipeline.names is not None:
+            self.pipeline.names.persist(self.pipeline.store, snapshot.at)
         self._heartbeat(snapshot.at)
         if self._on_sample is not None:
             self._on_sample(snapshot)

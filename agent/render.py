@@ -41,6 +41,7 @@ TABLE_COLUMNS = (
     "state",
     "remote_address",
     "remote_port",
+    "remote_domain",
     "address_class",
     "local_port",
     "namespace",

@@ -8,6 +8,7 @@ import traceback
 from typing import Any, Callable, Iterator
 
 import pytest
+from dnshost import dns_host  # noqa: F401 (offered to every test)
 from nethost import NetHost
 
 

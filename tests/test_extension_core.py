@@ -25,6 +25,7 @@ from sqlcore import WATCHDOG_BYTES, SqlCore
 from agent.history import HistoryStore
 from agent.osquery import table
 from agent.osquery.server import Options, Stopper, serve
+from agent.osquery.table import INFO_COLUMNS
 from agent.osquery.tables import AgentInfo, ExtensionTables
 from agent.records import Connection
 
@@ -324,7 +325,10 @@ def test_a_request_that_is_not_utf8_is_answered(core: SqlCore, env: Dict[str, st
 
 def test_writes_are_refused_as_osquery_refuses_them(core: SqlCore, env: Dict[str, str]) -> None:
     launch(core, env)
-    values = "'x', 1, '', 1.0, 1, 1.0, 1, 1, 1, '', '', 1, 1, 1"
+    values = ", ".join(
+        "1" if kind in ("INTEGER", "BIGINT") else "1.0" if kind == "DOUBLE" else "'x'"
+        for _, kind in INFO_COLUMNS
+    )
     statements = [
         f"INSERT INTO egress_agent_info VALUES ({values})",
         "DELETE FROM egress_agent_info",

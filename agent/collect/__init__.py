@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Collection, Dict, FrozenSet, List, Optional, P
 from agent.classify import Classifier
 
 if TYPE_CHECKING:
+    from agent.collect.procnet import NamespaceDiscovery
     from agent.records import Connection
 
 UNPRIVILEGED_NOTICE = (
@@ -80,6 +81,9 @@ class SampleStats:
     """Every outbound TCP connection in the tables, external or not, as
     :func:`agent.collect.outbound.outbound_key` names them; only when the sampler counts them
     (:attr:`Sampler.count_outbound_tcp`)."""
+    discovery: Optional[NamespaceDiscovery] = None
+    """The network namespaces a whole-host sample found (None for a sample narrowed to pids, and
+    from backends that do not see namespaces): what other per-namespace readers can reuse."""
     backend: str = ""
     """How the socket tables were read: ``sock_diag`` (netlink, filtered in the kernel),
     ``proc`` (``/proc/PID/net`` text), ``sock_diag+proc`` when some namespaces fell back, or

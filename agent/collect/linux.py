@@ -155,6 +155,8 @@ class LinuxSampler:
             ) from error
         stats.namespace_errors = discovery.errors
         stats.namespaces = len(discovery.namespaces)
+        if pids is None:
+            stats.discovery = discovery
         self._threads = discovery.threads
         kept = self._read_namespaces(discovery.namespaces, want_all, stats)
 

@@ -120,6 +120,8 @@ class NameCache:
         self._bytes = 0
         self.evicted = 0
         """Entries dropped to stay within the bounds (not those that expired)."""
+        self.changes = 0
+        """Answers added so far: a persister compares it with what it saved last."""
 
     # --- what the pipeline asks -----------------------------------------------------------
 
@@ -202,6 +204,7 @@ class NameCache:
                         self._drop(record, index)
                         break
             record.entries.insert(0, entry)
+            self.changes += 1
             cost = _cost(entry)
             record.cost += cost
             self._bytes += cost

@@ -15,7 +15,8 @@ Versions (``PRAGMA user_version``):
    latest sample).
 2. Several sources: ``open_ends`` says which source saw each end open and in which network
    namespace, so that a snapshot closes only what its own source saw in its own scope;
-   ``history.seen_by``; the ``runs`` of the agent (start, heartbeats, stop) for the audit.
+   ``history.seen_by``; the ``runs`` of the agent (start, heartbeats, stop) for the audit;
+   ``dns_answers``, the recent answers of the name cache.
 """
 
 from __future__ import annotations
@@ -115,12 +116,26 @@ def _create_runs() -> str:
     return f"CREATE TABLE IF NOT EXISTS runs (\n  run_id INTEGER PRIMARY KEY,\n  {columns}\n)"
 
 
+_CREATE_NAMES = """CREATE TABLE IF NOT EXISTS dns_answers (
+  boot_id TEXT NOT NULL,
+  net_namespace INTEGER NOT NULL,
+  address TEXT NOT NULL,
+  chain TEXT NOT NULL,
+  seen REAL NOT NULL,
+  ttl INTEGER NOT NULL
+)"""
+"""The recent DNS answers of the agent's name cache (``agent.collect.names.NameCache.export``),
+so that a restart, or a one-shot ``check``, knows the names of connections still open.
+Namespace inodes mean something within one boot only: rows carry the boot's id."""
+
+
 def create(db: sqlite3.Connection) -> None:
     """The tables of a new store, at :data:`SCHEMA_VERSION`."""
     db.execute(_create_history())
     db.execute("CREATE INDEX IF NOT EXISTS history_last_seen ON history (last_seen)")
     db.execute(_CREATE_OPEN_ENDS)
     db.execute(_create_runs())
+    db.execute(_CREATE_NAMES)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -186,6 +201,7 @@ def upgrade(db: sqlite3.Connection) -> Tuple[int, List[str]]:
     db.execute(_create_history())  # tables a newer file might lack, though unlikely
     db.execute(_CREATE_OPEN_ENDS)
     db.execute(_create_runs())
+    db.execute(_CREATE_NAMES)
     added = add_missing_columns(db, "history", HISTORY_COLUMNS)
     added += add_missing_columns(db, "runs", [c for c in RUN_COLUMNS if c[0] != "run_id"])
     if version < SCHEMA_VERSION:

@@ -345,6 +345,38 @@ class HistoryStore:
 
         return self._read(select)
 
+    def save_names(self, boot_id: str, rows: Sequence[Tuple[int, str, str, float, int]]) -> bool:
+        """Replace the recorded DNS answers with ``rows`` (``NameCache.export()``) of the boot
+        ``boot_id``; True when stored."""
+        latest = int(max((row[3] for row in rows), default=self._clock()))
+
+        def replace(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM dns_answers")
+            db.executemany(
+                "INSERT INTO dns_answers VALUES (?, ?, ?, ?, ?, ?)",
+                [(boot_id, *row) for row in rows],
+            )
+
+        return self._write(replace, latest)
+
+    def names(self, boot_id: str) -> List[Tuple[int, str, str, float, int]]:
+        """The recorded DNS answers of the boot ``boot_id`` (none from another boot, whose
+        namespace inodes mean nothing now).  Raises :class:`HistoryUnavailable`."""
+
+        def select(db: sqlite3.Connection) -> List[Tuple[int, str, str, float, int]]:
+            if self._present is not None and "dns_answers" not in self._present:
+                return []
+            return [
+                (int(ns), str(address), str(chain), float(seen), int(ttl))
+                for ns, address, chain, seen, ttl in db.execute(
+                    "SELECT net_namespace, address, chain, seen, ttl FROM dns_answers "
+                    "WHERE boot_id = ? ORDER BY seen",
+                    (boot_id,),
+                )
+            ]
+
+        return self._read(select)
+
     def close(self) -> None:
         with self._lock:
             self._disconnect()

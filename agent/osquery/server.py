@@ -594,7 +594,7 @@ def extension_main(args: argparse.Namespace) -> int:
         log.error("%s", error)
         return 2
     history_log = logging.getLogger("egress_agent.history")
-    pipeline = Pipeline.open(settings, history=True, logger=history_log)
+    pipeline = Pipeline.open(settings, history=True, logger=history_log, names="watch")
     sampler_log = logging.getLogger("egress_agent.sampler")
     for notice in pipeline.notices:
         sampler_log.warning("%s", notice)

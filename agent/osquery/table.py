@@ -156,6 +156,8 @@ INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("started_at", "BIGINT"),
     ("tcp_active_opens", "BIGINT"),
     ("outbound_tcp_seen", "BIGINT"),
+    ("dns_names", "BIGINT"),
+    ("dns_error", "TEXT"),
 )
 
 EGRESS_AGENT_INFO = make_spec("egress_agent_info", INFO_COLUMNS)

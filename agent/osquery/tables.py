@@ -286,5 +286,7 @@ class ExtensionTables:
             "started_at": stats.started_at,
             "tcp_active_opens": stats.tcp_active_opens,
             "outbound_tcp_seen": stats.outbound_tcp_seen,
+            "dns_names": stats.dns_names,
+            "dns_error": stats.dns_error,
         }
         return [table.string_row(record, context.used(table.EGRESS_AGENT_INFO.column_names))]
