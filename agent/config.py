@@ -110,6 +110,10 @@ class Settings:
 
     internal_networks: Tuple[Network, ...] = ()
     sampling_interval: float = 5.0
+    sampling_full_read_every: float = 30.0
+    """Seconds: the longest a network namespace's TCP connections are taken from an earlier
+    dump because none of its counters moved (``agent/collect/changes.py``); 0 reads every
+    namespace in full every time."""
     history_enabled: bool = True
     history_path: str = DEFAULT_HISTORY_PATH
     history_retention_days: float = 30.0
@@ -213,6 +217,16 @@ def _number(value: object, where: str) -> float:
     if math.isinf(value):
         raise _Invalid(where, "must be a finite number", value)
     return float(value)
+
+
+def _number_or_zero(value: object, where: str) -> float:
+    """A finite number of at least 0."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    try:
+        return _number(value, where)
+    except _Invalid:
+        raise _Invalid(where, "must be a number of at least 0", value) from None
 
 
 def _positive_int(value: object, where: str) -> int:
@@ -494,7 +508,7 @@ def _settings(data: object, source: Optional[str]) -> Settings:
     top = _mapping(data, "top level", TOP_KEYS)
     defaults = Settings()
     classification = _mapping(top.get("classification"), "classification", ("internal_networks",))
-    sampling = _mapping(top.get("sampling"), "sampling", ("interval",))
+    sampling = _mapping(top.get("sampling"), "sampling", ("interval", "full_read_every"))
     history = _mapping(
         top.get("history"), "history", ("enabled", "path", "retention_days", "max_rows")
     )
@@ -512,6 +526,13 @@ def _settings(data: object, source: Optional[str]) -> Settings:
         ),
         sampling_interval=setting(
             sampling, "interval", "sampling.interval", _number, defaults.sampling_interval
+        ),
+        sampling_full_read_every=setting(
+            sampling,
+            "full_read_every",
+            "sampling.full_read_every",
+            _number_or_zero,
+            defaults.sampling_full_read_every,
         ),
         history_enabled=setting(
             history, "enabled", "history.enabled", _bool, defaults.history_enabled

@@ -216,7 +216,11 @@ class Pipeline:
         """The pipeline the settings describe; with ``history``, writing the history store
         (when the settings keep one).  ``names``: ``"watch"`` observes DNS answers
         (:meth:`DomainNames.watching`), ``"recorded"`` uses those the running agent kept."""
-        sampler = open_sampler(Classifier(settings.internal_networks), backend)
+        sampler = open_sampler(
+            Classifier(settings.internal_networks),
+            backend,
+            full_read_every=settings.sampling_full_read_every,
+        )
         store = (
             open_store(settings, logger=logger) if history and settings.history_enabled else None
         )

@@ -58,6 +58,7 @@ def test_defaults() -> None:
     defaults = Settings()
     assert defaults.internal_networks == ()
     assert defaults.sampling_interval == 5
+    assert defaults.sampling_full_read_every == 30
     assert defaults.history_enabled is True
     assert defaults.history_path == "/var/lib/egress-agent/history.db"
     assert defaults.history_retention_days == 30
@@ -90,10 +91,23 @@ def test_the_shipped_file_names_every_key() -> None:
     data = yaml.safe_load(SHIPPED.read_text())
     assert tuple(data) == TOP_KEYS
     assert set(data["classification"]) == {"internal_networks"}
-    assert set(data["sampling"]) == {"interval"}
+    assert set(data["sampling"]) == {"interval", "full_read_every"}
     assert set(data["history"]) == {"enabled", "path", "retention_days", "max_rows"}
     documented = set(re.findall(r"^#\s+(\w+):\s{2,}", SHIPPED.read_text(), re.MULTILINE))
     assert documented == set(RULE_KEYS)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0.0), (2.5, 2.5), (60, 60.0)])
+def test_full_read_every_takes_zero_or_more_seconds(value: float, expected: float) -> None:
+    assert settings_from(f"sampling:\n  full_read_every: {value}\n").sampling_full_read_every == (
+        expected
+    )
+
+
+@pytest.mark.parametrize("value", ["-1", "true", "'10'", ".nan", ".inf"])
+def test_full_read_every_refuses_what_is_no_time(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"sampling\.full_read_every"):
+        settings_from(f"sampling:\n  full_read_every: {value}\n")
 
 
 def test_the_shipped_example_rules_are_valid() -> None:
@@ -315,7 +329,10 @@ REFUSALS = [
         '"a\\nb\\e": 1\n',
         "['a\\nb\\x1b']: unknown key (known here: classification, sampling, history, allow)",
     ),
-    ("sampling: {intervall: 5}\n", "sampling.intervall: unknown key (known here: interval)"),
+    (
+        "sampling: {intervall: 5}\n",
+        "sampling.intervall: unknown key (known here: interval, full_read_every)",
+    ),
     ("sampling: 5\n", "sampling: must be a mapping, not a number (got 5)"),
     ("history: [path]\n", "history: must be a mapping, not a list (got ['path'])"),
     # classification

@@ -51,6 +51,9 @@ class NamespaceStats:
     since it was created (RFC 1213 ``tcpActiveOpens``)."""
     outbound_tcp: Optional[int] = None
     """Outbound TCP connections in its tables, when the sampler counts them."""
+    reused: bool = False
+    """Its TCP connections are those of an earlier dump: none of its counters moved since
+    (:mod:`agent.collect.changes`)."""
     error: str = ""
 
 
@@ -66,6 +69,8 @@ class SampleStats:
     rows: int = 0
     """Connections returned."""
     namespaces: int = 0
+    namespaces_reused: int = 0
+    """Namespaces whose TCP connections came from an earlier dump (``NamespaceStats.reused``)."""
     processes: int = 0
     """Distinct owning processes of the rows."""
     ownerless: int = 0
@@ -155,15 +160,23 @@ BACKENDS = ("auto", "proc", "psutil")
 
 
 def open_sampler(
-    classifier: Classifier, backend: str = "auto", count_outbound_tcp: bool = False
+    classifier: Classifier,
+    backend: str = "auto",
+    count_outbound_tcp: bool = False,
+    full_read_every: Optional[float] = None,
 ) -> Sampler:
     """The sampler for this platform: every network namespace on Linux (``backend="proc"``),
     psutil's view of this namespace elsewhere (``backend="psutil"``).  Each backend is imported
-    only when chosen."""
+    only when chosen.  ``full_read_every``: the Linux sampler's bound on reusing a namespace's
+    TCP dump (``sampling.full_read_every``; None: its default)."""
     if backend == "psutil" or (backend == "auto" and not os.path.isdir("/proc/self/net")):
         from agent.collect.psutil_backend import PsutilSampler
 
         return PsutilSampler(classifier)
     from agent.collect.linux import LinuxSampler
 
-    return LinuxSampler(classifier, count_outbound_tcp=count_outbound_tcp)
+    if full_read_every is None:
+        return LinuxSampler(classifier, count_outbound_tcp=count_outbound_tcp)
+    return LinuxSampler(
+        classifier, count_outbound_tcp=count_outbound_tcp, full_read_every=full_read_every
+    )

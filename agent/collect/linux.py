@@ -21,6 +21,12 @@ from typing import Collection, Dict, FrozenSet, Iterator, List, Optional, Set, T
 
 from agent.classify import Classifier, format_ipv4, format_ipv6
 from agent.collect import NamespaceStats, SamplerError, SamplerTotals, SampleStats
+from agent.collect.changes import (
+    DEFAULT_FULL_READ_EVERY,
+    TcpReuse,
+    TcpSignals,
+    read_tcp_signals,
+)
 from agent.collect.outbound import Ends, OutboundKey, OutboundMemo, add_outbound
 from agent.collect.procnet import (
     PROC_ROOT,
@@ -43,7 +49,6 @@ from agent.collect.sockdiag import (
     NOT_LISTENING,
     DiagRecord,
     DiagSocket,
-    count_sockets,
     exclude_inbound_internal,
     exclude_remote,
     to_socket,
@@ -83,8 +88,11 @@ class LinuxSampler:
     """Samples the inet sockets of every network namespace, keeping caches between samples.
 
     Kept between samples: the classifier's verdicts, the remote-address hex -> external
-    memo, the owner scan's order and negative cache (:class:`OwnerFinder`) and process
-    identities (:class:`IdentityCache`).  Not thread-safe: one sampler per thread.
+    memo, the owner scan's order and negative cache (:class:`OwnerFinder`), process
+    identities (:class:`IdentityCache`), and each namespace's last TCP dump with the counters
+    read before it (:class:`TcpReuse`): a namespace whose counters have not moved is not
+    dumped again, for at most ``full_read_every`` seconds.  Not thread-safe: one sampler per
+    thread.
     """
 
     HEX_MEMO_LIMIT = 65536
@@ -97,6 +105,8 @@ class LinuxSampler:
         identities: Optional[IdentityCache] = None,
         count_outbound_tcp: bool = False,
         use_sock_diag: Optional[bool] = None,
+        full_read_every: float = DEFAULT_FULL_READ_EVERY,
+        reuse: Optional[TcpReuse] = None,
     ) -> None:
         self.classifier = classifier
         self.count_outbound_tcp = count_outbound_tcp
@@ -120,6 +130,10 @@ class LinuxSampler:
         )
         """Read the tables through netlink sock_diag (:mod:`agent.collect.sockdiag`), which
         needs root to enter other namespaces; otherwise, and wherever it fails, ``/proc``."""
+        self.reuse = reuse if reuse is not None else TcpReuse(full_read_every)
+        """Each namespace's last full TCP read, used again while its counters stand still
+        (:mod:`agent.collect.changes`); through sock_diag only (``/proc`` reads every table
+        every time), and never for ``want_all``."""
         self._never_external = classifier.never_external()
         self._prefilter = {
             version: exclude_remote(self._never_external, version) for version in (4, 6)
@@ -159,6 +173,8 @@ class LinuxSampler:
             stats.discovery = discovery
         self._threads = discovery.threads
         kept = self._read_namespaces(discovery.namespaces, want_all, stats)
+        if pids is None:
+            self.reuse.keep_only(namespace.inode for namespace in discovery.namespaces)
 
         scan = self.owners.find({sock.inode for _, _, sock in kept}, pids, discovery.threads)
         stats.pids_scanned = scan.pids_scanned
@@ -191,6 +207,7 @@ class LinuxSampler:
             else:
                 backends.add("sock_diag")
             stats.sockets += info.sockets
+            stats.namespaces_reused += info.reused
             stats.per_namespace.append(info)
         stats.backend = "+".join(sorted(backends, reverse=True))
         if outbound_tcp is not None:
@@ -247,27 +264,52 @@ class LinuxSampler:
     ) -> Optional[NamespaceStats]:
         """Read one namespace through sock_diag; None when it cannot (then ``/proc`` does).
 
-        Counting outbound connections needs every TCP socket; a namespace whose ActiveOpens has
-        not moved since its last count keeps the connections of that count instead
+        Its counters are read first (:func:`read_tcp_signals`); when they equal those read
+        before its last full TCP dump, the TCP connections of that dump are used again
+        (:class:`TcpReuse`) and only the cheap dumps are made: listeners and UDP.  Counting
+        outbound connections needs every TCP socket; a namespace whose ActiveOpens has not
+        moved since its last count keeps the connections of that count instead
         (:class:`OutboundMemo`), and its tables stay filtered in the kernel."""
         opened = self._open_diag(namespace)
         if opened is None:
             return None
         diag, pid = opened
         entry = proc_entry(pid, self._threads, self.proc_root)
-        info = NamespaceStats(namespace.inode, pid, active_opens=_active_opens(entry))
+        signals: Optional[TcpSignals] = None
+        with contextlib.suppress(OSError, ValueError):
+            signals = read_tcp_signals(*entry)
+        info = NamespaceStats(
+            namespace.inode,
+            pid,
+            active_opens=signals.active_opens if signals is not None else _active_opens(entry),
+        )
         unchanged: Optional[FrozenSet[OutboundKey]] = None
         if outbound_tcp is not None and not want_all:
             unchanged = self._outbound_memo.unchanged(namespace.inode, info.active_opens)
+        cookie = diag.netns_cookie()
+        reused: Optional[List[Socket]] = None
+        if signals is not None and not want_all and (outbound_tcp is None or unchanged is not None):
+            read = self.reuse.usable(namespace.inode, cookie, signals.signature)
+            if read is not None:
+                reused = read.sockets
         counted: Optional[Set[OutboundKey]] = (
             set() if outbound_tcp is not None and unchanged is None else None
         )
         listeners = ListenerIndex()
+        fresh: List[Socket] = []
         try:
             with diag:
-                rows = self._diag_tables(diag, namespace.inode, listeners, want_all, counted, kept)
+                rows = self._diag_tables(
+                    diag, namespace.inode, listeners, want_all, counted, kept, reused, fresh
+                )
         except OSError:
             return None
+        if reused is None and not want_all:
+            if signals is not None:
+                self.reuse.remember(namespace.inode, cookie, signals.signature, fresh, rows)
+            else:
+                self.reuse.forget(namespace.inode)
+        info.reused = reused is not None
         if outbound_tcp is not None:
             keys = unchanged if unchanged is not None else frozenset(counted or ())
             outbound_tcp.update(keys)
@@ -275,9 +317,8 @@ class LinuxSampler:
             self._outbound_memo.remember(namespace.inode, info.active_opens, keys)
         info.listeners = len(listeners)
         info.sockets = rows
-        if not (want_all or counted is not None):
-            with contextlib.suppress(OSError):  # the kernel left most sockets out: ask its count
-                info.sockets = count_sockets(*entry)
+        if not (want_all or counted is not None) and signals is not None:
+            info.sockets = signals.sockets  # the kernel left most sockets out: its own count
         return info
 
     def _open_diag(self, namespace: NetNamespace) -> Optional[Tuple[DiagSocket, int]]:
@@ -298,32 +339,44 @@ class LinuxSampler:
         want_all: bool,
         counted: Optional[Set[OutboundKey]],
         kept: List[_Kept],
+        reused: Optional[List[Socket]] = None,
+        fresh: Optional[List[Socket]] = None,
     ) -> int:
         """Read the four tables of one namespace into ``kept``; how many records came.
 
         First what can listen: the TCP listeners (a cheap dump: the kernel walks only its
         listening hash) and the UDP tables (small), or every table when ``want_all``.  Then
         the rest of TCP, one table at a time, the kernel dropping what is never external
-        (:meth:`_rest_program`).  Records are decoded only when kept, and one big table at a
-        time is held in memory.  Raises OSError when the kernel refuses a dump."""
+        (:meth:`_rest_program`), its kept sockets also into ``fresh``; or, given ``reused``
+        (the kept sockets of an earlier dump that still holds), those instead of walking the
+        established hash.  Records are decoded only when kept, and one big table at a time is
+        held in memory.  Raises OSError when the kernel refuses a dump."""
         batches: List[Tuple[SocketTable, Optional[List[DiagRecord]]]] = [
             (table, self._listening_pass(diag, table, want_all, listeners))
             for table in SOCKET_TABLES
         ]
-        if not want_all:
+        if not want_all and reused is None:
             batches += [(table, None) for table in _TCP_TABLES]  # None: read when its turn comes
         rows = 0
         for table, batch in batches:
+            into = kept
             if batch is None:
                 program = self._rest_program(table, listeners, counting=counted is not None)
                 batch = diag.records(table, NOT_LISTENING, program)
+                into = []
             rows += len(batch)
             if counted is not None and table.protocol == IPPROTO_TCP:
                 add_outbound(
                     counted, namespace_inode, listeners, _record_ends(batch, table.version)
                 )
-            self._keep_records(table, batch, namespace_inode, listeners, want_all, kept)
+            self._keep_records(table, batch, namespace_inode, listeners, want_all, into)
+            if into is not kept:
+                kept.extend(into)
+                if fresh is not None:
+                    fresh.extend(sock for _, _, sock in into)
             batch.clear()
+        if reused is not None:
+            kept.extend((namespace_inode, listeners, sock) for sock in reused)
         return rows
 
     @staticmethod

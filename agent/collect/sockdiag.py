@@ -29,7 +29,13 @@ import struct
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
-from agent.collect.procnet import PROC_ROOT, Socket, SocketTable
+from agent.collect.procnet import (
+    INET_SOCKET_COUNTS,
+    PROC_ROOT,
+    Socket,
+    SocketTable,
+    parse_sockstat_fields,
+)
 from agent.inet import TCP_LISTEN, is_listening
 
 NETLINK_SOCK_DIAG = 4
@@ -40,6 +46,7 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 INET_DIAG_REQ_BYTECODE = 1
 CLONE_NEWNET = 0x40000000
+SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>
 
 ALL_STATES = 0xFFFFFFFF
 """Every TCP state, as ``ss -a`` asks: ``/proc/net/tcp`` shows them all too."""
@@ -282,6 +289,16 @@ class DiagSocket:
     def close(self) -> None:
         self._sock.close()
 
+    def netns_cookie(self) -> Optional[int]:
+        """The cookie of the network namespace this socket answers for (``SO_NETNS_COOKIE``,
+        Linux 5.14): unlike its inode number, never given to another namespace.  None on
+        older kernels."""
+        try:
+            raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError:
+            return None
+        return int.from_bytes(raw, sys.byteorder) if len(raw) == 8 else None
+
     def __enter__(self) -> DiagSocket:
         return self
 
@@ -362,19 +379,8 @@ def parse_sockstat(text: str) -> int:
     """The inet sockets a ``/proc/PID/net/sockstat`` or ``sockstat6`` text counts: TCP and UDP
     ``inuse`` plus TCP ``tw`` (``sockstat_seq_show`` in ``net/ipv4/proc.c``; the counters are
     per network namespace)."""
-    total = 0
-    for line in text.split("\n"):
-        name, _, rest = line.partition(":")
-        if name not in ("TCP", "UDP", "TCP6", "UDP6"):
-            continue
-        fields = rest.split()
-        for key, value in zip(fields[::2], fields[1::2]):
-            if key == "inuse" or (key == "tw" and name == "TCP"):
-                try:
-                    total += int(value)
-                except ValueError:
-                    continue
-    return total
+    fields = parse_sockstat_fields(text)
+    return sum(fields.get(key, 0) for key in INET_SOCKET_COUNTS)
 
 
 def count_sockets(pid: int, proc_root: str = PROC_ROOT) -> int:
