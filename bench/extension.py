@@ -7,8 +7,13 @@ own (sampling interval ``interval``, history in a temporary directory) through
 ``EGRESS_AGENT_CONFIG``.  It returns an ``ExtensionHarness`` once the extension has registered.
 
 ``ExtensionGenerate`` times ``harness.generate()``: one ``external_connections`` generate
-request through the stand-in (the Thrift round trip included, as osqueryd pays it); peak RSS is
-the extension's ``VmHWM``.  ``over_time`` runs the extension for a while with its own sampling
+request through the stand-in (the Thrift round trip included, as osqueryd pays it, and the
+stand-in's pure-Python decoding, which osqueryd does in C++); beside it, the extension's own CPU
+for the request (every thread's ``sum_exec_runtime`` from ``/proc/PID/task/*/schedstat``,
+nanoseconds: the tick counts of ``/proc/PID/stat`` are 10 ms coarse).  Each request comes more
+than a second after the previous one ended, so it takes a sample of its own (the live table
+answers a call within a second of the last one from that one's sample).  Peak RSS is the
+extension's ``VmHWM``.  ``over_time`` runs the extension for a while with its own sampling
 interval and reports its CPU share of one core and its RSS along the way
 (``/proc/PID/stat`` utime+stime, ``/proc/PID/status`` VmRSS; proc(5)).
 """
@@ -118,6 +123,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in nanoseconds (the first field of each
+    ``/proc/PID/task/TID/schedstat``: ``se.sum_exec_runtime``, ``Documentation/scheduler/
+    sched-stats.rst``).  A thread that ended took its time with it."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def memory_kb(pid: int, key: str) -> int:
     """A ``/proc/PID/status`` line in KB: ``VmRSS`` (now) or ``VmHWM`` (peak)."""
     with open(f"/proc/{pid}/status") as f:
@@ -137,21 +156,32 @@ class ExtensionGenerate(Method):
         self.interval = interval
         self._start = start
         self._harness: Optional[ExtensionHarness] = None
+        self._last_end = 0.0
 
     def describe(self) -> str:
         return "bench.extension.start_extension(interval).generate()"
 
+    GAP_S = 1.1
+    """Seconds between the end of one request and the next: more than the live table's
+    ``REUSE_GAP_S`` (agent/osquery/tables.py), so that each takes a sample of its own."""
+
     def open(self) -> None:
         self._harness = self._start(self.interval)
         self._harness.generate()  # untimed: the first request may register and warm up
+        self._last_end = time.monotonic()
 
     def measure(self) -> Sample:
         assert self._harness is not None
+        time.sleep(max(0.0, self._last_end + self.GAP_S - time.monotonic()))
+        pids = self._harness.pids
+        cpu_before = sum(cpu_ns(pid) for pid in pids)
         started = time.perf_counter()
         rows = self._harness.generate()
         ms = (time.perf_counter() - started) * 1000
-        rss = max(memory_kb(pid, "VmHWM") for pid in self._harness.pids)
-        return Sample(ms=ms, rows=rows, rss_kb=rss)
+        cpu = (sum(cpu_ns(pid) for pid in pids) - cpu_before) / 1e6
+        self._last_end = time.monotonic()
+        rss = max(memory_kb(pid, "VmHWM") for pid in pids)
+        return Sample(ms=ms, rows=rows, rss_kb=rss, cpu_ms=cpu)
 
     def close(self) -> None:
         if self._harness is not None:

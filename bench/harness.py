@@ -11,7 +11,7 @@ from typing import Callable, List, Sequence
 
 from bench.extension import ExtensionGenerate
 from bench.load import Load
-from bench.measure import ColdPython, Command, Method, Unavailable, WarmPython
+from bench.measure import ColdPython, Command, Method, Sample, Unavailable, WarmPython
 from bench.report import MethodResult, ScaleResult
 
 
@@ -29,8 +29,36 @@ def methods(interval: float) -> List[Method]:
         ColdPython("sampler-cold", "sampler cold", "bench.targets:our_sampler"),
         WarmPython("sampler-warm", "sampler warm", "bench.targets:our_sampler"),
         WarmPython("floor", "kernel floor, every namespace", "bench.targets:kernel_floor"),
+        ColdPython(
+            "generate-cold", "live generate cold, CPU", "bench.generate:live_generate", cpu=True
+        ),
+        WarmPython(
+            "generate-warm", "live generate warm, CPU", "bench.generate:live_generate", cpu=True
+        ),
         ExtensionGenerate(interval),
     ]
+
+
+CPU_SUFFIX = "-cpu"
+
+
+def cpu_results(results: Sequence[MethodResult]) -> List[MethodResult]:
+    """A result of its own for each method whose samples carry the measured process's CPU
+    (the extension's, beside its round trip): ``extension CPU per generate``."""
+    derived = []
+    for result in results:
+        cpu = [s for s in result.samples if s.cpu_ms is not None]
+        if cpu and result.ok:
+            label = "extension CPU per generate" if result.key == "extension" else result.label
+            derived.append(
+                MethodResult(
+                    result.key + CPU_SUFFIX,
+                    label if result.key == "extension" else f"{label}, CPU",
+                    f"{result.command}: the extension's CPU (schedstat, every thread)",
+                    [Sample(ms=s.cpu_ms or 0.0, rows=s.rows, rss_kb=s.rss_kb) for s in cpu],
+                )
+            )
+    return derived
 
 
 def run_scale(
@@ -71,4 +99,6 @@ def run_scale(
     finally:
         for method, _ in active:
             method.close()
-    return ScaleResult(load.scale, census, load.setup_seconds, runs, results)
+    return ScaleResult(
+        load.scale, census, load.setup_seconds, runs, results + cpu_results(results)
+    )

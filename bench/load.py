@@ -32,9 +32,9 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from bench.topology import SERVER_PORTS, Topology, build, teardown
+from bench.topology import SERVER_PORTS, Topology, build, build_extras, teardown
 
 CLONE_NEWNET = 0x40000000  # <sched.h>
 PR_SET_NAME = 15  # <linux/prctl.h>
@@ -50,6 +50,15 @@ class Scale:
     UDP socket, about 5% of all connections), the holders spread evenly over the pids;
     ``"none"``: no connection is external;
     ``"one"``: every client has exactly one external TCP connection.
+
+    ``namespaces`` > 0 adds that many namespaces (``PREFIX-nNNN``), each with every server
+    address on its loopback and listeners there, and spreads the clients round robin over
+    the host namespace, the second client namespace and those (``second_ns_every`` is then
+    unused): a node with a namespace per pod.  A client in one of them reaches the server of
+    its own namespace, so both ends of its connections are in that namespace.
+    ``storm`` > 0 adds a connection storm: that many TCP connections a second in all, opened
+    and closed (the client first: TIME_WAIT stays behind) to an internal address, spread over
+    the first ``storm_namespaces`` of the added namespaces; their counters never stand still.
     """
 
     name: str
@@ -59,6 +68,9 @@ class Scale:
     external: str = "some"
     external_every: int = 10
     second_ns_every: int = 4
+    namespaces: int = 0
+    storm: int = 0
+    storm_namespaces: int = 10
 
     @property
     def sockets(self) -> int:
@@ -74,6 +86,10 @@ SCALES: Dict[str, Scale] = {
         Scale("L", clients=1000, files=20, tcp=49),
         Scale("M-none", clients=300, files=20, tcp=32, external="none"),
         Scale("M-all", clients=300, files=20, tcp=32, external="one"),
+        Scale("N100", clients=200, files=20, tcp=24, namespaces=97),
+        Scale("N100-storm", clients=200, files=20, tcp=24, namespaces=97, storm=200),
+        Scale("tiny-ns", clients=8, files=3, tcp=3, external_every=4, namespaces=3, storm=20,
+              storm_namespaces=2),  # fmt: skip
     )
 }
 
@@ -90,6 +106,8 @@ class ClientPlan:
     udp: Endpoint
     external_tcp: int
     external_udp: bool
+    extra: int = -1
+    """The index of the added namespace it lives in (``Scale.namespaces``), or -1."""
 
 
 def _endpoint(topology: Topology, kind: str, external: bool, n: int) -> Endpoint:
@@ -115,9 +133,15 @@ def plan_client(scale: Scale, index: int, topology: Topology) -> ClientPlan:
         external = (holder and j % 2 == 0) or (scale.external == "one" and j == 0)
         external_tcp += external
         tcp.append(_endpoint(topology, KINDS[(index + j) % 3], external, index + j))
+    in_second_ns = index % scale.second_ns_every == scale.second_ns_every - 1
+    extra = -1
+    if scale.namespaces:
+        slot = index % (scale.namespaces + 2)  # the host, the second namespace, the added ones
+        in_second_ns, extra = slot == 1, slot - 2
     return ClientPlan(
         index=index,
-        in_second_ns=index % scale.second_ns_every == scale.second_ns_every - 1,
+        in_second_ns=in_second_ns,
+        extra=extra,
         tcp=tuple(tcp),
         udp=_endpoint(topology, KINDS[index % 3], holder, index),
         external_tcp=external_tcp,
@@ -207,6 +231,8 @@ class Load:
         self.log = log
         self.server_pid: Optional[int] = None
         self.client_pids: List[int] = []
+        self.storm_pids: List[int] = []
+        self.extras: List[str] = []
         self.plans = [plan_client(scale, i, self.topology) for i in range(scale.clients)]
         self._lifeline_w = -1
         self._files_dir = ""
@@ -214,7 +240,7 @@ class Load:
 
     @property
     def pids(self) -> List[int]:
-        return ([self.server_pid] if self.server_pid else []) + self.client_pids
+        return ([self.server_pid] if self.server_pid else []) + self.client_pids + self.storm_pids
 
     def __enter__(self) -> Load:
         self.start()
@@ -229,6 +255,8 @@ class Load:
         started = time.monotonic()
         try:
             build(self.topology)
+            if self.scale.namespaces:
+                self.extras = build_extras(self.topology, self.scale.namespaces)
             self._files_dir = tempfile.mkdtemp(prefix=f"{self.topology.prefix}-bench-files-")
             for i in range(self.scale.files):
                 with open(os.path.join(self._files_dir, f"file{i:03d}"), "w") as f:
@@ -257,16 +285,26 @@ class Load:
                 netns_fd = fds.client_ns if plan.in_second_ns else -1
                 body = functools.partial(self._client_main, plan)
                 self.client_pids.append(self._fork(body, f"{name}-client", fds, netns_fd))
+            rate = self.scale.storm / max(1, self.scale.storm_namespaces)
+            for extra in self.extras[: self.scale.storm_namespaces] if self.scale.storm else []:
+                storm = Storm(extra, (self.topology.internal_v4[0], STORM_PORT), rate)
+                self.storm_pids.append(self._fork(storm.start, f"{name}-storm", fds, -1, storm.run))
             fds.close_child_ends()
-            _wait_ready(fds.ready_r, len(self.client_pids))
+            _wait_ready(fds.ready_r, len(self.client_pids) + len(self.storm_pids))
         finally:
             fds.close_child_ends()
             os.close(fds.ready_r)
 
     def _fork(
-        self, body: Callable[[], List[object]], name: str, fds: _ChildFds, netns_fd: int
+        self,
+        body: Callable[[], List[object]],
+        name: str,
+        fds: _ChildFds,
+        netns_fd: int,
+        loop: Optional[Callable[[int], None]] = None,
     ) -> int:
-        """Fork a child that runs ``body`` (in ``netns_fd`` if >= 0), reports, then waits."""
+        """Fork a child that runs ``body`` (in ``netns_fd`` if >= 0), reports, then waits (or
+        runs ``loop`` with the lifeline's read end, which returns when the lifeline closes)."""
         parent = os.getpid()
         pid = os.fork()
         if pid:
@@ -290,6 +328,8 @@ class Load:
             held = body()
             os.write(fds.ready_w, b"ok\n")
             os.close(fds.ready_w)
+            if loop is not None:
+                loop(fds.lifeline_r)
             while os.read(fds.lifeline_r, 1):
                 pass
             del held
@@ -302,8 +342,23 @@ class Load:
             os._exit(status)
 
     def _server_main(self) -> List[object]:
+        """Listeners in the server namespace, then in each added namespace (entered with
+        setns and left again: a socket stays in the namespace it was made in)."""
+        listeners = self._listeners()
+        if self.extras:
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            for extra in self.extras:
+                _enter(extra)
+                listeners += self._listeners(("0.0.0.0", "::"))
+            _setns(home)
+            os.close(home)
+        return listeners
+
+    def _listeners(self, addresses: Sequence[str] = ()) -> List[object]:
+        """A listener per port on each of ``addresses`` (default: every server address; the
+        wildcards for an added namespace, whose loopback holds them all)."""
         listeners: List[object] = []
-        for address in self.topology.server_addresses():
+        for address in addresses or self.topology.server_addresses():
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
             for port in SERVER_PORTS:
                 s = socket.socket(family, socket.SOCK_STREAM)
@@ -316,6 +371,8 @@ class Load:
         return listeners
 
     def _client_main(self, plan: ClientPlan) -> List[object]:
+        if plan.extra >= 0:
+            _enter(self.extras[plan.extra])
         held: List[object] = [
             open(os.path.join(self._files_dir, f"file{i:03d}"), "rb")  # noqa: SIM115 (held)
             for i in range(self.scale.files)
@@ -350,6 +407,8 @@ class Load:
                 os.waitpid(pid, 0)
         self.server_pid = None
         self.client_pids = []
+        self.storm_pids = []
+        self.extras = []
         teardown(self.topology)
         if self._files_dir:
             shutil.rmtree(self._files_dir, ignore_errors=True)
@@ -378,6 +437,9 @@ class Load:
         census.sockets_by_namespace["host"] = count_sockets("")
         for ns in self.topology.namespaces:
             census.sockets_by_namespace[ns] = count_sockets(ns)
+        if self.extras:
+            label = f"{len(self.extras)} more namespaces"
+            census.sockets_by_namespace[label] = sum(count_sockets(ns) for ns in self.extras)
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
@@ -386,6 +448,57 @@ class Load:
                 except OSError:
                     pass
         return census
+
+
+STORM_PORT = 9000
+
+
+class Storm:
+    """A connection storm in one namespace: a listener, and a loop that connects to it,
+    accepts, closes the client's end then the server's, ``rate`` times a second."""
+
+    def __init__(self, namespace: str, endpoint: Tuple[str, int], rate: float) -> None:
+        self.namespace, self.endpoint, self.rate = namespace, endpoint, rate
+        self._listener: Optional[socket.socket] = None
+
+    def start(self) -> List[object]:
+        _enter(self.namespace)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(self.endpoint)
+        listener.listen(1024)
+        self._listener = listener
+        return [listener]
+
+    def run(self, lifeline: int) -> None:
+        """Storm until the lifeline closes."""
+        assert self._listener is not None
+        every = 1.0 / max(self.rate, 0.001)
+        next_at = time.monotonic()
+        while True:
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                client.connect(self.endpoint)
+                accepted, _ = self._listener.accept()
+                client.close()
+                accepted.close()
+            except OSError:
+                client.close()
+            next_at += every
+            wait = next_at - time.monotonic()
+            if wait < -1.0:  # fell behind (a busy machine): do not burst to catch up
+                next_at, wait = time.monotonic(), 0.0
+            readable, _, _ = select.select([lifeline], [], [], max(0.0, wait))
+            if readable and not os.read(lifeline, 1):
+                return
+
+
+def _enter(namespace: str) -> None:
+    fd = os.open(Topology.netns_path(namespace), os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
 
 
 def count_sockets(netns: str) -> int:

@@ -50,6 +50,7 @@ class Sample:
     rows: int
     rss_kb: int
     process_ms: Optional[float] = None  # a fresh interpreter's whole wall time, startup included
+    cpu_ms: Optional[float] = None  # the measured process's CPU for this run, when known
 
 
 class Method:
@@ -116,8 +117,8 @@ class Command(Method):
         return Sample(ms=ms, rows=out.count(b"\n"), rss_kb=peak_rss_kb(self.argv))
 
 
-def worker_argv(mode: str, target: str) -> List[str]:
-    return [sys.executable, "-m", "bench.worker", mode, target]
+def worker_argv(mode: str, target: str, cpu: bool = False) -> List[str]:
+    return [sys.executable, "-m", "bench.worker", mode, target, *(["cpu"] if cpu else [])]
 
 
 def _parse_reply(line: bytes, who: str) -> Dict[str, Any]:
@@ -133,17 +134,17 @@ def _parse_reply(line: bytes, who: str) -> Dict[str, Any]:
 
 
 class ColdPython(Method):
-    def __init__(self, key: str, label: str, target: str) -> None:
-        self.key, self.label, self.target = key, label, target
+    def __init__(self, key: str, label: str, target: str, cpu: bool = False) -> None:
+        self.key, self.label, self.target, self.cpu = key, label, target, cpu
 
     def describe(self) -> str:
-        return f"python -m bench.worker cold {self.target}"
+        return f"python -m bench.worker cold {self.target}" + (" cpu" if self.cpu else "")
 
     def open(self) -> None:
         self.measure()  # raises Unavailable early, and warms the page cache like ss's first run
 
     def measure(self) -> Sample:
-        out, code, process_ms = run_timed(worker_argv("cold", self.target), REPO_ROOT)
+        out, code, process_ms = run_timed(worker_argv("cold", self.target, self.cpu), REPO_ROOT)
         lines = out.strip().splitlines()
         if not lines:
             raise RuntimeError(f"{self.describe()}: exit {code} without a reply")
@@ -154,12 +155,12 @@ class ColdPython(Method):
 
 
 class WarmPython(Method):
-    def __init__(self, key: str, label: str, target: str) -> None:
-        self.key, self.label, self.target = key, label, target
+    def __init__(self, key: str, label: str, target: str, cpu: bool = False) -> None:
+        self.key, self.label, self.target, self.cpu = key, label, target, cpu
         self._proc: Optional[subprocess.Popen[bytes]] = None
 
     def describe(self) -> str:
-        return f"python -m bench.worker warm {self.target}"
+        return f"python -m bench.worker warm {self.target}" + (" cpu" if self.cpu else "")
 
     def _stdio(self) -> Tuple[IO[bytes], IO[bytes]]:
         assert self._proc is not None and self._proc.stdin and self._proc.stdout
@@ -174,7 +175,7 @@ class WarmPython(Method):
 
     def open(self) -> None:
         self._proc = subprocess.Popen(
-            worker_argv("warm", self.target),
+            worker_argv("warm", self.target, self.cpu),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=REPO_ROOT,

@@ -154,12 +154,55 @@ def build(topo: Topology) -> None:
         raise
 
 
+def extra_namespace(topo: Topology, index: int) -> str:
+    """The name of the ``index``-th namespace of a scale with many (``PREFIX-nNNN``)."""
+    return f"{topo.prefix}-n{index:03d}"
+
+
+def _listed_extras(topo: Topology) -> List[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    prefix = f"{topo.prefix}-n"
+    return [
+        name
+        for name in (line.split(" ")[0] for line in listed.stdout.splitlines())
+        if name.startswith(prefix) and name[len(prefix) :].isdigit()
+    ]
+
+
+def build_extras(topo: Topology, count: int) -> List[str]:
+    """``count`` more namespaces, each with its loopback up and every server address on it
+    (a client there reaches a server of its own namespace: no link, no route); their names.
+    One ``ip -batch`` per namespace."""
+    names = [extra_namespace(topo, index) for index in range(count)]
+    try:
+        for name in names:
+            _ip("netns", "add", name)
+            lines = ["link set lo up"] + [
+                f"addr add {_host_route(address)} dev lo" + (" nodad" if ":" in address else "")
+                for address in topo.server_addresses()
+            ]
+            done = subprocess.run(
+                ["ip", "-n", name, "-batch", "-"],
+                input="\n".join(lines) + "\n",
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise TopologyError(f"ip -n {name} -batch: {done.stderr.strip()}")
+    except BaseException:
+        teardown(topo)
+        raise
+    return names
+
+
 def teardown(topo: Topology) -> List[str]:
-    """Delete the host link and the namespaces by name; returns what was removed."""
+    """Delete the host link and the namespaces by name (the extra ones too); returns what was
+    removed."""
     removed = []
     for argv in (
         ["link", "del", topo.host_link],
-        *(["netns", "del", ns] for ns in topo.namespaces),
+        *(["netns", "del", ns] for ns in (*topo.namespaces, *_listed_extras(topo))),
     ):
         done = subprocess.run(["ip", *argv], capture_output=True, text=True, check=False)
         if done.returncode == 0:
@@ -170,7 +213,7 @@ def teardown(topo: Topology) -> List[str]:
 def leftovers(topo: Topology) -> List[str]:
     """This topology's namespaces and host link that still exist (empty after a teardown)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
-    found = [ns for ns in topo.namespaces if ns in listed.stdout.split()]
+    found = [ns for ns in topo.namespaces if ns in listed.stdout.split()] + _listed_extras(topo)
     link = subprocess.run(
         ["ip", "link", "show", topo.host_link], capture_output=True, text=True, check=False
     )

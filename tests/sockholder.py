@@ -10,6 +10,7 @@ with one line:
   same inode, owned by the child alone); ``OK CHILD_PID``.  The child ends when this process
   does (``PR_SET_PDEATHSIG``), or by SIGKILL from the test;
 - ``reconnect ADDRESS PORT``: UDP only, ``connect()`` to another peer (nothing is sent); ``OK``;
+- ``send``: UDP only, one datagram to the peer; ``OK``;
 - ``close``: close the socket; ``OK``.
 
 It exits when its stdin closes.  Used with ``NetHost.spawn(namespace, argv, ready=True)``.
@@ -62,6 +63,9 @@ def main(argv: List[str]) -> int:
             sock = None
         elif words[0] == "reconnect" and sock is not None:
             sock.connect((words[1], int(words[2])))
+            print("OK", flush=True)
+        elif words[0] == "send" and sock is not None:
+            sock.send(b"x")
             print("OK", flush=True)
         elif words[0] == "close" and sock is not None:
             sock.close()

@@ -25,7 +25,7 @@ from nethost import Namespace, NetHost, Proc
 
 from agent.classify import Classifier
 from agent.collect import NamespaceStats
-from agent.collect.changes import TcpReuse, read_tcp_signals
+from agent.collect.changes import Reuse, read_signals
 from agent.collect.linux import LinuxSampler
 from agent.records import Connection
 
@@ -76,7 +76,7 @@ class Host:
 
     def __post_init__(self) -> None:
         self.sampler = LinuxSampler(
-            Classifier(), use_sock_diag=True, reuse=TcpReuse(PERIOD, clock=self.clock)
+            Classifier(), use_sock_diag=True, reuse=Reuse(PERIOD, clock=self.clock)
         )
 
     @property
@@ -178,8 +178,8 @@ def test_an_unchanged_namespace_keeps_its_rows_and_owners(host: Host) -> None:
     assert len(rows_of(first, a.pid)) == len(rows_of(first, b.pid)) == 1
     second, stats = host.same_as_full()
     assert second == first
-    assert all(n.reused for n in stats.values())  # nothing moved: no TCP dump at all
-    assert host.sampler.last.namespaces_reused >= len(host.inodes)
+    assert all(n.reused and n.quiet for n in stats.values())  # nothing moved: no dump at all
+    assert host.sampler.last.namespaces_quiet >= len(host.inodes)
 
 
 def test_a_new_and_a_closed_connection_are_seen_at_once(host: Host) -> None:
@@ -224,18 +224,18 @@ def test_what_the_counters_cannot_see_shows_after_the_period(host: Host) -> None
     def server_states(rows: Set[Row]) -> List[str]:
         return [row[8] for row in rows if row[1] == listener_pid and row[0] == srv]
 
-    signature = read_tcp_signals(listener_pid).signature
+    signature = read_signals(listener_pid).tcp
     tell(a, "shutdown")
     host.full()  # settled
     rows, stats = host.sample()
-    if read_tcp_signals(listener_pid).signature == signature:  # as on this kernel (6.18)
+    if read_signals(listener_pid).tcp == signature:  # as on this kernel (6.18)
         assert stats[srv].reused
         assert server_states(rows) == ["ESTABLISHED"]  # stale: the documented miss
     else:  # before 6.10 CurrEstab drops: seen at once
         assert server_states(rows) == ["CLOSE_WAIT"]
     host.clock.now += PERIOD * 0.74  # not yet due: at least three quarters of the period
     rows, stats = host.sample()
-    assert stats[srv].reused == (read_tcp_signals(listener_pid).signature == signature)
+    assert stats[srv].reused == (read_signals(listener_pid).tcp == signature)
     host.clock.now += PERIOD * 0.26
     rows, stats = host.same_as_full()
     assert not stats[srv].reused
@@ -255,16 +255,39 @@ def test_a_socket_handed_to_another_process_gets_its_new_owner(host: Host) -> No
     assert moved[3:] == held[3:] and moved[2] == held[2]  # same socket, same fd number
 
 
-def test_udp_is_read_every_time(host: Host) -> None:
-    """UDP tables are cheap and carry no counter that tells a connect: always read."""
+def test_a_udp_socket_that_sends_to_a_new_peer_is_seen(host: Host) -> None:
+    """A connect() of a UDP socket moves no counter, its first datagram does (OutDatagrams):
+    what sent nothing yet shows once the period is due."""
     udp = host.hold("rc2", "10.99.0.1", proto="udp", port=53)  # internal peer: no row
+    rc2 = host.clients["rc2"].inode
     before, _ = host.same_as_full()
     assert not rows_of(before, udp.pid)
     tell(udp, f"reconnect {SRV4} 53")  # now external, and nothing was sent
+    rows, stats = host.same_as_full(host.clients["rc2"])
+    assert stats[rc2].quiet and not rows_of(rows, udp.pid)  # the documented miss
+    tell(udp, "send")
     rows, stats = host.same_as_full()
-    assert stats[host.clients["rc2"].inode].reused  # TCP reused, UDP read
+    assert stats[rc2].reused and not stats[rc2].quiet  # TCP reused, UDP read
     ((_, _, _, protocol, *_rest),) = rows_of(rows, udp.pid)
     assert protocol == 17
+
+    tell(udp, "reconnect 9.9.9.7 53")  # another peer, nothing sent: the old one shows ...
+    rows, stats = host.same_as_full(host.clients["rc2"])
+    assert stats[rc2].quiet and [r[6] for r in rows_of(rows, udp.pid)] == [SRV4]
+    host.clock.now += PERIOD  # ... until the period is due
+    rows, stats = host.same_as_full()
+    assert not stats[rc2].reused and [r[6] for r in rows_of(rows, udp.pid)] == ["9.9.9.7"]
+
+
+def test_an_ipv6_udp_socket_that_sends_to_a_new_peer_is_seen(host: Host) -> None:
+    udp = host.hold("rc1", "fd00:99::1", proto="udp", port=53)  # internal peer: no row
+    rc1 = host.clients["rc1"].inode
+    host.same_as_full()
+    tell(udp, f"reconnect {SRV6} 53")
+    tell(udp, "send")  # Udp6OutDatagrams, in snmp6
+    rows, stats = host.same_as_full()
+    assert not stats[rc1].quiet
+    assert [row[3] for row in rows_of(rows, udp.pid)] == [17]
 
 
 def test_a_new_namespace_and_a_gone_one(host: Host) -> None:
@@ -286,4 +309,4 @@ def test_a_new_namespace_and_a_gone_one(host: Host) -> None:
     subprocess.run(["ip", "netns", "del", old.name], check=True)  # ours, by name
     rows, stats = host.sample()
     assert old_inode not in stats and all(row[0] != old_inode for row in rows)
-    assert old_inode not in host.sampler.reuse._reads  # forgotten with its namespace
+    assert old_inode not in host.sampler.reuse  # forgotten with its namespace

@@ -52,8 +52,10 @@ class NamespaceStats:
     outbound_tcp: Optional[int] = None
     """Outbound TCP connections in its tables, when the sampler counts them."""
     reused: bool = False
-    """Its TCP connections are those of an earlier dump: none of its counters moved since
+    """Its TCP connections are those of an earlier dump: none of its TCP counters moved since
     (:mod:`agent.collect.changes`)."""
+    quiet: bool = False
+    """Nothing was dumped at all: none of its counters moved since its last read."""
     error: str = ""
 
 
@@ -71,6 +73,8 @@ class SampleStats:
     namespaces: int = 0
     namespaces_reused: int = 0
     """Namespaces whose TCP connections came from an earlier dump (``NamespaceStats.reused``)."""
+    namespaces_quiet: int = 0
+    """Namespaces of which nothing was dumped (``NamespaceStats.quiet``)."""
     processes: int = 0
     """Distinct owning processes of the rows."""
     ownerless: int = 0

@@ -23,9 +23,10 @@ from agent.classify import Classifier, format_ipv4, format_ipv6
 from agent.collect import NamespaceStats, SamplerError, SamplerTotals, SampleStats
 from agent.collect.changes import (
     DEFAULT_FULL_READ_EVERY,
-    TcpReuse,
-    TcpSignals,
-    read_tcp_signals,
+    NamespaceRead,
+    Reuse,
+    Signals,
+    read_signals,
 )
 from agent.collect.outbound import Ends, OutboundKey, OutboundMemo, add_outbound
 from agent.collect.procnet import (
@@ -89,8 +90,8 @@ class LinuxSampler:
 
     Kept between samples: the classifier's verdicts, the remote-address hex -> external
     memo, the owner scan's order and negative cache (:class:`OwnerFinder`), process
-    identities (:class:`IdentityCache`), and each namespace's last TCP dump with the counters
-    read before it (:class:`TcpReuse`): a namespace whose counters have not moved is not
+    identities (:class:`IdentityCache`), and each namespace's last read with the counters
+    read before it (:class:`Reuse`): a namespace whose counters have not moved is not
     dumped again, for at most ``full_read_every`` seconds.  Not thread-safe: one sampler per
     thread.
     """
@@ -106,7 +107,7 @@ class LinuxSampler:
         count_outbound_tcp: bool = False,
         use_sock_diag: Optional[bool] = None,
         full_read_every: float = DEFAULT_FULL_READ_EVERY,
-        reuse: Optional[TcpReuse] = None,
+        reuse: Optional[Reuse] = None,
     ) -> None:
         self.classifier = classifier
         self.count_outbound_tcp = count_outbound_tcp
@@ -130,8 +131,8 @@ class LinuxSampler:
         )
         """Read the tables through netlink sock_diag (:mod:`agent.collect.sockdiag`), which
         needs root to enter other namespaces; otherwise, and wherever it fails, ``/proc``."""
-        self.reuse = reuse if reuse is not None else TcpReuse(full_read_every)
-        """Each namespace's last full TCP read, used again while its counters stand still
+        self.reuse = reuse if reuse is not None else Reuse(full_read_every)
+        """Each namespace's last read, used again while its counters stand still
         (:mod:`agent.collect.changes`); through sock_diag only (``/proc`` reads every table
         every time), and never for ``want_all``."""
         self._never_external = classifier.never_external()
@@ -208,6 +209,7 @@ class LinuxSampler:
                 backends.add("sock_diag")
             stats.sockets += info.sockets
             stats.namespaces_reused += info.reused
+            stats.namespaces_quiet += info.quiet
             stats.per_namespace.append(info)
         stats.backend = "+".join(sorted(backends, reverse=True))
         if outbound_tcp is not None:
@@ -264,62 +266,112 @@ class LinuxSampler:
     ) -> Optional[NamespaceStats]:
         """Read one namespace through sock_diag; None when it cannot (then ``/proc`` does).
 
-        Its counters are read first (:func:`read_tcp_signals`); when they equal those read
-        before its last full TCP dump, the TCP connections of that dump are used again
-        (:class:`TcpReuse`) and only the cheap dumps are made: listeners and UDP.  Counting
-        outbound connections needs every TCP socket; a namespace whose ActiveOpens has not
-        moved since its last count keeps the connections of that count instead
+        Its counters are read first (:func:`read_signals`).  When none moved since its last
+        read (:meth:`Reuse.whole`), that read's sockets and listeners serve and nothing is
+        dumped; when only UDP's moved (:meth:`Reuse.tcp`), listeners and UDP are dumped (cheap)
+        and the TCP connections of the last read serve; otherwise every table is dumped.
+        Counting outbound connections needs every TCP socket; a namespace whose ActiveOpens has
+        not moved since its last count keeps the connections of that count instead
         (:class:`OutboundMemo`), and its tables stay filtered in the kernel."""
+        inode = namespace.inode
+        signals, witness = self._signals(namespace)
+        unchanged: Optional[FrozenSet[OutboundKey]] = None
+        if outbound_tcp is not None and not want_all and signals is not None:
+            unchanged = self._outbound_memo.unchanged(inode, signals.active_opens)
+        may_reuse = (
+            signals is not None and not want_all and (outbound_tcp is None or unchanged is not None)
+        )
+        if may_reuse and signals is not None:
+            whole = self.reuse.whole(inode, witness, signals)
+            if whole is not None:
+                info = NamespaceStats(inode, witness, active_opens=signals.active_opens)
+                info.sockets, info.listeners = signals.sockets, len(whole.listeners)
+                info.reused = info.quiet = True
+                kept.extend((inode, whole.listeners, sock) for sock in whole.tcp)
+                kept.extend((inode, whole.listeners, sock) for sock in whole.rest)
+                self._count_unchanged(info, unchanged, outbound_tcp)
+                return info
         opened = self._open_diag(namespace)
         if opened is None:
             return None
         diag, pid = opened
-        entry = proc_entry(pid, self._threads, self.proc_root)
-        signals: Optional[TcpSignals] = None
-        with contextlib.suppress(OSError, ValueError):
-            signals = read_tcp_signals(*entry)
-        info = NamespaceStats(
-            namespace.inode,
-            pid,
-            active_opens=signals.active_opens if signals is not None else _active_opens(entry),
-        )
-        unchanged: Optional[FrozenSet[OutboundKey]] = None
-        if outbound_tcp is not None and not want_all:
-            unchanged = self._outbound_memo.unchanged(namespace.inode, info.active_opens)
+        active_opens = signals.active_opens if signals is not None else None
+        if signals is None:
+            active_opens = _active_opens(proc_entry(pid, self._threads, self.proc_root))
+        info = NamespaceStats(inode, pid, active_opens=active_opens)
         cookie = diag.netns_cookie()
-        reused: Optional[List[Socket]] = None
-        if signals is not None and not want_all and (outbound_tcp is None or unchanged is not None):
-            read = self.reuse.usable(namespace.inode, cookie, signals.signature)
-            if read is not None:
-                reused = read.sockets
+        prior: Optional[NamespaceRead] = None
+        if may_reuse and signals is not None:
+            prior = self.reuse.tcp(inode, cookie, signals)
         counted: Optional[Set[OutboundKey]] = (
             set() if outbound_tcp is not None and unchanged is None else None
         )
         listeners = ListenerIndex()
         fresh: List[Socket] = []
+        rest: List[Socket] = []
         try:
             with diag:
                 rows = self._diag_tables(
-                    diag, namespace.inode, listeners, want_all, counted, kept, reused, fresh
+                    diag,
+                    inode,
+                    listeners,
+                    want_all,
+                    counted,
+                    kept,
+                    prior.tcp if prior is not None else None,
+                    fresh,
+                    rest,
                 )
         except OSError:
             return None
-        if reused is None and not want_all:
-            if signals is not None:
-                self.reuse.remember(namespace.inode, cookie, signals.signature, fresh, rows)
+        if not want_all and signals is not None:
+            read = NamespaceRead(witness, cookie, signals, fresh, rest, listeners, rows, due=0.0)
+            if prior is not None:
+                read.tcp, read.due = prior.tcp, prior.due
+                self.reuse.refresh(inode, read)
             else:
-                self.reuse.forget(namespace.inode)
-        info.reused = reused is not None
-        if outbound_tcp is not None:
-            keys = unchanged if unchanged is not None else frozenset(counted or ())
+                self.reuse.remember(inode, read)
+        elif not want_all:
+            self.reuse.forget(inode)
+        info.reused = prior is not None
+        if counted is not None and outbound_tcp is not None:
+            keys = frozenset(counted)
             outbound_tcp.update(keys)
             info.outbound_tcp = len(keys)
-            self._outbound_memo.remember(namespace.inode, info.active_opens, keys)
+            self._outbound_memo.remember(inode, info.active_opens, keys)
+        else:
+            self._count_unchanged(info, unchanged, outbound_tcp)
         info.listeners = len(listeners)
         info.sockets = rows
         if not (want_all or counted is not None) and signals is not None:
             info.sockets = signals.sockets  # the kernel left most sockets out: its own count
         return info
+
+    def _count_unchanged(
+        self,
+        info: NamespaceStats,
+        unchanged: Optional[FrozenSet[OutboundKey]],
+        outbound_tcp: Optional[Set[OutboundKey]],
+    ) -> None:
+        """The outbound connections of a namespace whose ActiveOpens did not move: its last
+        count's."""
+        if outbound_tcp is None or unchanged is None:
+            return
+        outbound_tcp.update(unchanged)
+        info.outbound_tcp = len(unchanged)
+        self._outbound_memo.remember(info.inode, info.active_opens, unchanged)
+
+    def _signals(self, namespace: NetNamespace) -> Tuple[Optional[Signals], int]:
+        """The namespace's counters through the first of its processes that lets them be read,
+        and that pid; (None, its first pid) when none does."""
+        for pid in namespace.pids:
+            try:
+                return read_signals(*proc_entry(pid, self._threads, self.proc_root)), pid
+            except OSError:
+                continue  # gone: try the next process
+            except ValueError:
+                break  # no TCP counters here: nothing to compare
+        return None, namespace.pid
 
     def _open_diag(self, namespace: NetNamespace) -> Optional[Tuple[DiagSocket, int]]:
         """A sock_diag socket in the namespace, through the first of its processes we may
@@ -341,16 +393,18 @@ class LinuxSampler:
         kept: List[_Kept],
         reused: Optional[List[Socket]] = None,
         fresh: Optional[List[Socket]] = None,
+        rest: Optional[List[Socket]] = None,
     ) -> int:
         """Read the four tables of one namespace into ``kept``; how many records came.
 
         First what can listen: the TCP listeners (a cheap dump: the kernel walks only its
         listening hash) and the UDP tables (small), or every table when ``want_all``.  Then
         the rest of TCP, one table at a time, the kernel dropping what is never external
-        (:meth:`_rest_program`), its kept sockets also into ``fresh``; or, given ``reused``
-        (the kept sockets of an earlier dump that still holds), those instead of walking the
-        established hash.  Records are decoded only when kept, and one big table at a time is
-        held in memory.  Raises OSError when the kernel refuses a dump."""
+        (:meth:`_rest_program`), its kept sockets also into ``fresh`` (the others into
+        ``rest``); or, given ``reused`` (the kept sockets of an earlier dump that still holds),
+        those instead of walking the established hash.  Records are decoded only when kept,
+        and one big table at a time is held in memory.  Raises OSError when the kernel refuses
+        a dump."""
         batches: List[Tuple[SocketTable, Optional[List[DiagRecord]]]] = [
             (table, self._listening_pass(diag, table, want_all, listeners))
             for table in SOCKET_TABLES
@@ -359,21 +413,20 @@ class LinuxSampler:
             batches += [(table, None) for table in _TCP_TABLES]  # None: read when its turn comes
         rows = 0
         for table, batch in batches:
-            into = kept
+            into = rest
             if batch is None:
                 program = self._rest_program(table, listeners, counting=counted is not None)
                 batch = diag.records(table, NOT_LISTENING, program)
-                into = []
+                into = fresh
             rows += len(batch)
             if counted is not None and table.protocol == IPPROTO_TCP:
                 add_outbound(
                     counted, namespace_inode, listeners, _record_ends(batch, table.version)
                 )
-            self._keep_records(table, batch, namespace_inode, listeners, want_all, into)
-            if into is not kept:
-                kept.extend(into)
-                if fresh is not None:
-                    fresh.extend(sock for _, _, sock in into)
+            start = len(kept)
+            self._keep_records(table, batch, namespace_inode, listeners, want_all, kept)
+            if into is not None:
+                into.extend(sock for _, _, sock in kept[start:])
             batch.clear()
         if reused is not None:
             kept.extend((namespace_inode, listeners, sock) for sock in reused)

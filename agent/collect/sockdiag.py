@@ -23,6 +23,7 @@ order.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
@@ -80,6 +81,7 @@ class SockDiagError(OSError):
     """The kernel refused a dump or cannot be asked (no sock_diag, not allowed to enter)."""
 
 
+@functools.lru_cache(maxsize=None)
 def _load_setns() -> Callable[[int, int], None]:
     if hasattr(os, "setns"):  # Python 3.12+
         setns: Callable[[int, int], None] = os.setns
