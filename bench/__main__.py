@@ -3,8 +3,13 @@
 For each scale: build the load (``bench.load``), open every method (``bench.measure``), take one
 discarded round and ``--runs`` measured rounds (each round runs every method once, starting
 with a different one), close the methods, tear the load down; then print the tables and write
-the section of ``bench/RESULTS.md``.  ``--over-time SECONDS`` instead runs the osquery extension
-on scale M for that long and reports its CPU share and RSS.  Needs root (network namespaces).
+the section of ``bench/RESULTS.md``.  Then the micro-benchmarks, each in a process of its own
+writing its own section: the Thrift reply (``bench.thrift_bench``), start-up
+(``bench.startup``), the DNS watch (``bench.dns_bench``) and the history table at 100,000 rows
+(``bench.history_bench``); ``--no-extras`` leaves them out.  ``--quick`` (development): scales
+M and N100, 3 rounds, the micro-benchmarks shortened.  ``--over-time SECONDS`` instead runs the
+osquery extension on scale M for that long and reports its CPU share and RSS.  Needs root
+(network namespaces).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +27,7 @@ from typing import Optional, Sequence
 from bench.extension import over_time
 from bench.harness import methods, run_scale
 from bench.load import SCALES, Load, LoadError
-from bench.measure import Unavailable
+from bench.measure import REPO_ROOT, Unavailable
 from bench.report import (
     markdown_table,
     print_scale,
@@ -60,12 +66,26 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--over-time", type=float, metavar="SECONDS", help="run the extension this long instead"
     )
-    parser.add_argument("--interval", type=float, default=5.0, help="extension interval (5 s)")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        help=f"extension interval (over time: {OVER_TIME_INTERVAL:g} s; scales: "
+        f"{EXTENSION_INTERVAL:g} s, so that no background sample lands in a generate's CPU)",
+    )
     parser.add_argument(
         "--query-every", type=float, default=0.0, help="over-time: also generate every N s"
     )
+    parser.add_argument("--quick", action="store_true", help="M and N100, 3 rounds, short extras")
+    parser.add_argument("--no-extras", action="store_true", help="no micro-benchmarks")
     args = parser.parse_args(argv)
-    default = "M" if args.over_time is not None else "S,M,L,M-none,M-all"
+    if args.over_time is not None and args.interval is None:
+        args.interval = OVER_TIME_INTERVAL
+    if args.quick and args.runs == parser.get_default("runs"):
+        args.runs = 3
+    default = "M" if args.over_time is not None else DEFAULT_SCALES
+    if args.quick and args.over_time is None:
+        default = "M,N100"
     args.scale_list = [s.strip() for s in (args.scales or default).split(",") if s.strip()]
     unknown = [s for s in args.scale_list if s not in SCALES]
     if unknown:
@@ -77,6 +97,39 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     return args
+
+
+DEFAULT_SCALES = "S,M,L,M-none,M-all,N100,N100-storm"
+OVER_TIME_INTERVAL = 5.0
+EXTENSION_INTERVAL = 3600.0
+"""The extension's sampling interval while its generates are measured: one background sample
+at start, none after, so that the CPU of a generate is the generate's (the background loop's
+cost is what ``--over-time`` measures)."""
+
+EXTRAS = (
+    ("bench.thrift_bench", ["--repeats", "15"], ["--repeats", "5"]),
+    ("bench.startup", ["--runs", "5"], ["--runs", "2"]),
+    ("bench.dns_bench", ["--seconds", "4"], ["--seconds", "2", "--rates", "100"]),
+    ("bench.history_bench", ["--runs", "3"], ["--runs", "1"]),
+)
+"""The micro-benchmarks run after the scales: (module, arguments, arguments with --quick)."""
+
+
+def _extras(args: argparse.Namespace) -> int:
+    """Each micro-benchmark in a process of its own (it writes its own RESULTS.md section)."""
+    failed = 0
+    for module, arguments, quick in EXTRAS:
+        argv = [sys.executable, "-m", module, *(quick if args.quick else arguments)]
+        if module == "bench.dns_bench":
+            argv += ["--prefix", f"{args.prefix}d"]
+        if args.no_write:
+            argv.append("--no-write")
+        started = time.monotonic()
+        _log(f"{module}: {' '.join(argv[3:])}")
+        done = subprocess.run(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, check=False)
+        _log(f"{module}: exit {done.returncode} after {time.monotonic() - started:.0f} s")
+        failed += done.returncode != 0
+    return failed
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -98,7 +151,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.over_time is not None:
             return _over_time(args, topology, argv)
-        return _scales(args, topology, argv)
+        started = time.monotonic()
+        status = _scales(args, topology, argv)
+        if not args.no_extras:
+            status = status or (1 if _extras(args) else 0)
+        _log(f"done in {(time.monotonic() - started) / 60:.1f} minutes")
+        return status
     except (LoadError, TopologyError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -126,7 +184,7 @@ def _bytecode_cache() -> str:
 def _scales(args: argparse.Namespace, topology: Topology, argv: Sequence[str]) -> int:
     chosen = [
         m
-        for m in methods(args.interval)
+        for m in methods(EXTENSION_INTERVAL if args.interval is None else args.interval)
         if not args.only_list or m.key in args.only_list or m.key == "ss"
     ]
     results = []

@@ -16,7 +16,8 @@
   with longest-chain answers, and the tracker's tables full (pending queries, TCP flows
   holding their byte bound); tracemalloc's figure beside the bound and the RSS growth.
 
-Prints a markdown table; writes nothing.  Machines shared with other work give noisy CPU
+Prints a markdown table and writes it as the ``dns`` section of ``bench/RESULTS.md`` (not
+with ``--no-write``).  Machines shared with other work give noisy CPU
 figures: read them as orders of magnitude, and the ratio to the server as the comparison.
 """
 
@@ -368,6 +369,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per rate (default 10)")
     parser.add_argument("--rates", default="100,1000", help="answers per second (100,1000)")
     parser.add_argument("--prefix", default="edb", help="namespace name prefix (edb)")
+    parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args(argv)
     rows = parser_rows() + memory_rows()
     if os.geteuid() == 0:
@@ -375,10 +377,22 @@ def main(argv: Sequence[str]) -> int:
         rows += load_rows(args.prefix, rates, args.seconds)
     else:
         rows.append(("watch CPU under load", "n/a", "needs root (network namespaces, AF_PACKET)"))
-    print("| measured | figure | beside it |")
-    print("|---|---|---|")
-    for what, figure, beside in rows:
-        print(f"| {what} | {figure} | {beside} |")
+    from bench.report import machine, markdown_table, write_section
+
+    info = machine()
+    body = "\n".join(
+        [
+            "## The DNS watch (issue 12)",
+            "",
+            f"Run: `python -m bench.dns_bench {' '.join(argv)}`; {info['python']}, "
+            f"load average {info['load average']}.",
+            "",
+            markdown_table(["measured", "figure", "beside it"], [list(row) for row in rows]),
+        ]
+    )
+    print(body)
+    if not args.no_write:
+        write_section("dns", body)
     return 0
 
 

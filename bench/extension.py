@@ -55,7 +55,7 @@ class StandInExtension:
 
     TABLE = "external_connections"
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, history_path: str = "") -> None:
         tests_dir = os.path.join(REPO_ROOT, "tests")
         if tests_dir not in sys.path:
             sys.path.insert(0, tests_dir)
@@ -66,7 +66,7 @@ class StandInExtension:
         with open(config, "w") as f:
             f.write(
                 f"sampling:\n  interval: {interval:g}\n"
-                f"history:\n  path: {os.path.join(self._directory, 'history.db')}\n"
+                f"history:\n  path: {history_path or os.path.join(self._directory, 'history.db')}\n"
             )
         self._core: Any = osquery_core.CoreStandIn().start()
         self._connection: Any = None

@@ -99,6 +99,4 @@ def run_scale(
     finally:
         for method, _ in active:
             method.close()
-    return ScaleResult(
-        load.scale, census, load.setup_seconds, runs, results + cpu_results(results)
-    )
+    return ScaleResult(load.scale, census, load.setup_seconds, runs, results + cpu_results(results))

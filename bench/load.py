@@ -88,8 +88,16 @@ SCALES: Dict[str, Scale] = {
         Scale("M-all", clients=300, files=20, tcp=32, external="one"),
         Scale("N100", clients=200, files=20, tcp=24, namespaces=97),
         Scale("N100-storm", clients=200, files=20, tcp=24, namespaces=97, storm=200),
-        Scale("tiny-ns", clients=8, files=3, tcp=3, external_every=4, namespaces=3, storm=20,
-              storm_namespaces=2),  # fmt: skip
+        Scale(
+            "tiny-ns",
+            clients=8,
+            files=3,
+            tcp=3,
+            external_every=4,
+            namespaces=3,
+            storm=20,
+            storm_namespaces=2,
+        ),
     )
 }
 
@@ -349,7 +357,7 @@ class Load:
             home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
             for extra in self.extras:
                 _enter(extra)
-                listeners += self._listeners(("0.0.0.0", "::"))
+                listeners += self._listeners(("0.0.0.0", "::"))  # noqa: S104 (its own netns)
             _setns(home)
             os.close(home)
         return listeners

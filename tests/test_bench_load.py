@@ -167,3 +167,31 @@ def test_over_time_reads_cpu_and_rss_of_the_extension_processes() -> None:
     assert 0.0 <= result.cpu_share < 50.0
     assert result.generates == harnesses[0].generated >= 3
     assert harnesses[0]._proc.returncode is not None
+
+
+@needs_root
+def test_a_load_over_many_namespaces_with_a_storm_leaves_nothing_behind() -> None:
+    import time
+
+    from agent.collect.procnet import namespace_of, read_tcp_counters
+
+    scale = SCALES["tiny-ns"]
+    with Load(scale, TOPOLOGY) as load:
+        pids = list(load.pids)
+        assert len(load.extras) == scale.namespaces
+        assert len(load.storm_pids) == scale.storm_namespaces
+        census = load.census()
+        assert census.sockets_by_namespace[f"{scale.namespaces} more namespaces"] > 0
+        in_extras = [p for p in load.plans if p.extra >= 0]
+        assert in_extras and all(p.extra < scale.namespaces for p in in_extras)
+        extra_inodes = {os.stat(f"/run/netns/{name}").st_ino for name in load.extras}
+        client_inodes = {namespace_of(pid) for pid in load.client_pids}
+        assert extra_inodes <= client_inodes  # clients live in the added namespaces too
+        storm = load.storm_pids[0]
+        opened = read_tcp_counters(storm)["ActiveOpens"]
+        deadline = time.monotonic() + 10
+        while read_tcp_counters(storm)["ActiveOpens"] <= opened:  # the storm storms
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert leftovers(TOPOLOGY) == []
+    assert alive(pids) == []

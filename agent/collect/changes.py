@@ -54,7 +54,6 @@ from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from agent.collect.procnet import (
-    INET_SOCKET_COUNTS,
     PROC_ROOT,
     ListenerIndex,
     Socket,
@@ -62,23 +61,12 @@ from agent.collect.procnet import (
 
 TCP_COUNTERS = ("ActiveOpens", "PassiveOpens", "AttemptFails", "EstabResets", "CurrEstab")
 """The ``Tcp:`` counters of ``/proc/PID/net/snmp`` in a TCP signature."""
-TCP_GAUGES = (("TCP", "inuse"), ("TCP", "tw"), ("TCP6", "inuse"))
-"""The per-namespace sockstat figures in a TCP signature."""
 UDP_COUNTERS = ("InDatagrams", "OutDatagrams")
 """The ``Udp:`` counters of ``snmp`` (IPv4, and IPv4-mapped sends of IPv6 sockets)."""
 UDP6_COUNTERS = (b"Udp6InDatagrams", b"Udp6OutDatagrams")
 """Their IPv6 counterparts in ``/proc/PID/net/snmp6``, read when the namespace has UDP6
 sockets."""
-UDP_GAUGES = (("UDP", "inuse"), ("UDP6", "inuse"))
 
-
-def _as_bytes(pairs: Iterable[Tuple[str, str]]) -> Tuple[Tuple[bytes, bytes], ...]:
-    return tuple(((name + ":").encode(), key.encode()) for name, key in pairs)
-
-
-_TCP_GAUGES = _as_bytes(TCP_GAUGES)
-_UDP_GAUGES = _as_bytes(UDP_GAUGES)
-_INET_COUNTS = _as_bytes(INET_SOCKET_COUNTS)
 
 Signature = Tuple[int, ...]
 
@@ -109,12 +97,28 @@ _Columns = Dict[Tuple[bytes, Tuple[bytes, ...]], Tuple[int, ...]]
 _COLUMNS: _Columns = {}
 
 
-def _section(lines: List[bytes], prefix: bytes, names: Tuple[bytes, ...]) -> Tuple[int, ...]:
+def _line(text: bytes, prefix: bytes, start: int = 0) -> Tuple[bytes, int]:
+    """The first line of ``text`` from ``start`` on that begins with ``prefix`` (without it),
+    and where it ends; (b"", -1) when there is none."""
+    at = text.find(prefix, start) if text.startswith(prefix, start) else -1
+    if at < 0:
+        at = text.find(b"\n" + prefix, start)
+        if at < 0:
+            return b"", -1
+        at += 1
+    end = text.find(b"\n", at)
+    if end < 0:
+        end = len(text)
+    return text[at + len(prefix) : end], end
+
+
+def _section(text: bytes, prefix: bytes, names: Tuple[bytes, ...]) -> Tuple[int, ...]:
     """The values of ``names`` in a ``snmp`` section: a line of names, then one of values."""
-    found = [line for line in lines if line.startswith(prefix)]
-    if len(found) < 2:
+    header, end = _line(text, prefix)
+    if end < 0:
         return ()
-    header, values = found[0], found[1].split()
+    line, _ = _line(text, prefix, end)
+    values = line.split()
     key = (header, names)
     columns = _COLUMNS.get(key)
     if columns is None:  # the same header for every namespace of a kernel: looked up once
@@ -123,18 +127,18 @@ def _section(lines: List[bytes], prefix: bytes, names: Tuple[bytes, ...]) -> Tup
     return tuple(int(values[i]) if 0 <= i < len(values) else -1 for i in columns)
 
 
-def _sockstat(text: bytes, into: Dict[bytes, Dict[bytes, bytes]]) -> None:
-    for line in text.split(b"\n"):
-        words = line.split()
-        if words:
-            into[words[0]] = dict(zip(words[1::2], words[2::2]))
-
-
-def _figure(fields: Dict[bytes, Dict[bytes, bytes]], name: bytes, key: bytes) -> int:
-    try:
-        return int(fields[name][key])
-    except (KeyError, ValueError):
-        return -1
+def _figures(text: bytes, name: bytes, keys: Tuple[bytes, ...]) -> Tuple[int, ...]:
+    """``keys`` of the sockstat line ``name`` (``TCP: inuse 7 orphan 0 tw 3 ...``); -1 for
+    what is missing."""
+    line, _ = _line(text, name)
+    words = line.split()
+    figures = []
+    for key in keys:
+        try:
+            figures.append(int(words[words.index(key) + 1]))
+        except (ValueError, IndexError):
+            figures.append(-1)
+    return tuple(figures)
 
 
 def _snmp6_udp(path: str) -> Tuple[int, ...]:
@@ -158,21 +162,27 @@ def read_signals(pid: int, proc_root: str = PROC_ROOT) -> Signals:
     is gone) and ValueError when ``snmp`` has no ``Tcp:`` section.  Read often (every
     namespace, every sample): a few microseconds of Python each."""
     base = f"{proc_root}/{pid}/net/"
-    lines = _read(base + "snmp").split(b"\n")
-    tcp = _section(lines, b"Tcp:", _TCP_NAMES)
+    snmp = _read(base + "snmp")
+    tcp = _section(snmp, b"Tcp:", _TCP_NAMES)
     if not tcp:
         raise ValueError(f"{base}snmp has no Tcp: counters")
-    udp = _section(lines, b"Udp:", _UDP_NAMES)
-    fields: Dict[bytes, Dict[bytes, bytes]] = {}
-    _sockstat(_read(base + "sockstat"), fields)
+    udp = _section(snmp, b"Udp:", _UDP_NAMES)
+    sockstat = _read(base + "sockstat")
+    tcp_inuse, tw = _figures(sockstat, b"TCP:", (b"inuse", b"tw"))
+    (udp_inuse,) = _figures(sockstat, b"UDP:", (b"inuse",))
+    tcp6_inuse = udp6_inuse = 0
     with contextlib.suppress(FileNotFoundError):
-        _sockstat(_read(base + "sockstat6"), fields)
-    tcp_gauges = tuple(_figure(fields, name, key) for name, key in _TCP_GAUGES)
-    udp_gauges = tuple(_figure(fields, name, key) for name, key in _UDP_GAUGES)
-    udp6 = _snmp6_udp(base + "snmp6") if udp_gauges[1] > 0 else ()
-    sockets = sum(max(0, _figure(fields, name, key)) for name, key in _INET_COUNTS)
-    active_opens = tcp[0] if tcp[0] >= 0 else None
-    return Signals(tcp + tcp_gauges, udp + udp_gauges + udp6, sockets, active_opens)
+        sockstat6 = _read(base + "sockstat6")
+        (tcp6_inuse,) = _figures(sockstat6, b"TCP6:", (b"inuse",))
+        (udp6_inuse,) = _figures(sockstat6, b"UDP6:", (b"inuse",))
+    udp6 = _snmp6_udp(base + "snmp6") if udp6_inuse > 0 else ()
+    sockets = sum(max(0, n) for n in (tcp_inuse, tw, udp_inuse, tcp6_inuse, udp6_inuse))
+    return Signals(
+        (*tcp, tcp_inuse, tw, tcp6_inuse),
+        (*udp, udp_inuse, udp6_inuse, *udp6),
+        sockets,
+        tcp[0] if tcp[0] >= 0 else None,
+    )
 
 
 @dataclass
