@@ -28,6 +28,11 @@ def methods(interval: float) -> List[Method]:
         ColdPython("psutil", "psutil + identity", "bench.targets:psutil_table"),
         ColdPython("sampler-cold", "sampler cold", "bench.targets:our_sampler"),
         WarmPython("sampler-warm", "sampler warm", "bench.targets:our_sampler"),
+        WarmPython(
+            "sampler-warm-all",
+            "sampler warm, every namespace read",
+            "bench.targets:our_sampler_reading_all",
+        ),
         WarmPython("floor", "kernel floor, every namespace", "bench.targets:kernel_floor"),
         ColdPython(
             "generate-cold", "live generate cold, CPU", "bench.generate:live_generate", cpu=True

@@ -71,6 +71,20 @@ def our_sampler() -> Callable[[], List[object]]:
     return sample
 
 
+def our_sampler_reading_all() -> Callable[[], List[object]]:
+    """:func:`our_sampler` reading every namespace in full every time
+    (``full_read_every=0``): the sampler before namespaces were reused, for comparison."""
+    from agent.classify import Classifier
+    from agent.collect.linux import LinuxSampler
+
+    sampler = LinuxSampler(Classifier(), full_read_every=0)
+
+    def sample() -> List[object]:
+        return list(sampler.sample())
+
+    return sample
+
+
 REJECT_ALL = b"\x01\x04\x08\x00"
 """An inet_diag bytecode program of one JMP past its end: the kernel keeps no socket."""
 
