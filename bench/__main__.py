@@ -50,7 +50,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         default="",
         help=f"comma-separated, of: {','.join(SCALES)} (default: all but tiny; M for --over-time)",
     )
-    parser.add_argument("--runs", type=int, default=5, help="measured rounds (default 5)")
+    parser.add_argument("--runs", type=int, default=11, help="measured rounds (default 11)")
     keys = [m.key for m in methods(5.0)]
     parser.add_argument(
         "--only", default="", help="comma-separated methods (ss is always kept): " + ",".join(keys)
@@ -107,7 +107,7 @@ at start, none after, so that the CPU of a generate is the generate's (the backg
 cost is what ``--over-time`` measures)."""
 
 EXTRAS = (
-    ("bench.thrift_bench", ["--repeats", "15"], ["--repeats", "5"]),
+    ("bench.thrift_bench", ["--repeats", "25"], ["--repeats", "5"]),
     ("bench.startup", ["--runs", "5"], ["--runs", "2"]),
     ("bench.dns_bench", ["--seconds", "4"], ["--seconds", "2", "--rates", "100"]),
     ("bench.history_bench", ["--runs", "3"], ["--runs", "1"]),
