@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable
+from typing import Callable, Tuple
 
 from osquery.extensions.ttypes import ExtensionResponse, ExtensionStatus
 
@@ -68,4 +68,9 @@ def live_generate() -> Callable[[], int]:
             raise RuntimeError(result.message)
         return len(result.rows)
 
+    def quiet() -> Tuple[int, int]:
+        last = tables._monitor.pipeline.sampler.last
+        return last.namespaces_quiet, last.namespaces
+
+    generate.quiet = quiet  # type: ignore[attr-defined]
     return generate

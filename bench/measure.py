@@ -51,6 +51,7 @@ class Sample:
     rss_kb: int
     process_ms: Optional[float] = None  # a fresh interpreter's whole wall time, startup included
     cpu_ms: Optional[float] = None  # the measured process's CPU for this run, when known
+    quiet: Optional[Tuple[int, int]] = None  # (namespaces left undumped, namespaces) of a sample
 
 
 class Method:
@@ -133,6 +134,11 @@ def _parse_reply(line: bytes, who: str) -> Dict[str, Any]:
     return reply
 
 
+def _quiet(reply: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    quiet = reply.get("quiet")
+    return (int(quiet[0]), int(quiet[1])) if quiet else None
+
+
 class ColdPython(Method):
     def __init__(self, key: str, label: str, target: str, cpu: bool = False) -> None:
         self.key, self.label, self.target, self.cpu = key, label, target, cpu
@@ -150,7 +156,11 @@ class ColdPython(Method):
             raise RuntimeError(f"{self.describe()}: exit {code} without a reply")
         reply = _parse_reply(lines[-1], self.describe())
         return Sample(
-            ms=reply["ms"], rows=reply["rows"], rss_kb=reply["rss_kb"], process_ms=process_ms
+            ms=reply["ms"],
+            rows=reply["rows"],
+            rss_kb=reply["rss_kb"],
+            process_ms=process_ms,
+            quiet=_quiet(reply),
         )
 
 
@@ -191,7 +201,9 @@ class WarmPython(Method):
         stdin.write(b"sample\n")
         stdin.flush()
         reply = self._reply()
-        return Sample(ms=reply["ms"], rows=reply["rows"], rss_kb=reply["rss_kb"])
+        return Sample(
+            ms=reply["ms"], rows=reply["rows"], rss_kb=reply["rss_kb"], quiet=_quiet(reply)
+        )
 
     def close(self) -> None:
         if self._proc is None:

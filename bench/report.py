@@ -61,6 +61,15 @@ class MethodResult:
         return int(statistics.median([s.rows for s in self.samples]))
 
     @property
+    def quiet(self) -> str:
+        """Median namespaces left undumped by a sample, of its namespaces ("" when unknown)."""
+        pairs = [s.quiet for s in self.samples if s.quiet is not None]
+        if not pairs:
+            return ""
+        undumped = statistics.median(p[0] for p in pairs)
+        return f"{undumped:g} of {statistics.median(p[1] for p in pairs):g}"
+
+    @property
     def process_ms(self) -> Optional[float]:
         values = [s.process_ms for s in self.samples if s.process_ms is not None]
         return statistics.median(values) if values else None
@@ -119,7 +128,17 @@ def _num(value: Optional[float], digits: int = 1) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-HEADER = ("method", "median ms", "min", "max", "x ss -tunaH", "peak RSS MB", "rows", "process ms")
+HEADER = (
+    "method",
+    "median ms",
+    "min",
+    "max",
+    "x ss -tunaH",
+    "peak RSS MB",
+    "rows",
+    "process ms",
+    "namespaces undumped",
+)
 
 
 def scale_rows(result: ScaleResult) -> List[List[str]]:
@@ -127,7 +146,7 @@ def scale_rows(result: ScaleResult) -> List[List[str]]:
     rows = []
     for m in result.methods:
         if not m.ok:
-            rows.append([m.label, "n/a", "", "", "", "", "", m.unavailable or m.error])
+            rows.append([m.label, "n/a", "", "", "", "", "", m.unavailable or m.error, ""])
             continue
         ratio = m.median_ms / floor.median_ms if floor else None
         rows.append(
@@ -140,6 +159,7 @@ def scale_rows(result: ScaleResult) -> List[List[str]]:
                 _num(m.peak_rss_mb),
                 str(m.rows),
                 _num(m.process_ms),
+                m.quiet,
             ]
         )
     return rows

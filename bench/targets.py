@@ -15,7 +15,7 @@ of the cold number, as it is of the command an administrator would run.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 Identity = Tuple[str, str, Tuple[str, ...], str, float, int]
 
@@ -63,11 +63,20 @@ def our_sampler() -> Callable[[], List[object]]:
     from agent.classify import Classifier
     from agent.collect.linux import LinuxSampler
 
-    sampler = LinuxSampler(Classifier())
+    return _sampling(LinuxSampler(Classifier()))
+
+
+def _sampling(sampler: Any) -> Callable[[], List[object]]:
+    """One sample of ``sampler`` a call, with ``quiet()``: (namespaces left undumped of the last
+    sample, its namespaces), for the results table."""
 
     def sample() -> List[object]:
         return list(sampler.sample())
 
+    def quiet() -> Tuple[int, int]:
+        return sampler.last.namespaces_quiet, sampler.last.namespaces
+
+    sample.quiet = quiet  # type: ignore[attr-defined]
     return sample
 
 
@@ -77,12 +86,7 @@ def our_sampler_reading_all() -> Callable[[], List[object]]:
     from agent.classify import Classifier
     from agent.collect.linux import LinuxSampler
 
-    sampler = LinuxSampler(Classifier(), full_read_every=0)
-
-    def sample() -> List[object]:
-        return list(sampler.sample())
-
-    return sample
+    return _sampling(LinuxSampler(Classifier(), full_read_every=0))
 
 
 REJECT_ALL = b"\x01\x04\x08\x00"

@@ -40,6 +40,13 @@ def _rows(result: Union[int, Sized]) -> int:
     return result if isinstance(result, int) else len(result)
 
 
+def _quiet(sample: Sampler) -> Dict[str, Any]:
+    """``{"quiet": [undumped, namespaces]}`` when the sample says how many namespaces it left
+    undumped (a ``quiet()`` attribute: the sampler's reuse, agent/collect/changes.py)."""
+    quiet = getattr(sample, "quiet", None)
+    return {"quiet": list(quiet())} if callable(quiet) else {}
+
+
 def _reply(payload: Dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload) + "\n")
     sys.stdout.flush()
@@ -69,13 +76,14 @@ def main(argv: List[str]) -> int:
         _reply({"unavailable": str(exc)})
         return 3
     if mode == "cold":
-        _reply({"ms": first_ms, "rows": rows, "rss_kb": _rss_kb()})
+        _reply({"ms": first_ms, "rows": rows, "rss_kb": _rss_kb(), **_quiet(sample)})
         return 0
     _reply({"ready": True, "first_ms": first_ms})
     for _request in sys.stdin:
         started = clock()
         rows = _rows(sample())
-        _reply({"ms": (clock() - started) * 1000, "rows": rows, "rss_kb": _rss_kb()})
+        ms = (clock() - started) * 1000
+        _reply({"ms": ms, "rows": rows, "rss_kb": _rss_kb(), **_quiet(sample)})
     return 0
 
 
