@@ -104,6 +104,9 @@ class DomainNames:
                 "(names come from a running extension or watch)"
             )
             return names
+        if not os.access(path, os.R_OK):
+            names.notice = f"no names for destinations: cannot read the history store {path}"
+            return names
         store = open_store(settings)
         try:
             loaded = names._load(store)
