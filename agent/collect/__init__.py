@@ -1,0 +1,1 @@
+"""Sources of connection records: the kernel's socket tables, and its events."""
