@@ -90,9 +90,9 @@ class TcpStateChange(NamedTuple):
 
     time: int
     """Trace clock, nanoseconds."""
+    flags: int
     pid: int
     """The thread the event ran in (``common_pid``): meaningful outside interrupts only."""
-    flags: int
     skaddr: int
     oldstate: int
     newstate: int
@@ -302,7 +302,7 @@ def decode_tcp_state(fmt: EventFormat) -> Decoder[TcpStateChange]:
         ),
     )
     make = tuple.__new__
-    cls = TcpStateChange
+    cls = TcpStateChange  # its fields are in the order read, after the time stamp
 
     def decode(page: bytes, offset: int, length: int, time: int) -> Optional[TcpStateChange]:
         if length < needed:
