@@ -567,6 +567,8 @@ def choose_events(
     for spec in specs:
         key = f"{spec.system}:{spec.name}"
         if key in exclude:
+            if spec.required:
+                raise FormatError(f"{key} is required and cannot be excluded")
             unavailable[key] = "excluded"
             continue
         if (

@@ -309,6 +309,7 @@ class Instance:
         self.clock = ""
         self.filters: Dict[Tuple[str, str], str] = {}
         """(system, event) -> the filter the kernel accepted ("" for none)."""
+        self._buffer_shown: Optional[int] = None
         self.enabled: List[Tuple[str, str]] = []
         self.missing: List[Tuple[str, str]] = []
         """Events of the settings this kernel does not have."""
@@ -426,8 +427,10 @@ class Instance:
             raise _unavailable(error, f"configuring {self.path}") from error
 
     def _apply_buffer(self, settings: InstanceSettings) -> None:
-        if self._buffer_size() != settings.buffer_size_kb:
+        # the kernel rounds to whole pages of data (256 shows as 258): remember what it shows
+        if self._buffer_size() not in (settings.buffer_size_kb, self._buffer_shown):
             self.write("buffer_size_kb", str(settings.buffer_size_kb))
+        self._buffer_shown = self._buffer_size()
 
     def _buffer_size(self) -> Optional[int]:
         try:
@@ -478,7 +481,7 @@ class Instance:
         if settings is None or self.closed:
             return []
         changed = []
-        if self._buffer_size() != settings.buffer_size_kb:
+        if self._buffer_size() != self._buffer_shown:
             changed.append("buffer_size_kb")
         if _bracketed(self.read("trace_clock")) != self.clock:
             changed.append("trace_clock")
