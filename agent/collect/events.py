@@ -29,7 +29,7 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
-from agent.collect.kevents import ChosenEvents, EventReader, choose_events
+from agent.collect.kevents import CLOCK_IDS, ChosenEvents, EventReader, choose_events
 from agent.collect.listeners import ListenerResolver
 from agent.collect.ringbuffer import FormatError
 from agent.collect.tracefs import (
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 
 UDP_EVENTS = ("fib:fib_table_lookup", "fib6:fib6_table_lookup")
 NAMESPACE_EVENTS = ("syscalls:sys_exit_setns", "syscalls:sys_exit_unshare")
-
-_CLOCK_IDS = {"boot": time.CLOCK_BOOTTIME, "mono": time.CLOCK_MONOTONIC}
 
 
 def default_buffer_kb(cpus: Optional[int] = None) -> int:
@@ -89,7 +87,7 @@ class EventSource:
         self.resets = 0
         """Times another tool had changed our instance's settings (re-applied)."""
         self.events_read = 0
-        self._clock_id = _CLOCK_IDS[instance.clock]
+        self._clock_id = CLOCK_IDS[instance.clock]
         self._boot_offset_ns = 0
         self._last_read = 0.0
         self._last_verify = time.monotonic()
@@ -115,12 +113,14 @@ class EventSource:
         if since < self.min_interval_s:
             time.sleep(min(self.min_interval_s - since, max(0.0, timeout)))
         wait = timeout
-        if self.tracker._pending:
+        if self.reader.held:
+            wait = min(wait, self.min_interval_s)  # the other CPUs will have caught up
+        elif self.tracker.holding:
             wait = min(wait, self.tracker.hold_ns / 1e9)
         ready = self.reader.wait(max(0.0, wait - (time.monotonic() - started)))
         self._sync_clock()
         records: List[SocketEvent]
-        if ready:
+        if ready or self.reader.held:
             events = self.reader.read()
             self._last_read = time.monotonic()
             self.events_read += len(events)

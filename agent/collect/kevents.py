@@ -40,6 +40,7 @@ import os
 import select
 import struct
 import sys
+import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from agent.collect.ringbuffer import (
@@ -649,6 +650,10 @@ class EventReader:
         self._stats: Dict[int, int] = {}
         self._stats_base: Dict[int, int] = {}
         self._fds: Dict[int, int] = {}
+        self._held: List[KernelEvent] = []
+        clock_id = CLOCK_IDS.get(instance.clock, time.CLOCK_BOOTTIME)
+        self.clock_ns: Callable[[], int] = lambda: time.clock_gettime_ns(clock_id)
+        """The trace clock's current time (the instance's clock as Python reads it)."""
         self._poll = select.poll()
         try:
             for cpu in instance.cpus():
@@ -674,26 +679,38 @@ class EventReader:
             return False
 
     def read(self) -> List[KernelEvent]:
-        """Every event the buffers hold now (up to :attr:`max_pages` per CPU), all CPUs merged
-        in time order."""
-        events: List[KernelEvent] = []
+        """The events the buffers hold now, all CPUs merged in time order, up to the moment
+        every CPU had been read to its end.
+
+        CPUs are read one after the other, so the last one read holds events newer than the
+        moment the first was drained; a fork on the first CPU could then come in the next
+        batch after the exec it made on the last.  Events newer than the earliest drain
+        (the watermark) are held back for the next call (:attr:`held`)."""
+        events: List[KernelEvent] = self._held
+        self._held = []
         parse = self.parser.parse
         decoders = self.decoders
         size = self.page_size
-        runs = 0
+        clock = self.clock_ns
+        watermark: Optional[int] = None
         for cpu, fd in self._fds.items():
-            before = len(events)
+            drained: Optional[int] = None
+            last = 0
             for _ in range(self.max_pages):
+                now = clock()
                 try:
                     page = os.read(fd, size)
                 except BlockingIOError:
+                    drained = now  # everything this CPU wrote before `now` has been read
                     break
                 except InterruptedError:
                     continue
                 if not page:
+                    drained = now
                     break
                 self.pages_read += 1
                 info = parse(page, decoders, events)
+                last = info.timestamp
                 self.records += info.records
                 if info.malformed:
                     self.malformed_pages += 1
@@ -701,11 +718,26 @@ class EventReader:
                     self._lost_unknown[cpu] += 1
                 elif info.lost:
                     self._lost_pages[cpu] += info.lost
-            if len(events) > before:
-                runs += 1
-        if runs > 1:
-            events.sort(key=_time_of)  # sorted runs, one per CPU: a merge for timsort
+            if drained is None:  # stopped by max_pages: read up to its last page's end
+                drained = last
+            if watermark is None or drained < watermark:
+                watermark = drained
+        if not events:
+            return events
+        events.sort(key=_time_of)  # sorted runs, one per CPU: a merge for timsort
+        split = len(events)
+        if watermark is not None:
+            while split and events[split - 1][0] > watermark:
+                split -= 1
+        if split < len(events):
+            self._held = events[split:]
+            del events[split:]
         return events
+
+    @property
+    def held(self) -> int:
+        """Events read but held back until the other CPUs have been read past them."""
+        return len(self._held)
 
     def rebase_stats(self) -> None:
         """Count the kernel's stats from now on (after the buffer was reset: a new clock)."""
@@ -745,8 +777,11 @@ class EventReader:
         self._fds.clear()
 
 
-def _time_of(event: KernelEvent) -> int:
-    return event[0]
+_time_of = operator.itemgetter(0)
+
+CLOCK_IDS = {"boot": time.CLOCK_BOOTTIME, "mono": time.CLOCK_MONOTONIC}
+"""The Python clock of each trace clock we use (``kernel/trace/trace.c``: ``trace_clocks``;
+``boot`` is ``ktime_get_boot_fast_ns``, ``mono`` ``ktime_get_mono_fast_ns``)."""
 
 
 def _stats_loss(stats: Dict[str, int]) -> int:
