@@ -272,6 +272,8 @@ class ProcessTable:
             process = self.processes[event.tid] = _Process(Identity(pid=event.tid))
         read = self._read_identity(event.tid, process.start_ns) if latest else None
         if read is not None:
+            if not read.path:  # exiting already: /proc/PID/exe goes with the memory map
+                read = dataclasses.replace(read, path=event.filename)
             process.identity = read
             if thread.netns is None:
                 thread.netns = self._read_netns(event.tid)
@@ -416,6 +418,11 @@ class Tracker:
             TaskRename: self.processes.renamed,  # type: ignore[dict-item]
             NamespaceSwitch: self.processes.switched,  # type: ignore[dict-item]
         }
+
+    @property
+    def holding(self) -> bool:
+        """Connects are waiting for their local port (see ``hold_s``)."""
+        return bool(self._pending)
 
     def to_unix(self, ns: int) -> float:
         return ns / _NS_PER_S + self.offset
