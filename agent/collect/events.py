@@ -72,7 +72,7 @@ class EventSource:
         tracker: Tracker,
         chosen: ChosenEvents,
         verify_every_s: float = 5.0,
-        min_interval_s: float = 0.02,
+        min_interval_s: float = 0.05,
     ) -> None:
         self.instance = instance
         self.reader = reader

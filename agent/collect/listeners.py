@@ -101,10 +101,12 @@ class ListenerResolver:
         self.namespaces.setdefault(namespace, pid)
 
     def discover(self, force: bool = False) -> None:
-        """Every network namespace of the host's processes (``/proc/*/ns/net``), at most once
-        per :attr:`min_refresh_s` * 10 unless ``force``."""
+        """Every network namespace of the host's processes (``/proc/*/ns/net``, one readlink
+        per process): at most once per :attr:`min_refresh_s` * 10, or with ``force`` (a way
+        into a namespace was lost) once per :attr:`min_refresh_s`."""
         now = self._clock()
-        if not force and now - self._discovered < self.min_refresh_s * 10:
+        wait = self.min_refresh_s if force else self.min_refresh_s * 10
+        if now - self._discovered < wait:
             return
         self._discovered = now
         for namespace in discover_namespaces(self.proc_root).namespaces:
@@ -137,11 +139,14 @@ class ListenerResolver:
             self._dirty.add(namespace)
 
     def unlistened(self, namespace: Optional[int], version: int, address: int, port: int) -> None:
-        """A listener went to CLOSE in ``namespace`` (None: unknown, so all are dumped)."""
-        if namespace is None:
-            self._dirty.update(self.namespaces)
-        else:
+        """A listener went to CLOSE in ``namespace`` (None: unknown, so every namespace with a
+        listener there is dumped again)."""
+        if namespace is not None:
             self._dirty.add(namespace)
+            return
+        for entry in self.candidates(version, address, port):
+            if entry.net_namespace is not None:
+                self._dirty.add(entry.net_namespace)
 
     def _add(self, listener: Listener) -> None:
         key = (listener.version, listener.address, listener.port)

@@ -405,6 +405,7 @@ class Tracker:
         self.last_ns = 0
         """The time stamp of the newest event fed."""
         self._serial = 0
+        self._pruned_ns = 0
         self._pending: Deque[_TcpSocket] = collections.deque()
         self._resets: Dict[int, int] = {}
         self._out: List[SocketEvent] = []
@@ -467,7 +468,9 @@ class Tracker:
             sock = pending.popleft()
             if not sock.announced:
                 self._announce(sock)
-        self.processes.prune(now_ns)
+        if now_ns - self._pruned_ns >= _NS_PER_S:
+            self._pruned_ns = now_ns
+            self.processes.prune(now_ns)
         return out
 
     def _emit(self, kind: str, sock: _TcpSocket, time_ns: int) -> None:
