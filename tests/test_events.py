@@ -227,13 +227,13 @@ def test_short_lived_udp_senders_are_each_seen(
 
 
 _UNCONNECTED = """
-import os, socket
-print(os.getpid(), flush=True)
+import os, socket, sys
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(20):
     for port in ({first}, {second}):
         sock.sendto(b"x", ("{server}", port))
-print(sock.getsockname()[1], flush=True)
+print("READY", sock.getsockname()[1], flush=True)
+sys.stdin.read()
 """
 
 
@@ -241,8 +241,8 @@ def test_an_unconnected_sender_makes_one_record_per_destination(
     host: Host, source: EventSource, collector: Collector
 ) -> None:
     code = _UNCONNECTED.format(first=5301, second=5302, server=SERVER)
-    pid_text, local_port = host.cli.run([sys.executable, "-c", code]).split()
-    pid = int(pid_text)
+    sender = host.net.spawn(host.cli, [sys.executable, "-c", code], ready=True)
+    pid, local_port = sender.pid, sender.ready[0]
     assert collector.wait_for(lambda events: len(collector.of({pid}, "udp")) >= 2)
     time.sleep(0.5)
     flows = collector.of({pid}, "udp")
