@@ -9,9 +9,13 @@ keeps the listeners of every namespace:
 - from ``sock_diag`` dumps of listening sockets, one per namespace (cheap: the kernel walks only
   its listening hash, :data:`agent.sockdiag.LISTEN_ONLY`), their owners found by
   :class:`agent.owners.OwnerFinder` and named by :class:`agent.identity.IdentityCache`;
-- from ``listen()`` itself (CLOSE -> LISTEN runs in the caller's context), which the tracker
+- from ``listen()`` itself where the kernel traces it (CLOSE -> LISTEN in the caller's context:
+  Linux 6.18 does; kernels whose ``inet_csk_listen_start()`` stores the state with
+  ``inet_sk_state_store()``, as upstream did through at least 6.0, do not), which the tracker
   reports with :meth:`ListenerResolver.listened` so that a listener younger than the last dump
-  is known at once, and which marks its namespace for a fresh dump.
+  is known at once, and which marks its namespace for a fresh dump.  Without it, an accepted
+  connection that matches no known listener has the namespaces dumped again (at most once per
+  :attr:`~ListenerResolver.min_refresh_s`).
 
 A connection to a port that listeners of several namespaces share (two containers both serving
 ``0.0.0.0:80``) is placed by looking for its exact four-tuple in each candidate namespace's
@@ -241,8 +245,9 @@ class ListenerResolver:
         version = 4 if len(local) == 4 else 6
         address = int.from_bytes(local, "big")
         found = self.candidates(version, address, local_port)
-        if not found and self._clock() - self._full_refresh >= self.min_refresh_s * 5:
-            self._full_refresh = self._clock()  # a listener older than our dumps
+        if not found and self._clock() - self._full_refresh >= self.min_refresh_s:
+            # a listener younger than our dumps whose listen() the kernel did not trace
+            self._full_refresh = self._clock()
             self.refresh()
             found = self.candidates(version, address, local_port)
         if not found:
