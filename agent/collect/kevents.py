@@ -643,6 +643,8 @@ class EventReader:
         """Pages read from one CPU per :meth:`read`, so that one busy CPU cannot hold the
         others' events back for long."""
         self.pages_read = 0
+        self.errors: Dict[int, str] = {}
+        """cpu -> the last error reading its buffer (other than "no data now")."""
         self.malformed_pages = 0
         self.records = 0
         self._lost_pages: Dict[int, int] = {}
@@ -705,6 +707,10 @@ class EventReader:
                     break
                 except InterruptedError:
                     continue
+                except OSError as error:  # an offline CPU, say: nothing to read there now
+                    self.errors[cpu] = error.strerror or str(error)
+                    drained = now
+                    break
                 if not page:
                     drained = now
                     break
