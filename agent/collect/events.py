@@ -92,6 +92,8 @@ class EventSource:
         self._last_read = 0.0
         self._last_verify = time.monotonic()
         self._lost_seen = 0
+        self._last_resync = -1e9
+        self.resync_every_s = 5.0
         self._closed = False
         self._sync_clock()
 
@@ -152,19 +154,25 @@ class EventSource:
         self.reader.refresh_stats()
 
     def _check_loss(self) -> None:
+        """After a loss: log it and resynchronise, at most once per ``resync_every_s`` (under
+        a sustained overload a resync per batch would only deepen it)."""
         lost = self.reader.lost
-        if lost > self._lost_seen:
-            self.reader.refresh_stats()
-            lost = self.reader.lost
-            log.warning(
-                "kernel events: %d events lost (buffer full); resynchronising",
-                lost - self._lost_seen,
-            )
-            self._lost_seen = lost
-            self._resync("lost events")
+        if lost <= self._lost_seen:
+            return
+        if time.monotonic() - self._last_resync < self.resync_every_s:
+            return
+        self.reader.refresh_stats()
+        lost = self.reader.lost
+        log.warning(
+            "kernel events: %d events lost (buffer full); resynchronising",
+            lost - self._lost_seen,
+        )
+        self._lost_seen = lost
+        self._resync("lost events")
 
     def _resync(self, why: str) -> None:
         self.resyncs += 1
+        self._last_resync = time.monotonic()
         try:
             self.tracker.resync()
         except OSError as error:
