@@ -536,19 +536,7 @@ class Tracker:
             identity, netns = NO_OWNER, None
         else:
             identity, netns = self.processes.who(event.pid)
-        sock = _TcpSocket(
-            self._new_key(),
-            OUTBOUND,
-            identity,
-            netns,
-            event.family,
-            event.saddr,
-            0,
-            event.daddr,
-            event.dport,
-            event.time,
-            TCP_SYN_SENT,
-        )
+        sock = self._socket(event, OUTBOUND, identity, netns, TCP_SYN_SENT, local_port=0)
         self._track(event.skaddr, sock)
         self._pending.append(sock)
         counts = self.connects_by_namespace
@@ -565,20 +553,9 @@ class Tracker:
         listener = self.resolver.resolve(
             event.family, event.saddr, event.sport, event.daddr, event.dport
         )
-        sock = _TcpSocket(
-            self._new_key(),
-            INBOUND,
-            listener.identity if listener else NO_OWNER,
-            listener.net_namespace if listener else None,
-            event.family,
-            event.saddr,
-            event.sport,
-            event.daddr,
-            event.dport,
-            event.time,
-            TCP_SYN_RECV,
-            announced=True,
-        )
+        identity = listener.identity if listener else NO_OWNER
+        netns = listener.net_namespace if listener else None
+        sock = self._socket(event, INBOUND, identity, netns, TCP_SYN_RECV, announced=True)
         self._track(event.skaddr, sock)
         self._emit(ACCEPTED, sock, event.time)
 
@@ -609,20 +586,41 @@ class Tracker:
         address = int.from_bytes(event.saddr, "big")
         inbound = bool(self.resolver.candidates(version, address, event.sport))
         outcome = event.oldstate == TCP_SYN_SENT
-        return _TcpSocket(
-            self._new_key(),
+        sock = self._socket(
+            event,
             INBOUND if inbound and not outcome else OUTBOUND,
             NO_OWNER,
             None,
+            TCP_SYN_SENT if outcome else TCP_ESTABLISHED,
+            announced=True,
+        )
+        sock.reset = event.skaddr in self._resets
+        return sock
+
+    def _socket(
+        self,
+        event: TcpStateChange,
+        direction: str,
+        identity: Identity,
+        netns: Optional[int],
+        state: int,
+        local_port: Optional[int] = None,
+        announced: bool = False,
+    ) -> _TcpSocket:
+        """A new tracked socket with the ends ``event`` shows (its own port unless given)."""
+        return _TcpSocket(
+            self._new_key(),
+            direction,
+            identity,
+            netns,
             event.family,
             event.saddr,
-            event.sport,
+            event.sport if local_port is None else local_port,
             event.daddr,
             event.dport,
             event.time,
-            TCP_SYN_SENT if outcome else TCP_ESTABLISHED,
-            reset=event.skaddr in self._resets,
-            announced=True,
+            state,
+            announced=announced,
         )
 
     # -- UDP ---------------------------------------------------------------------------------------
