@@ -15,17 +15,23 @@ a format: the front ends (``agent/cli.py``, ``agent/osquery/``) do.
 - :mod:`agent.pipeline.events`: :class:`EventFeed`, connections from kernel events.
 """
 
-from agent.pipeline.compose import SAMPLING, Pipeline, Snapshot, open_store
+from agent.pipeline.compose import SAMPLING, TRACEFS, Pipeline, Snapshot, open_store
+from agent.pipeline.events import EventFeed, EventLog, EventRow, open_events
 from agent.pipeline.monitor import Monitor, Stats, read_machine_id
 from agent.pipeline.names import DomainNames
 
 __all__ = [
     "SAMPLING",
+    "TRACEFS",
     "DomainNames",
+    "EventFeed",
+    "EventLog",
+    "EventRow",
     "Monitor",
     "Pipeline",
     "Snapshot",
     "Stats",
+    "open_events",
     "open_store",
     "read_machine_id",
 ]

@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
 
 SAMPLING = "sampling"
 """The history source name of the socket sampler."""
+TRACEFS = "tracefs"
+"""The history source name of the kernel events."""
 
 
 def open_store(
@@ -71,8 +73,11 @@ class Pipeline:
         store: Optional[HistoryStore] = None,
         clock: Callable[[], float] = time.time,
         names: Optional[DomainNames] = None,
+        classifier: Optional[Classifier] = None,
     ) -> None:
         self.settings = settings
+        self.classifier = classifier or Classifier(settings.internal_networks)
+        """The verdicts of every source (the sampler's own, when it was made by :meth:`open`)."""
         self.sampler = sampler
         self.store = store
         self.names = names
@@ -92,7 +97,8 @@ class Pipeline:
         """The pipeline the settings describe; with ``history``, writing the history store
         (when the settings keep one).  ``names``: ``"watch"`` observes DNS answers
         (:meth:`DomainNames.watching`), ``"recorded"`` uses those the running agent kept."""
-        sampler = open_sampler(Classifier(settings.internal_networks), backend)
+        classifier = Classifier(settings.internal_networks)
+        sampler = open_sampler(classifier, backend)
         store = (
             open_store(settings, logger=logger) if history and settings.history_enabled else None
         )
@@ -103,7 +109,7 @@ class Pipeline:
             domain_names = DomainNames.watching(store)
         elif names == "recorded":
             domain_names = DomainNames.recorded(settings)
-        return cls(settings, sampler, store, names=domain_names)
+        return cls(settings, sampler, store, names=domain_names, classifier=classifier)
 
     @property
     def notices(self) -> List[str]:

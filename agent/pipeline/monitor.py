@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, FrozenSet, Mapping, Optional, Tuple, Type
 
 from agent import __version__, coverage
-from agent.pipeline.compose import SAMPLING, Pipeline, Snapshot
+from agent.pipeline.compose import SAMPLING, TRACEFS, Pipeline, Snapshot
 
 if TYPE_CHECKING:
     from agent.history import RunFigures
+    from agent.pipeline.events import EventFeed
 
 
 @dataclass
@@ -27,6 +28,13 @@ class Stats:
     namespaces_seen: Optional[int] = None
     tcp_active_opens: Optional[int] = None
     outbound_tcp_seen: int = 0
+    """Outbound TCP connections seen: by kernel events when they run (every connect), else in
+    the socket tables of the samples (those that lived through one)."""
+    events_source: str = SAMPLING
+    """``tracefs`` while kernel events feed the agent, else ``sampling``."""
+    events_lost: int = 0
+    events_error: Optional[str] = None
+    """Why kernel events do not feed the agent (empty while they do)."""
     dns_names: Optional[int] = None
     """Answers in the name cache (None: no names are kept)."""
     dns_error: Optional[str] = None
@@ -69,9 +77,13 @@ class Monitor:
         run_kind: Optional[str] = None,
         on_sample: Optional[Callable[[Snapshot], None]] = None,
         active_opens: ActiveOpensFunction = coverage.active_opens_by_namespace,
+        events: Optional[EventFeed] = None,
+        events_error: str = "",
     ) -> None:
         """``run_kind`` (``extension``, ``watch``): record this run's start, heartbeats and
-        stop in the history, so that an audit knows when the agent was watching."""
+        stop in the history, so that an audit knows when the agent was watching.  ``events``:
+        the kernel event feed beside the samples (its figures are this loop's), or
+        ``events_error``, why there is none."""
         self.pipeline = pipeline
         self.interval = interval
         self._log = logger
@@ -82,17 +94,40 @@ class Monitor:
         self._active_opens = active_opens
         self._stats_lock = threading.Lock()
         self._started_at = pipeline.clock()
-        self._stats = Stats(started_at=int(self._started_at))
+        self._stats = Stats(started_at=int(self._started_at), events_error=events_error or None)
         self._coverage = _Coverage()
+        self.events = events
+        if events is not None:
+            self._stats.events_source = TRACEFS
+        self._wake = threading.Event()
+
+    def request_sample(self) -> None:
+        """Take the next background sample now (after kernel events were lost, say)."""
+        self._wake.set()
 
     def live(self, pids: Optional[FrozenSet[int]] = None) -> Snapshot:
         """One sample for a query (narrowed to ``pids``); the sampler's errors propagate."""
         return self.pipeline.sample(pids)
 
     def stats(self) -> Stats:
-        """A copy of the figures; never waits for a sample in progress."""
+        """A copy of the figures; never waits for a sample in progress.
+
+        With kernel events the figures of coverage are brought up to date first (the kernel's
+        ActiveOpens beside the connects the events saw), since events, unlike samples, count
+        between two background samples."""
+        if self.events is not None and self.events.running and self._stats.samples_total:
+            self._refresh_coverage()
         with self._stats_lock:
             return Stats(**vars(self._stats))
+
+    def _refresh_coverage(self) -> None:
+        try:
+            active_opens = self._active_opens()
+        except OSError:
+            return
+        with self._stats_lock:
+            self._stats.tcp_active_opens = self._coverage.growth.update(active_opens)
+            self._event_figures()
 
     def sample_once(self, fatal: Tuple[Type[BaseException], ...] = ()) -> bool:
         """One background sample: record it in history, update the figures, hand it to the
@@ -100,7 +135,9 @@ class Monitor:
         the next one tries again, unless its error is one of ``fatal``, which propagates."""
         started = time.monotonic()
         try:
-            snapshot = self.pipeline.sample(count_outbound_tcp=True)
+            # with kernel events the connects are counted as they happen, not in the tables
+            counting = self.events is None or not self.events.running
+            snapshot = self.pipeline.sample(count_outbound_tcp=counting)
         except fatal:
             raise
         except Exception as error:  # the sampler's bug must not end the background loop
@@ -123,6 +160,7 @@ class Monitor:
             self._stats.namespaces_seen = snapshot.stats.namespaces
             self._count_outbound(snapshot.stats.outbound_tcp)
             self._stats.tcp_active_opens = self._coverage.growth.update(active_opens)
+            self._event_figures()
             names = self.pipeline.names
             if names is not None:
                 self._stats.dns_names = len(names.cache)
@@ -136,8 +174,9 @@ class Monitor:
         return True
 
     def run(self, stop: threading.Event, fatal: Tuple[Type[BaseException], ...] = ()) -> None:
-        """Sample now and then every ``interval`` seconds (fixed rate) until ``stop`` is set;
-        the run ends in the history as stopped."""
+        """Sample now and then every ``interval`` seconds (fixed rate), or at once when asked
+        (:meth:`request_sample`), until ``stop`` is set; the run ends in the history as
+        stopped."""
         try:
             next_at = time.monotonic()
             while not stop.is_set():
@@ -146,10 +185,37 @@ class Monitor:
                 now = time.monotonic()
                 if next_at < now:  # a sample overran: skip the missed slots instead of bursting
                     next_at = now + self.interval
-                if stop.wait(next_at - now):
+                if self._sleep(stop, next_at - now):
                     return
+                if time.monotonic() < next_at:  # woken early: the schedule starts again now
+                    next_at = time.monotonic()
         finally:
             self._heartbeat(self.pipeline.clock(), stopped=True)
+
+    def _sleep(self, stop: threading.Event, seconds: float) -> bool:
+        """Wait ``seconds``, or until a sample is requested; True when ``stop`` was set."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._wake.wait(min(left, 0.25)):
+                self._wake.clear()
+                return stop.is_set()
+        return True
+
+    def _event_figures(self) -> None:
+        events = self.events
+        if events is None:
+            return
+        if events.running:
+            self._stats.events_source = TRACEFS
+            self._stats.events_error = None
+        else:
+            self._stats.events_source = SAMPLING
+            self._stats.events_error = events.stopped_because or "kernel events stopped"
+        self._stats.events_lost = events.lost
+        self._stats.outbound_tcp_seen = events.outbound_tcp_seen
 
     def _sampling_failed(self, message: str) -> None:
         with self._stats_lock:
@@ -162,7 +228,8 @@ class Monitor:
 
         with self._stats_lock:
             return RunFigures(
-                events_source=SAMPLING,
+                events_source=self._stats.events_source,
+                events_lost=self._stats.events_lost,
                 tcp_active_opens=self._stats.tcp_active_opens,
                 outbound_tcp_seen=self._stats.outbound_tcp_seen,
             )
@@ -186,7 +253,7 @@ class Monitor:
                     machine_id=read_machine_id(),
                     version=__version__,
                     heartbeat_interval=self.interval,
-                    events_source=SAMPLING,
+                    events_source=self._stats.events_source,
                 ),
                 at=self._started_at if first_attempt else at,
             )
