@@ -142,7 +142,9 @@ def test_a_storm_between_two_samples_is_in_the_history_and_the_events_table(
     seen = int(info["outbound_tcp_seen"]) - int(before["outbound_tcp_seen"])
     assert grew >= 500 and info["events_source"] == "tracefs"
     if lost == 0:
-        assert seen == grew  # every connect the kernel counted, in every namespace
+        # every connect the kernel counted in the namespaces a process lets us read, and more:
+        # those of namespaces gone by now (per namespace they match: tests/test_events.py)
+        assert seen >= grew
 
 
 def test_short_lived_udp_senders_each_reach_the_table(host: Host, extension: Extension) -> None:
