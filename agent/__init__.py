@@ -1,3 +1,3 @@
 """egress-agent: which processes on this host talk to the internet, and where to."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -26,7 +26,7 @@ from agent.evidence import Evidence, Window, read_evidence
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
 from agent.osquery.options import core_argv, extension_command
-from agent.pipeline import Monitor, Pipeline, Snapshot, open_store
+from agent.pipeline import Monitor, Pipeline, Snapshot, open_events, open_store
 from agent.records import Connection, Value
 from agent.render import (
     HISTORY_TABLE_COLUMNS,
@@ -164,29 +164,53 @@ def _gone_note(gone: int, limited: bool, ignored: bool) -> str:
 
 
 class _NewConnections:
-    """What ``watch`` prints of each sample: the connections not seen in the previous one (or,
-    with ``once_per_run``, never seen before in this run)."""
+    """What ``watch`` prints: each connection once, when kernel events report it (as it
+    happens) or when a sample first shows it (those not in the previous sample, or, with
+    ``once_per_run``, never seen before in this run).  Called from the sampling loop and from
+    the event feed's thread."""
 
     def __init__(self, args: argparse.Namespace, scope: Scope) -> None:
         self._args = args
         self._scope = scope
         self._seen: Set[Tuple[object, ...]] = set()
+        self._by_events: Set[Tuple[object, ...]] = set()
+        """Printed from events since the last sample (which may not have seen them yet)."""
+        self._lock = threading.Lock()
+
+    def _wanted(self, connections: Sequence[Connection]) -> List[Connection]:
+        return [
+            c
+            for c in in_direction(connections, self._args.direction)
+            if self._scope.matches(c.as_dict())
+        ]
 
     def __call__(self, snapshot: Snapshot) -> None:
         from agent.history import history_key
 
-        args = self._args
-        connections = [
-            c
-            for c in in_direction(snapshot.connections, args.direction)
-            if self._scope.matches(c.as_dict())
-        ]
-        current = {history_key(c): c for c in connections}
-        new = [c for key, c in current.items() if key not in self._seen]
-        self._seen = set(current) | (self._seen if args.once_per_run else set())
-        shown = [c for c in new if args.allowlisted or not c.allowlisted]
+        with self._lock:
+            current = {history_key(c): c for c in self._wanted(snapshot.connections)}
+            new = [c for key, c in current.items() if key not in self._seen]
+            kept = self._seen if self._args.once_per_run else self._by_events
+            self._seen = set(current) | kept
+            self._by_events = set()
+            self._print(new)
+
+    def event(self, connection: Connection) -> None:
+        from agent.history import history_key
+
+        with self._lock:
+            wanted = self._wanted([connection])
+            key = history_key(connection)
+            if not wanted or key in self._seen:
+                return
+            self._seen.add(key)
+            self._by_events.add(key)
+            self._print(wanted)
+
+    def _print(self, connections: List[Connection]) -> None:
+        shown = [c for c in connections if self._args.allowlisted or not c.allowlisted]
         if shown:
-            sys.stdout.write(render([c.as_dict() for c in shown], None, args.format))
+            sys.stdout.write(render([c.as_dict() for c in shown], None, self._args.format))
             sys.stdout.flush()
 
 
@@ -217,13 +241,29 @@ def cmd_watch(args: argparse.Namespace) -> int:
             stop.set()
 
     watch_log = logging.getLogger("egress_agent.watch")
-    monitor = Monitor(pipeline, interval, watch_log, "watch", on_sample)
+    feed, events_error = open_events(pipeline, logging.getLogger("egress_agent.events"))
+    monitor = Monitor(
+        pipeline,
+        interval,
+        watch_log,
+        "watch",
+        on_sample,
+        events=feed,
+        events_error=events_error,
+    )
+    stop_events = None
+    if feed is not None:
+        feed.on_connection = printer.event
+        feed.on_loss = monitor.request_sample
+        stop_events = feed.start()
     try:
         monitor.run(stop, fatal=(SamplerError,))
     except SamplerError as error:
         print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     finally:
+        if stop_events is not None:
+            stop_events()
         pipeline.close()
     return EXIT_OK
 

@@ -118,6 +118,10 @@ class Settings:
     history_path: str = DEFAULT_HISTORY_PATH
     history_retention_days: float = 30.0
     history_max_rows: int = 100000
+    events_enabled: bool = True
+    """Watch kernel events (tracefs) where the kernel allows it: every connection, not samples."""
+    events_max_rows: int = 50000
+    events_expiry: float = 3600.0
     allow: Tuple[AllowRule, ...] = ()
     source: Optional[str] = field(default=None, compare=False)
 
@@ -494,7 +498,7 @@ def parse_rule(value: object, index: int) -> AllowRule:
 
 # --- the whole file -------------------------------------------------------------------------
 
-TOP_KEYS = ("classification", "sampling", "history", "allow")
+TOP_KEYS = ("classification", "sampling", "history", "events", "allow")
 
 
 def _history_path(value: object, where: str) -> str:
@@ -512,6 +516,7 @@ def _settings(data: object, source: Optional[str]) -> Settings:
     history = _mapping(
         top.get("history"), "history", ("enabled", "path", "retention_days", "max_rows")
     )
+    events = _mapping(top.get("events"), "events", ("enabled", "max_rows", "expiry"))
 
     def setting(
         section: Dict[str, Any], name: str, where: str, parse: Callable[[Any, str], T], default: T
@@ -548,6 +553,11 @@ def _settings(data: object, source: Optional[str]) -> Settings:
         history_max_rows=setting(
             history, "max_rows", "history.max_rows", _positive_int, defaults.history_max_rows
         ),
+        events_enabled=setting(events, "enabled", "events.enabled", _bool, defaults.events_enabled),
+        events_max_rows=setting(
+            events, "max_rows", "events.max_rows", _positive_int, defaults.events_max_rows
+        ),
+        events_expiry=setting(events, "expiry", "events.expiry", _number, defaults.events_expiry),
         allow=_list_of_rules(top.get("allow")),
         source=source,
     )

@@ -196,6 +196,15 @@ class IdentityCache:
         self._entries[key] = identity
         return identity
 
+    def forget(self, pid: int) -> None:
+        """Drop what is cached for ``pid``: after an ``exec`` the process keeps its pid and
+        start time (the cache key) but has a new name, executable and command line.  (An
+        entry of an earlier process with this pid is never returned again: its start time
+        differs; :meth:`prune` drops it.)"""
+        start = self._start_time_key(pid)
+        if start is not None:
+            self._entries.pop((pid, start), None)
+
     def prune(self, live_pids: Optional[Collection[int]] = None) -> int:
         """Drop the entries of processes that are gone (not in ``live_pids`` when given, else
         whose start time no longer matches), then the oldest while over three quarters full.

@@ -3,11 +3,12 @@
 A developer's laptop or a busy server has external connections of its own: established ones,
 TIME_WAIT sockets of connections just closed, in the root namespace and in containers.  Every
 test must pass beside them, so the suite makes them itself (``tests/conftest.py`` starts this
-for a run as root): a test host ``efor-srv`` with a server on "global" addresses, reached from
-the root namespace over a veth pair and from a second test host ``efor-cli``.  In each of the
-two client namespaces a churner holds two connections (IPv6, and IPv4 from an AF_INET6 socket)
-and opens and closes one every few seconds, closing first, so TIME_WAIT sockets are always
-present; the server's side shows accepted (inbound) external connections in ``efor-srv``.
+for a run as root): a test host ``PREFIXf-srv`` (``$NETHOST_PREFIX``, default ``eat``) with a
+server on "global" addresses, reached from the root namespace over a veth pair and from a
+second test host ``PREFIXf-cli``.  In each of the two client namespaces a churner holds two
+connections (IPv6, and IPv4 from an AF_INET6 socket) and opens and closes one every few
+seconds, closing first, so TIME_WAIT sockets are always present; the server's side shows
+accepted (inbound) external connections in ``PREFIXf-srv``.
 
 The addresses exist only on these veth pairs: in the root namespace they are the two ends of
 one /126 and one /30, so no packet leaves the machine.
@@ -24,13 +25,19 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from typing import List, Optional, Sequence
 
 from nethost import NetHost
 
-PREFIX = "efor"
-SERVER6, ROOT6, CLIENT6 = "2001:4860:4869::1", "2001:4860:4869::2", "2001:4860:4869:1::2"
-SERVER4, ROOT4 = "9.9.6.1", "9.9.6.2"
+RUN = os.environ.get("NETHOST_PREFIX", "eat")
+PREFIX = f"{RUN[:5]}f"
+"""Names of this run's own (``$NETHOST_PREFIX`` + ``f``): two test runs on one machine, each
+with its foreign connections, stay apart, addresses included (below)."""
+_NET = 16 + zlib.crc32(RUN.encode()) % 200
+SERVER6, ROOT6 = f"2001:4860:4869:{_NET:x}::1", f"2001:4860:4869:{_NET:x}::2"
+CLIENT6, CLIENT_GW6 = f"2001:4860:4869:{_NET:x}:1::2", f"2001:4860:4869:{_NET:x}:1::1"
+SERVER4, ROOT4 = f"9.9.{_NET}.1", f"9.9.{_NET}.2"
 CHURN_EVERY_S = 3.0
 
 
@@ -60,9 +67,9 @@ class ForeignConnections:
             )
         srv.add_address(net.name("s0"), f"{SERVER6}/126")
         srv.add_address(net.name("s0"), f"{SERVER4}/30")
-        srv.add_address(net.name("s1"), "2001:4860:4869:1::1/64")
-        cli.add_address(net.name("c0"), f"{CLIENT6}/64")
-        cli.ip("-6", "route", "add", f"{SERVER6}/128", "via", "2001:4860:4869:1::1")
+        srv.add_address(net.name("s1"), f"{CLIENT_GW6}/80")
+        cli.add_address(net.name("c0"), f"{CLIENT6}/80")
+        cli.ip("-6", "route", "add", f"{SERVER6}/128", "via", CLIENT_GW6)
         script = os.path.abspath(__file__)
         server = net.spawn(srv, [sys.executable, script, "serve", "::"], ready=True)
         port = server.ready[0]

@@ -4,10 +4,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from commands import egress_agent  # noqa: F401 (for the report and audit tests)
 
 from agent.evidence import RUN_KEYS
 from agent.history import HistoryStore, RunFigures, RunStart
@@ -103,17 +102,3 @@ def write_history(
     store.close()
     add_runs(path, runs)
     return path
-
-
-def egress_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    """``egress-agent ARGS...`` run as a command, without the caller's configuration."""
-    env = dict(os.environ)
-    env.pop("EGRESS_AGENT_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )

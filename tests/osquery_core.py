@@ -53,6 +53,7 @@ import logging
 import os
 import random
 import shlex
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -423,12 +424,19 @@ class CoreStandIn:
             self._server = None
 
     def close(self) -> None:
-        """Stop, end every extension we launched (by pid) and remove the directory."""
+        """Stop, end every extension we launched (by pid: SIGTERM, then SIGKILL if it lingers,
+        as osqueryd ends its extensions) and remove the directory, and any tracing instance an
+        extension killed that way left (by its name)."""
         self.stop()
         for process in self._processes:
             if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
+            remove_tracing_instance(process.pid)
         if self._own_directory:
             for name in os.listdir(self.directory):
                 with contextlib.suppress(OSError):
@@ -529,6 +537,17 @@ class CoreStandIn:
             registration if isinstance(registration, str) else self.extension_socket(registration)
         )
         return ExtensionConnection(path, timeout, appear_within)
+
+
+TRACING_INSTANCES = ("/sys/kernel/tracing/instances", "/sys/kernel/debug/tracing/instances")
+
+
+def remove_tracing_instance(pid: int) -> None:
+    """Remove the kernel-events instance of the agent process ``pid`` (``egress-agent-PID``),
+    if a kill left it behind; nothing else."""
+    for directory in TRACING_INSTANCES:
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(directory, f"egress-agent-{pid}"))
 
 
 def default_extension_command() -> List[str]:

@@ -58,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import itertools
 import json
 import os
@@ -75,6 +74,7 @@ from osquery_core import (
     Registration,
     Routes,
     Rows,
+    _digests,
 )
 
 # osquery/core/sql/column.h
@@ -1069,24 +1069,9 @@ def _hash(context: Dict[str, Any]) -> Rows:
             paths += [os.path.join(directory, name) for name in sorted(os.listdir(directory))]
     rows = []
     for path in paths:
-        md5, sha1, sha256 = hashlib.md5(), hashlib.sha1(), hashlib.sha256()  # noqa: S324
-        try:
-            with open(path, "rb") as stream:
-                for chunk in iter(lambda: stream.read(1 << 20), b""):
-                    md5.update(chunk)
-                    sha1.update(chunk)
-                    sha256.update(chunk)
-        except OSError:
-            continue
-        rows.append(
-            {
-                "path": path,
-                "directory": os.path.dirname(path),
-                "md5": md5.hexdigest(),
-                "sha1": sha1.hexdigest(),
-                "sha256": sha256.hexdigest(),
-            }
-        )
+        digests = _digests(path)
+        if digests is not None:
+            rows.append({"path": path, "directory": os.path.dirname(path), **digests})
     return rows
 
 

@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import pytest
+from commands import egress_agent
 from nethost import NetHost
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat") + "k"
@@ -54,21 +55,6 @@ def host() -> Iterator[Host]:
         pytest.skip("needs root: network namespaces, veth pairs and every /proc/PID/fd")
     with NetHost(PREFIX) as net:
         yield Host(net)
-
-
-def egress_agent(*args: str, config: Optional[Path] = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("EGRESS_AGENT_CONFIG", None)
-    if config is not None:
-        env["EGRESS_AGENT_CONFIG"] = str(config)
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
 
 
 def ours(host: Host, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

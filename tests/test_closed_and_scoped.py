@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from commands import egress_agent
 from nethost import Namespace, NetHost, Proc
 
 from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
@@ -46,21 +46,6 @@ sock.close()
 print("READY", flush=True)
 sys.stdin.read()
 """
-
-
-def egress_agent(*args: str, config: Optional[Path] = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("EGRESS_AGENT_CONFIG", None)
-    if config is not None:
-        env["EGRESS_AGENT_CONFIG"] = str(config)
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
 
 
 def two_hosts(net: NetHost) -> Tuple[Namespace, Namespace]:

@@ -93,6 +93,7 @@ def test_the_shipped_file_names_every_key() -> None:
     assert set(data["classification"]) == {"internal_networks"}
     assert set(data["sampling"]) == {"interval", "full_read_every"}
     assert set(data["history"]) == {"enabled", "path", "retention_days", "max_rows"}
+    assert set(data["events"]) == {"enabled", "max_rows", "expiry"}
     documented = set(re.findall(r"^#\s+(\w+):\s{2,}", SHIPPED.read_text(), re.MULTILINE))
     assert documented == set(RULE_KEYS)
 
@@ -322,12 +323,13 @@ REFUSALS = [
     ("just text\n", "top level: must be a mapping, not a string (got 'just text')"),
     (
         "samplin: {}\n",
-        "samplin: unknown key (known here: classification, sampling, history, allow)",
+        "samplin: unknown key (known here: classification, sampling, history, events, allow)",
     ),
-    ("1: x\n", "[1]: unknown key (known here: classification, sampling, history, allow)"),
+    ("1: x\n", "[1]: unknown key (known here: classification, sampling, history, events, allow)"),
     (
         '"a\\nb\\e": 1\n',
-        "['a\\nb\\x1b']: unknown key (known here: classification, sampling, history, allow)",
+        "['a\\nb\\x1b']: unknown key "
+        "(known here: classification, sampling, history, events, allow)",
     ),
     (
         "sampling: {intervall: 5}\n",

@@ -163,6 +163,12 @@ def test_cmdline_keeps_arguments_as_they_are() -> None:
     argv = [sys.executable, "-c", "import sys; sys.stdin.read()", "two words", "", "--x=\t1"]
     child = subprocess.Popen(argv, stdin=subprocess.PIPE)
     try:
+        # With vfork (Python 3.13) Popen returns while the kernel is still in the child's exec,
+        # before its arguments are in place: wait until /proc shows them.
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{child.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         identity = IdentityCache().lookup(child.pid)
         assert identity.cmdline == " ".join(argv)
         assert identity.parent == os.getpid()

@@ -22,24 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from commands import egress_agent
 from dnshost import FASTLY, DnsHost, resolve
 from osquery_core import CoreStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 ASKED = "deb.debian.org"
 ANSWER = "151.101.2.132"
-
-
-def egress_agent(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, EGRESS_AGENT_CONFIG=str(config))
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
 
 
 def config_file(path: Path, history: Path, allow: str = "") -> Path:

@@ -19,7 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PACK = ROOT / "config" / "osquery" / "egress-agent.conf"
 DOCUMENTS = [ROOT / "README.md"]
 EXTENSION = default_extension_command()
-TABLES = ("external_connections", "external_connection_history", "egress_agent_info")
+TABLES = (
+    "external_connections",
+    "external_connection_history",
+    "external_connection_events",
+    "egress_agent_info",
+)
 
 
 def documented_sql() -> List[Tuple[str, str]]:
@@ -55,6 +60,7 @@ def test_the_pack_is_complete() -> None:
     queries: Dict[str, dict] = pack["queries"]
     assert set(queries) == {
         "egress_outbound_external_connections",
+        "egress_connection_events",
         "egress_history_by_process",
         "egress_agent_health",
     }
@@ -65,6 +71,9 @@ def test_the_pack_is_complete() -> None:
     assert not outbound.get("snapshot", False)  # differential: new destinations are logged
     assert "local_port" not in outbound["query"]  # or every new connection would be a new row
     assert "external_connection_history" in queries["egress_history_by_process"]["query"]
+    assert "last_seen >=" in queries["egress_history_by_process"]["query"]  # one hour's rows
+    events = queries["egress_connection_events"]
+    assert not events.get("snapshot", False) and "time >=" in events["query"]
     assert "egress_agent_info" in queries["egress_agent_health"]["query"]
 
 

@@ -70,6 +70,7 @@ def test_registry_shape() -> None:
     assert set(registry["table"]) == {
         "external_connections",
         "external_connection_history",
+        "external_connection_events",
         "egress_agent_info",
     }
 

@@ -16,7 +16,7 @@ namespace its own), once per address family.
 A netlink socket belongs to the network namespace it was created in, so for another namespace
 we enter it with ``setns(2)`` (CAP_SYS_ADMIN), create the socket and come back at once; the
 socket keeps answering for that namespace.  Records decode into the same
-:class:`agent.procnet.Socket` as the ``/proc`` text does, addresses as integers in network
+:class:`agent.collect.procnet.Socket` as the ``/proc`` text does, addresses as integers in network
 order.
 """
 

@@ -43,7 +43,7 @@ from agent import __version__
 from agent.osquery import table, wire
 from agent.osquery.options import Options, add_arguments, core_argv
 from agent.osquery.tables import AgentInfo, ExtensionTables
-from agent.pipeline import Monitor, Pipeline
+from agent.pipeline import Monitor, Pipeline, open_events
 from agent.textsafe import error_line
 
 EXTENSION_NAME = "egress_agent"
@@ -598,7 +598,17 @@ def extension_main(args: argparse.Namespace) -> int:
     sampler_log = logging.getLogger("egress_agent.sampler")
     for notice in pipeline.notices:
         sampler_log.warning("%s", notice)
-    monitor = Monitor(pipeline, settings.sampling_interval, sampler_log, run_kind="extension")
+    feed, events_error = open_events(pipeline, logging.getLogger("egress_agent.events"))
+    monitor = Monitor(
+        pipeline,
+        settings.sampling_interval,
+        sampler_log,
+        run_kind="extension",
+        events=feed,
+        events_error=events_error,
+    )
+    if feed is not None:
+        feed.on_loss = monitor.request_sample
     tables = ExtensionTables(
         monitor,
         pipeline.store,
@@ -608,12 +618,16 @@ def extension_main(args: argparse.Namespace) -> int:
             sampling_interval=settings.sampling_interval,
             history_path=settings.history_path if pipeline.store is not None else "",
         ),
+        events=feed.log if feed is not None else None,
     )
     stopper = Stopper()
+    stop_events = feed.start() if feed is not None else None
     try:
         with _stop_on_signals(stopper):
             return serve(options, tables, monitor, stopper)
     finally:
+        if stop_events is not None:
+            stop_events()
         pipeline.close()
 
 

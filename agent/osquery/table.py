@@ -141,6 +141,24 @@ EXTERNAL_CONNECTION_HISTORY = make_spec(
 """What the background sampler has seen (agent.history); the indexed columns are the
 constraints pushed down to the store."""
 
+EVENT_COLUMNS: Tuple[Tuple[str, str], ...] = (
+    ("time", "BIGINT"),
+    ("outcome", "TEXT"),
+    ("closed_at", "BIGINT"),
+    *COLUMNS,
+)
+"""A connection attempt: when (unix seconds), how it went (``pending``, ``established``,
+``refused``, ``timeout`` for a connect; ``accepted``; ``sent`` for a UDP flow), when it closed
+when it did, and the connection's columns."""
+
+EXTERNAL_CONNECTION_EVENTS = make_spec(
+    "external_connection_events",
+    EVENT_COLUMNS,
+    {"time": ColumnOptions.INDEX, "pid": INDEXED},
+)
+"""Every external connection attempt the kernel events saw (agent.pipeline.events), kept in a
+bounded buffer like osquery's evented tables; ``time`` constraints are pushed down."""
+
 INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("version", "TEXT"),
     ("pid", "INTEGER"),
@@ -158,6 +176,9 @@ INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("outbound_tcp_seen", "BIGINT"),
     ("dns_names", "BIGINT"),
     ("dns_error", "TEXT"),
+    ("events_source", "TEXT"),
+    ("events_lost", "BIGINT"),
+    ("events_error", "TEXT"),
 )
 
 EGRESS_AGENT_INFO = make_spec("egress_agent_info", INFO_COLUMNS)
@@ -166,6 +187,7 @@ EGRESS_AGENT_INFO = make_spec("egress_agent_info", INFO_COLUMNS)
 TABLES: Tuple[TableSpec, ...] = (
     EXTERNAL_CONNECTIONS,
     EXTERNAL_CONNECTION_HISTORY,
+    EXTERNAL_CONNECTION_EVENTS,
     EGRESS_AGENT_INFO,
 )
 

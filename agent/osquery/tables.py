@@ -30,7 +30,7 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence,
 from agent.history import HistoryStore, HistoryUnavailable
 from agent.osquery import table, wire
 from agent.osquery.table import ContextError, QueryContext, TableSpec
-from agent.pipeline import Monitor, Snapshot
+from agent.pipeline import EventLog, Monitor, Snapshot
 
 Row = Dict[str, str]
 
@@ -151,15 +151,23 @@ class LiveSamples:
 class ExtensionTables:
     """The three tables over one :class:`Monitor` and one (optional) history store."""
 
-    def __init__(self, monitor: Monitor, store: Optional[HistoryStore], info: AgentInfo) -> None:
+    def __init__(
+        self,
+        monitor: Monitor,
+        store: Optional[HistoryStore],
+        info: AgentInfo,
+        events: Optional[EventLog] = None,
+    ) -> None:
         self._monitor = monitor
         self._store = store
         self._info = info
+        self._events = events
         self._live_samples = LiveSamples(monitor.live)
         self._encoders: Dict[Tuple[str, ...], wire.RowEncoder] = {}
         self._generators: Dict[str, Callable[[QueryContext], Sequence[Row]]] = {
             table.EXTERNAL_CONNECTIONS.name: self._live,
             table.EXTERNAL_CONNECTION_HISTORY.name: self._history,
+            table.EXTERNAL_CONNECTION_EVENTS.name: self._event_rows,
             table.EGRESS_AGENT_INFO.name: self._agent_info,
         }
         self.specs: Dict[str, TableSpec] = {spec.name: spec for spec in table.TABLES}
@@ -268,6 +276,26 @@ class ExtensionTables:
                 int(HISTORY_CUT_LOG_S),
             )
 
+    def _event_rows(self, context: QueryContext) -> List[Row]:
+        """The connection attempts in the buffer (none when kernel events do not run), with
+        ``time`` bounds and ``pid`` values pushed down."""
+        if self._events is None:
+            return []
+        since, until = context.bounds("time")
+        pids = context.equal_integers("pid")
+        columns = context.used(table.EXTERNAL_CONNECTION_EVENTS.column_names)
+        rows = []
+        for event in self._events.rows(since, until):
+            connection = event.connection
+            if pids is not None and connection.pid not in pids:
+                continue
+            record: Dict[str, table.Cell] = dict(connection.as_dict())
+            record["time"] = int(event.time)
+            record["outcome"] = event.outcome
+            record["closed_at"] = int(event.closed_at) if event.closed_at is not None else None
+            rows.append(table.string_row(record, columns))
+        return rows
+
     def _agent_info(self, context: QueryContext) -> List[Row]:
         stats = self._monitor.stats()
         store = self._store
@@ -288,5 +316,8 @@ class ExtensionTables:
             "outbound_tcp_seen": stats.outbound_tcp_seen,
             "dns_names": stats.dns_names,
             "dns_error": stats.dns_error,
+            "events_source": stats.events_source,
+            "events_lost": stats.events_lost,
+            "events_error": stats.events_error,
         }
         return [table.string_row(record, context.used(table.EGRESS_AGENT_INFO.column_names))]

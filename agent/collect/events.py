@@ -1,0 +1,271 @@
+"""The kernel event source: a tracefs instance of our own, its reader and the tracker, as one
+object with ``poll(timeout) -> [SocketEvent]``.
+
+Usage, from one background thread::
+
+    try:
+        source = open_event_source()
+    except EventsUnavailable as error:
+        log.warning("kernel events unavailable (%s); sampling", error)   # events_source=sampling
+    else:
+        while running:
+            for event in source.poll(1.0):       # blocks up to 1 s; returns within it
+                ...                              # SocketEvent records
+            if source.lost != last_lost:         # the kernel dropped events: resynchronise
+                ...
+        source.close()
+
+Idle, ``poll`` sleeps in the kernel (``poll(2)`` on the per-CPU buffers, woken by the first
+event since ``buffer_percent`` is 0).  Busy, it reads at most every ``min_interval_s`` so that
+a storm is read in batches rather than one wake-up per event.  Every ``verify_every_s`` it
+checks that nobody reset the instance (and applies the settings again if so) and reads the
+kernel's loss counters.  After a loss it resynchronises the tracker (``Tracker.resync``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+from agent.collect.kevents import CLOCK_IDS, ChosenEvents, EventReader, choose_events
+from agent.collect.listeners import ListenerResolver
+from agent.collect.procnet import PROC_ROOT
+from agent.collect.ringbuffer import FormatError
+from agent.collect.tracefs import (
+    INSTANCE_PREFIX,
+    TRACEFS_PATHS,
+    EventsUnavailable,
+    Instance,
+    InstanceSettings,
+    find_tracefs,
+)
+from agent.collect.tracker import SocketEvent, Tracker
+from agent.identity import IdentityCache
+
+log = logging.getLogger(__name__)
+
+UDP_EVENTS = ("fib:fib_table_lookup", "fib6:fib6_table_lookup")
+NAMESPACE_EVENTS = ("syscalls:sys_exit_setns", "syscalls:sys_exit_unshare")
+
+
+def default_buffer_kb(cpus: Optional[int] = None) -> int:
+    """Ring buffer per CPU: 16 MiB in all, each CPU between 256 KiB and 2 MiB (about 3,400 to
+    27,000 TCP events, the fullest a burst between two reads should need)."""
+    count = cpus or os.cpu_count() or 1
+    return max(256, min(2048, 16384 // count))
+
+
+class EventSource:
+    """Decoded, attributed connection events from a tracing instance of our own.
+
+    Made by :func:`open_event_source`.  :meth:`poll` and :meth:`close` belong to one thread;
+    the counters (:attr:`lost`, :attr:`resyncs`, :meth:`connects_by_namespace`) may be read
+    from any.
+    """
+
+    def __init__(
+        self,
+        instance: Instance,
+        reader: EventReader,
+        tracker: Tracker,
+        chosen: ChosenEvents,
+        verify_every_s: float = 5.0,
+        min_interval_s: float = 0.05,
+    ) -> None:
+        self.instance = instance
+        self.reader = reader
+        self.tracker = tracker
+        self.unavailable = dict(chosen.unavailable)
+        """``system:event`` -> why this kernel's events lack it (what the source does
+        without)."""
+        self.verify_every_s = verify_every_s
+        self.min_interval_s = min_interval_s
+        self.resyncs = 0
+        """Times the tracker was resynchronised after a loss or a reset of the instance."""
+        self.resets = 0
+        """Times another tool had changed our instance's settings (re-applied)."""
+        self.events_read = 0
+        self._clock_id = CLOCK_IDS[instance.clock]
+        self._boot_offset_ns = 0
+        self._last_read = 0.0
+        self._last_verify = time.monotonic()
+        self._lost_seen = 0
+        self._last_resync = -1e9
+        self.resync_every_s = 5.0
+        self._closed = False
+        self._sync_clock()
+
+    def _sync_clock(self) -> None:
+        now = time.time()
+        trace_ns = time.clock_gettime_ns(self._clock_id)
+        self.tracker.offset = now - trace_ns / 1e9
+        if self._clock_id != time.CLOCK_BOOTTIME:
+            self.tracker.boot_offset_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - trace_ns
+
+    def poll(self, timeout: float) -> List[SocketEvent]:
+        """Wait up to ``timeout`` seconds for kernel events and return the records they make
+        (possibly none).  Never raises for what the kernel or /proc hand it; raises OSError
+        only if our instance is gone for good."""
+        if self._closed:
+            return []
+        started = time.monotonic()
+        since = started - self._last_read
+        if since < self.min_interval_s:
+            time.sleep(min(self.min_interval_s - since, max(0.0, timeout)))
+        wait = timeout
+        if self.reader.held:
+            wait = min(wait, self.min_interval_s)  # the other CPUs will have caught up
+        elif self.tracker.holding:
+            wait = min(wait, self.tracker.hold_ns / 1e9)
+        ready = self.reader.wait(max(0.0, wait - (time.monotonic() - started)))
+        self._sync_clock()
+        records: List[SocketEvent]
+        if ready or self.reader.held:
+            events = self.reader.read()
+            self._last_read = time.monotonic()
+            self.events_read += len(events)
+            records = self.tracker.feed(events)
+        else:
+            records = self.tracker.flush(time.clock_gettime_ns(self._clock_id))
+        if time.monotonic() - self._last_verify >= self.verify_every_s:
+            self._verify()
+        self._check_loss()
+        return records
+
+    def _verify(self) -> None:
+        self._last_verify = time.monotonic()
+        try:
+            changed = self.instance.verify()
+        except OSError as error:
+            log.warning("kernel events: cannot check instance %s: %s", self.instance.name, error)
+            return
+        if changed:
+            self.resets += 1
+            log.warning(
+                "kernel events: another tool changed %s (%s); applied our settings again",
+                self.instance.name,
+                ", ".join(changed),
+            )
+            if "trace_clock" in changed or "buffer_size_kb" in changed:
+                self.reader.rebase_stats()  # the kernel reset the buffer and its counters
+            self._resync("a reset of the instance")
+        self.reader.refresh_stats()
+
+    def _check_loss(self) -> None:
+        """After a loss: log it and resynchronise, at most once per ``resync_every_s`` (under
+        a sustained overload a resync per batch would only deepen it)."""
+        lost = self.reader.lost
+        if lost <= self._lost_seen:
+            return
+        if time.monotonic() - self._last_resync < self.resync_every_s:
+            return
+        self.reader.refresh_stats()
+        lost = self.reader.lost
+        log.warning(
+            "kernel events: %d events lost (buffer full); resynchronising",
+            lost - self._lost_seen,
+        )
+        self._lost_seen = lost
+        self._resync("lost events")
+
+    def _resync(self, why: str) -> None:
+        self.resyncs += 1
+        self._last_resync = time.monotonic()
+        try:
+            self.tracker.resync()
+        except OSError as error:
+            log.warning("kernel events: resynchronising after %s failed: %s", why, error)
+
+    @property
+    def lost(self) -> int:
+        """Events the kernel lost so far (buffer overruns, from page headers and its stats)."""
+        return self.reader.lost
+
+    def connects_by_namespace(self) -> Dict[Optional[int], int]:
+        """Outbound TCP connects seen per network namespace (None: namespace unknown)."""
+        return dict(self.tracker.connects_by_namespace)
+
+    @property
+    def outbound_tcp_seen(self) -> int:
+        return sum(self.tracker.connects_by_namespace.values())
+
+    def close(self) -> None:
+        """Stop tracing, close the buffers and remove the instance."""
+        if self._closed:
+            return
+        self._closed = True
+        self.reader.close()
+        if not self.instance.close():
+            log.warning("kernel events: %s is busy and was left behind", self.instance.path)
+
+    def __enter__(self) -> EventSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_event_source(
+    identities: Optional[IdentityCache] = None,
+    *,
+    buffer_size_kb: Optional[int] = None,
+    prefix: str = INSTANCE_PREFIX,
+    tracefs_paths: Sequence[str] = TRACEFS_PATHS,
+    mount: bool = True,
+    udp: bool = True,
+    track_namespaces: bool = True,
+    proc_root: str = PROC_ROOT,
+    hold_s: float = 0.5,
+    exclude: Sequence[str] = (),
+) -> EventSource:
+    """Make our instance, enable the events this kernel has, start tracing.
+
+    ``identities`` is the cache process identities come from (give the event source its own,
+    or one only its thread uses: :class:`~agent.identity.IdentityCache` is not thread-safe).
+    ``udp=False`` leaves out the route lookup events, ``track_namespaces=False`` the syscall
+    events (then a thread's namespace is read once and inherited, not re-read after setns).
+    Raises :class:`~agent.collect.tracefs.EventsUnavailable`; nothing is left behind then.
+    """
+    if os.geteuid() != 0:
+        raise EventsUnavailable(
+            EventsUnavailable.NOT_ROOT, "kernel events need root (tracefs, every namespace)"
+        )
+    root = find_tracefs(tracefs_paths, mount=mount)
+    instance = Instance.create(root, prefix)
+    reader: Optional[EventReader] = None
+    try:
+        excluded = list(exclude)
+        if not udp:
+            excluded += UDP_EVENTS
+        if not track_namespaces:
+            excluded += NAMESPACE_EVENTS
+        try:
+            chosen = choose_events(instance.read_format, exclude=excluded)
+        except FormatError as error:
+            raise EventsUnavailable(EventsUnavailable.EVENT_MISSING, str(error)) from error
+        settings = InstanceSettings(chosen.settings, buffer_size_kb or default_buffer_kb())
+        instance.apply(settings)
+        for system, name in instance.missing:
+            chosen.unavailable[f"{system}:{name}"] = "not in this kernel"
+        try:
+            reader = EventReader(instance, chosen.decoders, chosen.type_field)
+        except (OSError, FormatError) as error:
+            raise EventsUnavailable(
+                EventsUnavailable.FAILED, f"reading {instance.path}: {error}"
+            ) from error
+        cache = identities or IdentityCache(proc_root)
+        resolver = ListenerResolver(cache, proc_root)
+        tracker = Tracker(cache, resolver, proc_root, hold_s=hold_s)
+        source = EventSource(instance, reader, tracker, chosen)
+        for key, why in sorted(chosen.unavailable.items()):
+            if key not in excluded:
+                log.info("kernel events: without %s (%s)", key, why)
+        resolver.refresh()
+        return source
+    except BaseException:
+        if reader is not None:
+            reader.close()
+        instance.close()
+        raise

@@ -1,0 +1,680 @@
+"""From kernel events to facts: who connected where, how it ended, who accepted what.
+
+Three state machines, fed the decoded events of :mod:`agent.collect.kevents` in buffer time
+order (:meth:`Tracker.feed`):
+
+- :class:`ProcessTable`: thread -> process (tgid), and per process the identity columns of
+  :class:`agent.identity.Identity`.  Kept from ``task_newtask`` (or ``sched_process_fork``),
+  ``sched_process_exec``, ``task_rename`` and ``sched_process_exit``, plus ``/proc`` reads
+  through :class:`agent.identity.IdentityCache` while a process lives (at its ``exec`` and
+  when first seen): a process that exits a millisecond after its ``connect()`` still has its
+  pid, parent, name and executable (its command line only if it lived until we read it).
+  Each thread's network namespace is read from ``/proc/TID/ns/net`` when first seen or after
+  it ran ``setns``/``unshare`` (``syscalls:sys_exit_*``), and inherited over ``clone`` unless
+  ``CLONE_NEWNET``.
+- TCP sockets keyed by the kernel's socket address (``skaddr``; reset at CLOSE, since a freed
+  socket's address is reused): CLOSE -> SYN_SENT is a ``connect`` in the caller's context (its
+  local port comes with the next event of the socket, so the ``connect`` record waits for that
+  up to ``hold_s``), then ``established``, ``refused`` (an RST seen, ``tcp_receive_reset``) or
+  ``timeout`` (any other end before ESTABLISHED: no answer, an ICMP error, the caller gave up),
+  and ``closed``; LISTEN -> SYN_RECV is an ``accepted`` connection, attributed to the
+  listener's owner by :class:`agent.collect.listeners.ListenerResolver`.
+- UDP: one ``udp`` record per new flow (thread's process, namespace, local port, remote address
+  and port), from output route lookups; a flow is new again after ``udp_ttl_s`` without
+  packets, so an unconnected socket's ``sendto()`` per packet makes one record.
+
+Racy corners, said once here and in ``docs/EVENTS.md``: a process that exits before we read
+``/proc`` keeps what the events told (no command line; the executable as ``exec`` was given
+it, unresolved); a thread that switches namespaces back and forth faster than we read is
+placed where we found it; namespace inode numbers are reused once a namespace is gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from agent.collect.kevents import (
+    AF_INET,
+    AF_INET6,
+    CLONE_NEWNET,
+    CLONE_THREAD,
+    IN_INTERRUPT,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    LOOPBACK_IFINDEX,
+    TCP_CLOSE,
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
+    TCP_SYN_RECV,
+    TCP_SYN_SENT,
+    KernelEvent,
+    NamespaceSwitch,
+    ProcessExec,
+    ProcessExit,
+    ProcessFork,
+    RouteLookup,
+    TaskRename,
+    TcpReset,
+    TcpStateChange,
+)
+from agent.collect.listeners import ListenerResolver
+from agent.collect.procnet import PROC_ROOT, parse_namespace_link
+from agent.identity import NO_OWNER, Identity, IdentityCache, process_uuid
+
+CONNECT = "connect"
+ESTABLISHED = "established"
+REFUSED = "refused"
+TIMEOUT = "timeout"
+ACCEPTED = "accepted"
+CLOSED = "closed"
+UDP = "udp"
+KINDS = (CONNECT, ESTABLISHED, REFUSED, TIMEOUT, ACCEPTED, CLOSED, UDP)
+OUTBOUND = "outbound"
+INBOUND = "inbound"
+
+_COMM_LENGTH = 15
+_NS_PER_S = 1_000_000_000
+
+
+class SocketEvent(NamedTuple):
+    """One fact about a connection, for the history, a table row or ``watch``.
+
+    ``connect`` and its outcome (``established``, ``refused``, ``timeout``) share ``key``, as do
+    ``accepted`` and its ``closed``; ``closed`` also ends an ``established`` one.  A socket the
+    events did not see begin (older than the source) ends with a ``closed``, ``refused`` or
+    ``timeout`` whose identity is :data:`agent.identity.NO_OWNER` and namespace None.
+    Addresses are integers (network order, as :mod:`agent.collect.procnet`); ``version`` 6 with an
+    IPv4-mapped address is an ``AF_INET6`` socket talking IPv4, as the socket tables show it.
+    """
+
+    time: float
+    """Unix seconds of the event (the connect for ``connect``, the outcome for the others)."""
+    kind: str
+    protocol: int
+    family: int
+    version: int
+    local_address: int
+    local_port: int
+    remote_address: int
+    remote_port: int
+    net_namespace: Optional[int]
+    identity: Identity
+    """The process: the caller of ``connect()``/``sendto()``; the listener's owner for
+    ``accepted``."""
+    direction: str
+    key: int
+    """The socket, numbered by this source (unique while it runs)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclass
+class _Thread:
+    tgid: int
+    netns: Optional[int]
+
+
+@dataclass
+class _Process:
+    identity: Identity
+    start_ns: Optional[int] = None
+    """When the events saw it forked (trace clock), else None."""
+    exited_ns: Optional[int] = None
+
+
+def _basename_comm(filename: str) -> str:
+    """The name a process gets at ``exec`` (``__set_task_comm(kbasename(filename))``)."""
+    return os.path.basename(filename)[:_COMM_LENGTH]
+
+
+class ProcessTable:
+    """Threads, processes and their identities, kept from events plus ``/proc`` reads.
+
+    ``to_unix`` turns a trace time stamp into unix seconds; ``to_ticks`` into clock ticks
+    since boot (the start time ``/proc/PID/stat`` gives, which names a process instance in
+    :func:`agent.identity.process_uuid`).
+    """
+
+    def __init__(
+        self,
+        identities: IdentityCache,
+        to_unix: Callable[[int], float],
+        to_ticks: Callable[[int], int],
+        proc_root: str = PROC_ROOT,
+        own_pid: Optional[int] = None,
+        exit_grace_s: float = 10.0,
+        on_namespace: Optional[Callable[[int, int], None]] = None,
+    ) -> None:
+        self.identities = identities
+        self.to_unix = to_unix
+        self.to_ticks = to_ticks
+        self.proc_root = proc_root
+        self.own_pid = os.getpid() if own_pid is None else own_pid
+        self.exit_grace_ns = int(exit_grace_s * _NS_PER_S)
+        self.on_namespace = on_namespace
+        """Called with (namespace, tid) for each namespace read: a way into it."""
+        self.threads: Dict[int, _Thread] = {}
+        self.processes: Dict[int, _Process] = {}
+        self.proc_reads = 0
+
+    # -- reading /proc -----------------------------------------------------------------------------
+
+    def _read_netns(self, tid: int) -> Optional[int]:
+        try:
+            namespace = parse_namespace_link(os.readlink(f"{self.proc_root}/{tid}/ns/net"))
+        except (OSError, ValueError):
+            return None
+        if self.on_namespace is not None:
+            self.on_namespace(namespace, tid)
+        return namespace
+
+    def _read_tgid(self, tid: int) -> Optional[int]:
+        try:
+            with open(f"{self.proc_root}/{tid}/status", "rb") as handle:
+                for line in handle.read().split(b"\n"):
+                    if line.startswith(b"Tgid:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    def _read_identity(self, pid: int, start_ns: Optional[int]) -> Optional[Identity]:
+        """The identity ``/proc`` shows for ``pid`` now, if it is the process we mean (same
+        start time when we know it); None when gone."""
+        self.proc_reads += 1
+        self.identities.forget(pid)
+        identity = self.identities.lookup(pid)
+        if not identity.name and not identity.path:
+            return None
+        started = identity.process_start_time
+        if (
+            start_ns is not None
+            and started is not None
+            and abs(started - self.to_unix(start_ns)) > 2
+        ):
+            return None  # the pid was reused since
+        return identity
+
+    # -- look-ups ----------------------------------------------------------------------------------
+
+    def thread(self, tid: int) -> _Thread:
+        """The thread ``tid``, read from ``/proc`` when the events have not shown it."""
+        found = self.threads.get(tid)
+        if found is None:
+            tgid = self._read_tgid(tid) or tid
+            found = self.threads[tid] = _Thread(tgid, self._read_netns(tid))
+        return found
+
+    def process(self, tgid: int) -> _Process:
+        """The process ``tgid``, its identity read from ``/proc`` when first seen."""
+        found = self.processes.get(tgid)
+        if found is None:
+            identity = self._read_identity(tgid, None) if tgid > 0 else None
+            found = self.processes[tgid] = _Process(identity or Identity(pid=tgid))
+        return found
+
+    def who(self, tid: int) -> Tuple[Identity, Optional[int]]:
+        """(identity of the process, network namespace of the thread) for an event that ran
+        in thread ``tid``'s context."""
+        if tid <= 0:
+            return NO_OWNER, None
+        thread = self.thread(tid)
+        return self.process(thread.tgid).identity, thread.netns
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def forked(self, event: ProcessFork) -> None:
+        parent = self.thread(event.parent)
+        flags = event.clone_flags
+        if flags is None:  # sched_process_fork: a thread or a process?
+            tgid = self._read_tgid(event.child) or event.child
+            is_thread = tgid != event.child
+        else:
+            is_thread = bool(flags & CLONE_THREAD)
+        new_namespace = flags is not None and bool(flags & CLONE_NEWNET)
+        netns = self._read_netns(event.child) if new_namespace else parent.netns
+        if is_thread:
+            self.threads[event.child] = _Thread(parent.tgid, netns)
+            return
+        self.threads[event.child] = _Thread(event.child, netns)
+        base = self.process(parent.tgid).identity
+        ticks = self.to_ticks(event.time)
+        self.processes[event.child] = _Process(
+            dataclasses.replace(
+                base,
+                pid=event.child,
+                name=event.comm or base.name,
+                parent=parent.tgid,
+                process_start_time=int(self.to_unix(event.time)),
+                process_uuid=process_uuid(self.identities.boot_id, event.child, str(ticks)),
+            ),
+            start_ns=event.time,
+        )
+
+    def executed(self, event: ProcessExec, latest: bool) -> None:
+        """An exec; ``latest`` when no later exec of the same pid is in this batch (only then
+        is ``/proc`` worth reading: it shows the last program)."""
+        if event.old_tid != event.tid:  # a non-leader thread exec'd: it took the leader's pid
+            self.threads.pop(event.old_tid, None)
+        thread = self.threads.get(event.tid)
+        if thread is None:
+            thread = self.threads[event.tid] = _Thread(event.tid, self._read_netns(event.tid))
+        else:
+            thread.tgid = event.tid
+        process = self.processes.get(event.tid)
+        if process is None:
+            process = self.processes[event.tid] = _Process(Identity(pid=event.tid))
+        read = self._read_identity(event.tid, process.start_ns) if latest else None
+        if read is not None:
+            if not read.path:  # exiting already: /proc/PID/exe goes with the memory map
+                read = dataclasses.replace(read, path=event.filename)
+            process.identity = read
+            if thread.netns is None:
+                thread.netns = self._read_netns(event.tid)
+            return
+        process.identity = dataclasses.replace(
+            process.identity,
+            pid=event.tid,
+            name=_basename_comm(event.filename),
+            path=event.filename,
+            cmdline="",
+        )
+
+    def renamed(self, event: TaskRename) -> None:
+        thread = self.threads.get(event.tid)
+        if thread is None or thread.tgid != event.tid:
+            return  # a thread's own name: the process keeps its name
+        process = self.processes.get(event.tid)
+        if process is None:
+            return
+        name = process.identity.name
+        if len(event.comm) >= _COMM_LENGTH and name.startswith(event.comm):
+            return  # already the longer name psutil makes of a full-length comm
+        process.identity = dataclasses.replace(process.identity, name=event.comm)
+
+    def exited(self, event: ProcessExit) -> None:
+        thread = self.threads.pop(event.tid, None)
+        tgid = thread.tgid if thread is not None else event.tid
+        if event.group_dead or (event.group_dead is None and tgid == event.tid):
+            process = self.processes.get(tgid)
+            if process is not None:
+                process.exited_ns = event.time
+
+    def switched(self, event: NamespaceSwitch) -> None:
+        thread = self.thread(event.pid)
+        if thread.tgid == self.own_pid:
+            return  # our own sock_diag going into a namespace and back
+        thread.netns = self._read_netns(event.pid)
+
+    # -- upkeep ------------------------------------------------------------------------------------
+
+    def prune(self, now_ns: int) -> int:
+        """Forget processes that exited more than the grace period ago; how many went."""
+        horizon = now_ns - self.exit_grace_ns
+        gone = [
+            pid
+            for pid, process in self.processes.items()
+            if process.exited_ns is not None and process.exited_ns < horizon
+        ]
+        for pid in gone:
+            del self.processes[pid]
+        return len(gone)
+
+    def resync(self) -> None:
+        """After lost events: forget threads and processes ``/proc`` no longer has, and read
+        the namespace of every thread again (a ``setns`` may be among the lost)."""
+        for tid in list(self.threads):
+            if not os.path.exists(f"{self.proc_root}/{tid}"):
+                del self.threads[tid]
+            else:
+                self.threads[tid].netns = self._read_netns(tid)
+        for pid, process in list(self.processes.items()):
+            if process.exited_ns is None and not os.path.exists(f"{self.proc_root}/{pid}"):
+                del self.processes[pid]
+
+
+# ---------------------------------------------------------------------------------------------
+# sockets
+
+
+@dataclass
+class _TcpSocket:
+    key: int
+    direction: str
+    identity: Identity
+    netns: Optional[int]
+    family: int
+    local: bytes
+    local_port: int
+    remote: bytes
+    remote_port: int
+    time_ns: int
+    state: int
+    reset: bool = False
+    announced: bool = False
+
+
+class Tracker:
+    """Feeds events to the process table and the socket state machines; returns the
+    :class:`SocketEvent` records they produce.
+
+    ``offset`` converts the trace clock to unix time (``unix = ns / 1e9 + offset``); the owner
+    updates it before each :meth:`feed` (NTP moves the wall clock).  ``boot_offset_ns`` is what
+    to add to a trace time stamp to get ``CLOCK_BOOTTIME`` (0 with the ``boot`` trace clock).
+    Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        identities: IdentityCache,
+        resolver: ListenerResolver,
+        proc_root: str = PROC_ROOT,
+        own_pid: Optional[int] = None,
+        hold_s: float = 0.5,
+        udp_ttl_s: float = 60.0,
+        max_sockets: int = 1 << 18,
+        max_flows: int = 1 << 16,
+        boot_offset_ns: int = 0,
+    ) -> None:
+        self.offset = 0.0
+        self.boot_offset_ns = boot_offset_ns
+        self.resolver = resolver
+        self.processes = ProcessTable(
+            identities,
+            self.to_unix,
+            self._ticks,
+            proc_root,
+            own_pid,
+            on_namespace=resolver.learn,
+        )
+        self.hold_ns = int(hold_s * _NS_PER_S)
+        self.udp_ttl_ns = int(udp_ttl_s * _NS_PER_S)
+        self.max_sockets = max_sockets
+        self.max_flows = max_flows
+        self.sockets: Dict[int, _TcpSocket] = {}
+        self.flows: collections.OrderedDict[Tuple[object, ...], int] = collections.OrderedDict()
+        self.connects_by_namespace: Dict[Optional[int], int] = {}
+        """Outbound TCP connects (CLOSE -> SYN_SENT) seen, per network namespace (None:
+        unknown), to stand beside each namespace's ``Tcp: ActiveOpens``."""
+        self.last_ns = 0
+        """The time stamp of the newest event fed."""
+        self._serial = 0
+        self._pruned_ns = 0
+        self._pending: Deque[_TcpSocket] = collections.deque()
+        self._resets: Dict[int, int] = {}
+        self._out: List[SocketEvent] = []
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK")
+        self._handlers: Dict[type, Callable[[KernelEvent], None]] = {
+            TcpStateChange: self._tcp,  # type: ignore[dict-item]
+            TcpReset: self._reset,  # type: ignore[dict-item]
+            RouteLookup: self._route,  # type: ignore[dict-item]
+            ProcessFork: self.processes.forked,  # type: ignore[dict-item]
+            ProcessExit: self.processes.exited,  # type: ignore[dict-item]
+            TaskRename: self.processes.renamed,  # type: ignore[dict-item]
+            NamespaceSwitch: self.processes.switched,  # type: ignore[dict-item]
+        }
+
+    @property
+    def holding(self) -> bool:
+        """Connects are waiting for their local port (see ``hold_s``)."""
+        return bool(self._pending)
+
+    def to_unix(self, ns: int) -> float:
+        return ns / _NS_PER_S + self.offset
+
+    def _ticks(self, ns: int) -> int:
+        return (ns + self.boot_offset_ns) * self._ticks_per_s // _NS_PER_S
+
+    # -- feeding -----------------------------------------------------------------------------------
+
+    def feed(self, events: Sequence[KernelEvent]) -> List[SocketEvent]:
+        """Apply ``events`` (time-ordered) and return the records they complete, followed by
+        the ``connect`` records whose hold ran out (see :meth:`flush`)."""
+        out: List[SocketEvent] = []
+        self._out = out
+        self.resolver.new_batch()
+        last_exec: Dict[int, int] = {}
+        for index, event in enumerate(events):
+            if type(event) is ProcessExec:
+                last_exec[event.tid] = index
+        handlers = self._handlers
+        for index, event in enumerate(events):
+            kind = type(event)
+            if kind is ProcessExec:
+                self.processes.executed(event, last_exec[event.tid] == index)  # type: ignore[union-attr,arg-type]
+            else:
+                handler = handlers.get(kind)
+                if handler is not None:
+                    handler(event)
+        if events:
+            self.last_ns = max(self.last_ns, events[-1][0])
+        self._resets.clear()
+        self.resolver.refresh_dirty()
+        return out + self.flush(self.last_ns)
+
+    def flush(self, now_ns: int) -> List[SocketEvent]:
+        """``connect`` records of sockets still in SYN_SENT after the hold (their local port
+        unknown: 0), and the upkeep of the tables."""
+        out: List[SocketEvent] = []
+        self._out = out
+        pending = self._pending
+        while pending and (pending[0].announced or now_ns - pending[0].time_ns >= self.hold_ns):
+            sock = pending.popleft()
+            if not sock.announced:
+                self._announce(sock)
+        if now_ns - self._pruned_ns >= _NS_PER_S:
+            self._pruned_ns = now_ns
+            self.processes.prune(now_ns)
+        return out
+
+    def _emit(self, kind: str, sock: _TcpSocket, time_ns: int) -> None:
+        self._out.append(
+            SocketEvent(
+                self.to_unix(time_ns),
+                kind,
+                IPPROTO_TCP,
+                sock.family,
+                4 if sock.family == AF_INET else 6,
+                int.from_bytes(sock.local, "big"),
+                sock.local_port,
+                int.from_bytes(sock.remote, "big"),
+                sock.remote_port,
+                sock.netns,
+                sock.identity,
+                sock.direction,
+                sock.key,
+            )
+        )
+
+    def _announce(self, sock: _TcpSocket) -> None:
+        sock.announced = True
+        self._emit(CONNECT, sock, sock.time_ns)
+
+    def _new_key(self) -> int:
+        self._serial += 1
+        return self._serial
+
+    # -- TCP ---------------------------------------------------------------------------------------
+
+    def _tcp(self, event: TcpStateChange) -> None:
+        old, new = event.oldstate, event.newstate
+        if event.protocol != IPPROTO_TCP:
+            return
+        if old == TCP_CLOSE and new == TCP_SYN_SENT:
+            self._connect(event)
+        elif old == TCP_SYN_SENT and new == TCP_ESTABLISHED:
+            sock = self.sockets.get(event.skaddr)
+            if sock is not None and sock.state == TCP_SYN_SENT:
+                sock.state = TCP_ESTABLISHED
+                sock.local, sock.local_port = event.saddr, event.sport
+                if not sock.announced:
+                    self._announce(sock)
+                self._emit(ESTABLISHED, sock, event.time)
+        elif old == TCP_LISTEN and new == TCP_SYN_RECV:
+            self._accepted(event)
+        elif new == TCP_LISTEN:
+            identity, netns = self.processes.who(event.pid)
+            version = 4 if event.family == AF_INET else 6
+            address = int.from_bytes(event.saddr, "big")
+            self.resolver.listened(netns, version, address, event.sport, identity)
+        elif old == TCP_LISTEN and new == TCP_CLOSE:
+            _, netns = self.processes.who(event.pid)
+            version = 4 if event.family == AF_INET else 6
+            address = int.from_bytes(event.saddr, "big")
+            self.resolver.unlistened(netns, version, address, event.sport)
+        elif new == TCP_CLOSE:
+            self._closed(event)
+
+    def _connect(self, event: TcpStateChange) -> None:
+        if event.flags & IN_INTERRUPT:
+            identity, netns = NO_OWNER, None
+        else:
+            identity, netns = self.processes.who(event.pid)
+        sock = self._socket(event, OUTBOUND, identity, netns, TCP_SYN_SENT, local_port=0)
+        self._track(event.skaddr, sock)
+        self._pending.append(sock)
+        counts = self.connects_by_namespace
+        counts[netns] = counts.get(netns, 0) + 1
+
+    def _track(self, skaddr: int, sock: _TcpSocket) -> None:
+        sockets = self.sockets
+        sockets.pop(skaddr, None)  # a reused address: the old socket's CLOSE was lost
+        sockets[skaddr] = sock
+        if len(sockets) > self.max_sockets:
+            del sockets[next(iter(sockets))]
+
+    def _accepted(self, event: TcpStateChange) -> None:
+        listener = self.resolver.resolve(
+            event.family, event.saddr, event.sport, event.daddr, event.dport
+        )
+        identity = listener.identity if listener else NO_OWNER
+        netns = listener.net_namespace if listener else None
+        sock = self._socket(event, INBOUND, identity, netns, TCP_SYN_RECV, announced=True)
+        self._track(event.skaddr, sock)
+        self._emit(ACCEPTED, sock, event.time)
+
+    def _reset(self, event: TcpReset) -> None:
+        sock = self.sockets.get(event.skaddr)
+        if sock is not None:
+            sock.reset = True
+        else:
+            self._resets[event.skaddr] = event.time
+
+    def _closed(self, event: TcpStateChange) -> None:
+        sock = self.sockets.pop(event.skaddr, None)
+        if sock is None:
+            sock = self._untracked(event)
+        if sock.state == TCP_SYN_SENT:
+            if not sock.local_port:
+                sock.local, sock.local_port = event.saddr, event.sport
+            if not sock.announced:
+                self._announce(sock)
+            self._emit(REFUSED if sock.reset else TIMEOUT, sock, event.time)
+        else:
+            self._emit(CLOSED, sock, event.time)
+
+    def _untracked(self, event: TcpStateChange) -> _TcpSocket:
+        """A socket whose beginning the events did not show (older than the source, or its
+        events were lost)."""
+        version = 4 if event.family == AF_INET else 6
+        address = int.from_bytes(event.saddr, "big")
+        inbound = bool(self.resolver.candidates(version, address, event.sport))
+        outcome = event.oldstate == TCP_SYN_SENT
+        sock = self._socket(
+            event,
+            INBOUND if inbound and not outcome else OUTBOUND,
+            NO_OWNER,
+            None,
+            TCP_SYN_SENT if outcome else TCP_ESTABLISHED,
+            announced=True,
+        )
+        sock.reset = event.skaddr in self._resets
+        return sock
+
+    def _socket(
+        self,
+        event: TcpStateChange,
+        direction: str,
+        identity: Identity,
+        netns: Optional[int],
+        state: int,
+        local_port: Optional[int] = None,
+        announced: bool = False,
+    ) -> _TcpSocket:
+        """A new tracked socket with the ends ``event`` shows (its own port unless given)."""
+        return _TcpSocket(
+            self._new_key(),
+            direction,
+            identity,
+            netns,
+            event.family,
+            event.saddr,
+            event.sport if local_port is None else local_port,
+            event.daddr,
+            event.dport,
+            event.time,
+            state,
+            announced=announced,
+        )
+
+    # -- UDP ---------------------------------------------------------------------------------------
+
+    def _route(self, event: RouteLookup) -> None:
+        if (
+            event.flags & IN_INTERRUPT
+            or event.iif != LOOPBACK_IFINDEX
+            or event.protocol != IPPROTO_UDP
+        ):
+            return
+        identity, netns = self.processes.who(event.pid)
+        key = (netns, identity.pid, event.version, event.sport, event.daddr, event.dport)
+        flows = self.flows
+        seen = flows.get(key)
+        if seen is not None and event.time - seen < self.udp_ttl_ns:
+            flows[key] = event.time
+            flows.move_to_end(key)
+            return
+        flows[key] = event.time
+        flows.move_to_end(key)
+        horizon = event.time - self.udp_ttl_ns
+        while flows:
+            oldest_key, oldest = next(iter(flows.items()))
+            if oldest >= horizon and len(flows) <= self.max_flows:
+                break
+            del flows[oldest_key]
+        self._out.append(
+            SocketEvent(
+                self.to_unix(event.time),
+                UDP,
+                IPPROTO_UDP,
+                AF_INET if event.version == 4 else AF_INET6,
+                event.version,
+                int.from_bytes(event.saddr, "big"),
+                event.sport,
+                int.from_bytes(event.daddr, "big"),
+                event.dport,
+                netns,
+                identity,
+                OUTBOUND,
+                self._new_key(),
+            )
+        )
+
+    # -- upkeep ------------------------------------------------------------------------------------
+
+    def resync(self) -> None:
+        """After lost events: connects older than the longest SYN retry (~127 s) cannot still
+        be pending; the process table is checked against ``/proc``; the listeners are dumped
+        again."""
+        horizon = self.last_ns - 180 * _NS_PER_S
+        for skaddr, sock in list(self.sockets.items()):
+            if sock.state == TCP_SYN_SENT and sock.time_ns < horizon:
+                del self.sockets[skaddr]
+        self.processes.resync()
+        self.resolver.refresh()

@@ -1,0 +1,37 @@
+"""The one composition point: settings -> sources -> allow rules -> history -> the consumer.
+
+``egress-agent check`` takes one :meth:`Pipeline.sample`; ``egress-agent watch`` and the osquery
+extension run a :class:`Monitor`, the same background loop for both, which samples every
+interval, records each sample in the history and tells its consumer (``watch`` prints what is
+new, the extension keeps the figures of ``egress_agent_info``), and, where the kernel allows
+it, an :class:`EventFeed`, which turns kernel events into connections as they happen.  Queries
+of the extension's live table go through :meth:`Monitor.live`.  Nothing here knows a protocol or
+a format: the front ends (``agent/cli.py``, ``agent/osquery/``) do.
+
+- :mod:`agent.pipeline.compose`: :class:`Pipeline` (a sampler, the allow rules, the history
+  store, the names) and :class:`Snapshot`;
+- :mod:`agent.pipeline.names`: :class:`DomainNames`, names for destinations from DNS answers;
+- :mod:`agent.pipeline.monitor`: :class:`Monitor`, the background loop, its figures, the runs;
+- :mod:`agent.pipeline.events`: :class:`EventFeed`, connections from kernel events.
+"""
+
+from agent.pipeline.compose import SAMPLING, TRACEFS, Pipeline, Snapshot, open_store
+from agent.pipeline.events import EventFeed, EventLog, EventRow, open_events
+from agent.pipeline.monitor import Monitor, Stats, read_machine_id
+from agent.pipeline.names import DomainNames
+
+__all__ = [
+    "SAMPLING",
+    "TRACEFS",
+    "DomainNames",
+    "EventFeed",
+    "EventLog",
+    "EventRow",
+    "Monitor",
+    "Pipeline",
+    "Snapshot",
+    "Stats",
+    "open_events",
+    "open_store",
+    "read_machine_id",
+]

@@ -1,0 +1,157 @@
+"""A sampler, the allow rules, the history store and the names, used as one: :class:`Pipeline`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, FrozenSet, List, Optional
+
+from agent.allow import annotate
+from agent.classify import Classifier
+from agent.collect import UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
+from agent.config import Settings
+from agent.records import Connection
+
+if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
+    from agent.history import HistoryStore
+    from agent.pipeline.names import DomainNames
+
+SAMPLING = "sampling"
+"""The history source name of the socket sampler."""
+TRACEFS = "tracefs"
+"""The history source name of the kernel events."""
+
+
+def open_store(
+    settings: Settings,
+    path: Optional[str] = None,
+    read_only: bool = False,
+    logger: Optional[logging.Logger] = None,
+) -> HistoryStore:
+    """The history store the settings name (or the file at ``path``: a copy, read only)."""
+    from agent.history import HistoryStore
+
+    return HistoryStore(
+        path or settings.history_path,
+        retention_days=settings.history_retention_days,
+        max_rows=settings.history_max_rows,
+        logger=logger,
+        read_only=read_only,
+    )
+
+
+@dataclass
+class Snapshot:
+    """One sample as the pipeline hands it on: the connections, annotated with the allow rules,
+    and what the sample looked at."""
+
+    connections: List[Connection]
+    stats: SampleStats
+    at: float
+    """Unix seconds, when the sample was taken."""
+
+    @property
+    def unread(self) -> FrozenSet[int]:
+        """The network namespaces whose tables the sample could not read: their rows in the
+        history stay as they were (the sample says nothing of them)."""
+        return frozenset(n.inode for n in self.stats.per_namespace if n.error or n.pid < 0)
+
+
+class Pipeline:
+    """A sampler, the allow rules and (optionally) the history store, used as one.
+
+    Thread-safe: one lock serialises samples (the sampler's caches are not for concurrent
+    use, and a query waiting for a background sample gets the freshest data anyway).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sampler: Sampler,
+        store: Optional[HistoryStore] = None,
+        clock: Callable[[], float] = time.time,
+        names: Optional[DomainNames] = None,
+        classifier: Optional[Classifier] = None,
+    ) -> None:
+        self.settings = settings
+        self.classifier = classifier or Classifier(settings.internal_networks)
+        """The verdicts of every source (the sampler's own, when it was made by :meth:`open`)."""
+        self.sampler = sampler
+        self.store = store
+        self.names = names
+        self.clock = clock
+        """Unix seconds: when samples are taken, and the times the history records."""
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        settings: Settings,
+        backend: str = "auto",
+        history: bool = False,
+        logger: Optional[logging.Logger] = None,
+        names: Optional[str] = None,
+    ) -> Pipeline:
+        """The pipeline the settings describe; with ``history``, writing the history store
+        (when the settings keep one).  ``names``: ``"watch"`` observes DNS answers
+        (:meth:`DomainNames.watching`), ``"recorded"`` uses those the running agent kept."""
+        classifier = Classifier(settings.internal_networks)
+        sampler = open_sampler(
+            classifier, backend, full_read_every=settings.sampling_full_read_every
+        )
+        store = (
+            open_store(settings, logger=logger) if history and settings.history_enabled else None
+        )
+        from agent.pipeline.names import DomainNames
+
+        domain_names = None
+        if names == "watch":
+            domain_names = DomainNames.watching(store)
+        elif names == "recorded":
+            domain_names = DomainNames.recorded(settings)
+        return cls(settings, sampler, store, names=domain_names, classifier=classifier)
+
+    @property
+    def notices(self) -> List[str]:
+        """What the user should know once about what this pipeline cannot see, one line each."""
+        notices = [UNPRIVILEGED_NOTICE] if self.sampler.limited else []
+        if self.names is not None and self.names.notice:
+            notices.append(self.names.notice)
+        return notices
+
+    def sample(
+        self,
+        pids: Optional[FrozenSet[int]] = None,
+        want_all: bool = False,
+        count_outbound_tcp: bool = False,
+    ) -> Snapshot:
+        """One live sample (narrowed to ``pids`` when given), annotated with the allow rules.
+        Raises :class:`agent.collect.SamplerError` when the host cannot be sampled at all."""
+        with self._lock:
+            self.sampler.count_outbound_tcp = count_outbound_tcp
+            at = self.clock()
+            connections = self.sampler.sample(want_all=want_all, pids=pids)
+            stats = self.sampler.last
+        lookup = None
+        if self.names is not None:
+            self.names.annotate(connections)
+            self.names.rescan(stats.discovery)
+            lookup = self.names.lookup
+        annotate(self.settings.allow, connections, names=lookup)
+        return Snapshot(connections, stats, at)
+
+    def record(self, snapshot: Snapshot) -> bool:
+        """The external connections of a whole-host sample into the history; True when stored
+        (or when no history is kept)."""
+        if self.store is None:
+            return True
+        external = [c for c in snapshot.connections if c.external]
+        return self.store.snapshot(SAMPLING, external, snapshot.at, unread=snapshot.unread)
+
+    def close(self) -> None:
+        if self.names is not None:
+            self.names.close()
+        if self.store is not None:
+            self.store.close()

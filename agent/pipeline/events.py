@@ -1,0 +1,331 @@
+"""Connections from kernel events, as they happen: :class:`EventFeed`.
+
+The event source (:mod:`agent.collect.events`: a tracefs instance of our own) reports every TCP
+connect, its outcome, every accepted connection and close, and every new UDP flow, with the
+process behind it, even one that lived a millisecond.  The feed turns each report into a
+:class:`~agent.records.Connection` (the verdict on its remote address, its name, the allow
+rules), and hands the external ones to three consumers:
+
+- the history store, as :class:`~agent.history.Observation` events of the source ``tracefs``
+  (the sampler's snapshots go on beside them; neither closes the other's rows);
+- :class:`EventLog`, the bounded buffer behind the osquery table ``external_connection_events``
+  (one row per connection attempt, like osquery's evented tables);
+- a callback (``watch`` prints each connection within a second of its connect).
+
+When the kernel lost events (its buffer was full), the source resynchronises its trackers and
+the feed asks the background loop for a sample at once, so the history catches up from
+sock_diag; both are logged.  Without tracefs, root or the tracepoints, :meth:`EventFeed.open`
+says why in one line and the agent samples as before (``events_source = sampling``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
+
+from agent.allow import annotate
+from agent.classify import format_ipv4, format_ipv6
+from agent.pipeline.compose import TRACEFS, Pipeline
+from agent.records import Connection, SocketColumns, connection_of
+
+if TYPE_CHECKING:
+    from agent.collect.events import EventSource
+    from agent.collect.tracker import SocketEvent
+    from agent.history import Observation
+
+STATE_OF_KIND = {
+    "connect": "SYN_SENT",
+    "established": "ESTABLISHED",
+    "refused": "CLOSED",
+    "timeout": "CLOSED",
+    "accepted": "ESTABLISHED",
+    "closed": "CLOSED",
+    "udp": "",
+}
+"""The TCP state (osquery's names) a connection is in right after each kind of event."""
+
+OUTCOME_OF_KIND = {
+    "connect": "pending",
+    "established": "established",
+    "refused": "refused",
+    "timeout": "timeout",
+    "accepted": "accepted",
+    "udp": "sent",
+}
+"""``external_connection_events.outcome``: a connect is ``pending`` until its outcome arrives."""
+
+POLL_S = 0.5
+STOP_WITHIN_S = 2.0
+
+
+@dataclass
+class EventRow:
+    """One connection attempt of ``external_connection_events``."""
+
+    time: float
+    """Unix seconds of the connect (or the accept, or the datagram)."""
+    outcome: str
+    connection: Connection
+    closed_at: Optional[float] = None
+
+
+class EventLog:
+    """The last connection attempts, bounded like osquery's evented tables: at most
+    ``max_rows``, none older than ``expiry`` seconds.  Thread-safe."""
+
+    def __init__(self, max_rows: int = 50_000, expiry: float = 3600.0) -> None:
+        self.max_rows = max_rows
+        self.expiry = expiry
+        self._rows: Deque[Tuple[int, EventRow]] = collections.deque()
+        self._by_key: Dict[int, EventRow] = {}
+        self._lock = threading.Lock()
+        self.dropped = 0
+        """Rows that left the buffer for its bounds before they expired."""
+
+    def add(self, key: int, row: EventRow) -> None:
+        with self._lock:
+            self._rows.append((key, row))
+            self._by_key[key] = row
+            while len(self._rows) > self.max_rows:
+                old_key, old = self._rows.popleft()
+                self.dropped += 1
+                if self._by_key.get(old_key) is old:
+                    del self._by_key[old_key]
+
+    def settle(self, key: int, outcome: Optional[str], at: float, connection: Connection) -> bool:
+        """The outcome (or the close, with ``outcome`` None) of the attempt ``key``; False when
+        no attempt of that key is held."""
+        with self._lock:
+            row = self._by_key.get(key)
+            if row is None:
+                return False
+            if outcome is None:
+                row.closed_at = at
+            else:
+                row.outcome = outcome
+                if connection.local_port and not row.connection.local_port:
+                    row.connection = replace(
+                        row.connection,
+                        local_address=connection.local_address,
+                        local_port=connection.local_port,
+                    )
+            row.connection.state = connection.state
+            return True
+
+    def rows(self, since: Optional[float] = None, until: Optional[float] = None) -> List[EventRow]:
+        """The attempts at or after ``since`` and at or before ``until`` (unix seconds), oldest
+        first; expired ones are dropped on the way."""
+        with self._lock:
+            cutoff = time.time() - self.expiry
+            while self._rows and self._rows[0][1].time < cutoff:
+                key, row = self._rows.popleft()
+                if self._by_key.get(key) is row:
+                    del self._by_key[key]
+            return [
+                row
+                for _, row in self._rows
+                if (since is None or row.time >= since) and (until is None or row.time < until + 1)
+            ]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def _address_text(value: int, version: int) -> str:
+    return format_ipv4(value) if version == 4 else format_ipv6(value)
+
+
+class EventFeed:
+    """Kernel events into connections, from a thread of its own (:meth:`run`)."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        source: EventSource,
+        logger: logging.Logger,
+        log: Optional[EventLog] = None,
+        on_connection: Optional[Callable[[Connection], None]] = None,
+        on_loss: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.source = source
+        self.log = log if log is not None else EventLog()
+        self._logger = logger
+        self.on_connection = on_connection
+        """Called (from the feed's thread) with each external connection as it is seen."""
+        self.on_loss = on_loss
+        """Called (from the feed's thread) when the kernel lost events: resynchronise."""
+        self._lost_seen = 0
+        self._deferred: Dict[int, float] = {}
+        """key -> time of the connects whose local port was not known yet: recorded in the
+        history at their outcome, which knows the port."""
+        self.connections_seen = 0
+        """External connections the feed handed on."""
+        self.running = True
+        """False once the feed stopped (told to, or the instance went away)."""
+        self.stopped_because = ""
+
+    @classmethod
+    def open(
+        cls,
+        pipeline: Pipeline,
+        logger: logging.Logger,
+        log: Optional[EventLog] = None,
+        on_connection: Optional[Callable[[Connection], None]] = None,
+        on_loss: Optional[Callable[[], None]] = None,
+    ) -> Tuple[Optional[EventFeed], str]:
+        """The feed over a new event source, or (None, why not): no tracefs, lockdown, not
+        root, a kernel without the tracepoints.  Never raises for those."""
+        from agent.collect.events import open_event_source
+        from agent.collect.tracefs import EventsUnavailable
+        from agent.identity import IdentityCache
+
+        try:
+            source = open_event_source(identities=IdentityCache())
+        except EventsUnavailable as error:
+            return None, f"kernel events unavailable, sampling instead: {error}"
+        except OSError as error:
+            return None, f"kernel events unavailable, sampling instead: {error.strerror or error}"
+        return cls(pipeline, source, logger, log, on_connection, on_loss), ""
+
+    @property
+    def lost(self) -> int:
+        return self.source.lost
+
+    @property
+    def outbound_tcp_seen(self) -> int:
+        """Outbound TCP connects the events saw since the feed began, in every namespace."""
+        return self.source.outbound_tcp_seen
+
+    def start(self) -> Callable[[], None]:
+        """Run the feed in a thread of its own; the function that stops it (and waits, up to
+        :data:`STOP_WITHIN_S`, for the instance to be removed)."""
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self.run, args=(stop,), name="egress-agent-events", daemon=True
+        )
+        thread.start()
+
+        def stopping() -> None:
+            stop.set()
+            thread.join(STOP_WITHIN_S)
+
+        return stopping
+
+    def run(self, stop: threading.Event) -> None:
+        """Read events until ``stop`` is set, then remove the instance (from this thread, as
+        the source asks)."""
+        try:
+            while not stop.is_set():
+                try:
+                    events = self.source.poll(POLL_S)
+                except OSError as error:
+                    self.stopped_because = f"kernel events stopped: {error}"
+                    self._logger.error("%s; sampling only from now on", self.stopped_because)
+                    return
+                if events:
+                    self.handle(events)
+                self._check_loss()
+        finally:
+            self.running = False
+            self.source.close()
+
+    def handle(self, events: List[SocketEvent]) -> List[Connection]:
+        """Turn events into connections and hand the external ones on; those connections."""
+        from agent.history import ALIVE, CLOSED, OPENED, Observation
+
+        handed: List[Connection] = []
+        observations: List[Observation] = []
+        kinds = {"connect": OPENED, "accepted": OPENED, "udp": OPENED, "established": ALIVE}
+        for event in events:
+            connection = self._connection(event)
+            if not connection.external:
+                self._deferred.pop(event.key, None)
+                continue
+            kind = event.kind
+            known_owner = connection.pid > 0
+            if kind in ("connect", "accepted", "udp"):
+                self.log.add(event.key, EventRow(event.time, OUTCOME_OF_KIND[kind], connection))
+                handed.append(connection)
+                if kind == "connect" and not connection.local_port:
+                    self._deferred[event.key] = event.time
+                    continue
+            elif kind == "closed":
+                self.log.settle(event.key, None, event.time, connection)
+            else:
+                self.log.settle(event.key, OUTCOME_OF_KIND[kind], event.time, connection)
+                connected_at = self._deferred.pop(event.key, None)
+                if connected_at is not None and known_owner:
+                    observations.append(Observation(OPENED, connected_at, TRACEFS, connection))
+            if not known_owner:
+                continue  # a socket older than the source, closing: the sampler knew it
+            history_kind = kinds.get(kind, CLOSED)
+            observations.append(Observation(history_kind, event.time, TRACEFS, connection))
+            if kind == "udp":  # a datagram: a connection that opened and is done
+                observations.append(Observation(CLOSED, event.time, TRACEFS, connection))
+        if observations and self.pipeline.store is not None:
+            self.pipeline.store.observe(observations)
+        self.connections_seen += len(handed)
+        if self.on_connection is not None:
+            for connection in handed:
+                self.on_connection(connection)
+        return handed
+
+    def _connection(self, event: SocketEvent) -> Connection:
+        verdict = self.pipeline.classifier.classify_int(event.remote_address, event.version)
+        connection = connection_of(
+            event.identity,
+            verdict,
+            SocketColumns(
+                net_namespace=event.net_namespace,
+                fd=None,
+                socket=None,
+                family=event.family,
+                protocol=event.protocol,
+                state=STATE_OF_KIND.get(event.kind, ""),
+                local_address=_address_text(event.local_address, event.version)
+                if event.local_address or event.local_port
+                else "",
+                local_port=event.local_port,
+                remote_port=event.remote_port,
+                direction=event.direction,
+            ),
+        )
+        if connection.external:
+            names = self.pipeline.names
+            if names is not None:
+                names.annotate([connection])
+            annotate(
+                self.pipeline.settings.allow,
+                [connection],
+                names=names.lookup if names is not None else None,
+            )
+        return connection
+
+    def _check_loss(self) -> None:
+        lost = self.source.lost
+        if lost > self._lost_seen:
+            self._logger.warning(
+                "kernel events: %d lost (the buffer was full); resynchronising from sock_diag",
+                lost - self._lost_seen,
+            )
+            self._lost_seen = lost
+            if self.on_loss is not None:
+                self.on_loss()
+
+
+def open_events(pipeline: Pipeline, logger: logging.Logger) -> Tuple[Optional[EventFeed], str]:
+    """The event feed the settings ask for, or (None, why not), the reason logged once."""
+    settings = pipeline.settings
+    if not settings.events_enabled:
+        return None, "kernel events are off (events.enabled: false)"
+    feed, why = EventFeed.open(
+        pipeline, logger, EventLog(settings.events_max_rows, settings.events_expiry)
+    )
+    if feed is None:
+        logger.warning("%s", why)
+    return feed, why
