@@ -120,7 +120,7 @@ class Settings:
     history_max_rows: int = 100000
     events_enabled: bool = True
     """Watch kernel events (tracefs) where the kernel allows it: every connection, not samples."""
-    events_max_rows: int = 50000
+    events_max_rows: int = 20000
     events_expiry: float = 3600.0
     allow: Tuple[AllowRule, ...] = ()
     source: Optional[str] = field(default=None, compare=False)

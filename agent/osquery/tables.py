@@ -286,13 +286,9 @@ class ExtensionTables:
         columns = context.used(table.EXTERNAL_CONNECTION_EVENTS.column_names)
         rows = []
         for event in self._events.rows(since, until):
-            connection = event.connection
-            if pids is not None and connection.pid not in pids:
+            record = event.record()
+            if pids is not None and record["pid"] not in pids:
                 continue
-            record: Dict[str, table.Cell] = dict(connection.as_dict())
-            record["time"] = int(event.time)
-            record["outcome"] = event.outcome
-            record["closed_at"] = int(event.closed_at) if event.closed_at is not None else None
             rows.append(table.string_row(record, columns))
         return rows
 

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import threading
 import time
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from agent.allow import annotate
 from agent.classify import format_ipv4, format_ipv6
 from agent.pipeline.compose import TRACEFS, Pipeline
-from agent.records import Connection, SocketColumns, connection_of
+from agent.records import COLUMN_NAMES, Connection, SocketColumns, Value, connection_of
 
 if TYPE_CHECKING:
     from agent.collect.events import EventSource
@@ -62,22 +62,57 @@ POLL_S = 0.5
 STOP_WITHIN_S = 2.0
 
 
-@dataclass
-class EventRow:
-    """One connection attempt of ``external_connection_events``."""
+_VALUES = operator.attrgetter(*COLUMN_NAMES)
+_LOCAL = (COLUMN_NAMES.index("local_address"), COLUMN_NAMES.index("local_port"))
+_STATE = COLUMN_NAMES.index("state")
 
-    time: float
-    """Unix seconds of the connect (or the accept, or the datagram)."""
-    outcome: str
-    connection: Connection
-    closed_at: Optional[float] = None
+
+class EventRow:
+    """One connection attempt of ``external_connection_events``: when, how it went, when it
+    closed, and the connection's column values as a tuple (a quarter of the memory of the
+    record: the buffer holds tens of thousands)."""
+
+    __slots__ = ("closed_at", "outcome", "time", "values")
+
+    def __init__(
+        self, time: float, outcome: str, connection: Connection, closed_at: Optional[float] = None
+    ) -> None:
+        self.time = time
+        """Unix seconds of the connect (or the accept, or the datagram)."""
+        self.outcome = outcome
+        self.closed_at = closed_at
+        self.values: Tuple[Value, ...] = _VALUES(connection)
+
+    @property
+    def connection(self) -> Connection:
+        fields: Dict[str, Any] = dict(zip(COLUMN_NAMES, self.values))
+        return Connection(**fields)
+
+    def record(self) -> Dict[str, Value]:
+        """The row's columns, as the table has them."""
+        row: Dict[str, Value] = dict(zip(COLUMN_NAMES, self.values))
+        row["time"] = int(self.time)
+        row["outcome"] = self.outcome
+        row["closed_at"] = int(self.closed_at) if self.closed_at is not None else None
+        return row
+
+    def settle(self, outcome: Optional[str], at: float, connection: Connection) -> None:
+        if outcome is None:
+            self.closed_at = at
+            return
+        self.outcome = outcome
+        values = list(self.values)
+        if connection.local_port and not values[_LOCAL[1]]:
+            values[_LOCAL[0]], values[_LOCAL[1]] = connection.local_address, connection.local_port
+        values[_STATE] = connection.state
+        self.values = tuple(values)
 
 
 class EventLog:
     """The last connection attempts, bounded like osquery's evented tables: at most
     ``max_rows``, none older than ``expiry`` seconds.  Thread-safe."""
 
-    def __init__(self, max_rows: int = 50_000, expiry: float = 3600.0) -> None:
+    def __init__(self, max_rows: int = 20_000, expiry: float = 3600.0) -> None:
         self.max_rows = max_rows
         self.expiry = expiry
         self._rows: Deque[Tuple[int, EventRow]] = collections.deque()
@@ -103,17 +138,7 @@ class EventLog:
             row = self._by_key.get(key)
             if row is None:
                 return False
-            if outcome is None:
-                row.closed_at = at
-            else:
-                row.outcome = outcome
-                if connection.local_port and not row.connection.local_port:
-                    row.connection = replace(
-                        row.connection,
-                        local_address=connection.local_address,
-                        local_port=connection.local_port,
-                    )
-            row.connection.state = connection.state
+            row.settle(outcome, at, connection)
             return True
 
     def rows(self, since: Optional[float] = None, until: Optional[float] = None) -> List[EventRow]:
