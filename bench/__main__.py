@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from bench.extension import over_time
 from bench.harness import methods, run_scale
@@ -76,6 +76,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--query-every", type=float, default=0.0, help="over-time: also generate every N s"
     )
+    parser.add_argument(
+        "--connects",
+        type=float,
+        default=100.0,
+        help="over-time: short TCP connections per second to a global address of the load (100)",
+    )
     parser.add_argument("--quick", action="store_true", help="M and N100, 3 rounds, short extras")
     parser.add_argument("--no-extras", action="store_true", help="no micro-benchmarks")
     args = parser.parse_args(argv)
@@ -111,6 +117,11 @@ EXTRAS = (
     ("bench.startup", ["--runs", "5"], ["--runs", "2"]),
     ("bench.dns_bench", ["--seconds", "4"], ["--seconds", "2", "--rates", "100"]),
     ("bench.history_bench", ["--runs", "3"], ["--runs", "1"]),
+    (
+        "bench.events_bench",
+        ["--rates", "0,100,1000,5000,10000", "--duration", "8"],
+        ["--rates", "100", "--duration", "3"],
+    ),
 )
 """The micro-benchmarks run after the scales: (module, arguments, arguments with --quick)."""
 
@@ -202,10 +213,48 @@ def _scales(args: argparse.Namespace, topology: Topology, argv: Sequence[str]) -
     return 0
 
 
+def _connect_load(topology: Topology, rate: float, duration: float) -> List[subprocess.Popen[str]]:
+    """A server that accepts and closes, in the load's server namespace, and a generator of
+    ``rate`` short connections a second to it from the client namespace (``bench.events_bench``)."""
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", topology.server_ns, sys.executable, "-m", "bench.events_bench",
+         "--serve", "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert server.stdout is not None
+    ready = server.stdout.readline().split()
+    assert ready[:1] == ["READY"], ready
+    port = ready[1]
+    generator = subprocess.Popen(
+        ["ip", "netns", "exec", topology.client_ns, sys.executable, "-m", "bench.events_bench",
+         "--generate", topology.external_v4[0], port, f"{rate:g}", f"{duration:g}"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    return [generator, server]
+
+
+def _stop(processes: List[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        if process.stdin is not None:
+            process.stdin.close()
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
 def _over_time(args: argparse.Namespace, topology: Topology, argv: Sequence[str]) -> int:
     scale = SCALES[args.scale_list[0]]
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     with Load(scale, topology, log=_log):
+        load = (
+            _connect_load(topology, args.connects, args.over_time + args.interval + 60)
+            if args.connects > 0
+            else []
+        )
         try:
             result = over_time(
                 args.over_time,
@@ -217,10 +266,22 @@ def _over_time(args: argparse.Namespace, topology: Topology, argv: Sequence[str]
         except Unavailable as exc:
             print(f"bench: over time: n/a ({exc})", file=sys.stderr)
             return 1
+        finally:
+            _stop(load)
+    before, after = result.info_before, result.info_after
+    seen = int(after.get("outbound_tcp_seen") or 0) - int(before.get("outbound_tcp_seen") or 0)
+    opens = int(after.get("tcp_active_opens") or 0) - int(before.get("tcp_active_opens") or 0)
     rows = [
         ["scale", f"{scale.name} ({scale.clients} clients)"],
         ["duration", f"{result.duration:.0f} s, extension interval {result.interval:g} s"],
         ["generates issued", f"{result.generates} (every {result.query_every:g} s; 0 = none)"],
+        ["connect load", f"{args.connects:g} short TCP connections/s to a global address"],
+        [
+            "event source",
+            f"{after.get('events_source', '?')}, {after.get('events_lost', '?')} events lost"
+            + (f" ({after.get('events_error')})" if after.get("events_error") else ""),
+        ],
+        ["TCP connects in the run: kernel / seen by the agent", f"{opens} / {seen}"],
         ["CPU share of one core", f"{result.cpu_share:.2f} %"],
         ["RSS idle (after one interval)", f"{result.idle_rss_kb / 1024:.1f} MB"],
         [

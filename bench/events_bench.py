@@ -34,7 +34,7 @@ from agent.collect.events import EventSource, open_event_source
 from agent.collect.kevents import choose_events
 from agent.collect.procnet import parse_snmp
 from agent.collect.ringbuffer import PageParser, parse_header_event, parse_header_page
-from bench.report import machine, markdown_table
+from bench.report import machine, markdown_table, write_section
 from bench.topology import Topology, build, teardown
 
 PORT = 8000
@@ -52,13 +52,14 @@ def _log(message: str) -> None:
 
 
 def serve(port: int) -> int:
-    """Accept and close every connection until stdin closes."""
+    """Accept and close every connection until stdin closes (``port`` 0: one the kernel picks;
+    ``READY PORT`` says which)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("0.0.0.0", port))  # noqa: S104 - inside the test host's server namespace
     listener.listen(4096)
     listener.setblocking(False)
-    print("READY", flush=True)
+    print("READY", listener.getsockname()[1], flush=True)
     while True:
         readable, _, _ = select.select([listener, sys.stdin], [], [])
         if sys.stdin in readable and not os.read(sys.stdin.fileno(), 4096):
@@ -281,10 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--generators", type=int, default=2, help="generator processes (2)")
     parser.add_argument("--prefix", default="eeb", help="namespace/veth name prefix (eeb)")
     parser.add_argument("--net", type=int, default=197, help="addresses 10.NET.x.x (197)")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve:
+    if args.serve is not None:
         return serve(args.serve)
     if args.generate:
         address, port, rate, duration = args.generate
@@ -321,12 +323,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         clean = [s for s in steps if s.rate > 0 and s.lost == 0 and s.seen == s.active_opens]
         best = max((s.achieved for s in clean), default=0.0)
         info = machine()
-        print("## Kernel events: the reader under a connect load\n")
-        print(f"Load average {load_before} before the run, {info['load average']} after; "
-              f"{info['nproc']} CPUs, kernel {info['kernel']}, {info['python']}.\n")  # fmt: skip
+        lines: List[str] = []
+        lines.append("## Kernel events: the reader under a connect load (issue 11)\n")
+        lines.append(
+            f"Run: `python -m bench.events_bench {' '.join(argv or sys.argv[1:])}`.  Load average "
+            f"{load_before} before the run, {info['load average']} after; {info['nproc']} CPUs, "
+            f"kernel {info['kernel']}, {info['python']}.\n"
+        )
         idle = next((s for s in steps if s.rate == 0), None)
-        print(markdown_table(HEADER, [s.row() for s in steps]))
-        print()
+        lines.append(markdown_table(HEADER, [s.row() for s in steps]))
+        lines.append("")
         rows = [
             ["connects/s sustained without loss", f"{best:.0f}"],
             ["decode, CPU us per record (captured pages)", f"{decoded:.2f}"],
@@ -339,12 +345,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append(
                 ["reader CPU idle (the machine's other events only)", f"{idle.reader_pct:.2f}%"]
             )
-        print(markdown_table(["figure", "value"], rows))
+        lines.append(markdown_table(["figure", "value"], rows))
         if unavailable:
-            print(
+            lines.append(
                 "\nEvents this kernel lacks: "
                 + ", ".join(f"{k} ({v})" for k, v in unavailable.items())
             )
+        body = "\n".join(lines)
+        print(body)
+        if not args.no_write:
+            write_section("events", body)
     finally:
         if server is not None:
             if server.stdin is not None:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from bench.measure import REPO_ROOT, Method, Sample
 
@@ -40,6 +40,9 @@ class ExtensionHarness(Protocol):
 
     def generate(self) -> int:
         """One ``external_connections`` generate through the stand-in; returns the row count."""
+
+    def info(self) -> Dict[str, str]:
+        """The extension's ``egress_agent_info`` row."""
 
     def close(self) -> None:
         """Stop the extension and the stand-in (idempotent)."""
@@ -92,6 +95,10 @@ class StandInExtension:
 
     def generate(self) -> int:
         return len(self._connection.generate(self.TABLE))
+
+    def info(self) -> Dict[str, str]:
+        (row,) = self._connection.generate("egress_agent_info")
+        return dict(row)
 
     def close(self) -> None:
         if self._connection is not None:
@@ -199,6 +206,9 @@ class OverTime:
     idle_rss_kb: int = 0
     points: List[Tuple[float, float, int]] = field(default_factory=list)
     generates: int = 0
+    info_before: Dict[str, str] = field(default_factory=dict)
+    info_after: Dict[str, str] = field(default_factory=dict)
+    """``egress_agent_info`` at the first and the last point: the event source and coverage."""
 
     @property
     def cpu_share(self) -> float:
@@ -231,6 +241,7 @@ def over_time(
             rss = sum(memory_kb(pid, "VmRSS") for pid in harness.pids)
             result.points.append((time.monotonic() - began, cpu, rss))
 
+        result.info_before = harness.info()
         began = time.monotonic()
         point()
         next_point = began + sample_every
@@ -250,6 +261,7 @@ def over_time(
                 next_point += sample_every
             time.sleep(max(0.0, min(next_point, next_query, end) - time.monotonic()))
         point()
+        result.info_after = harness.info()
     finally:
         harness.close()
     return result
