@@ -234,10 +234,10 @@ def _connect_load(topology: Topology, rate: float, duration: float) -> List[subp
 
 
 def _stop(processes: List[subprocess.Popen[str]]) -> None:
+    """Stop the connect load: the server ends when its stdin closes (``communicate`` closes
+    it), the generator is terminated."""
     for process in processes:
-        if process.stdin is not None:
-            process.stdin.close()
-        if process.poll() is None:
+        if process.stdin is None and process.poll() is None:
             process.terminate()
         try:
             process.communicate(timeout=10)
