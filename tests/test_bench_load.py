@@ -134,8 +134,9 @@ def test_results_sections_are_replaced_and_the_rest_kept(tmp_path: Path) -> None
 
 
 class SleeperHarness:
-    """Stands in for the extension (not landed yet) to exercise ``over_time``'s bookkeeping:
-    a real process whose CPU and RSS are read from /proc; ``generate`` returns no rows."""
+    """Stands in for the extension to exercise ``over_time``'s bookkeeping alone: a real
+    process whose CPU and RSS are read from /proc; ``generate`` returns no rows, ``info`` a
+    fixed table (``bench --over-time`` runs the real extension)."""
 
     def __init__(self, _interval: float) -> None:
         self._proc = subprocess.Popen(["sleep", "30"])
@@ -148,6 +149,9 @@ class SleeperHarness:
     def generate(self) -> int:
         self.generated += 1
         return 0
+
+    def info(self) -> Dict[str, str]:
+        return {"events_source": "sleeper", "generated": str(self.generated)}
 
     def close(self) -> None:
         self._proc.kill()
@@ -166,6 +170,8 @@ def test_over_time_reads_cpu_and_rss_of_the_extension_processes() -> None:
     assert len(result.points) >= 3 and result.points[-1][0] >= 1.0
     assert 0.0 <= result.cpu_share < 50.0
     assert result.generates == harnesses[0].generated >= 3
+    assert result.info_before == {"events_source": "sleeper", "generated": "0"}
+    assert result.info_after["generated"] == str(result.generates)
     assert harnesses[0]._proc.returncode is not None
 
 
