@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import select
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,12 +95,12 @@ class DnsHost:
 
 def resolve(stub: Proc, server: str, name: str, kind: str = "a") -> Tuple[str, List[str]]:
     """(transport, addresses) as the stub in a client namespace got them."""
-    assert stub.popen.stdin is not None and stub.popen.stdout is not None
+    assert stub.popen.stdin is not None
     stub.popen.stdin.write(f"resolve {server} {name} {kind}\n")
     stub.popen.stdin.flush()
-    ready, _, _ = select.select([stub.popen.stdout], [], [], 10)
-    assert ready, f"no answer from the stub for {name}"
-    words = stub.popen.stdout.readline().split()
+    line = stub.line(10)
+    assert line is not None, f"no answer from the stub for {name}"
+    words = line.split()
     assert words and words[0] == "ANSWER", words
     return words[1], words[2:]
 

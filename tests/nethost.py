@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+from lines import Lines
+
 IFNAMSIZ = 15
 READY_TIMEOUT = 15.0
 
@@ -107,6 +109,14 @@ class Proc:
     argv: List[str]
     ready: List[str] = field(default_factory=list)
     """The words after ``READY`` (listener: port; client: local address and port)."""
+    _output: Optional[Lines] = field(default=None, repr=False)
+
+    def line(self, timeout: float) -> Optional[str]:
+        """The next line it printed, or None after ``timeout`` seconds or at its end (read
+        only this way: see tests/lines.py)."""
+        if self._output is None:
+            self._output = Lines(self.popen.stdout)
+        return self._output.next(timeout)
 
     @property
     def pid(self) -> int:
@@ -296,18 +306,12 @@ def _wait_link_local(namespace: Optional[Namespace], device: str) -> None:
 
 
 def _await_ready(proc: Proc) -> List[str]:
-    stdout = proc.popen.stdout
-    assert stdout is not None
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        readable, _, _ = select.select([stdout], [], [], 0.1)
-        if readable:
-            line = stdout.readline()
-            if line.startswith("READY"):
-                return line.split()[1:]
-            if line:
-                continue
-        if proc.popen.poll() is not None:
+        line = proc.line(0.1)
+        if line is not None and line.startswith("READY"):
+            return line.split()[1:]
+        if line is None and proc.popen.poll() is not None:
             error = proc.popen.stderr.read() if proc.popen.stderr else ""
             raise NetHostError(f"{' '.join(proc.argv)} exited: {error.strip()}")
     raise NetHostError(f"{' '.join(proc.argv)}: not ready after {READY_TIMEOUT}s")

@@ -17,7 +17,6 @@ The test is bounded: the churn runs for a fixed time, then everything is torn do
 from __future__ import annotations
 
 import os
-import select
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -89,15 +88,12 @@ def host() -> Iterator[Host]:
 
 def _done(churn: Proc) -> List[str]:
     """The churn process's ``DONE FORKED FAILED`` words once it has finished, else []."""
-    stdout = churn.popen.stdout
-    assert stdout is not None
-    if select.select([stdout], [], [], 0)[0]:
-        line = stdout.readline()
-        if line.startswith("DONE"):
-            return line.split()[1:]
-        assert line, "the churn process died: " + (
-            churn.popen.stderr.read() if churn.popen.stderr else ""
-        )
+    line = churn.line(0)
+    if line is not None and line.startswith("DONE"):
+        return line.split()[1:]
+    assert line is not None or churn.popen.poll() is None, "the churn process died: " + (
+        churn.popen.stderr.read() if churn.popen.stderr else ""
+    )
     return []
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import select
 import sys
 import threading
 import time
@@ -125,15 +124,12 @@ def host(nethost: NetHost) -> Host:
 
 def _lines(proc: Proc, timeout: float) -> List[str]:
     """stdout lines of ``proc`` until ``DONE`` (or it exits, or the timeout)."""
-    stdout = proc.popen.stdout
-    assert stdout is not None
     lines: List[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        readable, _, _ = select.select([stdout], [], [], 0.5)
-        if readable:
-            line = stdout.readline()
-            if not line or line.startswith("DONE"):
+        line = proc.line(0.5)
+        if line is not None:
+            if line.startswith("DONE"):
                 return lines
             lines.append(line.strip())
         elif proc.popen.poll() is not None:

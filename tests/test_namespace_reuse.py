@@ -128,10 +128,10 @@ class Host:
 
 def tell(proc: Proc, command: str) -> List[str]:
     """Send a command to a sockholder; the words of its answer after ``OK``."""
-    assert proc.popen.stdin is not None and proc.popen.stdout is not None
+    assert proc.popen.stdin is not None
     proc.popen.stdin.write(command + "\n")
     proc.popen.stdin.flush()
-    answer = proc.popen.stdout.readline().split()
+    answer = (proc.line(30) or "").split()
     assert answer[:1] == ["OK"], answer
     return answer[1:]
 

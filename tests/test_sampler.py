@@ -234,9 +234,7 @@ def test_columns_of_each_kind_of_row(scenario: Scenario) -> None:
         )
     ]
     assert (udp.family, udp.state) == (2, "")
-    orphan = rows[
-        (c, -1, 6, scenario.c_hangup.local_port, SRV4, scenario.l_hangup.port, "unknown")
-    ]
+    orphan = rows[(c, -1, 6, scenario.c_hangup.local_port, SRV4, scenario.l_hangup.port, "unknown")]
     assert (orphan.fd, orphan.socket, orphan.name, orphan.cmdline, orphan.process_uuid) == (
         -1,
         0,
