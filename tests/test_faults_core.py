@@ -12,7 +12,6 @@ stays.  The bound on ending is the one the extension promises: the next ping (at
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from typing import Dict, Iterator, List, Optional
 
 import psutil
 import pytest
+from lines import Lines
 from osquery_core import CoreStandIn, ExtensionConnection, default_extension_command
 
 INTERVAL = 1.0
@@ -58,6 +58,8 @@ class CoreProcess:
     extension: psutil.Process
     extension_socket: str
     extension_stderr: str
+    output: Lines
+    """core_process.py's stdout (``READY`` was read from it)."""
 
     def extension_output(self) -> str:
         with open(self.extension_stderr, encoding="utf-8", errors="replace") as handle:
@@ -103,17 +105,16 @@ def start_core(workdir: Path, mode: str, *extra: str) -> CoreProcess:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert popen.stdout is not None
-    if not select.select([popen.stdout], [], [], 60)[0]:
-        popen.kill()
-        raise AssertionError("core_process.py: no READY within 60 s")
-    words = popen.stdout.readline().split()
+    output = Lines(popen.stdout)
+    words = (output.next(60) or "").split()
     if not words or words[0] != "READY":
         popen.kill()
         raise AssertionError(
             f"core_process.py: {words} {popen.stderr.read() if popen.stderr else ''}"
         )
-    return CoreProcess(popen, int(words[1]), psutil.Process(int(words[2])), words[3], words[4])
+    return CoreProcess(
+        popen, int(words[1]), psutil.Process(int(words[2])), words[3], words[4], output
+    )
 
 
 def ended_within(process: psutil.Process, seconds: float) -> bool:
@@ -144,9 +145,7 @@ def test_core_killed_in_the_middle_of_generates(workdir: Path, cores: List[CoreP
     """Four of core's connections generate back to back; core is killed while they run."""
     core = start_core(workdir, "generate", "4")
     cores.append(core)
-    assert core.popen.stdout is not None
-    assert select.select([core.popen.stdout], [], [], 60)[0], "no generate came back"
-    assert core.popen.stdout.readline().strip() == "GENERATING"
+    assert core.output.next(60) == "GENERATING", "no generate came back"
     assert core.extension.is_running()
     core.kill()
     assert ended_within(core.extension, INTERVAL + STOP_WITHIN_S), core.extension_output()

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from commands import egress_agent
 from dnshost import FASTLY, DnsHost, resolve
+from lines import Lines
 from osquery_core import CoreStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +40,8 @@ def rows_of(text: str, namespace: int) -> List[Dict[str, Any]]:
     return [r for r in json.loads(text) if int(r["net_namespace"]) == namespace]
 
 
-def watch_until_named(config: Path, namespace: int) -> subprocess.Popen[str]:
-    """``watch`` running until it printed a connection of ``namespace`` with its name."""
+def start_watch(config: Path) -> subprocess.Popen[str]:
+    """``watch`` printing JSON lines, with ``config``."""
     watch = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "watch", "--format", "jsonl"],
         stdout=subprocess.PIPE,
@@ -53,14 +53,15 @@ def watch_until_named(config: Path, namespace: int) -> subprocess.Popen[str]:
 
 
 def read_named(watch: subprocess.Popen[str], namespace: int, timeout: float = 30) -> Dict[str, Any]:
-    assert watch.stdout is not None
+    """The first row ``watch`` printed for ``namespace`` with a name (its stdout is read
+    through :class:`Lines` from here on: call this once per watch)."""
+    output = Lines(watch.stdout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([watch.stdout], [], [], 0.5)
-        if not ready:
+        line = output.next(0.5)
+        if line is None:
+            assert not output.ended, "watch ended: " + (watch.stderr.read() if watch.stderr else "")
             continue
-        line = watch.stdout.readline()
-        assert line, "watch ended: " + (watch.stderr.read() if watch.stderr else "")
         row = json.loads(line)
         if row["net_namespace"] == namespace and row["remote_domain"]:
             return dict(row)
@@ -81,7 +82,7 @@ def test_the_asked_name_reaches_every_output(dns_host: DnsHost, tmp_path: Path) 
     cli1, stub = dns_host.clients[0], dns_host.stubs[0]
     history = tmp_path / "history.db"
     config = config_file(tmp_path / "config.yaml", history)
-    watch: Optional[subprocess.Popen[str]] = watch_until_named(config, cli1.inode)
+    watch: Optional[subprocess.Popen[str]] = start_watch(config)
     try:
         time.sleep(1.5)  # watch's DNS watch enters the namespaces with its first samples
         assert resolve(stub, "10.53.1.1", ASKED) == ("udp", [ANSWER])
