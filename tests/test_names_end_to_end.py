@@ -10,11 +10,13 @@ tests/test_dnswatch.py; every assertion looks at the client namespace's rows onl
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from commands import egress_agent
-from dnshost import FASTLY, DnsHost, resolve
+from dnshost import FASTLY, DnsHost, resolve, wait_for
 from lines import Lines
 from osquery_core import CoreStandIn
 
@@ -68,6 +70,27 @@ def read_named(watch: subprocess.Popen[str], namespace: int, timeout: float = 30
     raise AssertionError(f"watch printed no named connection of namespace {namespace}")
 
 
+def packet_sockets(pid: int) -> List[str]:
+    """The AF_PACKET sockets of the namespace of ``pid`` (the DNS watch opens one in each)."""
+    with open(f"/proc/{pid}/net/packet", encoding="ascii") as table:
+        return table.readlines()[1:]
+
+
+def stored_answer(history: Path, namespace: int, address: str) -> bool:
+    """Whether the store at ``history`` holds a DNS answer for ``address`` in ``namespace``."""
+    if not history.exists():
+        return False
+    with contextlib.closing(sqlite3.connect(f"file:{history}?mode=ro", uri=True)) as db:
+        try:
+            found = db.execute(
+                "SELECT 1 FROM dns_answers WHERE net_namespace = ? AND address = ?",
+                (namespace, address),
+            ).fetchone()
+        except sqlite3.OperationalError:  # not created yet, or locked by the writer
+            return False
+    return found is not None
+
+
 def stop(watch: subprocess.Popen[str]) -> str:
     watch.send_signal(signal.SIGTERM)
     try:
@@ -84,12 +107,12 @@ def test_the_asked_name_reaches_every_output(dns_host: DnsHost, tmp_path: Path) 
     config = config_file(tmp_path / "config.yaml", history)
     watch: Optional[subprocess.Popen[str]] = start_watch(config)
     try:
-        time.sleep(1.5)  # watch's DNS watch enters the namespaces with its first samples
+        wait_for(lambda: packet_sockets(stub.pid), "watch's DNS watch in the namespace", 60)
         assert resolve(stub, "10.53.1.1", ASKED) == ("udp", [ANSWER])
         client = dns_host.net.connect(cli1, ANSWER, dns_host.web_port)
         printed = read_named(watch, cli1.inode)
         assert (printed["pid"], printed["remote_domain"]) == (client.pid, ASKED)
-        time.sleep(1.5)  # a sample or two more: the answer is in the store
+        wait_for(lambda: stored_answer(history, cli1.inode, ANSWER), "the answer stored", 60)
     finally:
         stderr = stop(watch)
         watch = None
