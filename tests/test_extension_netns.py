@@ -139,8 +139,11 @@ def test_a_pid_constraint_returns_only_that_pids_rows(
 def test_a_short_connection_stays_in_history_after_it_closed(
     internet: Internet, extension: ExtensionConnection
 ) -> None:
+    (info,) = extension.generate("egress_agent_info")
+    samples_at_open = int(info["samples_total"])
     client = internet.net.connect(internet.cli, SERVER6, internet.server6.port)
-    time.sleep(3)  # the connection lives three sampling intervals
+    # it lives through three samples (two whole ones at least), however slow the machine
+    _wait(extension, lambda row: int(row["samples_total"]) >= samples_at_open + 3)
     internet.net.kill(client)
     (info,) = extension.generate("egress_agent_info")
     samples_at_close = int(info["samples_total"])
