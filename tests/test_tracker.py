@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -395,6 +396,55 @@ def test_an_accepted_connection_is_the_listeners(proc: FakeProc) -> None:
     assert out[0].identity.pid == 300 and out[0].net_namespace == SRV_NS
     assert (out[0].direction, out[0].local_port, out[0].remote_port) == ("inbound", 8080, 50000)
     assert out[1].key == out[0].key and out[1].identity.pid == 300
+
+
+class FakeDiag:
+    """A sock_diag socket of a namespace holding ``tuples`` (local port, local address,
+    remote port, remote address): the few calls the resolver makes."""
+
+    def __init__(self, tuples: Sequence[Tuple[int, bytes, int, bytes]]) -> None:
+        self.tuples = tuples
+
+    def records(self, table: object, states: int) -> List[SimpleNamespace]:
+        return [
+            SimpleNamespace(local_port=lp, src=la, remote_port=rp, dst=ra)
+            for lp, la, rp, ra in self.tuples
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_shared_port_is_placed_through_the_listeners_owner_when_the_way_in_is_gone(
+    proc: FakeProc,
+) -> None:
+    """Two namespaces listen on the same address and port; the pid we knew in one of them was
+    a setup command, gone, and rediscovery ran a moment ago: the listener's owner is the way
+    in (the failure CI once showed: the accepted connection had no owner)."""
+    proc.process(300, "nginx", "/usr/sbin/nginx", netns=SRV_NS)
+    proc.process(301, "nginx", "/usr/sbin/nginx", netns=OTHER_NS)
+    held = {SRV_NS: [(8443, REMOTE, 40001, LOCAL)], OTHER_NS: [(8443, REMOTE, 40002, LOCAL)]}
+    opened: List[int] = []
+
+    def opener(pid: int) -> FakeDiag:
+        opened.append(pid)
+        if pid not in (300, 301):
+            raise OSError(2, "No such file or directory")
+        return FakeDiag(held[SRV_NS if pid == 300 else OTHER_NS])
+
+    identities = IdentityCache(str(proc.root), boot_id=BOOT_ID)
+    resolver = ListenerResolver(identities, str(proc.root), opener=opener)  # type: ignore[arg-type]
+    resolver.discover()  # rationed from now on
+    for namespace, pid in ((SRV_NS, 300), (OTHER_NS, 301)):
+        address = int.from_bytes(REMOTE, "big")
+        resolver.listened(namespace, 4, address, 8443, identities.lookup(pid))
+    resolver.namespaces[OTHER_NS] = 777  # as when the way in was learnt from a setup command
+    resolver.new_batch()
+    found = resolver.resolve(2, REMOTE, 8443, LOCAL, 40002)
+    assert found is not None and (found.identity.pid, found.net_namespace) == (301, OTHER_NS)
+    assert 777 in opened and resolver.namespaces[OTHER_NS] == 301
+    other = resolver.resolve(2, REMOTE, 8443, LOCAL, 40001)
+    assert other is not None and other.identity.pid == 300
 
 
 def test_outbound_connects_are_counted_per_namespace(proc: FakeProc) -> None:

@@ -34,6 +34,7 @@ from agent.collect.procnet import (
     TCP6,
     SocketTable,
     discover_namespaces,
+    namespace_of,
 )
 from agent.collect.sockdiag import LISTEN_ONLY, NOT_LISTENING, DiagSocket
 from agent.identity import Identity, IdentityCache
@@ -117,18 +118,41 @@ class ListenerResolver:
             self.namespaces[namespace.inode] = namespace.pid
 
     def _diag(self, namespace: int) -> Optional[DiagSocket]:
-        """A sock_diag socket in ``namespace``, rediscovering its pid once if it is gone."""
-        for attempt in range(2):
+        """A sock_diag socket in ``namespace``: through the pid we know there, else through the
+        owner of a listener we know there, else through a pid rediscovered; None when none
+        works (:attr:`errors` says why).
+
+        The pid first learnt in a namespace is often a setup command long gone (``ip netns
+        exec NS ip link set lo up``), and rediscovery is rationed: a listener's owner is the
+        way in that lasts, and the one an accepted connection needs."""
+        for find_another in (None, self._way_in_through_listeners, self._way_in_rediscovered):
+            if find_another is not None and namespace not in self.namespaces:
+                find_another(namespace)
             pid = self.namespaces.get(namespace)
-            if pid is not None:
-                try:
-                    return self._open(pid)
-                except OSError as error:
-                    self.errors[namespace] = str(error)
-                    del self.namespaces[namespace]
-            if attempt == 0:
-                self.discover(force=True)
+            if pid is None:
+                continue
+            try:
+                return self._open(pid)
+            except OSError as error:
+                self.errors[namespace] = str(error)
+                del self.namespaces[namespace]
         return None
+
+    def _way_in_through_listeners(self, namespace: int) -> None:
+        for entries in self._listeners.values():
+            for entry in entries:
+                pid = entry.identity.pid
+                if entry.net_namespace != namespace or pid <= 0:
+                    continue
+                try:
+                    if namespace_of(pid, self.proc_root) == namespace:  # still there
+                        self.namespaces[namespace] = pid
+                        return
+                except (OSError, ValueError):
+                    continue
+
+    def _way_in_rediscovered(self, namespace: int) -> None:
+        self.discover(force=True)
 
     # -- listeners -------------------------------------------------------------------------------
 
@@ -141,6 +165,8 @@ class ListenerResolver:
         self._add(Listener(namespace, version, address or AnyAddress, port, identity))
         if namespace is not None:
             self._dirty.add(namespace)
+            if identity.pid > 0:  # a way in likelier to last than the one learnt first
+                self.namespaces[namespace] = identity.pid
 
     def unlistened(self, namespace: Optional[int], version: int, address: int, port: int) -> None:
         """A listener went to CLOSE in ``namespace`` (None: unknown, so every namespace with a
