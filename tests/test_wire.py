@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -422,3 +425,49 @@ def test_every_byte_is_checked_on_real_sized_answers() -> None:
     for _ in range(2):
         rows = encoder.encode_records(connections, remember=True)
         assert wire.call_reply(1, response(rows)).data() == expected
+
+
+PROBE = """
+import errno, select, socket, sys
+path, refused, accepted = sys.argv[1], 0, 0
+print("READY", flush=True)
+while not select.select([sys.stdin], [], [], 0)[0]:  # until stdin closes
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        accepted += 1
+    except OSError as error:
+        refused += error.errno == errno.ECONNREFUSED
+    finally:
+        probe.close()
+print(refused, accepted, flush=True)
+"""
+
+
+def test_the_socket_file_never_exists_without_a_listener(tmp_path: Any) -> None:
+    """Core's watcher takes an existing socket file for a live extension and drops us after one
+    refused ping: a prober connecting all the time while the server starts and stops 300
+    times is never refused (the file appears listening, and goes before the listener)."""
+    path = str(tmp_path / "osquery.em.1234")
+    prober = subprocess.Popen(
+        [sys.executable, "-c", PROBE, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert prober.stdout is not None and prober.stdin is not None
+        assert prober.stdout.readline().strip() == "READY"
+        processor = CallProcessor(ExtensionHandler(_Tables(), Stopper(), verbose=False))  # type: ignore[arg-type]
+        for _ in range(300):
+            server = ThreadedUnixServer(path, processor)
+            server.listen()
+            server.close()
+        prober.stdin.close()
+        refused, accepted = map(int, prober.stdout.readline().split())
+    finally:
+        prober.kill()
+        prober.wait(10)
+    assert accepted > 0, "the prober never reached the server: the test means nothing"
+    assert refused == 0, f"{refused} connects refused by a socket file without a listener"
+    assert not os.path.exists(path) and os.listdir(tmp_path) == []

@@ -58,6 +58,8 @@ query holds for its whole duration, so registration lasts as long as the slowest
 running then.  osquery's C++ SDK waits ``--thrift_timeout`` (300 s) for it; so do we."""
 DUPLICATE_RETRY_S = 0.5
 DUPLICATE = "Duplicate extension registered"
+UNIX_PATH_MAX = 108
+"""The size of ``sun_path``, its terminating NUL included (unix(7))."""
 MAX_CONNECTIONS = 64
 STRING_LIMIT = 64 * 1024 * 1024
 """Largest string a request may carry; a bigger length prefix is refused, not allocated."""
@@ -377,22 +379,39 @@ class ThreadedUnixServer:
         self._inode: Optional[int] = None
 
     def listen(self) -> None:
-        """Bind ``path`` readable and writable by our user only (0600)."""
+        """Listen on ``path``, readable and writable by our user only (0600).  Raises
+        :class:`StartupError`.
+
+        The socket is bound and listening under a temporary name first, then renamed to
+        ``path``: core's watcher takes a socket file that exists for a live extension, and one
+        refused ping (a connect between ``bind()`` and ``listen()``) and it drops us.
+        """
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)  # left by an earlier run of ours that was killed
+        staging = f"{self.path}.{os.getpid()}~"
+        if len(os.fsencode(staging)) >= UNIX_PATH_MAX:
+            staging = self.path  # no room for a longer name: bind in place
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)  # left by a run of ours killed in between
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            listener.bind(self.path)
+            listener.bind(staging)
+            listener.listen(128)
+            os.chmod(staging, 0o600)
+            if staging != self.path:
+                os.rename(staging, self.path)
+            self._inode = os.lstat(self.path).st_ino
         except OSError as error:
             listener.close()
+            with contextlib.suppress(OSError):
+                if staging != self.path:
+                    os.unlink(staging)
             raise StartupError(f"cannot listen on {self.path}: {error.strerror or error}") from None
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
-        self._inode = os.lstat(self.path).st_ino
-        listener.listen(128)
         listener.settimeout(0.2)
         self._listener = listener
 
@@ -440,13 +459,14 @@ class ThreadedUnixServer:
             self._slots.release()
 
     def close(self) -> None:
-        """Stop accepting and remove our socket file (only if it is still ours)."""
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.close()
+        """Remove our socket file (only if it is still ours), then stop accepting: the file,
+        while it is there, always has a listener behind it."""
         with contextlib.suppress(OSError):
             if self._inode is not None and os.lstat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
 
 
 # -- the process -------------------------------------------------------------------------------
