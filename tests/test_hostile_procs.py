@@ -270,8 +270,9 @@ def ecs_rows(text: str, scene: Scene) -> List[Dict[str, Any]]:
     return [
         d
         for d in documents
-        if d["egress_agent"]["net_namespace"] in scene.namespaces
-        and d["destination"].get("port") == scene.server.port
+        # a connection whose namespace nobody knows (the host's own, gone) has no such key
+        if d.get("egress_agent", {}).get("net_namespace") in scene.namespaces
+        and d.get("destination", {}).get("port") == scene.server.port
     ]
 
 
