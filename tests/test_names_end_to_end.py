@@ -58,6 +58,7 @@ def read_named(watch: subprocess.Popen[str], namespace: int, timeout: float = 30
     """The first row ``watch`` printed for ``namespace`` with a name (its stdout is read
     through :class:`Lines` from here on: call this once per watch)."""
     output = Lines(watch.stdout)
+    printed: List[Dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = output.next(0.5)
@@ -67,7 +68,15 @@ def read_named(watch: subprocess.Popen[str], namespace: int, timeout: float = 30
         row = json.loads(line)
         if row["net_namespace"] == namespace and row["remote_domain"]:
             return dict(row)
-    raise AssertionError(f"watch printed no named connection of namespace {namespace}")
+        printed.append(row)
+    raise AssertionError(
+        f"watch printed no named connection of namespace {namespace}; it printed: "
+        + "; ".join(
+            f"{r['pid']} {r['net_namespace']} {r['remote_address']}:{r['remote_port']} "
+            f"{r['remote_domain']!r} {r.get('seen_by', '')}"
+            for r in printed
+        )
+    )
 
 
 def packet_sockets(pid: int) -> List[str]:
