@@ -80,6 +80,9 @@ MAX_HELD_SEGMENTS = 8
 FLOW_TIMEOUT = 30.0
 SWEEP_INTERVAL = 10.0
 RESCAN_INTERVAL = 10.0
+CATCH_UP_ROUNDS = 4
+"""Batches read from each socket for a :meth:`DnsWatch.catch_up` at most (a flood must not
+hold the caller)."""
 
 
 # --- the filter ------------------------------------------------------------------------------
@@ -582,6 +585,7 @@ class DnsWatch:
         self._by_fd: Dict[int, _Watched] = {}
         self._lock = threading.Lock()
         self._requested: Optional[Tuple[Optional[Sequence[NetNamespace]], Dict[int, int]]] = None
+        self._catch_ups: List[threading.Event] = []
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -647,6 +651,23 @@ class DnsWatch:
             self._requested = (namespaces, dict(threads or {}))
         self._wake()
 
+    def catch_up(self, timeout: float) -> bool:
+        """Wait, up to ``timeout`` seconds, until the thread has read the packets every watched
+        socket holds now; False when it did not in time or is not running.
+
+        A connection's events and its DNS answer reach us on different threads: the answer
+        came first (its packet was queued on our socket before the resolver got it), but the
+        connection may be handled before the answer is read.  A caller that found no name
+        catches up and looks again.
+        """
+        if self._thread is None or self._stop.is_set():
+            return False
+        done = threading.Event()
+        with self._lock:
+            self._catch_ups.append(done)
+        self._wake()
+        return done.wait(timeout)
+
     def watched(self) -> FrozenSet[int]:
         """The inodes of the namespaces being watched now."""
         with self._lock:
@@ -692,23 +713,38 @@ class DnsWatch:
                         self._unwatch(watched.namespace)
                         continue
                     self._read(watched)
+                self._serve_catch_ups()
         finally:
             self._close_all()
+            self._serve_catch_ups()  # nobody waits on a thread that is gone
 
-    def _read(self, watched: _Watched) -> None:
+    def _serve_catch_ups(self) -> None:
+        with self._lock:
+            waiting, self._catch_ups = self._catch_ups, []
+        if not waiting:
+            return
+        for watched in list(self._watched.values()):
+            for _ in range(CATCH_UP_ROUNDS):
+                if self._read(watched) < BATCH:
+                    break
+        for done in waiting:
+            done.set()
+
+    def _read(self, watched: _Watched) -> int:
+        """Read and handle up to :data:`BATCH` packets of one socket; how many were read."""
         buffer = self._buffer
         view = memoryview(buffer)
         now = self._clock()
         packet = self.tracker.packet
-        for _ in range(BATCH):
+        for count in range(BATCH):
             try:
                 size, address = watched.sock.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
-                return
+                return count
             except OSError as error:
                 self.errors[watched.namespace] = f"reading packets: {error.strerror or error}"
                 self._unwatch(watched.namespace)
-                return
+                return count
             try:
                 packet(
                     watched.namespace,
@@ -721,6 +757,7 @@ class DnsWatch:
                 counters = self.tracker.counters_of(watched.namespace)
                 counters.errors += 1
                 counters.last_error = f"{type(error).__name__}: {error}"
+        return BATCH
 
     def _upkeep(self) -> None:
         now = self._clock()

@@ -97,10 +97,24 @@ class DomainNames:
         """Every name answered for the address in the namespace (the allow rules' lookup)."""
         return self.cache.names(namespace, version, address)
 
+    CATCH_UP_S = 0.2
+    """How long :meth:`annotate` waits for the watch to read the answers queued already."""
+
     def annotate(self, connections: List[Connection]) -> None:
         """Set ``remote_domain`` (the name asked, for the newest answer) on each connection, and
-        keep the names of every live connection past their TTL."""
+        keep the names of every live connection past their TTL.
+
+        When some have no name, the watch first reads what its sockets hold (an answer
+        queued a moment before the connection, not handled yet) and those are looked up again.
+        """
+        nameless = self._annotate(connections)
+        if nameless and self.watch is not None and self.watch.catch_up(self.CATCH_UP_S):
+            self._annotate(nameless)
+
+    def _annotate(self, connections: List[Connection]) -> List[Connection]:
+        """:meth:`annotate` from the cache as it is; the connections it found no name for."""
         cache = self.cache
+        nameless: List[Connection] = []
         for connection in connections:
             namespace = connection.net_namespace
             if namespace is None or not connection.address_int:
@@ -109,6 +123,9 @@ class DomainNames:
             address = int(connection.address_int)
             if cache.touch(namespace, version, address):
                 connection.remote_domain = cache.lookup(namespace, version, address) or ""
+            else:
+                nameless.append(connection)
+        return nameless
 
     def rescan(self, discovery: Optional[NamespaceDiscovery]) -> None:
         """Watch the namespaces a whole-host sample found (new ones at once, gone ones no more)."""
