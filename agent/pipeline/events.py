@@ -97,13 +97,16 @@ class EventRow:
         return row
 
     def settle(self, outcome: Optional[str], at: float, connection: Connection) -> None:
+        """The attempt's outcome (None: it closed, at ``at``); its state and, when it was not
+        known yet, its local end become ``connection``'s."""
+        values = list(self.values)
         if outcome is None:
             self.closed_at = at
-            return
-        self.outcome = outcome
-        values = list(self.values)
-        if connection.local_port and not values[_LOCAL[1]]:
-            values[_LOCAL[0]], values[_LOCAL[1]] = connection.local_address, connection.local_port
+        else:
+            self.outcome = outcome
+            if connection.local_port and not values[_LOCAL[1]]:
+                values[_LOCAL[0]] = connection.local_address
+                values[_LOCAL[1]] = connection.local_port
         values[_STATE] = connection.state
         self.values = tuple(values)
 

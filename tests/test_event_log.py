@@ -1,0 +1,50 @@
+"""The buffer behind ``external_connection_events``: attempts settled by their outcome and
+their close, bounded by count and age (agent.pipeline.events.EventLog)."""
+
+from __future__ import annotations
+
+import time
+
+from agent.pipeline.events import EventLog, EventRow
+from agent.records import Connection
+
+
+def attempt(pid: int = 10, **columns: object) -> Connection:
+    return Connection(pid=pid, remote_address="9.9.9.9", remote_port=443, **columns)  # type: ignore[arg-type]
+
+
+def test_an_attempt_takes_its_outcome_local_end_and_close() -> None:
+    log = EventLog()
+    now = time.time()
+    log.add(1, EventRow(now, "pending", attempt(state="SYN_SENT")))
+    established = attempt(state="ESTABLISHED", local_address="10.0.0.2", local_port=40000)
+    assert log.settle(1, "established", now + 0.01, established)
+    (row,) = log.rows()
+    record = row.record()
+    assert (record["outcome"], record["state"], record["closed_at"]) == (
+        "established",
+        "ESTABLISHED",
+        None,
+    )
+    assert (record["local_address"], record["local_port"]) == ("10.0.0.2", 40000)
+    assert log.settle(1, None, now + 5, attempt(state="CLOSED"))
+    record = log.rows()[0].record()
+    assert (record["outcome"], record["state"], record["closed_at"]) == (
+        "established",
+        "CLOSED",
+        int(now + 5),
+    )
+    assert record["time"] == int(now) and row.connection.pid == 10
+    assert not log.settle(2, "refused", now, attempt())  # no such attempt held
+
+
+def test_the_buffer_keeps_the_newest_rows_within_its_bounds() -> None:
+    log = EventLog(max_rows=3, expiry=60)
+    now = time.time()
+    log.add(1, EventRow(now - 120, "established", attempt(1)))  # expired already
+    for key in (2, 3, 4, 5):
+        log.add(key, EventRow(now, "established", attempt(key)))
+    assert [row.connection.pid for row in log.rows()] == [3, 4, 5]
+    assert log.dropped == 2 and not log.settle(2, None, now, attempt(2))
+    assert [row.connection.pid for row in log.rows(since=now + 1)] == []
+    assert len(log.rows(until=now)) == 3
