@@ -18,6 +18,7 @@ from conftest import needs_root
 from nethost import NetHost
 
 from agent.classify import NEVER_EXTERNAL, Classifier
+from agent.collect.changes import read_signals
 from agent.collect.procnet import SOCKET_TABLES, TCP4, TCP6, UDP4, namespace_of, read_sockets
 from agent.collect.sockdiag import (
     ALL_STATES,
@@ -25,11 +26,9 @@ from agent.collect.sockdiag import (
     NOT_LISTENING,
     DiagSocket,
     SockDiagError,
-    count_sockets,
     exclude_inbound_internal,
     exclude_remote,
     open_in_namespace,
-    parse_sockstat,
 )
 from agent.inet import is_listening
 
@@ -180,21 +179,6 @@ def test_an_empty_program_keeps_everything() -> None:
     assert exclude_remote([(6, 1, 128)], 4) == b""
 
 
-def test_sockstat_counts_tcp_udp_and_time_wait() -> None:
-    v4 = (
-        "sockets: used 290\n"
-        "TCP: inuse 7 orphan 0 tw 3 alloc 9 mem 1\n"
-        "UDP: inuse 2 mem 0\n"
-        "UDPLITE: inuse 5\n"
-        "RAW: inuse 1\n"
-        "FRAG: inuse 0 memory 0\n"
-    )
-    v6 = "TCP6: inuse 4\nUDP6: inuse 1\nUDPLITE6: inuse 0\nRAW6: inuse 0\nFRAG6: inuse 0 memory 0\n"
-    assert parse_sockstat(v4) == 12
-    assert parse_sockstat(v6) == 5
-    assert parse_sockstat("TCP: inuse x tw\ngarbage") == 0
-
-
 def test_a_gone_process_cannot_be_entered() -> None:
     with pytest.raises(OSError):
         open_in_namespace(2**22 + 1)
@@ -237,7 +221,7 @@ def test_records_equal_the_proc_rows_and_the_filter_runs_in_the_kernel(nethost: 
         assert not any(
             is_listening(s.protocol, s.state, s.remote_address, s.remote_port) for s in udp_rows
         )
-        assert count_sockets(client.pid) >= len(diag.dump(TCP4)) + len(diag.dump(TCP6))
+        assert read_signals(client.pid).sockets >= len(diag.dump(TCP4)) + len(diag.dump(TCP6))
         with pytest.raises(SockDiagError):
             diag.dump(TCP4, ALL_STATES, b"\x01\x00\x04\x00")  # a jump the audit refuses
         assert len(diag.dump(TCP4)) == len(read_sockets(client.pid, TCP4))  # still usable

@@ -100,7 +100,7 @@ _COLUMNS: _Columns = {}
 def _line(text: bytes, prefix: bytes, start: int = 0) -> Tuple[bytes, int]:
     """The first line of ``text`` from ``start`` on that begins with ``prefix`` (without it),
     and where it ends; (b"", -1) when there is none."""
-    at = text.find(prefix, start) if text.startswith(prefix, start) else -1
+    at = start if text.startswith(prefix, start) else -1
     if at < 0:
         at = text.find(b"\n" + prefix, start)
         if at < 0:

@@ -328,33 +328,6 @@ def parse_snmp(text: str, section: str = "Tcp") -> Dict[str, int]:
     return counters
 
 
-def parse_sockstat_fields(text: str) -> Dict[Tuple[str, str], int]:
-    """``{("TCP", "inuse"): 7, ("TCP", "tw"): 3, ...}`` from a ``/proc/net/sockstat`` or
-    ``sockstat6`` text (``NAME: key value key value ...`` lines, ``sockstat_seq_show`` in
-    ``net/ipv4/proc.c``); values that are no integer are left out."""
-    fields: Dict[Tuple[str, str], int] = {}
-    for line in text.split("\n"):
-        name, _, rest = line.partition(":")
-        words = rest.split()
-        for key, value in zip(words[::2], words[1::2]):
-            try:
-                fields[(name, key)] = int(value)
-            except ValueError:
-                continue
-    return fields
-
-
-INET_SOCKET_COUNTS = (
-    ("TCP", "inuse"),
-    ("TCP", "tw"),
-    ("UDP", "inuse"),
-    ("TCP6", "inuse"),
-    ("UDP6", "inuse"),
-)
-"""The sockstat figures that count a namespace's inet sockets: TCP and UDP ``inuse`` of both
-families, and TCP's TIME_WAIT sockets (``tw``, both families)."""
-
-
 def read_tcp_counters(pid: int, proc_root: str = PROC_ROOT) -> Dict[str, int]:
     """The ``Tcp:`` counters of PID's network namespace (``ActiveOpens``, ``CurrEstab``, ...)
     from ``/proc/PID/net/snmp`` (RFC 1213 tcp group).  Raises OSError."""

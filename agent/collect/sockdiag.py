@@ -30,13 +30,7 @@ import struct
 import sys
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
-from agent.collect.procnet import (
-    INET_SOCKET_COUNTS,
-    PROC_ROOT,
-    Socket,
-    SocketTable,
-    parse_sockstat_fields,
-)
+from agent.collect.procnet import PROC_ROOT, Socket, SocketTable
 from agent.inet import TCP_LISTEN, is_listening
 
 NETLINK_SOCK_DIAG = 4
@@ -375,25 +369,3 @@ def to_socket(record: DiagRecord, table: SocketTable) -> Socket:
         record.state,
         record.uid,
     )
-
-
-def parse_sockstat(text: str) -> int:
-    """The inet sockets a ``/proc/PID/net/sockstat`` or ``sockstat6`` text counts: TCP and UDP
-    ``inuse`` plus TCP ``tw`` (``sockstat_seq_show`` in ``net/ipv4/proc.c``; the counters are
-    per network namespace)."""
-    fields = parse_sockstat_fields(text)
-    return sum(fields.get(key, 0) for key in INET_SOCKET_COUNTS)
-
-
-def count_sockets(pid: int, proc_root: str = PROC_ROOT) -> int:
-    """How many inet sockets the namespace of ``pid`` holds, from its sockstat counters.
-    Raises OSError."""
-    total = 0
-    for name in ("sockstat", "sockstat6"):
-        try:
-            with open(f"{proc_root}/{pid}/net/{name}", "rb") as handle:
-                total += parse_sockstat(handle.read().decode("latin-1"))
-        except FileNotFoundError:
-            if name == "sockstat":
-                raise
-    return total
