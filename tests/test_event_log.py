@@ -1,11 +1,21 @@
 """The buffer behind ``external_connection_events``: attempts settled by their outcome and
-their close, bounded by count and age (agent.pipeline.events.EventLog)."""
+their close, bounded by count and age (agent.pipeline.events.EventLog); and what the event
+feed does with a batch of events before it logs them (EventFeed.handle)."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import time
+from typing import List
 
-from agent.pipeline.events import EventLog, EventRow
+from agent.collect.names import NameCache
+from agent.collect.tracker import SocketEvent
+from agent.config import parse_settings, parse_yaml
+from agent.identity import Identity
+from agent.pipeline import Pipeline
+from agent.pipeline.events import EventFeed, EventLog, EventRow
+from agent.pipeline.names import DomainNames
 from agent.records import Connection
 
 
@@ -48,3 +58,45 @@ def test_the_buffer_keeps_the_newest_rows_within_its_bounds() -> None:
     assert log.dropped == 2 and not log.settle(2, None, now, attempt(2))
     assert [row.connection.pid for row in log.rows(since=now + 1)] == []
     assert len(log.rows(until=now)) == 3
+
+
+class CountingWatch:
+    """Stands in for the DNS watch's thread (not what this test is about): each catch-up
+    "reads" the answer for 9.9.9.9 into the cache."""
+
+    def __init__(self, cache: NameCache, namespace: int) -> None:
+        self.cache, self.namespace, self.catch_ups = cache, namespace, 0
+
+    def catch_up(self, timeout: float) -> bool:
+        self.catch_ups += 1
+        self.cache.add(self.namespace, 4, int(ipaddress.IPv4Address("9.9.9.9")), ("quad9.net",), 60)
+        return True
+
+
+def connect_event(key: int, remote: str, namespace: int = 4026532001) -> SocketEvent:
+    return SocketEvent(
+        time.time(), "connect", 6, 2, 4, 0, 0, int(ipaddress.IPv4Address(remote)), 443,
+        namespace, Identity(pid=100 + key), "outbound", key,
+    )  # fmt: skip
+
+
+def test_a_batch_waits_for_the_dns_watch_once_and_its_rules_see_the_names() -> None:
+    cache = NameCache()
+    watch = CountingWatch(cache, 4026532001)
+    settings = parse_settings(
+        parse_yaml("allow:\n  - {comment: resolver, domains: quad9.net}\n", "t.yaml"), "t.yaml"
+    )
+    pipeline = Pipeline(settings, sampler=None, names=DomainNames(cache, watch))  # type: ignore[arg-type]
+    feed = EventFeed(pipeline, source=None, logger=logging.getLogger("test"))  # type: ignore[arg-type]
+    events: List[SocketEvent] = [
+        connect_event(1, "9.9.9.9"),
+        connect_event(2, "1.1.1.1"),  # no answer for it, ever
+        connect_event(3, "9.9.9.9"),
+    ]
+    handed = feed.handle(events)
+    assert watch.catch_ups == 1  # for the whole batch, not per connection
+    assert [(c.remote_domain, c.allowlisted) for c in handed] == [
+        ("quad9.net", True),
+        ("", False),
+        ("quad9.net", True),
+    ]

@@ -269,8 +269,9 @@ class EventFeed:
         handed: List[Connection] = []
         observations: List[Observation] = []
         kinds = {"connect": OPENED, "accepted": OPENED, "udp": OPENED, "established": ALIVE}
-        for event in events:
-            connection = self._connection(event)
+        connections = [self._connection(event) for event in events]
+        self._annotate([connection for connection in connections if connection.external])
+        for event, connection in zip(events, connections):
             if not connection.external:
                 self._deferred.pop(event.key, None)
                 continue
@@ -305,7 +306,7 @@ class EventFeed:
 
     def _connection(self, event: SocketEvent) -> Connection:
         verdict = self.pipeline.classifier.classify_int(event.remote_address, event.version)
-        connection = connection_of(
+        return connection_of(
             event.identity,
             verdict,
             SocketColumns(
@@ -323,16 +324,20 @@ class EventFeed:
                 direction=event.direction,
             ),
         )
-        if connection.external:
-            names = self.pipeline.names
-            if names is not None:
-                names.annotate([connection])
-            annotate(
-                self.pipeline.settings.allow,
-                [connection],
-                names=names.lookup if names is not None else None,
-            )
-        return connection
+
+    def _annotate(self, external: List[Connection]) -> None:
+        """Names and allow rules for a batch's external connections, at once: a batch with
+        nameless ones waits for the DNS watch once, not once a connection."""
+        if not external:
+            return
+        names = self.pipeline.names
+        if names is not None:
+            names.annotate(external)
+        annotate(
+            self.pipeline.settings.allow,
+            external,
+            names=names.lookup if names is not None else None,
+        )
 
     def _check_loss(self) -> None:
         lost = self.source.lost
