@@ -377,7 +377,7 @@ def main(argv: Sequence[str]) -> int:
         rows += load_rows(args.prefix, rates, args.seconds)
     else:
         rows.append(("watch CPU under load", "n/a", "needs root (network namespaces, AF_PACKET)"))
-    from bench.report import machine, markdown_table, write_section
+    from bench.report import machine, markdown_table, publish
 
     info = machine()
     body = "\n".join(
@@ -390,9 +390,7 @@ def main(argv: Sequence[str]) -> int:
             markdown_table(["measured", "figure", "beside it"], [list(row) for row in rows]),
         ]
     )
-    print(body)
-    if not args.no_write:
-        write_section("dns", body)
+    publish("dns", body, write=not args.no_write)
     return 0
 
 

@@ -34,7 +34,7 @@ from agent.collect.events import EventSource, open_event_source
 from agent.collect.kevents import choose_events
 from agent.collect.procnet import parse_snmp
 from agent.collect.ringbuffer import PageParser, parse_header_event, parse_header_page
-from bench.report import machine, markdown_table, write_section
+from bench.report import machine, markdown_table, publish
 from bench.topology import Topology, build, teardown
 
 PORT = 8000
@@ -352,9 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 + ", ".join(f"{k} ({v})" for k, v in unavailable.items())
             )
         body = "\n".join(lines)
-        print(body)
-        if not args.no_write:
-            write_section("events", body)
+        publish("events", body, write=not args.no_write)
     finally:
         if server is not None:
             if server.stdin is not None:

@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="generates per query (3)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args(argv)
-    from bench.report import machine, markdown_table, write_section
+    from bench.report import machine, markdown_table, publish
 
     directory = tempfile.mkdtemp(prefix="eab-history-")
     try:
@@ -172,9 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ),
         ]
     )
-    print(body)
-    if not args.no_write:
-        write_section("history", body)
+    publish("history", body, write=not args.no_write)
     return 0
 
 

@@ -261,6 +261,13 @@ def scales_section(
     return "\n".join(parts)
 
 
+def publish(name: str, body: str, write: bool) -> None:
+    """Print a section and, when ``write`` (no ``--no-write``), put it in RESULTS.md."""
+    print(body)
+    if write:
+        write_section(name, body)
+
+
 def write_section(name: str, body: str, path: str = RESULTS_PATH) -> None:
     """Replace (or append) the section ``name`` of RESULTS.md, keeping the rest."""
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"

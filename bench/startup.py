@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from bench.measure import REPO_ROOT
-from bench.report import markdown_table, write_section
+from bench.report import markdown_table, publish
 
 BEFORE_PIPELINE = "8a28fda"
 LAUNCHER = "import sys\nfrom agent.cli import main\nsys.exit(main())\n"
@@ -152,9 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     trees = compare(args.against, args.runs)
     body = section(trees, args.runs, args.against)
-    print(body)
-    if not args.no_write:
-        write_section("startup", body)
+    publish("startup", body, write=not args.no_write)
     return 0
 
 

@@ -351,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.rows < 1 or args.repeats < 1:
         parser.error("--rows and --repeats must be at least 1")
-    from bench.report import machine, markdown_table, write_section
+    from bench.report import machine, markdown_table, publish
 
     records = sampled(args.rows) if args.sample else synthetic(args.rows)
     listed, facts = cases(records)
@@ -380,9 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{facts['kept_mb']:.1f} MB.",
         ]
     )
-    print(body)
-    if not args.no_write:
-        write_section("thrift", body)
+    publish("thrift", body, write=not args.no_write)
     return 0 if facts["same"] else 1
 
 
