@@ -24,7 +24,7 @@ import time
 from typing import Tuple
 
 from conftest import run_as_nobody
-from dnshost import FASTLY, ONE, TWO, DnsHost, address, resolve, wait_for
+from dnshost import FASTLY, ONE, TWO, DnsHost, LateWatch, address, resolve, wait_for
 
 from agent.allow import annotate
 from agent.classify import Classifier
@@ -82,27 +82,13 @@ def test_catch_up_reads_what_the_sockets_hold(dns_host: DnsHost) -> None:
     assert not watch.catch_up(10)  # no thread to catch up with: at once, not after 10 s
 
 
-class LateWatch:
-    """Stands in for a DnsWatch whose thread has not read the answer yet (the race
-    ``catch_up`` exists for cannot be timed from a test): reading it is catching up."""
-
-    def __init__(self, cache: NameCache, namespace: int, value: int) -> None:
-        self.cache, self.namespace, self.value = cache, namespace, value
-        self.catch_ups = 0
-
-    def catch_up(self, timeout: float) -> bool:
-        self.catch_ups += 1
-        self.cache.add(self.namespace, 4, self.value, ("deb.debian.org",), 300)
-        return True
-
-
 def test_a_nameless_connection_is_looked_up_again_after_catching_up() -> None:
     from agent.pipeline.names import DomainNames
     from agent.records import Connection
 
     cache = NameCache()
     _, value = address("151.101.2.132")
-    late = LateWatch(cache, 4026532001, value)
+    late = LateWatch(cache, 4026532001, "151.101.2.132", "deb.debian.org")
     names = DomainNames(cache, late)  # type: ignore[arg-type]
     connection = Connection(
         remote_address="151.101.2.132", address_int=str(value), net_namespace=4026532001

@@ -9,6 +9,8 @@ import logging
 import time
 from typing import List
 
+from dnshost import LateWatch
+
 from agent.collect.names import NameCache
 from agent.collect.tracker import SocketEvent
 from agent.config import parse_settings, parse_yaml
@@ -60,19 +62,6 @@ def test_the_buffer_keeps_the_newest_rows_within_its_bounds() -> None:
     assert len(log.rows(until=now)) == 3
 
 
-class CountingWatch:
-    """Stands in for the DNS watch's thread (not what this test is about): each catch-up
-    "reads" the answer for 9.9.9.9 into the cache."""
-
-    def __init__(self, cache: NameCache, namespace: int) -> None:
-        self.cache, self.namespace, self.catch_ups = cache, namespace, 0
-
-    def catch_up(self, timeout: float) -> bool:
-        self.catch_ups += 1
-        self.cache.add(self.namespace, 4, int(ipaddress.IPv4Address("9.9.9.9")), ("quad9.net",), 60)
-        return True
-
-
 def connect_event(key: int, remote: str, namespace: int = 4026532001) -> SocketEvent:
     return SocketEvent(
         time.time(), "connect", 6, 2, 4, 0, 0, int(ipaddress.IPv4Address(remote)), 443,
@@ -82,7 +71,7 @@ def connect_event(key: int, remote: str, namespace: int = 4026532001) -> SocketE
 
 def test_a_batch_waits_for_the_dns_watch_once_and_its_rules_see_the_names() -> None:
     cache = NameCache()
-    watch = CountingWatch(cache, 4026532001)
+    watch = LateWatch(cache, 4026532001, "9.9.9.9", "quad9.net")
     settings = parse_settings(
         parse_yaml("allow:\n  - {comment: resolver, domains: quad9.net}\n", "t.yaml"), "t.yaml"
     )
