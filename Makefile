@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest browser report-screenshot test-matrix bench bench-tools clean
+.PHONY: run test lint typecheck pytest browser test-programs report-screenshot test-matrix bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	tools/make-venv $(PYTHON) $(VENV)
@@ -25,13 +25,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) browser
+pytest: $(STAMP) browser test-programs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Debian's chromium and chromium-driver, for the report's browser tests: apt-gets them when
 ## missing (as root; an ordinary user is told, and those tests skip with that reason).
 browser:
 	tools/install-browser
+
+## The real programs the tests run (curl, wget, dig, ping, nc, dnsmasq, podman, runc) from
+## Debian's packages: apt-gets those missing (as root; an ordinary user is told, and the tests
+## that need one skip with that reason).
+test-programs:
+	tools/install-test-programs
 
 ## docs/report.png: the report page of a test host's history, screenshot by the browser tests
 ## (root: the test host is made of network namespaces).
