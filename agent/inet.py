@@ -15,11 +15,42 @@ AF_INET6 = 10
 """Address families as Linux numbers them (``include/linux/socket.h``) and osquery reports them
 (``process_open_sockets.family``)."""
 
+IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
-"""IANA protocol numbers (``include/uapi/linux/in.h``), osquery's ``protocol`` column."""
+IPPROTO_ICMPV6 = 58
+IPPROTO_SCTP = 132
+IPPROTO_RAW = 255
+"""IANA protocol numbers (``include/uapi/linux/in.h``), osquery's ``protocol`` column.  A raw
+socket (``SOCK_RAW``, any protocol) is reported as ``IPPROTO_RAW``, as osquery's
+``process_open_sockets`` reports the rows of ``/proc/net/raw``; a ping socket (``SOCK_DGRAM``
+with ``IPPROTO_ICMP``/``IPPROTO_ICMPV6``, ``net.ipv4.ping_group_range``) as ICMP or ICMPv6."""
 
-PROTOCOL_NAMES: Dict[int, str] = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+PROTOCOL_NAMES: Dict[int, str] = {
+    IPPROTO_ICMP: "icmp",
+    IPPROTO_TCP: "tcp",
+    IPPROTO_UDP: "udp",
+    IPPROTO_ICMPV6: "icmp6",
+    IPPROTO_SCTP: "sctp",
+    IPPROTO_RAW: "raw",
+}
+"""The name a table shows for each protocol number."""
+DATAGRAM_PROTOCOLS = frozenset({IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW})
+"""Protocols without connections: a flow of them is a datagram that left (``connect()`` on
+such a socket sends nothing)."""
+
+
+def protocol_name(number: int) -> str:
+    """The name of a protocol number as the tables show it; the number itself when unnamed."""
+    return PROTOCOL_NAMES.get(number, str(number))
+
+
+def reported_protocol(number: int) -> int:
+    """The number a flow of IP protocol ``number`` is reported with: TCP, UDP, ICMP, ICMPv6 and
+    SCTP as they are; anything else can only have come from a raw socket: ``IPPROTO_RAW``."""
+    return number if number in PROTOCOL_NAMES else IPPROTO_RAW
+
+
 PROTOCOL_NUMBERS: Dict[str, int] = {name: number for number, name in PROTOCOL_NAMES.items()}
 FAMILY_NAMES: Dict[int, str] = {AF_INET: "ipv4", AF_INET6: "ipv6"}
 """The names ECS gives them (``network.type``)."""
@@ -119,3 +150,15 @@ def is_listening(protocol: int, state: int, remote_address: int, remote_port: in
     if protocol == IPPROTO_TCP:
         return state == TCP_LISTEN
     return remote_address == 0 and remote_port == 0
+
+
+SERVICE_PORTS_BELOW = 1024
+"""Ports below this are bound by services (``/proc/sys/net/ipv4/ip_unprivileged_port_start``'s
+default); ephemeral client ports are above (``ip_local_port_range``: 32768-60999)."""
+
+
+def reply_by_ports(local_port: int, remote_port: int) -> bool:
+    """Whether a datagram from ``local_port`` to ``remote_port`` reads as a server's reply when
+    the kernel cannot say whether the peer wrote first: from a service port to a port above
+    them (a DNS server's 53 to a client's 41000; not NTP's 123 to 123)."""
+    return 0 < local_port < SERVICE_PORTS_BELOW <= remote_port

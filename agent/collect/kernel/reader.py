@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from agent.collect.kernel.records import (
     KernelEvent,
+    decode_connect_call,
     decode_exec,
     decode_exit,
     decode_fork,
@@ -32,6 +33,7 @@ from agent.collect.kernel.records import (
     decode_route_lookup,
     decode_tcp_reset,
     decode_tcp_state,
+    decode_transfer,
 )
 from agent.collect.kernel.ringbuffer import (
     LOST_UNKNOWN,
@@ -59,12 +61,23 @@ TCP_FILTER = (
 anything -> CLOSE (outcome, close), CLOSE -> LISTEN and LISTEN -> anything (listeners and
 accepted children).  SCTP and MPTCP sockets also use this tracepoint: ``protocol == 6``."""
 
-UDP_FILTERS = (
-    "iif == 1 && proto == 17 && !(common_flags & 0x58)",
-    "iif == 1 && proto == 17",
+DATAGRAM_FILTERS = (
+    "iif == 1 && proto != 6 && proto != 0 && !(common_flags & 0x58)",
+    "iif == 1 && proto != 6 && proto != 0",
 )
-"""UDP output route lookups outside interrupts (inbound lookups run in softirq).  The second,
+"""Output route lookups of every protocol but TCP (whose state changes say more) outside
+interrupts (inbound lookups run in softirq): UDP, ICMP, ICMPv6, SCTP, raw sockets.  The second,
 for filter parsers without ``!``; the tracker drops interrupt-context lookups anyway."""
+
+SEND_FILTERS = (
+    "(family == 2 || family == 10) && protocol != 6 && ret > 0",
+    "",
+)
+"""Datagram sockets' successful sends (an MPTCP socket's ``protocol`` is 262 and its sends
+pass: the tracker keeps only those of the protocols it follows)."""
+
+RECEIVE_FILTERS = ("(family == 2 || family == 10) && protocol == 17 && ret > 0", "")
+"""UDP sockets' receives: a socket that received before it sent is answering."""
 
 
 class EventSpec(NamedTuple):
@@ -81,8 +94,12 @@ class EventSpec(NamedTuple):
 EVENT_SPECS: Tuple[EventSpec, ...] = (
     EventSpec("sock", "inet_sock_set_state", (TCP_FILTER, ""), decode_tcp_state, required=True),
     EventSpec("tcp", "tcp_receive_reset", ("",), decode_tcp_reset),
-    EventSpec("fib", "fib_table_lookup", UDP_FILTERS, lambda f: decode_route_lookup(f, 4)),
-    EventSpec("fib6", "fib6_table_lookup", UDP_FILTERS, lambda f: decode_route_lookup(f, 6)),
+    EventSpec("fib", "fib_table_lookup", DATAGRAM_FILTERS, lambda f: decode_route_lookup(f, 4)),
+    EventSpec("fib6", "fib6_table_lookup", DATAGRAM_FILTERS, lambda f: decode_route_lookup(f, 6)),
+    EventSpec("sock", "sock_send_length", SEND_FILTERS, lambda f: decode_transfer(f, True)),
+    EventSpec("sock", "sock_recv_length", RECEIVE_FILTERS, lambda f: decode_transfer(f, False)),
+    EventSpec("syscalls", "sys_enter_connect", ("",), lambda f: decode_connect_call(f, True)),
+    EventSpec("syscalls", "sys_exit_connect", ("",), lambda f: decode_connect_call(f, False)),
     EventSpec("sched", "sched_process_exec", ("",), decode_exec),
     EventSpec("sched", "sched_process_exit", ("",), decode_exit),
     EventSpec("task", "task_rename", ("",), decode_rename),

@@ -24,6 +24,11 @@ The events and why (``docs/EVENTS.md`` has the kernel versions):
   ``CLONE_NEWNET``) or, where that is missing, ``sched:sched_process_fork``: the process table.
 - ``syscalls:sys_exit_setns`` and ``syscalls:sys_exit_unshare`` (``CONFIG_FTRACE_SYSCALLS``):
   a thread that changed its namespaces, whose network namespace must be read again.
+- ``syscalls:sys_enter_connect``/``sys_exit_connect``: a route lookup made inside
+  ``connect(2)`` is the connect's, not a datagram's.
+- ``sock:sock_send_length``/``sock:sock_recv_length`` (6.3+): a datagram socket (``sk``)
+  sent or received: a flow is one whose datagram left, and a socket that received before it
+  sent answers (a reply).
 
 Which of them this kernel has, their kernel filters, and the per-CPU reader:
 :mod:`agent.collect.kernel.reader`.
@@ -174,6 +179,33 @@ class NamespaceSwitch(NamedTuple):
     syscall: str
 
 
+class SocketTransfer(NamedTuple):
+    """``sock:sock_send_length`` or ``sock:sock_recv_length`` (6.3+): the thread ``pid`` sent
+    (``sent``) or received ``length`` bytes through the socket at ``sk`` of ``family`` and
+    ``protocol`` (the socket's, ``sk_protocol``: 17 for UDP, 1 or 58 for a ping socket, a raw
+    socket's own number).  Filtered in the kernel to datagram protocols and ``ret > 0``: a
+    send that returned a length handed a datagram to the IP layer."""
+
+    time: int
+    pid: int
+    flags: int
+    sk: int
+    family: int
+    protocol: int
+    length: int
+    sent: bool
+
+
+class ConnectCall(NamedTuple):
+    """``syscalls:sys_enter_connect`` (``entering``) or ``sys_exit_connect``: thread ``pid``
+    is inside ``connect(2)`` between the two; a route lookup it makes there is the connect's
+    (a UDP, ping or raw socket's connect sends nothing), not a datagram's."""
+
+    time: int
+    pid: int
+    entering: bool
+
+
 KernelEvent = Union[
     TcpStateChange,
     TcpReset,
@@ -183,6 +215,8 @@ KernelEvent = Union[
     ProcessExit,
     TaskRename,
     NamespaceSwitch,
+    SocketTransfer,
+    ConnectCall,
 ]
 
 
@@ -458,5 +492,35 @@ def decode_namespace_switch(fmt: EventFormat, syscall: str) -> Decoder[Namespace
         if ret != 0:
             return None
         return NamespaceSwitch(time, pid, syscall)
+
+    return decode
+
+
+def decode_transfer(fmt: EventFormat, sent: bool) -> Decoder[SocketTransfer]:
+    """Decoder of ``sock:sock_send_length`` (``sent``) or ``sock:sock_recv_length``."""
+    read, needed = field_reader(
+        fmt, ("common_flags", "common_pid", "sk", "family", "protocol", "ret")
+    )
+
+    def decode(page: bytes, offset: int, length: int, time: int) -> Optional[SocketTransfer]:
+        if length < needed:
+            return None
+        flags, pid, sk, family, protocol, ret = read(page, offset)
+        if ret <= 0:
+            return None
+        return SocketTransfer(time, pid, flags, sk, family, protocol, ret, sent)
+
+    return decode
+
+
+def decode_connect_call(fmt: EventFormat, entering: bool) -> Decoder[ConnectCall]:
+    """Decoder of ``syscalls:sys_enter_connect`` (``entering``) / ``sys_exit_connect``."""
+    read, needed = field_reader(fmt, ("common_pid",))
+
+    def decode(page: bytes, offset: int, length: int, time: int) -> Optional[ConnectCall]:
+        if length < needed:
+            return None
+        (pid,) = read(page, offset)
+        return ConnectCall(time, pid, entering)
 
     return decode

@@ -46,7 +46,15 @@ from agent.identity import IdentityCache
 
 log = logging.getLogger(__name__)
 
-UDP_EVENTS = ("fib:fib_table_lookup", "fib6:fib6_table_lookup")
+UDP_EVENTS = (
+    "fib:fib_table_lookup",
+    "fib6:fib6_table_lookup",
+    "sock:sock_send_length",
+    "sock:sock_recv_length",
+    "syscalls:sys_enter_connect",
+    "syscalls:sys_exit_connect",
+)
+"""The events of datagram flows (UDP, ICMP, SCTP, raw): ``udp=False`` leaves them out."""
 NAMESPACE_EVENTS = ("syscalls:sys_exit_setns", "syscalls:sys_exit_unshare")
 
 
@@ -258,6 +266,8 @@ def open_event_source(
         cache = identities or IdentityCache(proc_root)
         resolver = ListenerResolver(cache, proc_root)
         tracker = Tracker(cache, resolver, proc_root, hold_s=hold_s)
+        tracker.datagrams.sends_known = "sock:sock_send_length" not in chosen.unavailable
+        tracker.datagrams.receives_known = "sock:sock_recv_length" not in chosen.unavailable
         source = EventSource(instance, reader, tracker, chosen)
         for key, why in sorted(chosen.unavailable.items()):
             if key not in excluded:

@@ -19,9 +19,11 @@ order (:meth:`Tracker.feed`):
   ``timeout`` (any other end before ESTABLISHED: no answer, an ICMP error, the caller gave up),
   and ``closed``; LISTEN -> SYN_RECV is an ``accepted`` connection, attributed to the
   listener's owner by :class:`agent.collect.kernel.listeners.ListenerResolver`.
-- UDP: one ``udp`` record per new flow (thread's process, namespace, local port, remote address
-  and port), from output route lookups; a flow is new again after ``udp_ttl_s`` without
-  packets, so an unconnected socket's ``sendto()`` per packet makes one record.
+- Datagrams (UDP, ICMP, ICMPv6, SCTP, raw): one ``udp`` record per new flow (process,
+  namespace, protocol, local port, remote address and port, direction) once a datagram left,
+  by :class:`agent.collect.kernel.datagrams.DatagramFlows`; a flow is new again after
+  ``udp_ttl_s`` without packets, so an unconnected socket's ``sendto()`` per packet makes one
+  record.
 
 Racy corners, said once here and in ``docs/EVENTS.md``: a process that exits before we read
 ``/proc`` keeps what the events told (no command line; the executable as ``exec`` was given
@@ -37,17 +39,19 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from agent.collect.kernel.datagrams import Datagram, DatagramFlows
 from agent.collect.kernel.listeners import ListenerResolver
 from agent.collect.kernel.records import (
     CLONE_THREAD,
     IN_INTERRUPT,
-    LOOPBACK_IFINDEX,
+    ConnectCall,
     KernelEvent,
     NamespaceSwitch,
     ProcessExec,
     ProcessExit,
     ProcessFork,
     RouteLookup,
+    SocketTransfer,
     TaskRename,
     TcpReset,
     TcpStateChange,
@@ -58,12 +62,12 @@ from agent.inet import (
     AF_INET,
     AF_INET6,
     IPPROTO_TCP,
-    IPPROTO_UDP,
     TCP_CLOSE,
     TCP_ESTABLISHED,
     TCP_LISTEN,
     TCP_SYN_RECV,
     TCP_SYN_SENT,
+    reported_protocol,
 )
 
 CONNECT = "connect"
@@ -400,7 +404,9 @@ class Tracker:
         self.max_sockets = max_sockets
         self.max_flows = max_flows
         self.sockets: Dict[int, _TcpSocket] = {}
-        self.flows: collections.OrderedDict[Tuple[object, ...], int] = collections.OrderedDict()
+        self.datagrams = DatagramFlows(
+            self._who_process, self._datagram, ttl_s=udp_ttl_s, max_flows=max_flows
+        )
         self.connects_by_namespace: Dict[Optional[int], int] = {}
         """Outbound TCP connects (CLOSE -> SYN_SENT) seen, per network namespace (None:
         unknown), to stand beside each namespace's ``Tcp: ActiveOpens``."""
@@ -415,9 +421,11 @@ class Tracker:
         self._handlers: Dict[type, Callable[[KernelEvent], None]] = {
             TcpStateChange: self._tcp,  # type: ignore[dict-item]
             TcpReset: self._reset,  # type: ignore[dict-item]
-            RouteLookup: self._route,  # type: ignore[dict-item]
+            RouteLookup: self.datagrams.lookup,  # type: ignore[dict-item]
+            SocketTransfer: self.datagrams.transfer,  # type: ignore[dict-item]
+            ConnectCall: self.datagrams.connect_call,  # type: ignore[dict-item]
             ProcessFork: self.processes.forked,  # type: ignore[dict-item]
-            ProcessExit: self.processes.exited,  # type: ignore[dict-item]
+            ProcessExit: self._exited,  # type: ignore[dict-item]
             TaskRename: self.processes.renamed,  # type: ignore[dict-item]
             NamespaceSwitch: self.processes.switched,  # type: ignore[dict-item]
         }
@@ -625,48 +633,37 @@ class Tracker:
             announced=announced,
         )
 
-    # -- UDP ---------------------------------------------------------------------------------------
+    # -- datagrams -------------------------------------------------------------------------------
 
-    def _route(self, event: RouteLookup) -> None:
-        if (
-            event.flags & IN_INTERRUPT
-            or event.iif != LOOPBACK_IFINDEX
-            or event.protocol != IPPROTO_UDP
-        ):
-            return
-        identity, netns = self.processes.who(event.pid)
-        key = (netns, identity.pid, event.version, event.sport, event.daddr, event.dport)
-        flows = self.flows
-        seen = flows.get(key)
-        if seen is not None and event.time - seen < self.udp_ttl_ns:
-            flows[key] = event.time
-            flows.move_to_end(key)
-            return
-        flows[key] = event.time
-        flows.move_to_end(key)
-        horizon = event.time - self.udp_ttl_ns
-        while flows:
-            oldest_key, oldest = next(iter(flows.items()))
-            if oldest >= horizon and len(flows) <= self.max_flows:
-                break
-            del flows[oldest_key]
+    def _who_process(self, tid: int) -> Tuple[Identity, Optional[int], int]:
+        identity, netns = self.processes.who(tid)
+        thread = self.processes.threads.get(tid)
+        return identity, netns, thread.tgid if thread is not None else tid
+
+    def _datagram(self, datagram: Datagram, direction: str) -> None:
         self._out.append(
             SocketEvent(
-                self.to_unix(event.time),
+                self.to_unix(datagram.time),
                 UDP,
-                IPPROTO_UDP,
-                AF_INET if event.version == 4 else AF_INET6,
-                event.version,
-                int.from_bytes(event.saddr, "big"),
-                event.sport,
-                int.from_bytes(event.daddr, "big"),
-                event.dport,
-                netns,
-                identity,
-                OUTBOUND,
+                reported_protocol(datagram.protocol),
+                AF_INET if datagram.version == 4 else AF_INET6,
+                datagram.version,
+                int.from_bytes(datagram.saddr, "big"),
+                datagram.sport,
+                int.from_bytes(datagram.daddr, "big"),
+                datagram.dport,
+                datagram.netns,
+                datagram.identity,
+                direction,
                 self._new_key(),
             )
         )
+
+    def _exited(self, event: ProcessExit) -> None:
+        self.processes.exited(event)
+        self.datagrams.in_connect.discard(event.tid)
+        if event.group_dead or (event.group_dead is None and event.pid == event.tid):
+            self.datagrams.forget_process(event.tid)
 
     # -- upkeep ------------------------------------------------------------------------------------
 

@@ -1,0 +1,178 @@
+"""A test host for what real programs do: dnsmasq answering glibc, an "internet" web server,
+and a client namespace whose ``/etc/resolv.conf`` (``ip netns exec`` bind-mounts
+``/etc/netns/NAME/resolv.conf`` over it) names that dnsmasq.  Used by tests/test_truth_*.py.
+
+Topology (``$NETHOST_PREFIX``-named namespaces; nothing leaves them)::
+
+    cli  9.9.9.2/24, 2606:4700::2/64  <-> c0 ... s0 <->  srv 9.9.9.9/24, 2606:4700::9/64
+                                                          dnsmasq on 9.9.9.9:53 (UDP and TCP)
+                                                          lo: 93.184.215.14, 2606:2800:21f::14
+                                                          (the web: HTTP on port 80)
+
+dnsmasq answers (its own configuration, no upstream, no /etc/hosts):
+
+- ``www.shop.example``: A 93.184.215.14, AAAA 2606:2800:21f::14;
+- ``api.shop.example``: a CNAME to ``www.shop.example``;
+- ``files.other.example``: A 93.184.215.14 only;
+- ``big.shop.example``: 40 A records (93.184.215.14 and 39 others of 93.184.216.0/24): more
+  than 512 bytes, so a UDP answer is truncated and glibc asks again over TCP.
+
+The client addresses are global ones (9.9.9.2 reaches dnsmasq at 9.9.9.9), so dnsmasq's
+answers go to an external address: a reply, which must not read as outbound.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import pytest
+from nethost import Namespace, NetHost, Proc
+
+DNS = "9.9.9.9"
+CLIENT = "9.9.9.2"
+CLIENT6 = "2606:4700::2"
+WEB = "93.184.215.14"
+WEB6 = "2606:2800:21f::14"
+NAME = "www.shop.example"
+ALIAS = "api.shop.example"
+OTHER = "files.other.example"
+BIG = "big.shop.example"
+BIG_ANSWERS = [WEB] + [f"93.184.216.{n}" for n in range(1, 40)]
+
+WEB_SERVER = """
+import http.server, socket, sys
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+class Quiet(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"hello\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = Server(("::", 80), Quiet)
+print("READY 80", flush=True)
+server.serve_forever()
+"""
+
+
+def program(name: str) -> str:
+    """The path of a program the tests run (tools/install-test-programs installs them), or a
+    skip naming it."""
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        pytest.skip(f"{name} is not installed (make test-programs installs it)")
+    return found
+
+
+@dataclass
+class TruthHost:
+    net: NetHost
+    srv: Namespace
+    cli: Namespace
+    dnsmasq: Proc
+    web: Proc
+    etc_netns: str
+
+    def run(self, argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """``argv`` under ``ip netns exec`` in the client namespace (its resolv.conf names
+        dnsmasq), to completion."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.cli.name, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def start(self, argv: Sequence[str]) -> subprocess.Popen[str]:
+        """``argv`` under ``ip netns exec`` in the client namespace, not waited for."""
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.cli.name, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def close(self) -> None:
+        shutil.rmtree(self.etc_netns, ignore_errors=True)
+
+
+def dnsmasq_argv(listen: str) -> List[str]:
+    argv = [
+        program("dnsmasq"),
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--bind-interfaces",
+        f"--listen-address={listen}",
+        "--pid-file=",
+        "--user=root",
+        "--group=root",
+        "--log-facility=-",
+        f"--host-record={NAME},{WEB},{WEB6}",
+        f"--host-record={OTHER},{WEB}",
+        f"--cname={ALIAS},{NAME}",
+        "--local-ttl=300",
+    ]
+    argv += [f"--host-record={BIG},{address}" for address in BIG_ANSWERS]
+    return argv
+
+
+def build(net: NetHost) -> TruthHost:
+    program("dnsmasq")
+    srv, cli = net.namespace("srv"), net.namespace("cli")
+    net.veth(srv, "s0", cli, "c0")
+    srv.add_address(net.name("s0"), f"{DNS}/24")
+    srv.add_address(net.name("s0"), "2606:4700::9/64")
+    cli.add_address(net.name("c0"), f"{CLIENT}/24")
+    cli.add_address(net.name("c0"), f"{CLIENT6}/64")
+    srv.add_address("lo", f"{WEB}/32")
+    srv.add_address("lo", f"{WEB6}/128")
+    cli.ip("route", "add", "default", "via", DNS)
+    cli.ip("-6", "route", "add", "default", "via", "2606:4700::9")
+    etc = f"/etc/netns/{cli.name}"
+    os.makedirs(etc, exist_ok=True)
+    with open(f"{etc}/resolv.conf", "w", encoding="ascii") as handle:
+        handle.write(f"nameserver {DNS}\noptions timeout:2 attempts:2\n")
+    dnsmasq = net.spawn(srv, dnsmasq_argv(DNS), ready=False)
+    web = net.spawn(srv, [sys.executable, "-c", WEB_SERVER], ready=True)
+    host = TruthHost(net, srv, cli, dnsmasq, web, etc)
+    deadline = time.monotonic() + 15
+    while True:  # dnsmasq answers once it has bound its sockets
+        answer = host.run([program("dig"), "+short", "+time=1", "+tries=1", f"@{DNS}", NAME])
+        if WEB in answer.stdout:
+            break
+        if dnsmasq.popen.poll() is not None or time.monotonic() > deadline:
+            host.close()
+            raise AssertionError(f"dnsmasq did not answer: {answer.stdout} {answer.stderr}")
+        time.sleep(0.2)
+    return host
+
+
+def truth_host(net: NetHost) -> TruthHost:
+    return build(net)
+
+
+def pid_of_child(parent: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children", encoding="ascii") as handle:
+            words = handle.read().split()
+    except OSError:
+        return None
+    return int(words[0]) if words else None
