@@ -61,18 +61,21 @@ class Watch:
             time.sleep(0.1)
         time.sleep(1.5)  # its first sample is taken: the next is far away
 
-    def rows(self, pids: Set[int]) -> List[Dict[str, Any]]:
-        """The history's rows of ``pids`` (as ``egress-agent history --format json`` shows)."""
-        shown = egress_agent("history", "--format", "json", config=self.config)
+    def rows(self, pids: Optional[Set[int]], *limits: str) -> List[Dict[str, Any]]:
+        """The history's rows of ``pids`` (all with None), as ``egress-agent history --format
+        json`` shows them with ``limits`` (``--netns NAME``...)."""
+        shown = egress_agent("history", "--format", "json", *limits, config=self.config)
         assert shown.returncode == 0, shown.stderr
-        return [row for row in json.loads(shown.stdout) if row["pid"] in pids]
+        return [row for row in json.loads(shown.stdout) if pids is None or row["pid"] in pids]
 
-    def wait_rows(self, pids: Set[int], done: Any, timeout: float = 30) -> List[Dict[str, Any]]:
+    def wait_rows(
+        self, pids: Optional[Set[int]], done: Any, *limits: str, timeout: float = 30
+    ) -> List[Dict[str, Any]]:
         deadline = time.monotonic() + timeout
-        rows = self.rows(pids)
+        rows = self.rows(pids, *limits)
         while not done(rows) and time.monotonic() < deadline:
             time.sleep(0.5)
-            rows = self.rows(pids)
+            rows = self.rows(pids, *limits)
         return rows
 
     def stop(self) -> str:

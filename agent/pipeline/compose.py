@@ -84,6 +84,11 @@ class Pipeline:
         self.clock = clock
         """Unix seconds: when samples are taken, and the times the history records."""
         self._lock = threading.Lock()
+        self.seen_direction: Optional[Callable[[Connection], Optional[str]]] = None
+        """Which way the kernel events saw a sampled connection opened (None: they did not see
+        it begin); set by the event feed.  What the events saw outranks what a sample
+        suggests: a server-closed inbound connection's ownerless TIME_WAIT is ``inbound``, a
+        connection made from a listening port (``SO_REUSEPORT``) is ``outbound``."""
 
     @classmethod
     def open(
@@ -134,6 +139,12 @@ class Pipeline:
             at = self.clock()
             connections = self.sampler.sample(want_all=want_all, pids=pids)
             stats = self.sampler.last
+        seen = self.seen_direction
+        if seen is not None:
+            for connection in connections:
+                direction = seen(connection)
+                if direction is not None:
+                    connection.direction = direction
         lookup = None
         if self.names is not None:
             self.names.annotate(connections)

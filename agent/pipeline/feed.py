@@ -21,6 +21,7 @@ says why in one line and the agent samples as before (``events_source = sampling
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import operator
 import threading
@@ -29,12 +30,13 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tu
 
 from agent.allow import annotate
 from agent.classify import format_ipv4, format_ipv6
+from agent.inet import AF_INET6, IPPROTO_TCP
 from agent.pipeline.compose import TRACEFS, Pipeline
 from agent.records import COLUMN_NAMES, Connection, SocketColumns, Value, connection_of
 
 if TYPE_CHECKING:
     from agent.collect.kernel.source import EventSource
-    from agent.collect.kernel.tracker import SocketEvent
+    from agent.collect.kernel.tracker import SocketEvent, Tracker
     from agent.history import Observation
 
 STATE_OF_KIND = {
@@ -196,6 +198,9 @@ class EventFeed:
         self.running = True
         """False once the feed stopped (told to, or the instance went away)."""
         self.stopped_because = ""
+        tracker = getattr(source, "tracker", None)
+        if tracker is not None:
+            pipeline.seen_direction = _seen_direction(tracker)
 
     @classmethod
     def open(
@@ -349,6 +354,29 @@ class EventFeed:
             self._lost_seen = lost
             if self.on_loss is not None:
                 self.on_loss()
+
+
+def _seen_direction(tracker: Tracker) -> Callable[[Connection], Optional[str]]:
+    """The direction the tracker saw a sampled TCP connection opened in, or None."""
+
+    def seen(connection: Connection) -> Optional[str]:
+        if connection.protocol != IPPROTO_TCP or not connection.remote_address:
+            return None
+        try:
+            local = int(ipaddress.ip_address(connection.local_address))
+            remote = int(ipaddress.ip_address(connection.remote_address))
+        except ValueError:
+            return None
+        return tracker.seen_direction(
+            connection.net_namespace,
+            6 if connection.family == AF_INET6 else 4,
+            local,
+            connection.local_port,
+            remote,
+            connection.remote_port,
+        )
+
+    return seen
 
 
 def open_events(pipeline: Pipeline, logger: logging.Logger) -> Tuple[Optional[EventFeed], str]:

@@ -364,6 +364,8 @@ class _TcpSocket:
     state: int
     reset: bool = False
     announced: bool = False
+    witnessed: bool = True
+    """The events saw it begin (its connect or its accept); False for one older than them."""
 
 
 class Tracker:
@@ -387,6 +389,7 @@ class Tracker:
         max_sockets: int = 1 << 18,
         max_flows: int = 1 << 16,
         boot_offset_ns: int = 0,
+        max_seen: int = 1 << 15,
     ) -> None:
         self.offset = 0.0
         self.boot_offset_ns = boot_offset_ns
@@ -404,6 +407,10 @@ class Tracker:
         self.max_sockets = max_sockets
         self.max_flows = max_flows
         self.sockets: Dict[int, _TcpSocket] = {}
+        self.seen: collections.OrderedDict[Tuple[object, ...], str] = collections.OrderedDict()
+        """TCP connections the events saw begin -> their direction (see :meth:`seen_direction`),
+        the newest ``max_seen``."""
+        self.max_seen = max_seen
         self.datagrams = DatagramFlows(
             self._who_process, self._datagram, ttl_s=udp_ttl_s, max_flows=max_flows
         )
@@ -484,6 +491,8 @@ class Tracker:
         return out
 
     def _emit(self, kind: str, sock: _TcpSocket, time_ns: int) -> None:
+        if sock.witnessed and sock.local_port and kind in (ESTABLISHED, ACCEPTED, CLOSED):
+            self._witness(sock)
         self._out.append(
             SocketEvent(
                 self.to_unix(time_ns),
@@ -501,6 +510,37 @@ class Tracker:
                 sock.key,
             )
         )
+
+    def _witness(self, sock: _TcpSocket) -> None:
+        version = 4 if sock.family == AF_INET else 6
+        key = (
+            sock.netns,
+            version,
+            int.from_bytes(sock.local, "big"),
+            sock.local_port,
+            int.from_bytes(sock.remote, "big"),
+            sock.remote_port,
+        )
+        seen = self.seen
+        seen[key] = sock.direction
+        seen.move_to_end(key)
+        if len(seen) > self.max_seen:
+            seen.popitem(last=False)
+
+    def seen_direction(
+        self,
+        netns: Optional[int],
+        version: int,
+        local: int,
+        local_port: int,
+        remote: int,
+        remote_port: int,
+    ) -> Optional[str]:
+        """Which way the events saw this TCP connection opened (``outbound``: they saw its
+        ``connect()``, from whatever port; ``inbound``: they saw it accepted), or None when
+        they did not see it begin.  Kept after its close, so that its TIME_WAIT, ownerless in
+        a sample, keeps the direction.  Safe to call from another thread (a dict look-up)."""
+        return self.seen.get((netns, version, local, local_port, remote, remote_port))
 
     def _announce(self, sock: _TcpSocket) -> None:
         sock.announced = True
@@ -604,6 +644,7 @@ class Tracker:
             TCP_SYN_SENT if outcome else TCP_ESTABLISHED,
             announced=True,
         )
+        sock.witnessed = False
         sock.reset = event.skaddr in self._resets
         return sock
 

@@ -1,0 +1,106 @@
+"""What the kernel events saw outranks what a sample suggests (issues 24 and 23), through
+``egress-agent watch`` sampling every second beside its events, and its history:
+
+- a server that closes an accepted connection first and stops listening leaves a TIME_WAIT
+  socket without an owner or a listener: the events saw the accept, so it is ``inbound``,
+  not ``unknown``;
+- a process listening on port P with ``SO_REUSEPORT`` that connects out from P: the events saw
+  the ``connect()``, so it is ``outbound``, though its local port is a listener's.
+
+Test hosts of tests/truthhost.py (global addresses on veths between test namespaces only).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import pytest
+from nethost import NetHost
+from test_truth_udp import Watch, described
+from truthhost import CLIENT, DNS, TruthHost, build
+
+CLOSE_FIRST = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((sys.argv[1], 0))
+server.listen()
+print("READY", server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+conn.close()    # the server closes first: its side goes to TIME_WAIT
+server.close()  # and listens no more
+sys.stdin.read()
+"""
+
+FROM_LISTENING_PORT = """
+import socket, sys
+def bound():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((sys.argv[1], 0 if len(sys.argv) < 5 else int(sys.argv[4])))
+    return s
+listener = bound()
+listener.listen()
+port = listener.getsockname()[1]
+out = socket.socket()
+out.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+out.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+out.bind((sys.argv[1], port))
+out.connect((sys.argv[2], int(sys.argv[3])))
+print("READY", port, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def truth(nethost: NetHost) -> Iterator[TruthHost]:
+    host = build(nethost)
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Iterator[Watch]:
+    running = Watch(tmp_path, interval=1)
+    try:
+        yield running
+    finally:
+        stderr = running.stop()
+        assert "Traceback" not in stderr, stderr
+
+
+def test_a_server_closed_inbound_connection_stays_inbound(truth: TruthHost, watch: Watch) -> None:
+    server = truth.net.spawn(truth.srv, [sys.executable, "-c", CLOSE_FIRST, DNS], ready=True)
+    client = truth.net.connect(truth.cli, DNS, server.port)
+    netns = ("--netns", truth.srv.name)
+
+    def ownerless(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        return [r for r in rows if r["remote_port"] == client.local_port and r["pid"] == -1]
+
+    rows = watch.wait_rows(None, ownerless, *netns)  # a sample saw it after the server closed
+    assert ownerless(rows), "no sample saw the closed socket: " + described(rows)
+    mine = [r for r in rows if r["remote_port"] == client.local_port]
+    assert {r["direction"] for r in mine} == {"inbound"}, described(mine)
+    truth.net.kill(client)
+
+
+def test_a_connect_from_a_listening_port_is_outbound(truth: TruthHost, watch: Watch) -> None:
+    web = truth.net.listen(truth.srv, DNS)
+    proc = truth.net.spawn(
+        truth.cli,
+        [sys.executable, "-c", FROM_LISTENING_PORT, CLIENT, DNS, str(web.port)],
+        ready=True,
+    )
+    time.sleep(3)  # samples (one a second) see it, with its listener beside it
+    rows = watch.wait_rows(
+        {proc.pid}, lambda rows: {r.get("seen_by") for r in rows} >= {"sampling", "tracefs"}
+    )
+    mine = [r for r in rows if r["remote_address"] == DNS]
+    assert mine, "watch did not record it: " + described(rows)
+    assert {r["direction"] for r in mine} == {"outbound"}, described(mine)
