@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytest
 
 from agent.collect.kernel.listeners import ListenerResolver
+from agent.collect.kernel.placement import NamespacePlacer
 from agent.collect.kernel.records import (
     CLONE_THREAD,
     FLAG_SOFTIRQ,
@@ -98,7 +99,10 @@ def proc(tmp_path: Path) -> FakeProc:
 def make_tracker(proc: FakeProc, own_pid: int = 999999, hold_s: float = 0.5) -> Tracker:
     identities = IdentityCache(str(proc.root), boot_id=BOOT_ID)
     resolver = ListenerResolver(identities, str(proc.root), opener=_no_way_in)  # type: ignore[arg-type]
-    tracker = Tracker(identities, resolver, str(proc.root), own_pid=own_pid, hold_s=hold_s)
+    placer = NamespacePlacer(str(proc.root), named=dict)  # this /proc's namespaces only
+    tracker = Tracker(
+        identities, resolver, str(proc.root), own_pid=own_pid, hold_s=hold_s, placer=placer
+    )
     tracker.offset = 1_700_000_000.0
     return tracker
 

@@ -99,9 +99,11 @@ class TruthHost:
         )
 
     def start(self, argv: Sequence[str]) -> subprocess.Popen[str]:
-        """``argv`` under ``ip netns exec`` in the client namespace, not waited for."""
+        """``argv`` under ``ip netns exec`` in the client namespace, not waited for (its
+        stdin a pipe: ``communicate(text)`` feeds it)."""
         return subprocess.Popen(
             ["ip", "netns", "exec", self.cli.name, *argv],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -14,11 +14,13 @@ the kernel events (:mod:`agent.collect.kernel`) all find and enter namespaces th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
+import struct
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 CLONE_NEWNET = 0x40000000
 """``setns(2)``/``clone(2)``/``unshare(2)`` flag of a network namespace (``<sched.h>``)."""
@@ -172,9 +174,16 @@ def open_in_namespace(
     enter its namespace (not root), or ``make`` failed; and :class:`NamespaceReturnError` if we
     could not come back, which leaves this thread unusable.
     """
+    return open_in_namespace_file(f"{proc_root}/{pid}/ns/net", make)
+
+
+def open_in_namespace_file(path: str, make: Callable[[], socket.socket]) -> socket.socket:
+    """:func:`open_in_namespace` through a namespace file: ``/proc/PID/ns/net``, or a bind
+    mount that keeps a namespace alive without a process (``/run/netns/NAME``, see
+    :func:`named_namespaces`).  Raises as :func:`open_in_namespace` does."""
     here = os.open(f"{PROC_ROOT}/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        there = os.open(f"{proc_root}/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        there = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if os.fstat(there).st_ino == os.fstat(here).st_ino:
                 return make()
@@ -193,3 +202,137 @@ def open_in_namespace(
             os.close(there)
     finally:
         os.close(here)
+
+
+NAMESPACE_DIRS: Tuple[str, ...] = (
+    "/run/netns",
+    "/var/run/netns",
+    "/run/docker/netns",
+    "/var/run/docker/netns",
+)
+"""Where namespaces are kept alive by a bind mount, without a process: ``ip netns add``
+(``/run/netns``, ``/var/run/netns`` on systems where /var/run is not /run) and Docker; rootless
+podman keeps its own under ``/run/user/UID/netns`` (:data:`USER_RUN_DIR`)."""
+USER_RUN_DIR = "/run/user"
+
+
+def named_namespaces(
+    dirs: Sequence[str] = NAMESPACE_DIRS, user_run_dir: str = USER_RUN_DIR
+) -> Dict[int, str]:
+    """Namespace inode -> a file that enters it, for every namespace kept alive under the
+    runtimes' directories (:data:`NAMESPACE_DIRS`, ``/run/user/*/netns``): those namespaces
+    may hold no process at all.  A file there that is not a namespace (a mount point left
+    behind) is skipped: only files on the namespace file system (the device of our own
+    ``/proc/self/ns/net``) count.  Never raises."""
+    try:
+        nsfs = os.stat(f"{PROC_ROOT}/self/ns/net").st_dev
+    except OSError:
+        return {}
+    where = list(dirs)
+    with contextlib.suppress(OSError):
+        where += [
+            os.path.join(user_run_dir, uid, "netns")
+            for uid in os.listdir(user_run_dir)
+            if uid.isdigit()
+        ]
+    found: Dict[int, str] = {}
+    for directory in where:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                status = os.stat(path)
+            except OSError:
+                continue
+            if status.st_dev == nsfs:
+                found.setdefault(status.st_ino, path)
+    return found
+
+
+# NETLINK_ROUTE (rtnetlink(7)): the addresses and links of a namespace
+_NLMSG_DONE, _NLMSG_ERROR = 3, 2
+_RTM_NEWLINK, _RTM_GETLINK, _RTM_NEWADDR, _RTM_GETADDR = 16, 18, 20, 22
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_IFA_ADDRESS, _IFA_LOCAL, _IFLA_IFNAME = 1, 2, 3
+_HEADER = struct.Struct("=IHHII")
+_ATTRIBUTE = struct.Struct("=HH")
+
+
+def _route_socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+
+def _dump(sock: socket.socket, kind: int, body: bytes) -> Iterable[Tuple[int, bytes]]:
+    """(message type, payload) of each message of an rtnetlink dump.  Raises OSError."""
+    flags = _NLM_F_REQUEST | _NLM_F_DUMP
+    sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags, 1, 0) + body)
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            return
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, message, _, _, _ = _HEADER.unpack_from(data, offset)
+            if length < _HEADER.size:
+                return
+            if message == _NLMSG_DONE:
+                return
+            if message == _NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
+                if code:
+                    raise OSError(-code, os.strerror(-code))
+                return
+            yield message, data[offset + _HEADER.size : offset + length]
+            offset += (length + 3) & ~3
+
+
+def _attributes(payload: bytes, start: int) -> Iterable[Tuple[int, bytes]]:
+    offset = start
+    while offset + _ATTRIBUTE.size <= len(payload):
+        length, kind = _ATTRIBUTE.unpack_from(payload, offset)
+        if length < _ATTRIBUTE.size:
+            return
+        yield kind, payload[offset + _ATTRIBUTE.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+@dataclass
+class Interfaces:
+    """The addresses (version, value) and link names one namespace has."""
+
+    addresses: Set[Tuple[int, int]] = field(default_factory=set)
+    names: Set[str] = field(default_factory=set)
+
+
+def read_interfaces(sock: socket.socket) -> Interfaces:
+    """The addresses and link names an rtnetlink socket's namespace has (``RTM_GETADDR`` and
+    ``RTM_GETLINK`` dumps).  Raises OSError."""
+    found = Interfaces()
+    for message, payload in _dump(sock, _RTM_GETADDR, bytes(8)):  # struct ifaddrmsg
+        if message != _RTM_NEWADDR or len(payload) < 8:
+            continue
+        family = payload[0]
+        for kind, value in _attributes(payload, 8):
+            if kind in (_IFA_ADDRESS, _IFA_LOCAL) and len(value) in (4, 16):
+                version = 4 if family == socket.AF_INET else 6
+                found.addresses.add((version, int.from_bytes(value, "big")))
+    for message, payload in _dump(sock, _RTM_GETLINK, bytes(16)):  # struct ifinfomsg
+        if message != _RTM_NEWLINK or len(payload) < 16:
+            continue
+        for kind, value in _attributes(payload, 16):
+            if kind == _IFLA_IFNAME:
+                found.names.add(value.split(b"\0", 1)[0].decode("utf-8", "replace"))
+    return found
+
+
+def interfaces_in(path: str) -> Interfaces:
+    """The addresses and link names of the namespace the file ``path`` enters.  Raises
+    OSError."""
+    sock = open_in_namespace_file(path, _route_socket)
+    try:
+        return read_interfaces(sock)
+    finally:
+        sock.close()

@@ -99,6 +99,9 @@ class _Socket:
 Who = Callable[[int], Tuple[Identity, Optional[int], int]]
 """thread id -> (identity of its process, its network namespace, its process id)."""
 Emit = Callable[[Datagram, str], None]
+Place = Callable[[int, int, bytes, str], Optional[int]]
+"""(thread id, version, source address, output device) -> the namespace holding them, for a
+thread whose own namespace could not be read."""
 
 
 class DatagramFlows:
@@ -118,7 +121,9 @@ class DatagramFlows:
         max_candidates: int = 8,
         sends_known: bool = False,
         receives_known: bool = False,
+        place: Optional[Place] = None,
     ) -> None:
+        self.place = place
         self.who = who
         self.emit = emit
         self.ttl_ns = int(ttl_s * _NS_PER_S)
@@ -157,6 +162,8 @@ class DatagramFlows:
         if protocol == 0:
             return
         identity, netns, tgid = self.who(event.pid)
+        if netns is None and self.place is not None:
+            netns = self.place(event.pid, event.version, event.saddr, event.device)
         in_connect = event.pid in self.in_connect
         datagram = Datagram(
             event.time,

@@ -124,6 +124,9 @@ class RouteLookup(NamedTuple):
     dport: int
     saddr: bytes
     daddr: bytes
+    device: str = ""
+    """The output device of the route found (``-`` for none): where the source address is
+    still 0 (an unconnected socket), the device tells the namespace apart."""
 
 
 class ProcessExec(NamedTuple):
@@ -343,26 +346,16 @@ def decode_tcp_reset(fmt: EventFormat) -> Decoder[TcpReset]:
 def decode_route_lookup(fmt: EventFormat, version: int) -> Decoder[RouteLookup]:
     """Decoder of ``fib:fib_table_lookup`` (``version`` 4) or ``fib6:fib6_table_lookup`` (6).
     Raises FormatError on kernels whose event lacks ports and protocol (before 4.17)."""
-    read, needed = field_reader(
-        fmt,
-        (
-            "common_flags",
-            "common_pid",
-            "proto",
-            "iif",
-            "oif",
-            "err",
-            "sport",
-            "dport",
-            "src",
-            "dst",
-        ),
-    )
+    names = ("common_flags", "common_pid", "proto", "iif", "oif", "err", "sport", "dport")
+    has_device = fmt.field("name") is not None
+    read, needed = field_reader(fmt, names + ("src", "dst") + (("name",) if has_device else ()))
+    device = _string_reader(fmt, "name") if has_device else None
 
     def decode(page: bytes, offset: int, length: int, time: int) -> Optional[RouteLookup]:
         if length < needed:
             return None
-        flags, pid, proto, iif, oif, err, sport, dport, src, dst = read(page, offset)
+        values = read(page, offset)
+        flags, pid, proto, iif, oif, err, sport, dport, src, dst = values[:10]
         return RouteLookup(
             time,
             pid,
@@ -376,6 +369,7 @@ def decode_route_lookup(fmt: EventFormat, version: int) -> Decoder[RouteLookup]:
             dport,
             src,
             dst,
+            device(page, offset, length, values[10]) if device is not None else "",
         )
 
     return decode

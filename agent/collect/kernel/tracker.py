@@ -37,10 +37,11 @@ import collections
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from agent.collect.kernel.datagrams import Datagram, DatagramFlows
 from agent.collect.kernel.listeners import ListenerResolver
+from agent.collect.kernel.placement import NamespacePlacer
 from agent.collect.kernel.records import (
     CLONE_THREAD,
     IN_INTERRUPT,
@@ -390,6 +391,7 @@ class Tracker:
         max_flows: int = 1 << 16,
         boot_offset_ns: int = 0,
         max_seen: int = 1 << 15,
+        placer: Optional[NamespacePlacer] = None,
     ) -> None:
         self.offset = 0.0
         self.boot_offset_ns = boot_offset_ns
@@ -400,8 +402,16 @@ class Tracker:
             self._ticks,
             proc_root,
             own_pid,
-            on_namespace=resolver.learn,
+            on_namespace=self._learned,
         )
+        self.placer = placer if placer is not None else NamespacePlacer(proc_root)
+        self.namespaces_seen: Set[int] = set()
+        self.on_new_namespace: Optional[Callable[[int, int], None]] = None
+        """Called with (namespace inode, a thread in it) the first time the events show a
+        namespace (a process forked into it, or one that entered it by ``setns``/
+        ``unshare``), so that the DNS watch attaches at once; with (0, tid) when a thread
+        switched namespaces but was gone before it could be read (look in the runtimes'
+        directories)."""
         self.hold_ns = int(hold_s * _NS_PER_S)
         self.udp_ttl_ns = int(udp_ttl_s * _NS_PER_S)
         self.max_sockets = max_sockets
@@ -412,7 +422,11 @@ class Tracker:
         the newest ``max_seen``."""
         self.max_seen = max_seen
         self.datagrams = DatagramFlows(
-            self._who_process, self._datagram, ttl_s=udp_ttl_s, max_flows=max_flows
+            self._who_process,
+            self._datagram,
+            ttl_s=udp_ttl_s,
+            max_flows=max_flows,
+            place=self._place,
         )
         self.connects_by_namespace: Dict[Optional[int], int] = {}
         """Outbound TCP connects (CLOSE -> SYN_SENT) seen, per network namespace (None:
@@ -434,7 +448,7 @@ class Tracker:
             ProcessFork: self.processes.forked,  # type: ignore[dict-item]
             ProcessExit: self._exited,  # type: ignore[dict-item]
             TaskRename: self.processes.renamed,  # type: ignore[dict-item]
-            NamespaceSwitch: self.processes.switched,  # type: ignore[dict-item]
+            NamespaceSwitch: self._switched,  # type: ignore[dict-item]
         }
 
     @property
@@ -586,6 +600,9 @@ class Tracker:
             identity, netns = NO_OWNER, None
         else:
             identity, netns = self.processes.who(event.pid)
+            if netns is None:
+                version = 4 if event.family == AF_INET else 6
+                netns = self._place(event.pid, version, event.saddr)
         sock = self._socket(event, OUTBOUND, identity, netns, TCP_SYN_SENT, local_port=0)
         self._track(event.skaddr, sock)
         self._pending.append(sock)
@@ -680,6 +697,29 @@ class Tracker:
         identity, netns = self.processes.who(tid)
         thread = self.processes.threads.get(tid)
         return identity, netns, thread.tgid if thread is not None else tid
+
+    def _place(self, tid: int, version: int, address: bytes, device: str = "") -> Optional[int]:
+        """The namespace of a thread whose own could not be read (gone after a ``setns``),
+        from the address (or device) of its connection; kept for the thread's next ones."""
+        netns = self.placer.place(version, address, device)
+        thread = self.processes.threads.get(tid)
+        if netns is not None and thread is not None and thread.netns is None:
+            thread.netns = netns
+        return netns
+
+    def _switched(self, event: NamespaceSwitch) -> None:
+        self.processes.switched(event)
+        thread = self.processes.threads.get(event.pid)
+        if thread is not None and thread.netns is None and self.on_new_namespace is not None:
+            self.on_new_namespace(0, event.pid)  # gone already: a namespace kept by a file?
+
+    def _learned(self, namespace: int, tid: int) -> None:
+        self.resolver.learn(namespace, tid)
+        self.placer.learn(namespace, tid)
+        if namespace not in self.namespaces_seen:
+            self.namespaces_seen.add(namespace)
+            if self.on_new_namespace is not None:
+                self.on_new_namespace(namespace, tid)
 
     def _datagram(self, datagram: Datagram, direction: str) -> None:
         self._out.append(

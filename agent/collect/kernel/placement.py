@@ -1,0 +1,139 @@
+"""The namespace of a connection whose thread's namespace could not be read: by its address.
+
+No event carries a network namespace; the tracker reads ``/proc/TID/ns/net`` of the thread
+(see :mod:`agent.collect.kernel.tracker`).  A process that entered a namespace with
+``setns(2)`` and exits a few milliseconds later (``ip netns exec NS curl``, ``nsenter``,
+``docker exec``, ``kubectl exec``, a CNI plugin) is gone when its events are read: its thread
+has no namespace to read.  Its connection still carries facts of its namespace: the local
+address the kernel chose (TCP's ``connect`` has it at SYN_SENT; a UDP connect's second route
+lookup has it) or, where that is still 0 (an unconnected socket's ``sendto()``), the output
+device of its route.  :class:`NamespacePlacer` keeps which namespace holds which address and
+which device name (rtnetlink dumps in each, :func:`agent.collect.netns.read_interfaces`) and
+places the connection where exactly one namespace does.
+
+Loopback and unspecified addresses are in every namespace: never used.  Two namespaces with
+the same address (overlapping container networks) and the same device names (``eth0`` in
+every container) leave it unplaced (None): an unknown namespace, never a guess.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Dict, Iterable, Optional, Set, Tuple
+
+from agent.collect.netns import (
+    PROC_ROOT,
+    Interfaces,
+    discover_namespaces,
+    interfaces_in,
+    named_namespaces,
+)
+from agent.inet import ipv4_host
+
+Reader = Callable[[str], Interfaces]
+
+
+def _usable(version: int, value: int) -> Optional[Tuple[int, int]]:
+    """(version, address) as the index keeps it (an IPv4-mapped address as IPv4), or None
+    for addresses every namespace has (loopback, unspecified)."""
+    mapped = ipv4_host(value, version)
+    if mapped is not None:
+        version, value = 4, mapped
+    if value == 0:
+        return None
+    if version == 4 and value >> 24 == 127:
+        return None
+    if version == 6 and value == 1:
+        return None
+    return version, value
+
+
+class NamespacePlacer:
+    """Address and device name -> the one namespace that has it.
+
+    ``learn(inode, tid)`` adds a way into a namespace as the tracker reads one; the runtimes'
+    directories (:func:`agent.collect.netns.named_namespaces`) and every process's namespace
+    are looked at when an address is not known, at most once per ``min_refresh_s``.
+    Not thread-safe: the event source's thread only.
+    """
+
+    def __init__(
+        self,
+        proc_root: str = PROC_ROOT,
+        read: Reader = interfaces_in,
+        named: Callable[[], Dict[int, str]] = named_namespaces,
+        min_refresh_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.proc_root = proc_root
+        self._read = read
+        self._named = named
+        self.min_refresh_s = min_refresh_s
+        self._clock = clock
+        self._last_refresh = -1e9
+        self.entries: Dict[int, str] = {}
+        """namespace inode -> a file that enters it."""
+        self.addresses: Dict[Tuple[int, int], Set[int]] = {}
+        self.devices: Dict[str, Set[int]] = {}
+        self.placed = 0
+        self.unplaced = 0
+        self.refreshes = 0
+
+    def learn(self, inode: int, tid: int) -> None:
+        self.entries.setdefault(inode, f"{self.proc_root}/{tid}/ns/net")
+
+    def place(self, version: int, address: bytes, device: str = "") -> Optional[int]:
+        """The namespace holding ``address`` (else, when it is 0, the one with a device
+        named ``device``), if exactly one does; None otherwise."""
+        key = _usable(version, int.from_bytes(address, "big")) if address else None
+        if key is None and (not device or device in ("-", "lo")):
+            self.unplaced += 1
+            return None
+        found = self._find(key, device)
+        if found is None and self._clock() - self._last_refresh >= self.min_refresh_s:
+            self.refresh()
+            found = self._find(key, device)
+        if found is None:
+            self.unplaced += 1
+        else:
+            self.placed += 1
+        return found
+
+    def _find(self, key: Optional[Tuple[int, int]], device: str) -> Optional[int]:
+        holders: Iterable[int] = (
+            self.addresses.get(key, ()) if key is not None else self.devices.get(device, ())
+        )
+        holding = set(holders)
+        return next(iter(holding)) if len(holding) == 1 else None
+
+    def refresh(self) -> None:
+        """Index every namespace we can find again: the runtimes' directories, every
+        process's namespace, and those learned."""
+        self._last_refresh = self._clock()
+        self.refreshes += 1
+        entries = dict(self.entries)
+        entries.update(self._named())
+        try:
+            for namespace in discover_namespaces(self.proc_root).namespaces:
+                entries[namespace.inode] = f"{self.proc_root}/{namespace.pid}/ns/net"
+        except OSError:
+            pass
+        addresses: Dict[Tuple[int, int], Set[int]] = {}
+        devices: Dict[str, Set[int]] = {}
+        live: Dict[int, str] = {}
+        for inode, path in entries.items():
+            try:
+                if os.stat(path).st_ino != inode:
+                    continue  # a pid reused by a process elsewhere
+                interfaces = self._read(path)
+            except OSError:
+                continue
+            live[inode] = path
+            for version, value in interfaces.addresses:
+                key = _usable(version, value)
+                if key is not None:
+                    addresses.setdefault(key, set()).add(inode)
+            for name in interfaces.names:
+                devices.setdefault(name, set()).add(inode)
+        self.entries, self.addresses, self.devices = live, addresses, devices

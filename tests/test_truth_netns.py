@@ -1,0 +1,70 @@
+"""Namespaces entered with setns (issue 24): every connection of a process that entered its
+namespace with ``ip netns exec`` (``setns(2)``, then exec) carries that namespace, every time,
+though each process is gone long before its events are read; through ``egress-agent watch``
+(kernel events, a sample a minute), its history and ``history --netns``.
+
+Real programs (curl, nc from Debian's packages) in the test host of tests/truthhost.py.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from nethost import NetHost
+from test_truth_udp import Watch, described
+from truthhost import DNS, WEB, TruthHost, build, program
+
+COMMANDS = 200
+
+
+@pytest.fixture
+def truth(nethost: NetHost) -> Iterator[TruthHost]:
+    host = build(nethost)
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Iterator[Watch]:
+    running = Watch(tmp_path)
+    try:
+        yield running
+    finally:
+        stderr = running.stop()
+        assert "Traceback" not in stderr, stderr
+
+
+def test_every_short_command_under_ip_netns_exec_carries_its_namespace(
+    truth: TruthHost, watch: Watch
+) -> None:
+    curl, nc = program("curl"), program("nc")
+
+    def one(index: int) -> int:
+        if index % 10 == 0:  # a datagram too: nc connects a UDP socket and sends a line
+            argv = [nc, "-u", "-w", "1", "-q", "0", DNS, "9999"]
+        else:
+            argv = [curl, "-s", "-o", "/dev/null", "-m", "10", f"http://{WEB}/"]
+        proc = truth.start(argv)
+        proc.communicate("x\n" if index % 10 == 0 else None, timeout=60)
+        assert proc.returncode == 0, argv
+        return proc.pid
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        pids = set(pool.map(one, range(COMMANDS)))
+    assert len(pids) == COMMANDS
+
+    def all_seen(rows: list) -> bool:  # type: ignore[type-arg]
+        return {r["pid"] for r in rows} >= pids
+
+    rows = watch.wait_rows(pids, all_seen, timeout=60)
+    assert {r["pid"] for r in rows} >= pids, f"{len(pids - {r['pid'] for r in rows})} unseen"
+    elsewhere = [r for r in rows if r["net_namespace"] != truth.cli.inode]
+    assert not elsewhere, f"{len(elsewhere)} rows not in the namespace: " + described(elsewhere)
+    named = watch.rows(pids, "--netns", truth.cli.name)
+    assert {r["pid"] for r in named} == pids
+    assert {r["protocol"] for r in rows} == {6, 17}
