@@ -79,10 +79,19 @@ def read_named(watch: subprocess.Popen[str], namespace: int, timeout: float = 30
     )
 
 
-def packet_sockets(pid: int) -> List[str]:
-    """The AF_PACKET sockets of the namespace of ``pid`` (the DNS watch opens one in each)."""
+def packet_sockets(pid: int, owner: Optional[int] = None) -> List[str]:
+    """The AF_PACKET sockets of the namespace of ``pid`` (the DNS watch opens one in each);
+    with ``owner``, only those that process holds (another agent on the machine may watch
+    the namespace too)."""
     with open(f"/proc/{pid}/net/packet", encoding="ascii") as table:
-        return table.readlines()[1:]
+        rows = table.readlines()[1:]
+    if owner is None:
+        return rows
+    try:
+        held = {os.readlink(f"/proc/{owner}/fd/{fd}") for fd in os.listdir(f"/proc/{owner}/fd")}
+    except OSError:
+        return []
+    return [row for row in rows if f"socket:[{row.split()[-1]}]" in held]
 
 
 def stored_answer(history: Path, namespace: int, address: str) -> bool:
@@ -116,7 +125,9 @@ def test_the_asked_name_reaches_every_output(dns_host: DnsHost, tmp_path: Path) 
     config = config_file(tmp_path / "config.yaml", history)
     watch: Optional[subprocess.Popen[str]] = start_watch(config)
     try:
-        wait_for(lambda: packet_sockets(stub.pid), "watch's DNS watch in the namespace", 60)
+        wait_for(
+            lambda: packet_sockets(stub.pid, watch.pid), "watch's DNS watch in the namespace", 60
+        )
         assert resolve(stub, "10.53.1.1", ASKED) == ("udp", [ANSWER])
         client = dns_host.net.connect(cli1, ANSWER, dns_host.web_port)
         printed = read_named(watch, cli1.inode)

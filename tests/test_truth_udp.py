@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 import pytest
 from commands import egress_agent
 from nethost import NetHost
-from truthhost import ALIAS, CLIENT, DNS, NAME, WEB, WEB6, TruthHost, build, program
+from truthhost import ALIAS, CLIENT, DNS, NAME, WEB, WEB_ADDRESSES, TruthHost, build, program
 
 TRACING = "/sys/kernel/tracing/instances"
 
@@ -144,7 +144,8 @@ def test_glibcs_address_sorting_and_pings_probe_are_no_flows(
     probes = [
         r
         for r in rows
-        if r["protocol"] == 17 and (r["remote_address"] in (WEB, WEB6) or r["remote_port"] == 1025)
+        if r["protocol"] == 17
+        and (r["remote_address"] in WEB_ADDRESSES or r["remote_port"] == 1025)
     ]
     assert not probes, "connect() sent nothing: " + described(probes)
     for pid in pids:  # the queries that did leave are flows: A and AAAA to dnsmasq

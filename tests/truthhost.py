@@ -6,16 +6,18 @@ Topology (``$NETHOST_PREFIX``-named namespaces; nothing leaves them)::
 
     cli  9.9.9.2/24, 2606:4700::2/64  <-> c0 ... s0 <->  srv 9.9.9.9/24, 2606:4700::9/64
                                                           dnsmasq on 9.9.9.9:53 (UDP and TCP)
-                                                          lo: 93.184.215.14, 2606:2800:21f::14
-                                                          (the web: HTTP on port 80)
+                                                          lo: 93.184.215.0/24, 93.184.216.0/26,
+                                                          2606:2800:21f::14, ::15 (the web:
+                                                          HTTP on port 80)
 
 dnsmasq answers (its own configuration, no upstream, no /etc/hosts):
 
 - ``www.shop.example``: A 93.184.215.14, AAAA 2606:2800:21f::14;
-- ``api.shop.example``: a CNAME to ``www.shop.example``;
-- ``files.other.example``: A 93.184.215.14 only;
-- ``big.shop.example``: 40 A records (93.184.215.14 and 39 others of 93.184.216.0/24): more
-  than 512 bytes, so a UDP answer is truncated and glibc asks again over TCP.
+- ``api.shop.example``: a CNAME to ``edge.shop.example``: A 93.184.215.15, AAAA
+  2606:2800:21f::15;
+- ``files.other.example``: A 93.184.215.16 only;
+- ``big.shop.example``: 40 A records (93.184.216.1 to .40, on srv's lo too): more than 512
+  bytes, so a UDP answer is truncated and glibc asks again over TCP.
 
 The client addresses are global ones (9.9.9.2 reaches dnsmasq at 9.9.9.9), so dnsmasq's
 answers go to an external address: a reply, which must not read as outbound.
@@ -39,11 +41,16 @@ CLIENT = "9.9.9.2"
 CLIENT6 = "2606:4700::2"
 WEB = "93.184.215.14"
 WEB6 = "2606:2800:21f::14"
+EDGE, EDGE6 = "93.184.215.15", "2606:2800:21f::15"
+FILES = "93.184.215.16"
 NAME = "www.shop.example"
 ALIAS = "api.shop.example"
+CANONICAL = "edge.shop.example"
 OTHER = "files.other.example"
 BIG = "big.shop.example"
-BIG_ANSWERS = [WEB] + [f"93.184.216.{n}" for n in range(1, 40)]
+BIG_ANSWERS = [f"93.184.216.{n}" for n in range(1, 41)]
+WEB_ADDRESSES = frozenset([WEB, WEB6, EDGE, EDGE6, FILES, *BIG_ANSWERS])
+"""Every address of the web: the addresses glibc connects a UDP socket to, to sort them."""
 
 WEB_SERVER = """
 import http.server, socket, sys
@@ -128,8 +135,9 @@ def dnsmasq_argv(listen: str) -> List[str]:
         "--group=root",
         "--log-facility=-",
         f"--host-record={NAME},{WEB},{WEB6}",
-        f"--host-record={OTHER},{WEB}",
-        f"--cname={ALIAS},{NAME}",
+        f"--host-record={CANONICAL},{EDGE},{EDGE6}",
+        f"--host-record={OTHER},{FILES}",
+        f"--cname={ALIAS},{CANONICAL}",
         "--local-ttl=300",
     ]
     argv += [f"--host-record={BIG},{address}" for address in BIG_ANSWERS]
@@ -144,8 +152,10 @@ def build(net: NetHost) -> TruthHost:
     srv.add_address(net.name("s0"), "2606:4700::9/64")
     cli.add_address(net.name("c0"), f"{CLIENT}/24")
     cli.add_address(net.name("c0"), f"{CLIENT6}/64")
-    srv.add_address("lo", f"{WEB}/32")
+    srv.add_address("lo", "93.184.215.0/24")  # WEB, EDGE, FILES: all local on lo
     srv.add_address("lo", f"{WEB6}/128")
+    srv.add_address("lo", f"{EDGE6}/128")
+    srv.add_address("lo", "93.184.216.0/26")  # BIG's answers (a /26 on lo: all local)
     cli.ip("route", "add", "default", "via", DNS)
     cli.ip("-6", "route", "add", "default", "via", "2606:4700::9")
     etc = f"/etc/netns/{cli.name}"

@@ -132,6 +132,13 @@ class DomainNames:
         if self.watch is not None and discovery is not None and not self.watch.unavailable:
             self.watch.rescan(discovery.namespaces, discovery.threads)
 
+    def attach(self, namespace: int, tid: int) -> None:
+        """The kernel events just saw ``namespace`` (0: a thread gone right after entering
+        one): the DNS watch attaches now, not at the next sample (see
+        :meth:`agent.collect.dns.watch.DnsWatch.attach`).  From any thread."""
+        if self.watch is not None and not self.watch.unavailable:
+            self.watch.attach(namespace, tid)
+
     def persist(self, store: Optional[HistoryStore], at: float) -> None:
         """Keep the recent answers in the store when they changed (at most every
         :data:`PERSIST_EVERY_S`)."""

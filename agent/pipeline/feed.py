@@ -201,6 +201,8 @@ class EventFeed:
         tracker = getattr(source, "tracker", None)
         if tracker is not None:
             pipeline.seen_direction = _seen_direction(tracker)
+            if pipeline.names is not None:
+                tracker.on_new_namespace = pipeline.names.attach
 
     @classmethod
     def open(

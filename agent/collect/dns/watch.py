@@ -35,7 +35,9 @@ from agent.collect.netns import (
     PROC_ROOT,
     NetNamespace,
     discover_namespaces,
+    named_namespaces,
     open_in_namespace,
+    open_in_namespace_file,
     proc_entry,
 )
 
@@ -44,6 +46,8 @@ BATCH = 256
 
 SWEEP_INTERVAL = 10.0
 RESCAN_INTERVAL = 10.0
+NAMED_SCAN_INTERVAL = 0.5
+"""The runtimes' directories are looked at, on the events' word, at most this often."""
 CATCH_UP_ROUNDS = 4
 """Batches read from each socket for a :meth:`DnsWatch.catch_up` at most (a flood must not
 hold the caller)."""
@@ -77,8 +81,12 @@ class DnsWatch:
         rescan_interval: float = RESCAN_INTERVAL,
         clock: Callable[[], float] = time.time,
         tracker: Optional[AnswerTracker] = None,
+        named: Callable[[], Dict[int, str]] = named_namespaces,
     ) -> None:
         self.cache = cache
+        self._named = named
+        """Namespaces kept alive by a file, with or without a process in them (``ip netns
+        add``, Docker, rootless podman): :func:`agent.collect.netns.named_namespaces`."""
         self.proc_root = proc_root
         self.rescan_interval = rescan_interval
         self.tracker = AnswerTracker(cache) if tracker is None else tracker
@@ -92,12 +100,16 @@ class DnsWatch:
         self._lock = threading.Lock()
         self._requested: Optional[Tuple[Optional[Sequence[NetNamespace]], Dict[int, int]]] = None
         self._catch_ups: List[threading.Event] = []
+        self._attach: List[Tuple[int, int]] = []
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller = select.poll()
         self._poller.register(self._wake_read, select.POLLIN)
         self._program = dns_filter()
+        self._files: Dict[int, str] = {}
+        self._named_due = float("inf")
+        self._last_named = -1e9
         self._buffer = bytearray(SNAPLEN)
 
     # --- control, from any thread ---------------------------------------------------------
@@ -157,6 +169,18 @@ class DnsWatch:
             self._requested = (namespaces, dict(threads or {}))
         self._wake()
 
+    def attach(self, namespace: int, tid: int) -> None:
+        """A namespace was just seen (kernel events: a process forked into it or entered it):
+        ask the thread to watch it now, through ``tid``, rather than at the next rescan, so
+        that the first query sent there is seen.  ``namespace`` 0: a thread that switched
+        namespaces was gone before it could be read; look for new namespaces in the
+        runtimes' directories and among the processes.  From any thread."""
+        with self._lock:
+            if namespace in self._watched:
+                return
+            self._attach.append((namespace, tid))
+        self._wake()
+
     def catch_up(self, timeout: float) -> bool:
         """Wait, up to ``timeout`` seconds, until the thread has read the packets every watched
         socket holds now; False when it did not in time or is not running.
@@ -196,6 +220,11 @@ class DnsWatch:
                 monotonic = time.monotonic()
                 with self._lock:
                     requested, self._requested = self._requested, None
+                    attach, self._attach = self._attach, []
+                if attach and requested is None:
+                    self._attach_now(attach)
+                if requested is None and monotonic >= self._named_due:
+                    self._scan_named()
                 if (
                     requested is not None
                     or (self.rescan_interval > 0 and monotonic >= next_rescan)
@@ -206,7 +235,7 @@ class DnsWatch:
                 if monotonic >= next_sweep:
                     self._upkeep()
                     next_sweep = monotonic + SWEEP_INTERVAL
-                wait = max(0.0, min(next_sweep, next_rescan) - time.monotonic())
+                wait = max(0.0, min(next_sweep, next_rescan, self._named_due) - time.monotonic())
                 for fd, events in self._poller.poll(min(wait, 1.0) * 1000):
                     if fd == self._wake_read:
                         self._drain_wake()
@@ -277,6 +306,31 @@ class DnsWatch:
             _, drops = struct.unpack("=II", raw)  # struct tpacket_stats; reading resets it
             self.tracker.counters_of(watched.namespace).kernel_drops += drops
 
+    def _attach_now(self, requests: List[Tuple[int, int]]) -> None:
+        """Watch each namespace asked for through its thread; one that cannot be entered so
+        (the thread is gone), or a ``0`` request, makes a look in the runtimes' directories
+        (cheap: a few directories listed), at most every :data:`NAMED_SCAN_INTERVAL`."""
+        for inode, tid in requests:
+            if inode in self._watched:
+                continue
+            entered = (
+                inode != 0
+                and self._entered(f"{self.proc_root}/{tid}/ns/net", inode)  # not reused yet
+                and self._watch(NetNamespace(inode, [tid]), {})
+            )
+            if not entered:
+                self._named_due = min(self._named_due, self._last_named + NAMED_SCAN_INTERVAL)
+
+    def _scan_named(self) -> None:
+        """Watch the namespaces kept by a file that are not watched yet (none is closed here:
+        that is :meth:`_apply`'s, which sees every way into a namespace)."""
+        self._last_named, self._named_due = time.monotonic(), float("inf")
+        named = self._named()
+        self._files.update(named)
+        for inode in named:
+            if inode not in self._watched:
+                self._watch(NetNamespace(inode), {})
+
     def _apply(self, namespaces: Optional[Sequence[NetNamespace]], threads: Dict[int, int]) -> None:
         if namespaces is None:
             try:
@@ -285,6 +339,12 @@ class DnsWatch:
                 self.errors[0] = f"cannot list {self.proc_root}: {error.strerror or error}"
                 return
             namespaces, threads = discovery.namespaces, discovery.threads
+        named = self._named()
+        known = {namespace.inode for namespace in namespaces}
+        namespaces = list(namespaces) + [
+            NetNamespace(inode) for inode in named if inode not in known
+        ]
+        self._files = named
         seen = {namespace.inode for namespace in namespaces}
         self.cache.retain_namespaces(seen)  # a gone namespace's inode may come back for another
         for inode in [inode for inode in self._watched if inode not in seen]:
@@ -295,16 +355,26 @@ class DnsWatch:
             if namespace.inode not in self._watched:
                 self._watch(namespace, threads)
 
-    def _watch(self, namespace: NetNamespace, threads: Dict[int, int]) -> None:
+    def _watch(self, namespace: NetNamespace, threads: Dict[int, int]) -> bool:
+        """Open a packet socket in ``namespace`` through one of its pids, else through the
+        file that keeps it (:func:`agent.collect.netns.named_namespaces`); whether it is
+        watched now."""
         problem = "no process to enter it through"
-        for pid in namespace.pids:
-            entry, root = proc_entry(pid, threads, self.proc_root)
+        make = lambda: open_packet_socket(self._program)  # noqa: E731
+        ways = [(pid, *proc_entry(pid, threads, self.proc_root)) for pid in namespace.pids]
+        path = self._files.get(namespace.inode)
+        for pid, entry, root in ways + ([(0, 0, path)] if path else []):
             try:
-                sock = open_in_namespace(entry, lambda: open_packet_socket(self._program), root)
+                if pid:
+                    sock = open_in_namespace(int(entry), make, str(root))
+                elif self._entered(str(root), namespace.inode):
+                    sock = open_in_namespace_file(str(root), make)
+                else:
+                    continue
             except OSError as error:
-                problem = f"pid {pid}: {error.strerror or error}"
+                problem = f"pid {pid}: {error.strerror or error}" if pid else f"{path}: {error}"
                 if isinstance(error, PermissionError):
-                    break  # the next pid will not be ours to enter either
+                    break  # the next way in will not be ours to enter either
                 continue
             watched = _Watched(namespace.inode, sock, pid)
             with self._lock:
@@ -313,8 +383,17 @@ class DnsWatch:
                 self.tracker.counters_of(namespace.inode)
             self._poller.register(sock.fileno(), select.POLLIN)
             self.errors.pop(namespace.inode, None)
-            return
+            return True
         self.errors[namespace.inode] = problem
+        return False
+
+    @staticmethod
+    def _entered(path: str, inode: int) -> bool:
+        """Whether the file at ``path`` still is the namespace ``inode`` (a name reused)."""
+        try:
+            return os.stat(path).st_ino == inode
+        except OSError:
+            return False
 
     def _unwatch(self, inode: int) -> None:
         with self._lock:
