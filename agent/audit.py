@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from agent.evidence import Evidence, Row, duration_text, iso, number, process_key, text
+from agent.inet import IPPROTO_TCP, protocol_name
 from agent.textsafe import json_safe, safe_text
 
 EXIT_CLEAN, EXIT_UNEXPECTED, EXIT_INCOMPLETE = 0, 1, 3
@@ -73,7 +74,7 @@ def statement_of(evidence: Evidence) -> Statement:
 def _connection_line(row: Row) -> str:
     where = text(row, "remote_address")
     domain = text(row, "remote_domain")
-    protocol = {6: "tcp", 17: "udp"}.get(int(number(row, "protocol")), text(row, "protocol"))
+    protocol = protocol_name(int(number(row, "protocol")))
     return (
         f"  {text(row, 'name') or '?'} (pid {text(row, 'pid')}, user "
         f"{text(row, 'username') or '-'}, {text(row, 'path') or 'no path'}) -> "
@@ -81,6 +82,23 @@ def _connection_line(row: Row) -> str:
         f"{iso(number(row, 'first_seen'))} to {iso(number(row, 'last_seen'))}, "
         f"{int(number(row, 'connections'))} connection(s)"
     )
+
+
+UNCOUNTED = (
+    "the kernel counts TCP connects only: UDP, ICMP, ICMPv6, SCTP and raw datagrams are counted "
+    "as the events saw them (a datagram that left), with no kernel count to check them against"
+)
+"""What the audit cannot cross-check, said beside the per-protocol counts."""
+
+
+def by_protocol(rows: Tuple[Row, ...]) -> Dict[str, int]:
+    """Connections per protocol name (``tcp``, ``udp``, ``icmp``, ``icmp6``, ``sctp``, ``raw``),
+    in protocol number order."""
+    counts: Dict[int, int] = {}
+    for row in rows:
+        number_ = int(number(row, "protocol"))
+        counts[number_] = counts.get(number_, 0) + (int(number(row, "connections")) or 1)
+    return {protocol_name(key): counts[key] for key in sorted(counts)}
 
 
 def render_text(statement: Statement) -> str:
@@ -100,6 +118,13 @@ def render_text(statement: Statement) -> str:
         f"{evidence.unexpected_connections} by {evidence.unexpected_processes} process(es)",
     ]
     unexpected = evidence.unexpected
+    protocols = by_protocol(evidence.rows)
+    if protocols:
+        lines.append(
+            "by protocol: " + ", ".join(f"{name} {count}" for name, count in protocols.items())
+        )
+        if any(int(number(row, "protocol")) != IPPROTO_TCP for row in evidence.rows):
+            lines.append(f"  ({UNCOUNTED})")
     lines.extend(_connection_line(row) for row in unexpected[:TEXT_LIST_LIMIT])
     if len(unexpected) > TEXT_LIST_LIMIT:
         lines.append(f"  ... and {len(unexpected) - TEXT_LIST_LIMIT} more (--format json: all)")
@@ -140,6 +165,9 @@ def statement_document(statement: Statement) -> Dict[str, Any]:
             "destinations": evidence.destinations,
             "processes": evidence.processes,
             "unexpected_connections": evidence.unexpected_connections,
+            "by_protocol": by_protocol(evidence.rows),
+            "unexpected_by_protocol": by_protocol(evidence.unexpected),
+            "not_counted_by_the_kernel": UNCOUNTED,
             "unexpected_processes": evidence.unexpected_processes,
             "unexpected": unexpected,
             "coverage": {

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Set, Tuple
 
 from agent.evidence import Evidence, Row, Span, is_unexpected, number, row_span, text, truthy
+from agent.inet import protocol_name
 
-PROTOCOLS = {6: "tcp", 17: "udp"}
 ORDERING_PASSES = 8
 """Barycenter sweeps (Sugiyama et al. 1981, the two-layer crossing heuristic)."""
 
@@ -101,7 +101,7 @@ class Picture:
 
 def port_text(row: Row) -> str:
     protocol = int(number(row, "protocol"))
-    return f"{text(row, 'remote_port')}/{PROTOCOLS.get(protocol, str(protocol))}"
+    return f"{text(row, 'remote_port')}/{protocol_name(protocol)}"
 
 
 def _program_key(row: Row) -> ProgramKey:

@@ -24,6 +24,9 @@ from agent.collect.netns import PROC_ROOT
 from agent.inet import (
     AF_INET,
     AF_INET6,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_RAW,
     IPPROTO_TCP,
     IPPROTO_UDP,
     TCP_LISTEN,
@@ -46,6 +49,17 @@ TCP6 = SocketTable("tcp6", AF_INET6, IPPROTO_TCP, 6)
 UDP4 = SocketTable("udp", AF_INET, IPPROTO_UDP, 4)
 UDP6 = SocketTable("udp6", AF_INET6, IPPROTO_UDP, 6)
 SOCKET_TABLES: Tuple[SocketTable, ...] = (TCP4, TCP6, UDP4, UDP6)
+ICMP4 = SocketTable("icmp", AF_INET, IPPROTO_ICMP, 4)
+ICMP6 = SocketTable("icmp6", AF_INET6, IPPROTO_ICMPV6, 6)
+RAW4 = SocketTable("raw", AF_INET, IPPROTO_RAW, 4)
+RAW6 = SocketTable("raw6", AF_INET6, IPPROTO_RAW, 6)
+DATAGRAM_TABLES: Tuple[SocketTable, ...] = (ICMP4, ICMP6, RAW4, RAW6)
+"""Ping sockets (``SOCK_DGRAM`` with ``IPPROTO_ICMP``/``IPPROTO_ICMPV6``) and raw sockets, as
+``/proc/net/{icmp,icmp6,raw,raw6}`` show them (the columns of ``udp``; a raw socket's local
+port is its protocol number).  Read as text: sock_diag has no ping sockets, and raw ones only
+with ``CONFIG_INET_RAW_DIAG`` (a module many kernels leave out; an empty dump cannot be told
+from a missing module).  Only a connected one has a peer: samples see ``ping`` (which sends
+with ``sendto()``) only through the kernel events."""
 
 
 class Socket(NamedTuple):

@@ -31,6 +31,7 @@ from agent.collect.sockets.changes import (
 )
 from agent.collect.sockets.outbound import Ends, OutboundKey, OutboundMemo, add_outbound
 from agent.collect.sockets.procnet import (
+    DATAGRAM_TABLES,
     SOCKET_TABLES,
     ListenerIndex,
     Socket,
@@ -204,6 +205,8 @@ class LinuxSampler:
                 backends.add("proc")
             else:
                 backends.add("sock_diag")
+            if info.pid >= 0:
+                info.sockets += self._read_datagram_tables(namespace, want_all, kept)
             stats.sockets += info.sockets
             stats.namespaces_reused += info.reused
             stats.namespaces_quiet += info.quiet
@@ -518,6 +521,25 @@ class LinuxSampler:
                 for version, pairs in tcp_ends.items()
             )
         return info
+
+    def _read_datagram_tables(
+        self, namespace: NetNamespace, want_all: bool, kept: List[_Kept]
+    ) -> int:
+        """Ping and raw sockets (:data:`DATAGRAM_TABLES`) of one namespace, from ``/proc``
+        text; how many rows they had."""
+        listeners = ListenerIndex()
+        rows = 0
+        current = 0
+        for table in DATAGRAM_TABLES:
+            text, current = self._read_table(namespace.pids, current, table)
+            if text is None:
+                continue
+            sockets, seen = scan_socket_table(
+                text, table, None if want_all else self._is_external_hex, listeners
+            )
+            rows += seen
+            kept.extend((namespace.inode, listeners, sock) for sock in sockets)
+        return rows
 
     def _read_table(
         self, candidates: List[int], current: int, table: SocketTable
