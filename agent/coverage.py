@@ -10,10 +10,11 @@ sampled.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+import os
+from typing import Collection, Dict, Mapping
 
-from agent.collect.netns import PROC_ROOT, discover_namespaces
-from agent.collect.sockets.procnet import read_tcp_counters
+from agent.collect.netns import PROC_ROOT, discover_namespaces, in_namespace_file, named_namespaces
+from agent.collect.sockets.procnet import parse_snmp, read_tcp_counters
 
 
 def active_opens_by_namespace(proc_root: str = PROC_ROOT) -> Dict[int, int]:
@@ -32,6 +33,35 @@ def active_opens_by_namespace(proc_root: str = PROC_ROOT) -> Dict[int, int]:
                 counts[namespace.inode] = counters["ActiveOpens"]
             break
     return counts
+
+
+def _own_active_opens() -> int:
+    with open(f"{PROC_ROOT}/thread-self/net/snmp", encoding="ascii", errors="replace") as snmp:
+        return parse_snmp(snmp.read())["ActiveOpens"]
+
+
+def active_opens_of_files(files: Mapping[int, str], skip: Collection[int] = ()) -> Dict[int, int]:
+    """``{namespace inode: ActiveOpens}`` of the namespaces ``files`` enter (inode -> a file:
+    ``/run/netns/NAME``, ``/proc/TID/ns/net``), but those in ``skip`` (read already): the
+    namespaces no process lets us read, kept alive by a file (``ip netns add``), and those the
+    kernel events saw.  A file that no longer is its namespace (a pid reused) is skipped;
+    never raises."""
+    counts: Dict[int, int] = {}
+    for inode, path in files.items():
+        if inode in skip or inode in counts:
+            continue
+        try:
+            if os.stat(path).st_ino != inode:
+                continue
+            counts[inode] = in_namespace_file(path, _own_active_opens)
+        except (OSError, KeyError, ValueError):
+            continue
+    return counts
+
+
+def named_active_opens(skip: Collection[int] = ()) -> Dict[int, int]:
+    """:func:`active_opens_of_files` of the namespaces kept by a file (``named_namespaces``)."""
+    return active_opens_of_files(named_namespaces(), skip)
 
 
 class ActiveOpensGrowth:

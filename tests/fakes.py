@@ -69,5 +69,6 @@ def monitor_of(
 ) -> Monitor:
     """A :class:`Monitor` over a pipeline of the default settings and ``sampler``."""
     options.setdefault("active_opens", dict)
+    options.setdefault("named", dict)  # not the machine's own /run/netns
     pipeline = Pipeline(Settings(), sampler, store, clock=options.pop("clock", time.time))
     return Monitor(pipeline, interval, logger or logging.getLogger("test"), **options)

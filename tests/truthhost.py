@@ -4,8 +4,9 @@ and a client namespace whose ``/etc/resolv.conf`` (``ip netns exec`` bind-mounts
 
 Topology (``$NETHOST_PREFIX``-named namespaces; nothing leaves them)::
 
-    cli  9.9.9.2/24, 2606:4700::2/64  <-> c0 ... s0 <->  srv 9.9.9.9/24, 2606:4700::9/64
-                                                          dnsmasq on 9.9.9.9:53 (UDP and TCP)
+    cli  185.199.108.2/24,         <-> c0 ... s0 <->  srv 185.199.108.9/24,
+         2a01:4f8:c0c::2/64                                   2a01:4f8:c0c::9/64
+                                                          dnsmasq on 185.199.108.9:53
                                                           lo: 93.184.215.0/24, 93.184.216.0/26,
                                                           2606:2800:21f::14, ::15 (the web:
                                                           HTTP on port 80)
@@ -19,8 +20,10 @@ dnsmasq answers (its own configuration, no upstream, no /etc/hosts):
 - ``big.shop.example``: 40 A records (93.184.216.1 to .40, on srv's lo too): more than 512
   bytes, so a UDP answer is truncated and glibc asks again over TCP.
 
-The client addresses are global ones (9.9.9.2 reaches dnsmasq at 9.9.9.9), so dnsmasq's
-answers go to an external address: a reply, which must not read as outbound.
+The client addresses are global ones (185.199.108.2 reaches dnsmasq at 185.199.108.9), so
+dnsmasq's answers go to an external address: a reply, which must not read as outbound.  They
+are not the 9.9.9.x of the other test hosts: a connection whose process is gone is placed by
+its address, which must be one namespace's only (tests of other issues may run beside).
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from typing import List, Optional, Sequence
 import pytest
 from nethost import Namespace, NetHost, Proc
 
-DNS = "9.9.9.9"
-CLIENT = "9.9.9.2"
-CLIENT6 = "2606:4700::2"
+DNS = "185.199.108.9"
+CLIENT = "185.199.108.2"
+CLIENT6 = "2a01:4f8:c0c::2"
+DNS6 = "2a01:4f8:c0c::9"
 WEB = "93.184.215.14"
 WEB6 = "2606:2800:21f::14"
 EDGE, EDGE6 = "93.184.215.15", "2606:2800:21f::15"
@@ -149,7 +153,7 @@ def build(net: NetHost) -> TruthHost:
     srv, cli = net.namespace("srv"), net.namespace("cli")
     net.veth(srv, "s0", cli, "c0")
     srv.add_address(net.name("s0"), f"{DNS}/24")
-    srv.add_address(net.name("s0"), "2606:4700::9/64")
+    srv.add_address(net.name("s0"), f"{DNS6}/64")
     cli.add_address(net.name("c0"), f"{CLIENT}/24")
     cli.add_address(net.name("c0"), f"{CLIENT6}/64")
     srv.add_address("lo", "93.184.215.0/24")  # WEB, EDGE, FILES: all local on lo
@@ -157,7 +161,7 @@ def build(net: NetHost) -> TruthHost:
     srv.add_address("lo", f"{EDGE6}/128")
     srv.add_address("lo", "93.184.216.0/26")  # BIG's answers (a /26 on lo: all local)
     cli.ip("route", "add", "default", "via", DNS)
-    cli.ip("-6", "route", "add", "default", "via", "2606:4700::9")
+    cli.ip("-6", "route", "add", "default", "via", DNS6)
     etc = f"/etc/netns/{cli.name}"
     os.makedirs(etc, exist_ok=True)
     with open(f"{etc}/resolv.conf", "w", encoding="ascii") as handle:

@@ -20,7 +20,9 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, TypeVar
+
+T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 """``setns(2)``/``clone(2)``/``unshare(2)`` flag of a network namespace (``<sched.h>``)."""
@@ -181,16 +183,23 @@ def open_in_namespace_file(path: str, make: Callable[[], socket.socket]) -> sock
     """:func:`open_in_namespace` through a namespace file: ``/proc/PID/ns/net``, or a bind
     mount that keeps a namespace alive without a process (``/run/netns/NAME``, see
     :func:`named_namespaces`).  Raises as :func:`open_in_namespace` does."""
+    return in_namespace_file(path, make)
+
+
+def in_namespace_file(path: str, work: Callable[[], T]) -> T:
+    """``work()``, run by this thread inside the network namespace the file ``path`` enters
+    (what it opens there stays there; ``/proc/thread-self/net`` shows that namespace
+    meanwhile), back in our own namespace after.  Raises as :func:`open_in_namespace`."""
     here = os.open(f"{PROC_ROOT}/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         there = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if os.fstat(there).st_ino == os.fstat(here).st_ino:
-                return make()
+                return work()
             setns = _load_setns()
             setns(there, CLONE_NEWNET)
             try:
-                return make()
+                return work()
             finally:
                 try:
                     setns(here, CLONE_NEWNET)

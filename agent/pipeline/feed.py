@@ -231,6 +231,12 @@ class EventFeed:
     def lost(self) -> int:
         return self.source.lost
 
+    def namespace_files(self) -> Dict[int, str]:
+        """Namespace inode -> a file that entered it when the events last saw it (a thread's
+        ``/proc/TID/ns/net``, or the file that keeps it), for every namespace they saw."""
+        tracker = getattr(self.source, "tracker", None)
+        return dict(tracker.placer.entries) if tracker is not None else {}
+
     @property
     def outbound_tcp_seen(self) -> int:
         """Outbound TCP connects the events saw since the feed began, in every namespace."""

@@ -7,9 +7,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, FrozenSet, Mapping, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Type
 
 from agent import __version__, coverage
+from agent.collect.netns import named_namespaces
 from agent.pipeline.compose import SAMPLING, TRACEFS, Pipeline, Snapshot
 
 if TYPE_CHECKING:
@@ -79,11 +80,14 @@ class Monitor:
         active_opens: ActiveOpensFunction = coverage.active_opens_by_namespace,
         events: Optional[EventFeed] = None,
         events_error: str = "",
+        named: Callable[[], Mapping[int, str]] = named_namespaces,
     ) -> None:
         """``run_kind`` (``extension``, ``watch``): record this run's start, heartbeats and
         stop in the history, so that an audit knows when the agent was watching.  ``events``:
         the kernel event feed beside the samples (its figures are this loop's), or
-        ``events_error``, why there is none."""
+        ``events_error``, why there is none.  ``named``: the namespaces kept by a file
+        (:func:`agent.collect.netns.named_namespaces`), whose ActiveOpens count too though no
+        process lets the sampler read them."""
         self.pipeline = pipeline
         self.interval = interval
         self._log = logger
@@ -92,6 +96,7 @@ class Monitor:
         self._run_attempted = False
         self._on_sample = on_sample
         self._active_opens = active_opens
+        self._named = named
         self._stats_lock = threading.Lock()
         self._started_at = pipeline.clock()
         self._stats = Stats(started_at=int(self._started_at), events_error=events_error or None)
@@ -120,9 +125,19 @@ class Monitor:
         with self._stats_lock:
             return Stats(**vars(self._stats))
 
+    def _with_unsampled(self, active_opens: Mapping[int, int]) -> Mapping[int, int]:
+        """``active_opens`` and the ActiveOpens of the namespaces no process let the sampler
+        read: those kept by a file (``ip netns add``) and those the kernel events saw."""
+        files: Dict[int, str] = dict(self._named())
+        if self.events is not None and self.events.running:
+            for inode, path in self.events.namespace_files().items():
+                files.setdefault(inode, path)
+        more = coverage.active_opens_of_files(files, skip=active_opens)
+        return {**more, **active_opens} if more else active_opens
+
     def _refresh_coverage(self) -> None:
         try:
-            active_opens = self._active_opens()
+            active_opens = self._with_unsampled(self._active_opens())
         except OSError:
             return
         with self._stats_lock:
@@ -150,6 +165,7 @@ class Monitor:
                 active_opens = self._active_opens()
             except OSError:
                 active_opens = {}
+        active_opens = self._with_unsampled(active_opens)
         with self._stats_lock:
             if self._stats.last_error is not None:
                 self._log.warning("sampling works again")

@@ -18,9 +18,10 @@ every container) leave it unplaced (None): an unknown namespace, never a guess.
 
 from __future__ import annotations
 
+import collections
 import os
 import time
-from typing import Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, Optional, Set, Tuple
 
 from agent.collect.netns import (
     PROC_ROOT,
@@ -32,6 +33,7 @@ from agent.collect.netns import (
 from agent.inet import ipv4_host
 
 Reader = Callable[[str], Interfaces]
+MAX_REFRESHES_PER_S = 10
 
 
 def _usable(version: int, value: int) -> Optional[Tuple[int, int]]:
@@ -72,6 +74,8 @@ class NamespacePlacer:
         self.min_refresh_s = min_refresh_s
         self._clock = clock
         self._last_refresh = -1e9
+        self._missed: Set[object] = set()
+        self._recent: Deque[float] = collections.deque()
         self.entries: Dict[int, str] = {}
         """namespace inode -> a file that enters it."""
         self.addresses: Dict[Tuple[int, int], Set[int]] = {}
@@ -91,7 +95,8 @@ class NamespacePlacer:
             self.unplaced += 1
             return None
         found = self._find(key, device)
-        if found is None and self._clock() - self._last_refresh >= self.min_refresh_s:
+        known = self.addresses.get(key, ()) if key is not None else self.devices.get(device, ())
+        if found is None and not known and self._may_refresh(key if key is not None else device):
             self.refresh()
             found = self._find(key, device)
         if found is None:
@@ -99,6 +104,21 @@ class NamespacePlacer:
         else:
             self.placed += 1
         return found
+
+    def _may_refresh(self, missed: object) -> bool:
+        """A look again for an address or device no namespace had (one that several have
+        stays ambiguous: no look): once per ``min_refresh_s``, and at once for one not
+        missed since the last look (a namespace made a moment ago), up to
+        :data:`MAX_REFRESHES_PER_S` a second."""
+        now = self._clock()
+        if now - self._last_refresh >= self.min_refresh_s:
+            return True
+        if missed in self._missed:
+            return False
+        self._missed.add(missed)
+        while self._recent and now - self._recent[0] >= 1.0:
+            self._recent.popleft()
+        return len(self._recent) < MAX_REFRESHES_PER_S
 
     def _find(self, key: Optional[Tuple[int, int]], device: str) -> Optional[int]:
         holders: Iterable[int] = (
@@ -111,6 +131,8 @@ class NamespacePlacer:
         """Index every namespace we can find again: the runtimes' directories, every
         process's namespace, and those learned."""
         self._last_refresh = self._clock()
+        self._recent.append(self._last_refresh)
+        self._missed.clear()
         self.refreshes += 1
         entries = dict(self.entries)
         entries.update(self._named())
