@@ -41,8 +41,9 @@ from thrift.transport import TSocket, TTransport
 
 from agent import __version__
 from agent.osquery import table, wire
+from agent.osquery.dispatch import ExtensionTables
 from agent.osquery.options import Options, add_arguments, core_argv
-from agent.osquery.tables import AgentInfo, ExtensionTables
+from agent.osquery.table import AgentInfo
 from agent.pipeline import Monitor, RunningAgent
 from agent.textsafe import error_line
 

@@ -1,4 +1,5 @@
-"""osquery table plugins as data: column routes with option bits, query contexts, string rows.
+"""What an osquery table plugin is: a :class:`Table` value (its spec and its generate), column
+routes with option bits, query contexts, string rows.
 
 What osquery core expects of an extension's table plugin (osquery 5.x):
 
@@ -15,7 +16,10 @@ What osquery core expects of an extension's table plugin (osquery 5.x):
   core converts by column type and re-applies every constraint to what it gets back, so
   pushing a constraint down narrows work, it never decides correctness.
 
-This module knows nothing of sampling: :mod:`agent.osquery.tables` makes the rows.
+A table is one value, as in osquery-go's ``plugin/table``: a module per table
+(``agent/osquery/external_connections.py`` and its siblings) holds its :class:`TableSpec` and a
+``table(inputs)`` that returns the :class:`Table`; :mod:`agent.osquery.dispatch` lists them and
+answers core's calls.  This module knows nothing of sampling.
 """
 
 from __future__ import annotations
@@ -23,15 +27,33 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
-from agent.history import HISTORY_COLUMNS
-from agent.records import COLUMNS
 from agent.textsafe import utf8_safe
+
+if TYPE_CHECKING:
+    from agent.history import HistoryStore
+    from agent.pipeline import EventLog, Monitor
 
 Cell = Union[str, int, float, bool, None]
 """A value before it becomes a string: what records, the history store and stats hold."""
+Row = Dict[str, str]
+"""A row as core wants it: every value a string."""
 
 
 class ColumnOptions(enum.IntFlag):
@@ -117,87 +139,81 @@ INDEXED = ColumnOptions.INDEX | ColumnOptions.OPTIMIZED
 """What osquery's own ``processes.pid`` is: an index whose ``IN (...)`` comes in one call
 (``sqlite3_vtab_in``, osquery 5.14 and later) instead of one call per value."""
 
-EXTERNAL_CONNECTIONS = make_spec(
-    "external_connections",
-    COLUMNS,
-    {"pid": INDEXED, "remote_address": INDEXED},
-)
-"""The live table: one row per socket of a live sample (agent.records.Connection).
 
-Every other column is sent with op 0, which core's ``--extensions_default_index`` makes an
-index too: a JOIN on any column may call generate once per outer row, which one live sample
-serves (agent.osquery.tables.LiveSamples)."""
-
-EXTERNAL_CONNECTION_HISTORY = make_spec(
-    "external_connection_history",
-    HISTORY_COLUMNS,
-    {
-        "pid": INDEXED,
-        "direction": INDEXED,
-        "last_seen": ColumnOptions.INDEX,
-        "open": ColumnOptions.INDEX,
-    },
-)
-"""What the background sampler has seen (agent.history); the indexed columns are the
-constraints pushed down to the store."""
-
-EVENT_COLUMNS: Tuple[Tuple[str, str], ...] = (
-    ("time", "BIGINT"),
-    ("outcome", "TEXT"),
-    ("closed_at", "BIGINT"),
-    *COLUMNS,
-)
-"""A connection attempt: when (unix seconds), how it went (``pending``, ``established``,
-``refused``, ``timeout`` for a connect; ``accepted``; ``sent`` for a UDP flow), when it closed
-when it did, and the connection's columns."""
-
-EXTERNAL_CONNECTION_EVENTS = make_spec(
-    "external_connection_events",
-    EVENT_COLUMNS,
-    {"time": ColumnOptions.INDEX, "pid": INDEXED},
-)
-"""Every external connection attempt the kernel events saw (agent.pipeline.feed), kept in a
-bounded buffer like osquery's evented tables; ``time`` constraints are pushed down."""
-
-INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
-    ("version", "TEXT"),
-    ("pid", "INTEGER"),
-    ("config_path", "TEXT"),
-    ("sampling_interval", "DOUBLE"),
-    ("samples_total", "BIGINT"),
-    ("last_sample_ms", "DOUBLE"),
-    ("sockets_seen", "BIGINT"),
-    ("namespaces_seen", "INTEGER"),
-    ("history_rows", "BIGINT"),
-    ("history_path", "TEXT"),
-    ("history_error", "TEXT"),
-    ("started_at", "BIGINT"),
-    ("tcp_active_opens", "BIGINT"),
-    ("outbound_tcp_seen", "BIGINT"),
-    ("dns_names", "BIGINT"),
-    ("dns_error", "TEXT"),
-    ("events_source", "TEXT"),
-    ("events_lost", "BIGINT"),
-    ("events_error", "TEXT"),
-)
-
-EGRESS_AGENT_INFO = make_spec("egress_agent_info", INFO_COLUMNS)
-"""One row of health and coverage figures for this extension process."""
-
-TABLES: Tuple[TableSpec, ...] = (
-    EXTERNAL_CONNECTIONS,
-    EXTERNAL_CONNECTION_HISTORY,
-    EXTERNAL_CONNECTION_EVENTS,
-    EGRESS_AGENT_INFO,
-)
-
-
-def registry(tables: Sequence[TableSpec] = TABLES) -> Dict[str, Dict[str, List[Dict[str, str]]]]:
+def registry(specs: Sequence[TableSpec]) -> Dict[str, Dict[str, List[Dict[str, str]]]]:
     """What ``registerExtension`` broadcasts: ``{"table": {table name: routes}}``."""
-    return {"table": {spec.name: spec.routes() for spec in tables}}
+    return {"table": {spec.name: spec.routes() for spec in specs}}
+
+
+# -- tables as values --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What the extension says of itself in ``egress_agent_info`` (the part that never moves)."""
+
+    version: str
+    config_path: str
+    sampling_interval: float
+    history_path: str
+    pid: int = field(default_factory=os.getpid)
+
+
+@dataclass(frozen=True)
+class TableInputs:
+    """What the extension's tables are made from: the running agent's monitor (live samples and
+    figures), its history store, its events buffer, and what it says of itself."""
+
+    monitor: Monitor
+    store: Optional[HistoryStore]
+    info: AgentInfo
+    events: Optional[EventLog] = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table plugin: its spec (name, columns) and the function that makes its rows.
+
+    ``generate`` may raise :class:`QueryError` (or :class:`agent.history.HistoryUnavailable`):
+    the query fails with that message; anything else fails it naming the exception."""
+
+    spec: TableSpec
+    generate: Callable[[QueryContext], Sequence[Row]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class TablePlugin(NamedTuple):
+    """A table as the extension registers it: its spec, and how to make it for a running agent
+    (each table module's ``PLUGIN``; :data:`agent.osquery.dispatch.TABLES` lists them)."""
+
+    spec: TableSpec
+    make: Callable[[TableInputs], Table]
+
+
+@dataclass
+class TableResult:
+    """What a table plugin answers: status code (0 success, 1 failed), a message, the rows."""
+
+    code: int
+    message: str
+    rows: Sequence[Row] = field(default_factory=list)
+    """Rows as dicts, or already encoded for the wire (:class:`agent.osquery.wire.EncodedRows`:
+    a sequence of dicts too, decoded on demand)."""
+
+    @classmethod
+    def failed(cls, message: str) -> TableResult:
+        return cls(1, message)
 
 
 # -- query contexts ---------------------------------------------------------------------------
+
+
+class QueryError(ValueError):
+    """A query a table cannot answer (a constraint value it cannot read, say); the message
+    says why, and core shows it as the query's error."""
 
 
 class ContextError(ValueError):
