@@ -20,17 +20,10 @@ from agent.osquery import (
     external_connections,
     table,
 )
+from agent.osquery.context import Constraint, ContextError, Operator, QueryContext, parse_context
 from agent.osquery.dispatch import ExtensionTables
 from agent.osquery.external_connections import LiveSamples
-from agent.osquery.table import (
-    AgentInfo,
-    ColumnOptions,
-    Constraint,
-    ContextError,
-    Operator,
-    QueryContext,
-    parse_context,
-)
+from agent.osquery.table import AgentInfo, ColumnOptions
 from agent.pipeline import Snapshot, Stats
 from agent.records import COLUMNS, Connection
 

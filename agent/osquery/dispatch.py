@@ -19,17 +19,15 @@ from agent.osquery import (
     external_connection_history,
     external_connections,
 )
+from agent.osquery.context import ContextError, QueryError, parse_context
 from agent.osquery.table import (
     AgentInfo,
-    ContextError,
-    QueryError,
     Row,
     Table,
     TableInputs,
     TablePlugin,
     TableResult,
     TableSpec,
-    parse_context,
 )
 from agent.osquery.table import registry as table_registry
 from agent.pipeline import EventLog, Monitor

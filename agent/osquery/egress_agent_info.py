@@ -11,16 +11,8 @@ import dataclasses
 from typing import Callable, Dict, List, Tuple
 
 from agent.history import HistoryStore
-from agent.osquery.table import (
-    Cell,
-    QueryContext,
-    Row,
-    Table,
-    TableInputs,
-    TablePlugin,
-    make_spec,
-    string_row,
-)
+from agent.osquery import table
+from agent.osquery.context import QueryContext
 from agent.pipeline import Stats
 
 INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
@@ -45,9 +37,9 @@ INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("events_error", "TEXT"),
 )
 
-SPEC = make_spec("egress_agent_info", INFO_COLUMNS)
+SPEC = table.make_spec("egress_agent_info", INFO_COLUMNS)
 
-STORE_FIGURES: Dict[str, Callable[[HistoryStore], Cell]] = {
+STORE_FIGURES: Dict[str, Callable[[HistoryStore], table.Cell]] = {
     "history_rows": lambda store: store.count(),
     "history_error": lambda store: store.problem,
 }
@@ -57,26 +49,28 @@ NOT_SHOWN = frozenset({"last_error"})
 """Figures of the monitor the table leaves out (the last sampling error is logged instead)."""
 
 
-def record(inputs: TableInputs, stats: Stats) -> Dict[str, Cell]:
+def record(inputs: table.TableInputs, stats: Stats) -> Dict[str, table.Cell]:
     """The row's values by column name."""
-    values: Dict[str, Cell] = {**dataclasses.asdict(inputs.info), **dataclasses.asdict(stats)}
+    values: Dict[str, table.Cell] = {**dataclasses.asdict(inputs.info), **dataclasses.asdict(stats)}
     store = inputs.store
     for name, figure in STORE_FIGURES.items():
         values[name] = figure(store) if store is not None else None
-    row: Dict[str, Cell] = {}
+    row: Dict[str, table.Cell] = {}
     for name, kind in INFO_COLUMNS:
         value = values[name]
         row[name] = float(value) if kind == "DOUBLE" and isinstance(value, int) else value
     return row
 
 
-def rows(inputs: TableInputs, context: QueryContext) -> List[Row]:
-    return [string_row(record(inputs, inputs.monitor.stats()), context.used(SPEC.column_names))]
+def rows(inputs: table.TableInputs, context: QueryContext) -> List[table.Row]:
+    return [
+        table.string_row(record(inputs, inputs.monitor.stats()), context.used(SPEC.column_names))
+    ]
 
 
-def table(inputs: TableInputs) -> Table:
+def make(inputs: table.TableInputs) -> table.Table:
     """The info table of the running agent."""
-    return Table(SPEC, lambda context: rows(inputs, context))
+    return table.Table(SPEC, lambda context: rows(inputs, context))
 
 
-PLUGIN = TablePlugin(SPEC, table)
+PLUGIN = table.TablePlugin(SPEC, make)

@@ -8,17 +8,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from agent.osquery.table import (
-    INDEXED,
-    ColumnOptions,
-    QueryContext,
-    Row,
-    Table,
-    TableInputs,
-    TablePlugin,
-    make_spec,
-    string_row,
-)
+from agent.osquery import table
+from agent.osquery.context import QueryContext
 from agent.pipeline import EventLog
 from agent.records import COLUMNS
 
@@ -32,16 +23,16 @@ EVENT_COLUMNS: Tuple[Tuple[str, str], ...] = (
 ``refused``, ``timeout`` for a connect; ``accepted``; ``sent`` for a UDP flow), when it closed
 when it did, and the connection's columns."""
 
-SPEC = make_spec(
+SPEC = table.make_spec(
     "external_connection_events",
     EVENT_COLUMNS,
-    {"time": ColumnOptions.INDEX, "pid": INDEXED},
+    {"time": table.ColumnOptions.INDEX, "pid": table.INDEXED},
 )
 """Every external connection attempt the kernel events saw (:mod:`agent.pipeline.feed`), kept in a
 bounded buffer like osquery's evented tables; ``time`` constraints are pushed down."""
 
 
-def rows(events: Optional[EventLog], context: QueryContext) -> List[Row]:
+def rows(events: Optional[EventLog], context: QueryContext) -> List[table.Row]:
     """The connection attempts in the buffer (none when no event source runs), with ``time``
     bounds and ``pid`` values pushed down."""
     if events is None:
@@ -54,14 +45,14 @@ def rows(events: Optional[EventLog], context: QueryContext) -> List[Row]:
         record = event.record()
         if pids is not None and record["pid"] not in pids:
             continue
-        found.append(string_row(record, columns))
+        found.append(table.string_row(record, columns))
     return found
 
 
-def table(inputs: TableInputs) -> Table:
+def make(inputs: table.TableInputs) -> table.Table:
     """The events table over the running agent's buffer (empty without event sources)."""
     events = inputs.events
-    return Table(SPEC, lambda context: rows(events, context))
+    return table.Table(SPEC, lambda context: rows(events, context))
 
 
-PLUGIN = TablePlugin(SPEC, table)
+PLUGIN = table.TablePlugin(SPEC, make)

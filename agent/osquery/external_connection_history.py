@@ -11,28 +11,19 @@ import time
 from typing import List, Mapping, Optional
 
 from agent.history import HISTORY_COLUMNS, HistoryStore, HistoryUnavailable
-from agent.osquery.table import (
-    INDEXED,
-    ColumnOptions,
-    QueryContext,
-    Row,
-    Table,
-    TableInputs,
-    TablePlugin,
-    make_spec,
-    string_row,
-)
+from agent.osquery import table
+from agent.osquery.context import QueryContext
 
 log = logging.getLogger("egress_agent.extension")
 
-SPEC = make_spec(
+SPEC = table.make_spec(
     "external_connection_history",
     HISTORY_COLUMNS,
     {
-        "pid": INDEXED,
-        "direction": INDEXED,
-        "last_seen": ColumnOptions.INDEX,
-        "open": ColumnOptions.INDEX,
+        "pid": table.INDEXED,
+        "direction": table.INDEXED,
+        "last_seen": table.ColumnOptions.INDEX,
+        "open": table.ColumnOptions.INDEX,
     },
 )
 """What the background sampler has seen (:mod:`agent.history`); the indexed columns are the
@@ -78,7 +69,7 @@ class HistoryTable:
         self._store = store
         self._last_cut_logged = float("-inf")
 
-    def generate(self, context: QueryContext) -> List[Row]:
+    def generate(self, context: QueryContext) -> List[table.Row]:
         if self._store is None:
             raise HistoryUnavailable("history is not kept (no history store configured)")
         columns = context.used(SPEC.column_names)
@@ -105,10 +96,10 @@ class HistoryTable:
             limit=limit,
             newest_first=True,
         )
-        rows: List[Row] = []
+        rows: List[table.Row] = []
         spent = 0
         for record in records:  # newest first: a cut keeps the newest rows
-            row = string_row(record, columns)
+            row = table.string_row(record, columns)
             spent += core_bytes(row)
             if spent > HISTORY_ANSWER_BUDGET:
                 self._log_cut(len(rows))
@@ -130,9 +121,9 @@ class HistoryTable:
             )
 
 
-def table(inputs: TableInputs) -> Table:
+def make(inputs: table.TableInputs) -> table.Table:
     """The history table over the running agent's store (a failed query without one)."""
-    return Table(SPEC, HistoryTable(inputs.store).generate)
+    return table.Table(SPEC, HistoryTable(inputs.store).generate)
 
 
-PLUGIN = TablePlugin(SPEC, table)
+PLUGIN = table.TablePlugin(SPEC, make)

@@ -14,23 +14,15 @@ import threading
 import time
 from typing import Callable, Dict, FrozenSet, Optional, Sequence, Tuple
 
-from agent.osquery import wire
-from agent.osquery.table import (
-    INDEXED,
-    QueryContext,
-    Row,
-    Table,
-    TableInputs,
-    TablePlugin,
-    make_spec,
-)
+from agent.osquery import table, wire
+from agent.osquery.context import QueryContext
 from agent.pipeline import Snapshot
 from agent.records import COLUMNS
 
-SPEC = make_spec(
+SPEC = table.make_spec(
     "external_connections",
     COLUMNS,
-    {"pid": INDEXED, "remote_address": INDEXED},
+    {"pid": table.INDEXED, "remote_address": table.INDEXED},
 )
 """One row per socket of a live sample (:class:`agent.records.Connection`).
 
@@ -98,7 +90,7 @@ class LiveTable:
         self._live_samples = LiveSamples(sample)
         self._encoders: Dict[Tuple[str, ...], wire.RowEncoder] = {}
 
-    def generate(self, context: QueryContext) -> Sequence[Row]:
+    def generate(self, context: QueryContext) -> Sequence[table.Row]:
         pids = context.equal_integers("pid")
         addresses = context.equal_values("remote_address")
         if pids is not None and not pids:
@@ -124,9 +116,9 @@ class LiveTable:
         return encoder
 
 
-def table(inputs: TableInputs) -> Table:
+def make(inputs: table.TableInputs) -> table.Table:
     """The live table over the running agent's monitor."""
-    return Table(SPEC, LiveTable(inputs.monitor.live).generate)
+    return table.Table(SPEC, LiveTable(inputs.monitor.live).generate)
 
 
-PLUGIN = TablePlugin(SPEC, table)
+PLUGIN = table.TablePlugin(SPEC, make)
