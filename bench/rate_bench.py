@@ -10,6 +10,9 @@ processes in the test host's client namespace (``bench.topology``) make short TC
 - ``private``: an internal 10.N.1.x address of the server namespace;
 - ``external``: a global address of the server namespace (it exists only there).
 
+On a shared machine the agent also handles everyone else's events (it watches the whole host):
+before each load the same span is measured without it, and that CPU is taken off.
+
 Per tree and destination: the connections made (the client namespace's ``Tcp: ActiveOpens``),
 the agent's CPU (every thread: ``/proc/PID/stat`` utime + stime) over the load and a settling
 second after it, per connection in microseconds; its RSS at the end; whether it logged lost
@@ -106,6 +109,8 @@ class Step:
     destination: str
     connections: int
     cpu_s: float
+    """The agent's CPU over the load and a second after it, less the same span idle."""
+    idle_s: float
     rss_mb: float
     lost: bool
     path: str
@@ -193,13 +198,19 @@ def measure(
     try:
         path = kernel_path(agent.process.pid)
         for destination in DESTINATIONS:
+            # the same span without the load first: what the rest of the machine costs the
+            # agent meanwhile (other processes' events), taken off the load's CPU
+            idle_from = cpu_seconds(agent.process.pid)
+            time.sleep(seconds + 1.0)
+            idle = cpu_seconds(agent.process.pid) - idle_from
             before_opens = active_opens(topology.client_ns)
             before_cpu = cpu_seconds(agent.process.pid)
             load(topology, targets[destination], PORT, rate, seconds)
             time.sleep(1.0)  # the agent drains what the load left in its buffers
-            cpu = cpu_seconds(agent.process.pid) - before_cpu
+            cpu = cpu_seconds(agent.process.pid) - before_cpu - idle
             made = active_opens(topology.client_ns) - before_opens
-            step = Step(name, destination, made, cpu, rss_mb(agent.process.pid), agent.lost(), path)
+            rss = rss_mb(agent.process.pid)
+            step = Step(name, destination, made, cpu, idle, rss, agent.lost(), path)
             _log(f"{name} {destination}: {made} connections, {step.per_connection_us:.1f} us each")
             steps.append(step)
     finally:
@@ -260,7 +271,8 @@ def report(steps: List[Step], args: argparse.Namespace, argv: Optional[Sequence[
             if step is not None:
                 rows.append([
                     destination, step.tree, str(step.connections),
-                    f"{step.per_connection_us:.1f}", f"{step.rss_mb:.0f}",
+                    f"{step.per_connection_us:.1f}",
+                    f"{100 * step.idle_s / (args.seconds + 1):.1f}", f"{step.rss_mb:.0f}",
                     "yes" if step.lost else "no", step.path,
                     ratio if step is new else "",
                 ])  # fmt: skip
@@ -276,6 +288,7 @@ def report(steps: List[Step], args: argparse.Namespace, argv: Optional[Sequence[
                 "tree",
                 "connections",
                 "agent us/connection",
+                "idle: % of a core",
                 "RSS MB",
                 "lost",
                 "kernel path",
