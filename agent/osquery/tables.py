@@ -11,6 +11,7 @@
   ``last_seen``, ``open`` and ``direction`` pushed down, and each answer bounded to what
   core can hold (:data:`HISTORY_ANSWER_BUDGET`).
 - ``egress_agent_info``: one row of health and coverage figures.
+- ``egress_agent_audit``: the audit's verdict on a window (:mod:`agent.osquery.audit_table`).
 
 Every answer carries only the columns the query reads (``colsUsed``).  Writes (insert,
 update, delete) are answered ``[{"status": "readonly"}]``, as osquery's ``TablePlugin``
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from agent.history import HistoryStore, HistoryUnavailable
-from agent.osquery import table, wire
+from agent.osquery import audit_table, table, wire
 from agent.osquery.table import ContextError, QueryContext, TableSpec
 from agent.pipeline import EventLog, Monitor, Snapshot
 
@@ -169,8 +170,11 @@ class ExtensionTables:
             table.EXTERNAL_CONNECTION_HISTORY.name: self._history,
             table.EXTERNAL_CONNECTION_EVENTS.name: self._event_rows,
             table.EGRESS_AGENT_INFO.name: self._agent_info,
+            audit_table.SPEC.name: lambda context: audit_table.generate(self._store, context),
         }
-        self.specs: Dict[str, TableSpec] = {spec.name: spec for spec in table.TABLES}
+        self.specs: Dict[str, TableSpec] = {
+            spec.name: spec for spec in (*table.TABLES, audit_table.SPEC)
+        }
         self._last_cut_logged = float("-inf")
 
     def call(self, name: str, request: Mapping[str, str]) -> TableResult:
