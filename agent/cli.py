@@ -22,7 +22,7 @@ from agent.audit import EXIT_INCOMPLETE, render_json, render_text, statement_of
 from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
-from agent.evidence import Evidence, Window, read_evidence
+from agent.evidence import Evidence, HistoryReader, Window, read_evidence
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
 from agent.osquery.options import core_argv, extension_command
@@ -308,7 +308,11 @@ def _moment(text: str) -> float:
     return moment.timestamp()
 
 
-def _read_window(args: argparse.Namespace, default_since: float) -> Evidence:
+def _read_window(
+    args: argparse.Namespace,
+    default_since: float,
+    reader: Callable[[HistoryReader, Window], Evidence] = read_evidence,
+) -> Evidence:
     """The evidence for ``--since``..``--until`` from ``--history FILE`` or the configured
     store, read from a private copy (``HistoryStore(read_only=True)``).  Raises
     :class:`agent.history.HistoryUnavailable`."""
@@ -321,7 +325,7 @@ def _read_window(args: argparse.Namespace, default_since: float) -> Evidence:
         raise HistoryUnavailable(f"--until ({until:.0f}) must be later than --since ({since:.0f})")
     store = open_store(settings, path=args.history, read_only=True)
     try:
-        return read_evidence(store, Window(since, until))
+        return reader(store, Window(since, until))
     finally:
         store.close()
 
@@ -359,9 +363,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from agent.history import HistoryUnavailable
+    from agent.trial import read_every_column
 
-    try:
-        evidence = _read_window(args, args.since)
+    try:  # rules tried read every column of the rows: a rule may match any of them
+        evidence = _read_window(
+            args, args.since, read_every_column if args.rules else read_evidence
+        )
     except HistoryUnavailable as error:
         print(f"egress-agent audit: {safe_text(str(error))}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,7 +21,17 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from agent.allow import first_match
 from agent.audit import Statement, render_text, statement_document, statement_of
 from agent.config import AllowRule
-from agent.evidence import Evidence, Row, number, process_key, text
+from agent.evidence import (
+    EGRESS_DIRECTIONS,
+    Evidence,
+    HistoryReader,
+    Row,
+    Window,
+    evidence_of,
+    number,
+    process_key,
+    text,
+)
 from agent.records import Connection
 from agent.textsafe import json_safe, safe_text
 
@@ -89,6 +99,14 @@ def try_rules(evidence: Evidence, rules: Sequence[AllowRule]) -> Trial:
     statement = statement_of(dataclasses.replace(evidence, rows=tuple(judged)))
     uses = tuple(RuleUse(rule, tuple(allowed[rule.index])) for rule in rules)
     return Trial(statement, uses)
+
+
+def read_every_column(store: HistoryReader, window: Window) -> Evidence:
+    """:func:`agent.evidence.read_evidence` with every column of the rows (the rules tried may
+    name any of them), not only those the statement reads."""
+    rows = store.query(since=window.since, until=window.until, directions=EGRESS_DIRECTIONS)
+    runs = store.runs(since=window.since, until=window.until)
+    return evidence_of(rows, runs, window)
 
 
 def _use_line(use: RuleUse) -> str:
