@@ -114,7 +114,7 @@ def _add_block(
     rest = _ALLOW_KEY.match(lines[start]).group("rest")  # type: ignore[union-attr]
     value = rest.split(" #", 1)[0].strip()
     if value in ("[]", "null", "~"):
-        lines[start] = "allow:" + rest.replace(value, "", 1).rstrip() + "\n"
+        lines[start] = "allow:" + rest.split(value, 1)[1].rstrip() + "\n"
     elif value:
         raise MergeError(
             f"{safe_text(path)}: line {start + 1}: allow is written in flow style ({value[:40]}"
