@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from agent.config import AllowRule, ConfigError, load_settings, parse_settings, parse_yaml
 from agent.evidence import Window, evidence_of
@@ -51,6 +51,22 @@ def _sources(args: argparse.Namespace, window: Window) -> Tuple[List[Source], bo
         return [read_source(path, window) for path in args.history], False
     settings = load_settings(args.config)
     return [read_history(settings.history_path, window)], True
+
+
+REFUSED_LISTED = 50
+"""Rows left out listed one a line at most (a week's history can hold thousands)."""
+
+
+def _list_refused(lines: List[str]) -> None:
+    """Each row left out once a line (the same text once, with a count), then how many more."""
+    counts: Dict[str, int] = {}
+    for line in lines:
+        counts[line] = counts.get(line, 0) + 1
+    for line, count in list(counts.items())[:REFUSED_LISTED]:
+        _say(f"left out: {line}" + (f" ({count} rows)" if count > 1 else ""))
+    if len(counts) > REFUSED_LISTED:
+        rest = sum(list(counts.values())[REFUSED_LISTED:])
+        _say(f"left out: ... and {rest} more row(s)")
 
 
 def _existing_rules(args: argparse.Namespace) -> Tuple[Tuple[AllowRule, ...], str]:
@@ -87,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
     learned, refused = learn_rules(
         fresh, widen=args.widen, path_exists=os.path.exists if local else None
     )
-    for entry in refused:
-        _say(f"left out: {describe(entry.row)}: {entry.reason}")
+    _list_refused([f"{describe(entry.row)}: {entry.reason}" for entry in refused])
     hosts = host_count(sources)
     text = rules_text(learned, hosts)
     learned_rules = parse_settings(parse_yaml(text, "<learned>"), "<learned>").allow
