@@ -20,7 +20,9 @@ from history_fixture import connection, run, write_history
 from osquery_core import default_extension_command
 from sqlcore import SqlCore
 
+from agent.history import HistoryStore
 from agent.osquery import audit_table
+from agent.osquery.table import QueryContext
 
 POLICY = "SELECT 1 FROM egress_agent_audit WHERE since = '24h' AND verdict = 'clean';"
 ALLOW_ALL = "allow:\n  - comment: every destination\n    destinations: [0.0.0.0/0, '::/0']\n"
@@ -113,3 +115,13 @@ def test_the_policy_passes_a_clean_host(tmp_path: Path) -> None:
         row = one(core, "SELECT verdict, reason FROM egress_agent_audit WHERE since = '24h'")
         assert row["verdict"] == "clean", row["reason"]
         assert core.query(POLICY).rows == [{"1": 1}]
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_no_history_to_read_is_an_error_row_not_a_failed_query(tmp_path: Path, kept: bool) -> None:
+    """No store configured, or a store path that is a directory (the real store fails to open)."""
+    store = HistoryStore(str(tmp_path), read_only=True) if kept else None
+    (row,) = audit_table.generate(store, QueryContext())
+    assert (row["since"], row["verdict"]) == ("24h", "error")
+    says = "the history cannot be read: " if kept else "history is not kept"
+    assert row["reason"].startswith(says), row["reason"]

@@ -11,7 +11,8 @@ A Fleet policy is one query (a host passes when it returns a row):
 
 A ``since`` that is no duration is answered, not failed: a row with that ``since`` (core
 re-applies the constraint to what it gets back), ``verdict`` ``error`` and a ``reason`` naming
-the problem, so the query succeeds and the policy fails with the reason to read.
+the problem, so the query succeeds and the policy fails with the reason to read.  So is a
+history that is not kept or cannot be read.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 from agent.audit import statement_of
 from agent.evidence import HistoryReader, Window, read_evidence
+from agent.history import HistoryUnavailable
 from agent.osquery.table import Cell, ColumnOptions, QueryContext, make_spec, string_row
 
 DEFAULT_SINCE = "24h"
@@ -84,7 +86,10 @@ def audit_record(store: Optional[HistoryReader], since: str, now: float) -> Dict
             "verdict": ERROR,
             "reason": "history is not kept (history.enabled is false): there is nothing to audit",
         }
-    evidence = read_evidence(store, Window(now - seconds, now))
+    try:
+        evidence = read_evidence(store, Window(now - seconds, now))
+    except HistoryUnavailable as error:
+        return {"since": since, "verdict": ERROR, "reason": f"the history cannot be read: {error}"}
     statement = statement_of(evidence)
     coverage = evidence.coverage
     return {
@@ -112,8 +117,9 @@ def generate(
     context: QueryContext,
     clock: Callable[[], float] = time.time,
 ) -> List[Dict[str, str]]:
-    """One row per ``since`` the query asks for (24h when none).  Raises what the store raises
-    when it cannot be read (``HistoryUnavailable``: the query fails with its message)."""
+    """One row per ``since`` the query asks for (24h when none); a window that cannot be judged
+    (a bad ``since``, no history, a store that cannot be read) is a row with verdict
+    ``error`` and the reason."""
     asked = context.equal_values("since") or frozenset({DEFAULT_SINCE})
     columns = context.used(SPEC.column_names)
     now = clock()
