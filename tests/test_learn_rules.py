@@ -6,6 +6,7 @@ out, hostile text in the YAML, and merging into files of every shape."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 from pathlib import Path
@@ -214,3 +215,47 @@ def test_merge_writes_through_a_link_to_the_file_keeping_mode_and_owner(tmp_path
     if os.geteuid() == 0:
         assert (status.st_uid, status.st_gid) == (65534, 65534)
     assert sorted(os.listdir(real.parent)) == ["config.yaml"]
+
+
+def _fingerprint(directory: Path) -> Dict[str, Any]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+def test_history_files_are_read_never_touched(tmp_path: Path) -> None:
+    evidence = tmp_path / "evidence"
+    evidence.mkdir()
+    history = evidence / "web-1.db"
+    write_history(str(history), [(T0 + 600, [connection()])], [run(T0, T0 + 3600)])
+    before = _fingerprint(evidence)
+    assert sorted(before) == ["web-1.db"]
+    result = egress_agent("learn", *WINDOW, "--history", str(history), "--test")
+    assert result.returncode == 0, result.stderr  # the learned rule makes the window clean
+    assert "verdict: clean (exit 0)" in result.stderr
+    assert _fingerprint(evidence) == before
+
+
+def test_osquery_result_logs_as_fleet_forwards_them(tmp_path: Path) -> None:
+    """osqueryd's result log (JSON lines): an event row of one host, a snapshot of another."""
+    base = {k: v for k, v in row().items() if k != "host"}
+    cells = {
+        k: "" if v is None else str(int(v) if isinstance(v, bool) else v) for k, v in base.items()
+    }
+    event = {
+        "name": "pack_egress-agent_history",
+        "hostIdentifier": "web-1",
+        "action": "added",
+        "columns": cells,
+    }
+    snapshot = {
+        "name": "pack_egress-agent_history",
+        "hostIdentifier": "web-2",
+        "snapshot": [dict(cells, remote_address="9.9.9.10"), dict(cells, pid="-1", path="")],
+    }
+    log = tmp_path / "osqueryd.results.log"
+    log.write_text(json.dumps(event) + "\n" + json.dumps(snapshot) + "\n")
+    result = egress_agent("learn", "--since", "0", "--until", "5000", "--history", str(log))
+    assert result.returncode == 0, result.stderr
+    (rule,) = parse_settings(parse_yaml(result.stdout, "learned"), "learned").allow
+    assert rule.destinations == (ipaddress.ip_network("9.9.9.8/30"),)  # .9 and .10
+    assert "learned from 2 connection(s) on 2 of 2 hosts (web-1, web-2)" in result.stdout
+    assert "on web-2 -> 9.9.9.9 port 443: no process: the owner was not found" in result.stderr
