@@ -259,3 +259,17 @@ def test_osquery_result_logs_as_fleet_forwards_them(tmp_path: Path) -> None:
     assert rule.destinations == (ipaddress.ip_network("9.9.9.8/30"),)  # .9 and .10
     assert "learned from 2 connection(s) on 2 of 2 hosts (web-1, web-2)" in result.stdout
     assert "on web-2 -> 9.9.9.9 port 443: no process: the owner was not found" in result.stderr
+
+
+def test_broken_marks_in_the_file_to_merge_are_named(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("allow:\n  # <<< egress-agent learn\n  # >>> egress-agent learn\n")
+    before = config.read_bytes()
+    result = egress_agent("learn", "--history", str(tmp_path / "none.db"), "--merge", str(config))
+    assert result.returncode == 2
+    history = tmp_path / "history.db"
+    write_history(str(history), [(T0 + 600, [connection()])], [run(T0, T0 + 3600)])
+    result = egress_agent("learn", *WINDOW, "--history", str(history), "--merge", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the learned rules' marks are broken (1 begin, 1 end mark(s))" in result.stderr
+    assert config.read_bytes() == before

@@ -17,6 +17,7 @@ verdict (1 unexpected, 3 incomplete).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ from agent.learn.merge import (
     unified_diff,
     write_atomically,
 )
-from agent.learn.rows import Source, SourceError, host_count, read_history, read_source
+from agent.learn.rows import Source, SourceError, every_host, read_history, read_source
 from agent.learn.rules import describe, learn_rules
 from agent.learn.yamltext import rules_text
 from agent.textsafe import safe_text
@@ -95,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
     except SourceError as error:
         _say(str(error))
         return EXIT_USAGE
-    existing, original = _existing_rules(args)
+    try:
+        existing, original = _existing_rules(args)
+    except MergeError as error:
+        _say(str(error))
+        return EXIT_USAGE
     rows = [row for source in sources for row in source.rows]
     fresh = [row for row in rows if rule_for(existing, row) is None]
     if len(fresh) < len(rows):
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         fresh, widen=args.widen, path_exists=os.path.exists if local else None
     )
     _list_refused([f"{describe(entry.row)}: {entry.reason}" for entry in refused])
-    hosts = host_count(sources)
+    hosts = every_host(sources)
     text = rules_text(learned, hosts)
     learned_rules = parse_settings(parse_yaml(text, "<learned>"), "<learned>").allow
     if args.merge is None:
@@ -132,8 +137,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _renumbered(existing: Tuple[AllowRule, ...], learned: Tuple[AllowRule, ...]) -> List[AllowRule]:
     """The rules a person wrote, then the learned ones, numbered as one file would number them."""
-    import dataclasses
-
     rules = list(existing) + list(learned)
     return [dataclasses.replace(rule, index=index) for index, rule in enumerate(rules)]
 

@@ -259,7 +259,7 @@ def read_source(path: str, window: Window) -> Source:
     return read_export(path, window)
 
 
-def host_count(sources: Iterable[Source]) -> Tuple[str, ...]:
+def every_host(sources: Iterable[Source]) -> Tuple[str, ...]:
     """Every host the sources name, sorted."""
     hosts = set()
     for source in sources:
