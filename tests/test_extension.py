@@ -26,7 +26,7 @@ from osquery_core import (
 
 import agent
 from agent.history import SCHEMA_VERSION
-from agent.osquery import table
+from agent.osquery import audit_table, table
 from agent.osquery.server import Options, Stopper, serve
 from agent.osquery.tables import AgentInfo, ExtensionTables
 from agent.records import Connection
@@ -73,7 +73,7 @@ def test_registers_as_egress_agent_with_our_routes(
     _, registration = launch(core, config)
     assert registration.name == "egress_agent"
     assert registration.version == agent.__version__
-    assert registration.tables() == table.registry()["table"]
+    assert registration.tables() == table.registry([*table.TABLES, audit_table.SPEC])["table"]
     with core.connect(registration) as extension:
         assert extension.ping().code == 0
         for name, routes in registration.tables().items():
