@@ -151,7 +151,10 @@ def record(
     """A history recorded by ``watch`` as host ``hostname`` while ``script`` runs."""
     history = host.workdir / f"{hostname}.db"
     config = host.workdir / f"{hostname}.yaml"
-    config.write_text(f"sampling:\n  interval: 0.5\nhistory:\n  path: {history}\n")
+    # Kernel events record the connections; a sample taken at the moment of a connect can
+    # record it without its owner (pid -1), which no rule can allow: samples come every 30 s,
+    # so the one at the start is the only one a recording of a few seconds takes.
+    config.write_text(f"sampling:\n  interval: 30\nhistory:\n  path: {history}\n")
     errors = (host.workdir / f"{hostname}.err").open("w+")
     argv = ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', hostname]
     argv += [sys.executable, "-m", "agent.cli", "watch", "--format", "jsonl"]

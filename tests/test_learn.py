@@ -63,6 +63,7 @@ def _web_3(host: LearnHost, recording: Recording, history: Path) -> None:
     time.sleep(1.5)  # the new destination's first second is after the learned window
     late = host.connect(0, NEW)
     wait_for(has_row(history, host.namespaces, NEW), "the new destination recorded", 60)
+    time.sleep(1.1)  # open into a whole second of the later window, whenever it began
     for proc in (client, late):
         host.net.kill(proc)
 
