@@ -21,8 +21,8 @@ from osquery_core import default_extension_command
 from sqlcore import SqlCore
 
 from agent.history import HistoryStore
-from agent.osquery import audit_table
-from agent.osquery.table import QueryContext
+from agent.osquery import egress_agent_audit as audit_table
+from agent.osquery.context import QueryContext
 
 POLICY = "SELECT 1 FROM egress_agent_audit WHERE since = '24h' AND verdict = 'clean';"
 ALLOW_ALL = "allow:\n  - comment: every destination\n    destinations: [0.0.0.0/0, '::/0']\n"

@@ -24,7 +24,16 @@ from typing import Callable, Dict, List, Optional
 from agent.audit import statement_of
 from agent.evidence import HistoryReader, Window, read_evidence
 from agent.history import HistoryUnavailable
-from agent.osquery.table import Cell, ColumnOptions, QueryContext, make_spec, string_row
+from agent.osquery.context import QueryContext
+from agent.osquery.table import (
+    Cell,
+    ColumnOptions,
+    Table,
+    TableInputs,
+    TablePlugin,
+    make_spec,
+    string_row,
+)
 
 DEFAULT_SINCE = "24h"
 ERROR = "error"
@@ -124,3 +133,11 @@ def generate(
     columns = context.used(SPEC.column_names)
     now = clock()
     return [string_row(audit_record(store, since, now), columns) for since in sorted(asked)]
+
+
+def make(inputs: TableInputs) -> Table:
+    """The audit table over the running agent's history store."""
+    return Table(SPEC, lambda context: generate(inputs.store, context))
+
+
+PLUGIN = TablePlugin(SPEC, make)
