@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-from test_tracker import MS, SECOND, FakeProc, feed, make_tracker, route
+from test_tracker import MS, SECOND, FakeProc, feed, make_tracker, route, tcp
 
 from agent.collect.kernel.records import ConnectCall, SocketTransfer
 from agent.collect.kernel.tracker import SocketEvent, Tracker
@@ -134,3 +134,30 @@ def test_without_send_events_a_connect_is_no_flow_and_ports_tell_a_reply(proc: F
         route(SECOND + 3 * MS, 100, 123, sport=123),
     )
     assert flows(out) == [(17, 53, "outbound"), (17, 41000, "inbound"), (17, 123, "outbound")]
+
+
+def test_a_connect_whose_lookup_was_dropped_in_the_kernel_takes_its_own_send(
+    tracker: Tracker,
+) -> None:
+    """A DNS query to an internal server: its connect's lookup is dropped by the kernel filter
+    (agent/collect/kernel/kfilter.py), so only the connect itself is seen; its send must not
+    take an older lookup (an RFC 6724 probe of an earlier resolution) for its own."""
+    out = feed(
+        tracker,
+        *connecting(SECOND, route(SECOND, 100, 80)),  # type: ignore[arg-type]
+        *connecting(2 * SECOND),  # to 10.0.0.53: no lookup reached us
+        sent(2 * SECOND + MS),
+    )
+    assert out == []
+
+
+def test_a_tcp_connect_between_a_udp_connect_and_its_send(tracker: Tracker) -> None:
+    out = feed(
+        tracker,
+        *connecting(SECOND, route(SECOND, 100, 443)),  # type: ignore[arg-type]
+        ConnectCall(SECOND + MS, 100, True),
+        tcp(SECOND + MS, 100, 0xFFFF0009, 7, 2),  # CLOSE -> SYN_SENT: a TCP connect
+        ConnectCall(SECOND + MS, 100, False),
+        sent(SECOND + 2 * MS),
+    )
+    assert flows([event for event in out if event.protocol == 17]) == [(17, 443, "outbound")]

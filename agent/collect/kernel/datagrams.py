@@ -44,7 +44,7 @@ from agent.collect.kernel.records import (
     RouteLookup,
     SocketTransfer,
 )
-from agent.identity import Identity
+from agent.identity import NO_OWNER, Identity
 from agent.inet import (
     INBOUND,
     IPPROTO_RAW,
@@ -56,9 +56,11 @@ from agent.inet import (
 )
 
 _NS_PER_S = 1_000_000_000
+_UNSEEN = -1
+"""The protocol of a placeholder: a ``connect()`` whose lookup did not reach us."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Datagram:
     """One output route lookup of a datagram protocol, with who made it and where it was."""
 
@@ -142,6 +144,7 @@ class DatagramFlows:
         self.sockets: collections.OrderedDict[int, _Socket] = collections.OrderedDict()
         self.in_connect: Set[int] = set()
         """Threads inside ``connect(2)`` now."""
+        self._placeholders: Dict[int, Datagram] = {}
         self.connect_lookups = 0
         """Lookups made by ``connect()`` (a socket that may never send)."""
         self.unsent = 0
@@ -150,10 +153,28 @@ class DatagramFlows:
     # -- events ------------------------------------------------------------------------------------
 
     def connect_call(self, event: ConnectCall) -> None:
-        if event.entering:
-            self.in_connect.add(event.pid)
-        else:
+        """Inside ``connect()``, a placeholder waits for the process's next send: a datagram
+        socket connected where no lookup reached us (a destination the kernel filter drops),
+        whose sends must not take an older lookup (RFC 6724 probes) for theirs.  The
+        connect's own lookup replaces it; a TCP connect takes it away."""
+        if not event.entering:
             self.in_connect.discard(event.pid)
+            return
+        self.in_connect.add(event.pid)
+        if not self.sends_known:
+            return
+        _, _, tgid = self.who(event.pid)
+        stand_in = Datagram(event.time, NO_OWNER, None, tgid, 0, _UNSEEN, b"", 0, b"", 0, True)
+        self._placeholders[event.pid] = stand_in
+        self._wait(stand_in)
+
+    def tcp_connect(self, tid: int) -> None:
+        """Thread ``tid``'s ``connect()`` is a TCP one: its placeholder goes."""
+        stand_in = self._placeholders.pop(tid, None)
+        if stand_in is not None:
+            waiting = self.candidates.get(stand_in.tgid)
+            if waiting and stand_in in waiting:
+                waiting.remove(stand_in)
 
     def lookup(self, event: RouteLookup) -> None:
         protocol = event.protocol
@@ -180,6 +201,10 @@ class DatagramFlows:
         )
         if in_connect:
             self.connect_lookups += 1
+            stand_in = self._placeholders.pop(event.pid, None)
+            waiting = self.candidates.get(tgid)
+            if stand_in is not None and waiting and stand_in in waiting:
+                waiting.remove(stand_in)
         if protocol == IPPROTO_SCTP:
             self._flow(datagram, OUTBOUND)  # an association's INIT leaves at once
         elif self.sends_known:
@@ -205,10 +230,11 @@ class DatagramFlows:
         waiting = self.candidates.get(tgid)
         taken = self._take(waiting, event, sock) if waiting else None
         if taken is not None:
-            direction = OUTBOUND if taken.in_connect else self._reply_direction(sock, taken)
             sock.claimed_ns = event.time
-            sock.port = taken.sport
-            self._flow(taken, direction)
+            if taken.protocol != _UNSEEN:
+                direction = OUTBOUND if taken.in_connect else self._reply_direction(sock, taken)
+                sock.port = taken.sport
+                self._flow(taken, direction)
         sock.sent_ns = event.time
 
     # -- inside ------------------------------------------------------------------------------------
@@ -236,7 +262,7 @@ class DatagramFlows:
             candidate = waiting[index]
             if candidate.time <= sock.claimed_ns:
                 return None  # and every older one
-            if candidate.protocol == protocol or protocol in (0, IPPROTO_RAW):
+            if candidate.protocol in (protocol, _UNSEEN) or protocol in (0, IPPROTO_RAW):
                 del waiting[index]
                 return candidate
         return None
@@ -277,6 +303,10 @@ class DatagramFlows:
         self.emit(datagram, direction)
 
     # -- upkeep ------------------------------------------------------------------------------------
+
+    def forget_thread(self, tid: int) -> None:
+        self.in_connect.discard(tid)
+        self._placeholders.pop(tid, None)
 
     def forget_process(self, tgid: int) -> None:
         """A process that exited sends nothing more: its waiting lookups go."""
