@@ -18,8 +18,9 @@ What it cannot drop, and leaves to the Python path (which judges every address a
 - IPv6: ``daddr_v6`` is 16 bytes, which the filter cannot compare (``::1``, ``fd00::/8``,
   ``fe80::/10`` still reach Python; an eBPF program could, see ``docs/EVENTS.md``);
 - a native IPv6 socket carries ``daddr`` = 127.0.0.6 (``LOOPBACK4_IPV6``, set by
-  ``tcp_v6_connect``), so 127.0.0.6 on an ``AF_INET6`` socket is never dropped, lest every
-  IPv6 connection go with it; IPv4-mapped connections carry their real IPv4 ``daddr``;
+  ``tcp_v6_connect``) or, on kernels that leave it unset (6.18 here), 0.0.0.0, so either on
+  an ``AF_INET6`` socket is never dropped, lest every IPv6 connection go with it;
+  IPv4-mapped connections carry their real IPv4 ``daddr``;
 - a listener's own transitions (to and from ``LISTEN``: ``daddr`` 0.0.0.0), which the tracker
   needs to know its listeners;
 - the connect itself (CLOSE -> SYN_SENT): one event per internal connection still arrives, so
@@ -44,6 +45,10 @@ Prefix = Tuple[int, int, int]
 AF_INET6 = 10
 LOOPBACK4_IPV6 = 0x7F000006
 """127.0.0.6: the ``inet_daddr`` of every native IPv6 socket (``include/net/inet_sock.h``)."""
+_NO_IPV4 = bytes(4)
+"""What ``inet_sock_set_state.daddr`` holds for a native IPv6 socket on kernels that leave
+``inet_daddr`` unset (0.0.0.0, checked on Linux 6.18): inside 0.0.0.0/8, never external, so
+without this every IPv6 connection would be dropped."""
 TCP_SYN_SENT = 2
 TCP_CLOSE = 7
 TCP_LISTEN = 10
@@ -115,7 +120,10 @@ def drop_internal(system: str, name: str, base: str, blocks: Sequence[Prefix]) -
             f"newstate == {TCP_LISTEN} || (oldstate == {TCP_LISTEN} && newstate == {TCP_CLOSE})"
             f" || (oldstate == {TCP_CLOSE} && newstate == {TCP_SYN_SENT})"
         )
-        ipv6_socket = f"(family == {AF_INET6} && {field} == {host_order(LOOPBACK4_IPV6):#x})"
+        ipv6_socket = (
+            f"(family == {AF_INET6} && ({field} == {host_order(LOOPBACK4_IPV6):#x}"
+            f" || {field} == 0))"
+        )
         drop = f"{internal} && !({keep_listener}) && !{ipv6_socket}"
     else:
         drop = internal
@@ -134,7 +142,7 @@ def dropped_after_connect(blocks: Sequence[Prefix]) -> Callable[[int, bytes], bo
     ipv6_placeholder = LOOPBACK4_IPV6.to_bytes(4, "big")
 
     def dropped(family: int, daddr: bytes) -> bool:
-        if family == AF_INET6 and daddr == ipv6_placeholder:
+        if family == AF_INET6 and daddr in (ipv6_placeholder, _NO_IPV4):
             return False
         address = int.from_bytes(daddr, "big")
         return any(address >> shift == top for top, shift in networks)
