@@ -28,6 +28,7 @@ from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
 from agent.osquery.options import core_argv
 from agent.pipeline import Pipeline, RunningAgent, Snapshot
+from agent.pipeline.recorded import recorded_directions
 from agent.records import Connection, Value
 from agent.render import (
     HISTORY_TABLE_COLUMNS,
@@ -125,6 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     scope = _scope(args)
     pipeline = Pipeline.open(settings, args.backend, names="recorded")
+    pipeline.seen_direction = recorded_directions(settings)  # what a running agent's events saw
     _print_notices(pipeline)
     narrowed = scope.pids if scope.pids else None
     snapshot = pipeline.sample(narrowed, want_all=args.all)

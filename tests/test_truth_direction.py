@@ -12,12 +12,14 @@ Test hosts of tests/truthhost.py (global addresses on veths between test namespa
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
+from commands import egress_agent
 from nethost import NetHost
 from test_truth_udp import Watch, described
 from truthhost import CLIENT, DNS, TruthHost, build
@@ -104,3 +106,17 @@ def test_a_connect_from_a_listening_port_is_outbound(truth: TruthHost, watch: Wa
     mine = [r for r in rows if r["remote_address"] == DNS]
     assert mine, "watch did not record it: " + described(rows)
     assert {r["direction"] for r in mine} == {"outbound"}, described(mine)
+    # a one-shot check samples the tables, which cannot tell; it takes what the events saw
+    checked = egress_agent(
+        "check",
+        "--format",
+        "json",
+        "--direction",
+        "any",
+        "--netns",
+        truth.cli.name,
+        config=watch.config,
+    )
+    assert checked.stdout.strip(), checked.stderr
+    sampled = [r for r in json.loads(checked.stdout) if r["pid"] == proc.pid]
+    assert [r["direction"] for r in sampled] == ["outbound"], checked.stdout + checked.stderr
