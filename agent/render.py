@@ -47,6 +47,7 @@ TABLE_COLUMNS = (
     "namespace",
     "systemd_unit",
     "path",
+    "exe_status",
 )
 """A table-width choice of the Connection columns: the process first, then the destination,
 then where it lives (see :func:`table_view`)."""
@@ -64,7 +65,8 @@ def table_view(
     """Records as a person reads them in a table: ``protocol`` by name (``tcp``, ``udp``: the
     machine formats keep osquery's numbers), and a ``namespace`` column saying where a row
     outside the host's own network namespace lives: its container (short id), else the
-    ``ip netns`` name of its namespace (``names``), else the namespace's inode."""
+    ``ip netns`` name of its namespace (``names``), else the namespace's inode; a container
+    only a user's own cgroups claim says so (``rootless``) with its owner's uid."""
     rows = []
     for record in records:
         row = dict(record)
@@ -72,9 +74,12 @@ def table_view(
         if isinstance(protocol, int) and not isinstance(protocol, bool):
             row["protocol"] = PROTOCOL_NAMES.get(protocol, str(protocol))
         container = row.get("container_id")
+        rootless = row.get("rootless_container_id")
         namespace = row.get("net_namespace")
         if container:
             row["namespace"] = f"container {str(container)[:12]}"
+        elif rootless:
+            row["namespace"] = f"rootless {str(rootless)[:12]} uid {row.get('rootless_uid')}"
         elif isinstance(namespace, int) and namespace != host:
             row["namespace"] = names.get(namespace, f"net:[{namespace}]")
         else:
