@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from agent.cgroups import NOWHERE, Placement, placement
-from agent.collect.procnet import PROC_ROOT
+from agent.collect.netns import PROC_ROOT
 from agent.exe_check import UNKNOWN, ExeChecker, ExeFacts, FileKey
 
 if TYPE_CHECKING:
