@@ -479,3 +479,60 @@ def test_a_huge_command_line_is_kept_bounded_and_marked(
     assert row["cmdline"].startswith(f"{sys.executable} -c ")
     identity = IdentityCache().lookup(holder.pid)
     assert identity.cmdline == row["cmdline"]
+
+
+# --- every output -------------------------------------------------------------------------------
+
+NEW_COLUMNS = (
+    "user_unit",
+    "rootless_container_id",
+    "rootless_uid",
+    "exe_status",
+    "sha256",
+    "package",
+)
+
+
+def test_the_proof_reaches_every_output(
+    nethost: NetHost, hosts: Tuple[Namespace, int], tmp_path: Path
+) -> None:
+    """JSON, CSV, ECS (``process.hash.sha256``, ``package.name``) and the table; the osquery
+    tables and the history derive their columns from the record."""
+    from agent.history.schema import HISTORY_COLUMNS
+    from agent.osquery.table import (
+        EXTERNAL_CONNECTION_EVENTS,
+        EXTERNAL_CONNECTION_HISTORY,
+        EXTERNAL_CONNECTIONS,
+    )
+
+    cli, port = hosts
+    curl = connected(nethost, cli, [CURL, *curl_to(port)], port)
+    digest = sha256_of(CURL)
+    pid = ["--pid", str(curl.pid)]
+
+    (row,) = json.loads(egress_agent("check", "--format", "json", *pid).stdout)
+    assert [c for c in NEW_COLUMNS if c in row] == list(NEW_COLUMNS)
+    assert (row["exe_status"], row["package"], row["sha256"]) == ("packaged", "curl", digest)
+
+    csv_text = egress_agent("check", "--format", "csv", *pid).stdout
+    header, line = csv_text.splitlines()[:2]
+    record = dict(zip(header.split(","), line.split(",")))
+    assert (record["exe_status"], record["package"], record["sha256"]) == (
+        "packaged",
+        "curl",
+        digest,
+    )
+
+    (document,) = [
+        json.loads(x) for x in egress_agent("check", "--format", "ecs", *pid).stdout.splitlines()
+    ]
+    assert document["process"]["hash"]["sha256"] == digest
+    assert document["package"]["name"] == "curl"
+    assert document["egress_agent"]["exe_status"] == "packaged"
+
+    table = egress_agent("check", "--format", "table", *pid).stdout
+    assert table.splitlines()[0].split()[-1] == "exe_status" and "packaged" in table
+
+    for spec in (EXTERNAL_CONNECTIONS, EXTERNAL_CONNECTION_HISTORY, EXTERNAL_CONNECTION_EVENTS):
+        assert set(NEW_COLUMNS) <= set(spec.column_names), spec
+    assert set(NEW_COLUMNS) <= {name for name, _ in HISTORY_COLUMNS}
