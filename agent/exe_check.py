@@ -141,7 +141,7 @@ class ExeChecker:
     def settle(self, facts: ExeFacts, path: str) -> ExeFacts:
         """``facts`` completed with what is known now: the digest, and for a ``pending`` one
         its package's verdict."""
-        if facts.key is None or facts.sha256:
+        if facts.key is None or (facts.sha256 and facts.status != PENDING):
             return facts
         digests = self._digests.get(facts.key)
         if digests is None:
@@ -207,13 +207,17 @@ class ExeChecker:
         return done
 
     def _verdict(self, key: FileKey, path: str, md5: str) -> Tuple[str, str]:
-        """(status, package) for the host's file ``path`` whose MD5 is ``md5``."""
+        """(status, package) for the host's file ``path`` whose MD5 is ``md5``; (``pending``,
+        "") while a scan of the package lists it needs waits for the budget."""
         cached = self._verdicts.get((key, path))
         if cached is not None:
             return cached
         verdict = (UNPACKAGED, "")
-        for candidate in (path, merged_usr_alias(path)):
-            if not candidate or (candidate != path and not _same_file(candidate, key)):
+        candidates = [c for c in (path, merged_usr_alias(path)) if c]
+        if self._tokens <= 0 and not all(self.packages.known(c) for c in candidates):
+            return (PENDING, "")
+        for candidate in candidates:
+            if candidate != path and not _same_file(candidate, key):
                 continue
             stem, scanned = self.packages.owner(candidate)
             if scanned:

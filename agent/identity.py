@@ -207,7 +207,7 @@ class IdentityCache:
         was not queued (the queue was full) is queued again while its process lives."""
         exe = self.exe
         key = identity.exe_key
-        if exe is None or key is None or identity.sha256:
+        if exe is None or key is None or (identity.sha256 and identity.exe_status != "pending"):
             return identity
         exe.advance()
         facts = exe.settle(ExeFacts(identity.exe_status, "", "", key), identity.path)
@@ -216,7 +216,10 @@ class IdentityCache:
             again = exe.inspect(identity.pid, link) if link else UNKNOWN
             if again.key == key:
                 facts = exe.settle(ExeFacts(identity.exe_status, "", "", key), identity.path)
-        if not facts.sha256:
+        if not facts.sha256 or (facts.sha256, facts.status) == (
+            identity.sha256,
+            identity.exe_status,
+        ):
             return identity
         return dataclasses.replace(
             identity, exe_status=facts.status, sha256=facts.sha256, package=facts.package

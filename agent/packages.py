@@ -59,6 +59,11 @@ class DpkgDatabase:
             self._owners.clear()
             self._digests.clear()
 
+    def known(self, path: str) -> bool:
+        """Whether :meth:`owner` would answer ``path`` without a scan."""
+        self._fresh()
+        return path in self._owners
+
     def owner(self, path: str) -> Tuple[str, bool]:
         """(the ``.list`` file's stem, e.g. ``curl`` or ``libc6:amd64``, or "" when no package
         lists ``path``; whether the answer needed a scan of every list)."""
