@@ -536,3 +536,48 @@ def test_the_proof_reaches_every_output(
     for spec in (EXTERNAL_CONNECTIONS, EXTERNAL_CONNECTION_HISTORY, EXTERNAL_CONNECTION_EVENTS):
         assert set(NEW_COLUMNS) <= set(spec.column_names), spec
     assert set(NEW_COLUMNS) <= {name for name, _ in HISTORY_COLUMNS}
+
+
+# --- the same through kernel events -------------------------------------------------------------
+
+
+def test_kernel_events_carry_the_same_proof(
+    nethost: NetHost, hosts: Tuple[Namespace, int], tmp_path: Path
+) -> None:
+    """``watch`` and the extension build identity from kernel events (the tracker reads
+    ``/proc`` at each exec through the same cache): the bind-mount attack reads ``mismatch``
+    there too, and a ``path`` rule does not match its connect."""
+    from agent.allow import matches
+    from agent.collect.kernel.source import open_event_source
+    from agent.config import parse_settings, parse_yaml
+    from agent.records import SocketColumns, connection_of
+
+    cli, port = hosts
+    prefix = os.environ.get("NETHOST_PREFIX", "eat")
+    target = "/usr/bin/apt-get"
+    (rule,) = parse_settings(
+        parse_yaml(f"allow:\n  - {{path: {target}}}\n", "t.yaml"), "t.yaml"
+    ).allow
+    with open_event_source(prefix=f"egress-agent-{prefix}") as source:
+        source.poll(0.1)
+        attacker = connected(
+            nethost, cli, in_private_mount_ns([(CURL, target)], [target, *curl_to(port)]), port
+        )
+        plain = connected(nethost, cli, [*AS_NOBODY, CURL, *curl_to(port)], port)
+        seen: Dict[int, Any] = {}
+        deadline = time.monotonic() + 30
+        while len(seen) < 2 and time.monotonic() < deadline:
+            for event in source.poll(0.2):
+                if event.kind == "connect" and event.identity.pid in (attacker.pid, plain.pid):
+                    seen[event.identity.pid] = event.identity
+    assert set(seen) == {attacker.pid, plain.pid}
+    forged, real = seen[attacker.pid], seen[plain.pid]
+    assert (forged.path, forged.exe_status) == (target, "mismatch")
+    assert forged.sha256 in ("", sha256_of(CURL))
+    assert (real.path, real.exe_status, real.package) == (CURL, "packaged", "curl")
+    columns = SocketColumns(None, None, None, 10, 6, "", "", 0, port, "outbound")
+    assert not matches(rule, connection_of(forged, None, columns))
+    (curl_rule,) = parse_settings(
+        parse_yaml(f"allow:\n  - {{path: {CURL}}}\n", "t.yaml"), "t.yaml"
+    ).allow
+    assert matches(curl_rule, connection_of(real, None, columns))
