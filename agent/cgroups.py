@@ -27,7 +27,7 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Pattern, Tuple
+from typing import List, Optional, Tuple
 
 DATA_FILE = Path(__file__).with_name("data") / "container-cgroups.csv"
 
@@ -62,7 +62,7 @@ NOWHERE = Placement()
 
 
 @functools.lru_cache(maxsize=None)
-def runtime_patterns() -> Tuple[Tuple[str, Pattern[str]], ...]:
+def runtime_patterns() -> Tuple[Tuple[str, re.Pattern[str]], ...]:
     """(runtime, compiled pattern) for each row of the data file; a pattern matches a path from
     its start up to the container's own cgroup, which may have cgroups of its own below."""
     with DATA_FILE.open(newline="", encoding="utf-8") as handle:
