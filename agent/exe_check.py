@@ -56,7 +56,7 @@ FileKey = Tuple[int, int, int, int]
 """(device, inode, size, mtime in ns) of an executable."""
 
 _DELETED_SUFFIX = " (deleted)"
-_CHUNK = 1 << 20
+_CHUNK = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,8 @@ class ExeChecker:
         self._order.append(key)
 
     def advance(self) -> int:
-        """Read queued files while the budget allows; the bytes read."""
+        """Read queued files while the budget allows, a chunk (256 KiB at most) of each in
+        turn; the bytes read."""
         now = self.clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
         self._last = now
@@ -194,6 +195,7 @@ class ExeChecker:
                 job.md5.update(chunk)
                 self._tokens -= len(chunk)
                 done += len(chunk)
+                self._order.rotate(-1)  # a chunk each in turn: a huge file delays no other
                 continue
             self._order.popleft()
             del self._pending[key]

@@ -581,3 +581,28 @@ def test_kernel_events_carry_the_same_proof(
         parse_yaml(f"allow:\n  - {{path: {CURL}}}\n", "t.yaml"), "t.yaml"
     ).allow
     assert matches(curl_rule, connection_of(real, None, columns))
+
+
+def test_a_huge_executable_delays_no_other(shared_dir: Path) -> None:
+    """Queued files are read a chunk each in turn: a small program queued behind a big one is
+    proved first."""
+    big, small = shared_dir / "big", shared_dir / "small"
+    shutil.copy2("/usr/bin/sleep", big)
+    with big.open("ab") as handle:
+        handle.write(b"\0" * (8 << 20))  # 8 MiB past the ELF's segments: still runs
+    shutil.copy2("/usr/bin/sleep", small)
+    now = [0.0]
+    checker = ExeChecker(rate=1 << 20, burst=1 << 20, clock=lambda: now[0])
+    procs = [subprocess.Popen([str(path), "300"]) for path in (big, small)]
+    try:
+        # the big one takes the whole burst at once; the small one waits behind it
+        first = [checker.inspect(p.pid, os.readlink(f"/proc/{p.pid}/exe")) for p in procs]
+        assert [f.status for f in first] == ["pending", "pending"]
+        now[0] += 1.0  # one second's budget: a chunk of each in turn
+        checker.advance()
+        settled = [checker.settle(f, str(path)) for f, path in zip(first, (big, small))]
+        assert settled[0].sha256 == "" and settled[1].sha256 == sha256_of(str(small))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
