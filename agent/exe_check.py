@@ -12,7 +12,7 @@ SHA-256, and whether a package vouches for it.
 - ``pending``: the path is the host's file; its digests are not computed yet (the reading
   budget below).
 - ``packaged``: an installed package lists the path and the digest it recorded matches the
-  file's (dpkg's MD5, ``agent.packages``); ``package`` names it.
+  file's (dpkg's MD5, rpm's SHA-256: ``agent.packages``); ``package`` names it.
 - ``modified``: a package lists the path but the file's digest differs from the recorded one.
 - ``unpackaged``: no package lists the path (or the package recorded no digest for it).
 - "": unknown (the process was gone, or its executable unreadable: another user's process
@@ -35,9 +35,16 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Sequence, Tuple
 
-from agent.packages import DpkgDatabase, merged_usr_alias, package_name
+from agent.packages import (
+    MD5,
+    SHA256,
+    PackageDatabase,
+    default_databases,
+    merged_usr_alias,
+    package_name,
+)
 
 PROC_ROOT = "/proc"
 
@@ -98,7 +105,7 @@ class ExeChecker:
     def __init__(
         self,
         proc_root: str = PROC_ROOT,
-        packages: Optional[DpkgDatabase] = None,
+        packages: Optional[Sequence[PackageDatabase]] = None,
         rate: int = 16 << 20,
         burst: int = 64 << 20,
         max_pending: int = 32,
@@ -106,7 +113,7 @@ class ExeChecker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.proc_root = proc_root
-        self.packages = packages if packages is not None else DpkgDatabase()
+        self.packages = list(packages) if packages is not None else default_databases()
         self.rate = max(1, rate)
         self.burst = max(1, burst)
         self.max_pending = max(1, max_pending)
@@ -146,11 +153,10 @@ class ExeChecker:
         digests = self._digests.get(facts.key)
         if digests is None:
             return facts
-        sha256, md5 = digests
         if facts.status != PENDING:
-            return ExeFacts(facts.status, sha256, "", facts.key)
-        status, package = self._verdict(facts.key, path, md5)
-        return ExeFacts(status, sha256, package, facts.key)
+            return ExeFacts(facts.status, digests[0], "", facts.key)
+        status, package = self._verdict(facts.key, path, digests)
+        return ExeFacts(status, digests[0], package, facts.key)
 
     def waiting(self, key: Optional[FileKey]) -> bool:
         """Whether the file ``key`` is queued to be read."""
@@ -208,29 +214,35 @@ class ExeChecker:
         self.bytes_read += done
         return done
 
-    def _verdict(self, key: FileKey, path: str, md5: str) -> Tuple[str, str]:
-        """(status, package) for the host's file ``path`` whose MD5 is ``md5``; (``pending``,
-        "") while a scan of the package lists it needs waits for the budget."""
+    def _verdict(self, key: FileKey, path: str, digests: Tuple[str, str]) -> Tuple[str, str]:
+        """(status, package) for the host's file ``path`` whose (SHA-256, MD5) are
+        ``digests``; (``pending``, "") while a look-up it needs waits for the budget."""
         cached = self._verdicts.get((key, path))
         if cached is not None:
             return cached
+        computed = {SHA256: digests[0], MD5: digests[1]}
         verdict = (UNPACKAGED, "")
         candidates = [c for c in (path, merged_usr_alias(path)) if c]
-        if self._tokens <= 0 and not all(self.packages.known(c) for c in candidates):
+        if self._tokens <= 0 and not all(
+            database.known(c) for database in self.packages for c in candidates
+        ):
             return (PENDING, "")
-        for candidate in candidates:
-            if candidate != path and not _same_file(candidate, key):
-                continue
-            stem, scanned = self.packages.owner(candidate)
-            if scanned:
-                self._tokens -= self.packages.scan_bytes
-                self.bytes_read += self.packages.scan_bytes
-            if not stem:
-                continue
-            recorded = self.packages.digest(stem, candidate)
-            if recorded:
-                status = PACKAGED if recorded == md5 else MODIFIED
-                verdict = (status, package_name(stem))
+        for database in self.packages:
+            for candidate in candidates:
+                if candidate != path and not _same_file(candidate, key):
+                    continue
+                stem, worked = database.owner(candidate)
+                if worked:
+                    self._tokens -= database.cost
+                    self.bytes_read += database.cost
+                if not stem:
+                    continue
+                algorithm, recorded = database.digest(stem, candidate)
+                if recorded and algorithm in computed:
+                    status = PACKAGED if recorded == computed[algorithm] else MODIFIED
+                    verdict = (status, package_name(stem))
+                    break
+            if verdict[1]:
                 break
         if len(self._verdicts) >= self.max_entries:
             self._verdicts.clear()

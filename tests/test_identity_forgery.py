@@ -32,7 +32,7 @@ from nethost import Namespace, NetHost, Proc
 from agent.cgroups import Placement, placement
 from agent.exe_check import ExeChecker
 from agent.identity import CMDLINE_CUT_MARK, CMDLINE_MAX_BYTES, IdentityCache
-from agent.packages import DpkgDatabase
+from agent.packages import DpkgDatabase, RpmDatabase
 
 SERVER, CLIENT = "2001:4860:4869::1", "2001:4860:4869::2"
 NOBODY = 65534
@@ -413,13 +413,82 @@ def test_a_package_digest_that_differs_reads_modified(shared_dir: Path) -> None:
         for recorded in (real_md5, "0" * 32):
             (info / "sleeper.md5sums").write_text(f"{recorded}  {str(program)[1:]}\n")
             os.utime(info, None)  # dpkg changed its database
-            checker = ExeChecker(packages=DpkgDatabase(str(shared_dir / "dpkg")))
+            checker = ExeChecker(packages=[DpkgDatabase(str(shared_dir / "dpkg"))])
             facts = checker.inspect(proc.pid, link)
             verdicts.append((facts.status, facts.package))
         assert verdicts == [("packaged", "sleeper"), ("modified", "sleeper")]
     finally:
         proc.kill()
         proc.wait()
+
+
+RPM_SPEC = """
+Name: {name}
+Version: 1
+Release: 1
+Summary: a program for egress-agent's tests
+License: MIT
+%define debug_package %{{nil}}
+%define __os_install_post %{{nil}}
+%global _build_id_links none
+%description
+A copy of sleep, installed where only this test looks.
+%install
+mkdir -p %{{buildroot}}{directory}
+cp /usr/bin/sleep %{{buildroot}}{directory}/sleeper
+%files
+{directory}/sleeper
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("rpmbuild") is None,
+    reason="needs root and rpm's rpmbuild (make test-programs installs Debian's rpm)",
+)
+def test_an_rpm_package_vouches_with_its_sha256(shared_dir: Path) -> None:
+    """A real rpm: built by rpmbuild, installed by rpm into a database of this test's own
+    (``--dbpath``) with its file at a path of this test's own; the file's SHA-256 matches
+    what rpm recorded, then it is changed in place: ``modified``."""
+    prefix = os.environ.get("NETHOST_PREFIX", "eat")
+    name = f"egress-agent-test-{prefix}"
+    directory = f"/opt/egress-agent-{prefix}-rpm/bin"
+    top, database = shared_dir / "rpmbuild", shared_dir / "rpmdb"
+    (shared_dir / "t.spec").write_text(RPM_SPEC.format(name=name, directory=directory))
+    rpm = ["rpm", "--dbpath", str(database)]
+    built = subprocess.run(
+        ["rpmbuild", "-bb", "--define", f"_topdir {top}", str(shared_dir / "t.spec")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    (package,) = top.glob("RPMS/*/*.rpm")
+    subprocess.run([*rpm, "--initdb"], check=True)
+    installed = subprocess.run(
+        [*rpm, "-i", "--nodeps", str(package)], capture_output=True, text=True, check=False
+    )
+    procs: List[subprocess.Popen[bytes]] = []
+    try:
+        assert installed.returncode == 0, installed.stderr
+        program = f"{directory}/sleeper"
+        verdicts = []
+        for change in (b"", b"\0"):
+            for proc in procs:  # a running program's file cannot be written (ETXTBSY)
+                proc.kill()
+                proc.wait()
+            with open(program, "ab") as handle:
+                handle.write(change)
+            procs.append(subprocess.Popen([program, "300"]))
+            checker = ExeChecker(packages=[RpmDatabase(str(database))])
+            facts = checker.inspect(procs[-1].pid, os.readlink(f"/proc/{procs[-1].pid}/exe"))
+            verdicts.append((facts.status, facts.package, facts.sha256 == sha256_of(program)))
+        assert verdicts == [("packaged", name, True), ("modified", name, True)]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        subprocess.run([*rpm, "-e", "--nodeps", name], capture_output=True, check=False)
+        shutil.rmtree(os.path.dirname(directory), ignore_errors=True)
 
 
 def test_hashing_keeps_to_its_budget(shared_dir: Path) -> None:
@@ -443,7 +512,7 @@ def test_hashing_keeps_to_its_budget(shared_dir: Path) -> None:
             now[0] += 1.0
             before = checker.bytes_read
             identity = cache.lookup(proc.pid)
-            assert checker.bytes_read - before <= 4096 + checker.packages.scan_bytes
+            assert checker.bytes_read - before <= 4096 + sum(d.cost for d in checker.packages)
             steps += 1
             assert steps <= size // 4096 + 3
         assert identity.sha256 == sha256_of(str(program))
