@@ -25,7 +25,8 @@ file the process runs whatever its mount namespace shows (``proc(5)``).  They ar
 (device, inode, size, mtime), so a program is read once however many processes run it.
 Reading is bounded by a byte budget (a token bucket: ``rate`` bytes a second, ``burst`` at
 most at once); what does not fit waits for a later call (``advance``), and its rows read
-``pending`` meanwhile.  Scans of dpkg's file lists are charged to the same budget.
+``pending`` meanwhile; a file written to while it was read is read again under its new
+(size, mtime).  Look-ups in the package databases are charged to the same budget.
 """
 
 from __future__ import annotations
@@ -171,12 +172,7 @@ class ExeChecker:
             handle = open(exe, "rb")  # noqa: SIM115 - kept open until the file is read
         except OSError:
             return
-        try:
-            actual = os.fstat(handle.fileno())
-        except OSError:
-            handle.close()
-            return
-        if (actual.st_dev, actual.st_ino, actual.st_size, actual.st_mtime_ns) != key:
+        if _key_of(handle) != key:
             handle.close()  # the process exec'd since the stat: asked again later
             return
         self._pending[key] = _Job(handle)
@@ -205,8 +201,9 @@ class ExeChecker:
                 continue
             self._order.popleft()
             del self._pending[key]
+            unchanged = chunk is not None and _key_of(job.handle) == key
             job.handle.close()
-            if chunk is not None:  # the end of the file
+            if unchanged:  # the end of a file that was not written to while it was read
                 if len(self._digests) >= self.max_entries:
                     self._digests.clear()
                     self._verdicts.clear()
@@ -255,6 +252,14 @@ class ExeChecker:
             job.handle.close()
         self._pending.clear()
         self._order.clear()
+
+
+def _key_of(handle: Any) -> Optional[FileKey]:
+    try:
+        status = os.fstat(handle.fileno())
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 def _path_of(link: str) -> str:
