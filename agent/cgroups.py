@@ -130,7 +130,7 @@ def placement(text: str) -> Placement:
     entries = cgroup_paths(text)
     container_id = rootless_id = ""
     rootless_uid: Optional[int] = None
-    for _, path in entries:
+    for path in dict.fromkeys(p for _, p in entries if p != "/"):  # v1 repeats paths
         owned = _runtime_match(path)[0]
         if owned:
             container_id = container_id or owned
@@ -142,7 +142,7 @@ def placement(text: str) -> Placement:
     systemd_unit = user_unit = ""
     path = systemd_path(entries)
     if path:
-        end = _runtime_match(path)[1]
+        end = _runtime_match(path)[1] if path != "/" else -1
         components = (path[:end] if end >= 0 else path).split("/")
         manager = next(
             (i for i, c in enumerate(components) if _USER_MANAGER.fullmatch(c) is not None), -1
