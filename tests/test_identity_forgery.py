@@ -568,10 +568,10 @@ def test_the_proof_reaches_every_output(
     """JSON, CSV, ECS (``process.hash.sha256``, ``package.name``) and the table; the osquery
     tables and the history derive their columns from the record."""
     from agent.history.schema import HISTORY_COLUMNS
-    from agent.osquery.table import (
-        EXTERNAL_CONNECTION_EVENTS,
-        EXTERNAL_CONNECTION_HISTORY,
-        EXTERNAL_CONNECTIONS,
+    from agent.osquery import (
+        external_connection_events,
+        external_connection_history,
+        external_connections,
     )
 
     cli, port = hosts
@@ -602,8 +602,8 @@ def test_the_proof_reaches_every_output(
     table = egress_agent("check", "--format", "table", *pid).stdout
     assert table.splitlines()[0].split()[-1] == "exe_status" and "packaged" in table
 
-    for spec in (EXTERNAL_CONNECTIONS, EXTERNAL_CONNECTION_HISTORY, EXTERNAL_CONNECTION_EVENTS):
-        assert set(NEW_COLUMNS) <= set(spec.column_names), spec
+    for table in (external_connections, external_connection_history, external_connection_events):
+        assert set(NEW_COLUMNS) <= set(table.SPEC.column_names), table.__name__
     assert set(NEW_COLUMNS) <= {name for name, _ in HISTORY_COLUMNS}
 
 
