@@ -3,9 +3,10 @@ SHA-256, and whether a package vouches for it.
 
 ``exe_status`` (a column of every record):
 
-- ``mismatch``: the file ``/proc/PID/exe`` opens is not the file the agent's own view has at
-  the path the link reads (device and inode differ): a private mount namespace (``unshare -rm``
-  and a bind mount) or a container put another file there.  ``path`` rules do not match.
+- ``mismatch``: the file ``/proc/PID/exe`` opens is not the file the host has at the path the
+  link reads (device and inode differ; the host's view is ``/proc/1/root`` where the agent may
+  read it, else its own): a private mount namespace (``unshare -rm`` and a bind mount) or a
+  container put another file there.  ``path`` rules do not match.
 - ``deleted``: the link reads ``PATH (deleted)``: the file was removed or replaced (an upgrade
   while the program ran, or a program that deleted itself).
 - ``memory``: the program runs from memory (``/memfd:NAME (deleted)``, ``memfd_create(2)``).
@@ -112,8 +113,13 @@ class ExeChecker:
         max_pending: int = 32,
         max_entries: int = 4096,
         clock: Callable[[], float] = time.monotonic,
+        host_root: Optional[str] = None,
     ) -> None:
         self.proc_root = proc_root
+        self.host_root = host_root if host_root is not None else default_host_root(proc_root)
+        """Prefixed to a path to reach the host's file: ``/proc/1/root`` where it can be read
+        (the init process's root: the host's, whatever mount namespace the agent runs in, such
+        as a unit's ``PrivateTmp``), else "" (the agent's own view)."""
         self.packages = list(packages) if packages is not None else default_databases()
         self.rate = max(1, rate)
         self.burst = max(1, burst)
@@ -140,7 +146,7 @@ class ExeChecker:
         except OSError:
             return UNKNOWN
         key: FileKey = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-        found = _where(link, key)
+        found = _where(link, key, self.host_root)
         if key not in self._digests and key not in self._pending:
             self._start(exe, key)
         self.advance()
@@ -226,7 +232,7 @@ class ExeChecker:
             return (PENDING, "")
         for database in self.packages:
             for candidate in candidates:
-                if candidate != path and not _same_file(candidate, key):
+                if candidate != path and not _same_file(self.host_root + candidate, key):
                     continue
                 stem, worked = database.owner(candidate)
                 if worked:
@@ -254,6 +260,17 @@ class ExeChecker:
         self._order.clear()
 
 
+def default_host_root(proc_root: str = PROC_ROOT) -> str:
+    """``PROC_ROOT/1/root`` when the agent may look through it (root with ``CAP_SYS_PTRACE``
+    over pid 1, ``proc(5)``), else "": the agent's own view of the file system."""
+    candidate = f"{proc_root}/1/root"
+    try:
+        os.stat(candidate + "/")
+    except OSError:
+        return ""
+    return candidate
+
+
 def _key_of(handle: Any) -> Optional[FileKey]:
     try:
         status = os.fstat(handle.fileno())
@@ -274,14 +291,14 @@ def _same_file(path: str, key: FileKey) -> bool:
     return (status.st_dev, status.st_ino) == key[:2]
 
 
-def _where(link: str, key: FileKey) -> str:
+def _where(link: str, key: FileKey, host_root: str) -> str:
     """``memory``, ``deleted`` or ``mismatch`` when the link's path is not the host's file
-    (``key``), else ``pending``."""
+    (``key``; the host's path is ``host_root`` + the path), else ``pending``."""
     if link.startswith("/memfd:"):
         return MEMORY
     if not link.startswith("/"):
         return MISMATCH  # anon_inode or anything else that is no path
-    if _same_file(link, key):
+    if _same_file(host_root + link, key):
         return PENDING
     if link.endswith(_DELETED_SUFFIX):
         return DELETED

@@ -327,6 +327,12 @@ def test_a_bind_mount_over_a_path_is_not_the_hosts_file(
     assert not row["allowlisted"]
     assert not allowed(attacker.pid, tmp_path, "{package: apt}")
     assert allowed(attacker.pid, tmp_path, f"{{sha256: {sha256_of(CURL)}}}")
+    # The host's view is taken through host_root (/proc/1/root where the agent may read it):
+    # through the attacker's own root, its bind mount is "the host's" file, a modified apt-get.
+    link = os.readlink(f"/proc/{attacker.pid}/exe")
+    assert ExeChecker(host_root="").inspect(attacker.pid, link).status == "mismatch"
+    seen_from_inside = ExeChecker(host_root=f"/proc/{attacker.pid}/root")
+    assert seen_from_inside.inspect(attacker.pid, link).status == "modified"
 
 
 def test_packaged_copied_and_swapped_executables(
