@@ -1,13 +1,15 @@
 """DNS packets to answers: matched to the queries that asked for them, TCP reassembled.
 
-Which answers count (RFC 5452 section 3, what a resolver itself accepts): on any interface but
-loopback, a response must come from the address and port a query seen leaving this namespace
-went to, to the address and port it came from, with its id and question; anything else is an
-unsolicited answer that anyone on the network could send, and is dropped.  On loopback only
-the namespace's own processes can send, so answers there (a local stub such as
-systemd-resolved at 127.0.0.53, or Docker's embedded server at 127.0.0.11, whose queries on
-the wire carry a NATed port) are taken as they come.  DNS over TCP (RFC 7766; after a
-truncated UDP answer) is reassembled per flow, from its SYN, within small bounds.
+Which answers count (RFC 5452 section 3, what a resolver itself accepts): a response must
+come from the address and port a query seen leaving this namespace went to, to the address and
+port it came from, with its id and question; anything else is an unsolicited answer, and is
+dropped.  Loopback too (issue 23): any process of the namespace can send there, a local user
+included, so an answer from a local stub (systemd-resolved at 127.0.0.53, dnsmasq) counts only
+when it matches a query sent to it.  Docker's embedded server (127.0.0.11) gets its queries on
+a port its NAT rules chose and answers from port 53: on loopback the server's port is not
+compared (its address, the client's address and port, the id and the question are).  At most
+:data:`MAX_ANSWERS_TAKEN` address records of one message are taken.  DNS over TCP (RFC 7766;
+after a truncated UDP answer) is reassembled per flow, from its SYN, within small bounds.
 
 :class:`AnswerTracker` is that logic on packets, without sockets; answers go into a
 :class:`agent.collect.dns.cache.NameCache`.
@@ -42,6 +44,9 @@ MAX_BUFFERED = 1 << 20
 MAX_HELD_SEGMENTS = 8
 """Out-of-order segments kept per flow until the gap before them fills."""
 FLOW_TIMEOUT = 30.0
+MAX_ANSWERS_TAKEN = 32
+"""Address records taken from one answer (a name served by many addresses has a dozen or two;
+a message may hold hundreds, all to fill the cache)."""
 # --- packets to answers ----------------------------------------------------------------------
 
 
@@ -51,15 +56,17 @@ class Counters:
 
     packets: int = 0
     queries: int = 0
-    """Queries seen leaving the namespace (loopback's are not needed and not counted)."""
+    """Queries seen leaving the namespace (to a server beyond it, or on loopback)."""
     responses: int = 0
     accepted: int = 0
-    """Responses matched to their query (or on loopback), whose answers were taken."""
+    """Responses matched to their query, whose answers were taken."""
     unsolicited: int = 0
     """Responses no query seen asked for (late, spoofed, or asked before the watch began)."""
     malformed: int = 0
     answers: int = 0
     """Address records added to the name cache."""
+    answers_cut: int = 0
+    """Address records of accepted answers past :data:`MAX_ANSWERS_TAKEN`, not taken."""
     tcp_messages: int = 0
     tcp_dropped: int = 0
     """TCP flows given up: joined mid-stream, a gap that did not fill, over the bounds."""
@@ -160,14 +167,10 @@ class AnswerTracker:
         if end < header + 8:
             return
         sport, dport = _PORTS.unpack_from(data, header)
-        if loopback:
-            if sport != DNS_PORT:  # a query or a stranger: loopback answers need no query
-                return
+        if sport == DNS_PORT and packet_type == PACKET_HOST:
             outgoing = False
-        elif sport == DNS_PORT and packet_type == PACKET_HOST:
-            outgoing = False
-        elif dport == DNS_PORT and packet_type == PACKET_OUTGOING:
-            outgoing = True
+        elif packet_type == PACKET_OUTGOING and (dport == DNS_PORT or loopback):
+            outgoing = True  # on loopback, to whatever port Docker's NAT chose
         else:
             return
         if protocol == IPPROTO_UDP:
@@ -218,7 +221,8 @@ class AnswerTracker:
             if head.response or head.opcode != OPCODE_QUERY:
                 return
             counters.queries += 1
-            key = (namespace, protocol, source, sport, destination, dport, head.id)
+            server_port = 0 if loopback else dport
+            key = (namespace, protocol, source, sport, destination, server_port, head.id)
             self._pending[key] = (now + PENDING_TIMEOUT, head.question.name, head.question.qtype)
             self._pending.move_to_end(key)
             while len(self._pending) > self.max_pending:
@@ -227,26 +231,27 @@ class AnswerTracker:
         if not head.response:
             return
         counters.responses += 1
-        if not loopback:
-            key = (namespace, protocol, destination, dport, source, sport, head.id)
-            waiting = self._pending.pop(key, None)
-            if (
-                waiting is None
-                or waiting[0] < now
-                or waiting[1] != head.question.name
-                or waiting[2] != head.question.qtype
-            ):
-                counters.unsolicited += 1
-                return
+        server_port = 0 if loopback else sport
+        key = (namespace, protocol, destination, dport, source, server_port, head.id)
+        waiting = self._pending.pop(key, None)
+        if (
+            waiting is None
+            or waiting[0] < now
+            or waiting[1] != head.question.name
+            or waiting[2] != head.question.qtype
+        ):
+            counters.unsolicited += 1
+            return
         counters.accepted += 1
         message = parse_message(payload)
         if message.problem:
             counters.malformed += 1
         if message.rcode != RCODE_NOERROR:
             return
-        for found in message.answers:
+        for found in message.answers[:MAX_ANSWERS_TAKEN]:
             self.cache.add(namespace, found.version, found.address, found.chain, found.ttl, now)
             counters.answers += 1
+        counters.answers_cut += max(0, len(message.answers) - MAX_ANSWERS_TAKEN)
 
     def _segment(
         self,
