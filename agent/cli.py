@@ -24,6 +24,7 @@ from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
 from agent.evidence import Evidence, Window, read_evidence
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
+from agent.limits import raise_open_files
 from agent.osquery.options import add_arguments as add_extension_arguments
 from agent.osquery.options import core_argv, extension_command
 from agent.pipeline import Monitor, Pipeline, Snapshot, open_events, open_store
@@ -216,6 +217,7 @@ class _NewConnections:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    raise_open_files()
     settings = load_settings(args.config)
     scope = _scope(args)
     history_log = logging.getLogger("egress_agent.history")

@@ -312,6 +312,7 @@ class ExtensionTables:
             "outbound_tcp_seen": stats.outbound_tcp_seen,
             "dns_names": stats.dns_names,
             "dns_error": stats.dns_error,
+            "dns_namespaces_left_out": stats.dns_namespaces_left_out,
             "events_source": stats.events_source,
             "events_lost": stats.events_lost,
             "events_error": stats.events_error,

@@ -39,6 +39,8 @@ class Stats:
     """Answers in the name cache (None: no names are kept)."""
     dns_error: Optional[str] = None
     """Why no names are observed (empty while they are)."""
+    dns_namespaces_left_out: Optional[int] = None
+    """Namespaces whose DNS answers are not watched: over the watch's bound (issue 23)."""
     last_error: Optional[str] = None
 
 
@@ -165,6 +167,8 @@ class Monitor:
             if names is not None:
                 self._stats.dns_names = len(names.cache)
                 self._stats.dns_error = names.notice
+                if names.watch is not None:
+                    self._stats.dns_namespaces_left_out = names.watch.left_out
         self.pipeline.record(snapshot)
         if self.pipeline.names is not None:
             self.pipeline.names.persist(self.pipeline.store, snapshot.at)
