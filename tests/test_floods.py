@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
-from conftest import NOBODY
 from dnshost import DnsHost, wait_for
+from floods import Flood, net_inode
 
 from agent.collect.dns.cache import NameCache
 from agent.collect.dns.watch import MAX_WATCHED, DnsWatch
@@ -39,46 +39,6 @@ store, sock_diag and /proc reads, pipes)."""
 RSS_BOUND_MB = 200
 """The memory ``watch`` may use under the flood (about 40 MB without it)."""
 STORE_BOUND_MB = 16
-
-
-def _net_inode(pid: int) -> int:
-    return os.stat(f"/proc/{pid}/ns/net").st_ino
-
-
-class Flood:
-    """``count`` processes of nobody's, each alone in a network namespace of its own."""
-
-    def __init__(self, count: int) -> None:
-        self.procs: List[subprocess.Popen[bytes]] = []
-        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-        for _ in range(count):
-            self.procs.append(
-                subprocess.Popen(
-                    [*as_nobody, "unshare", "-rn", "sleep", "300"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    cwd="/",
-                )
-            )
-        host = _net_inode(os.getpid())
-        for proc in self.procs:  # each in its namespace, running sleep
-            wait_for(lambda p=proc: self._settled(p.pid, host), f"pid {proc.pid} unshared", 60)
-        self.inodes = {_net_inode(proc.pid) for proc in self.procs}
-
-    @staticmethod
-    def _settled(pid: int, host: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/comm") as comm:
-                return comm.read().strip() == "sleep" and _net_inode(pid) != host
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-        for proc in self.procs:
-            proc.wait()
 
 
 def _needs() -> None:
@@ -147,7 +107,7 @@ def test_the_dns_watch_takes_roots_namespaces_before_nobodys(
 ) -> None:
     """An explicit discovery (ours only, so other tests' namespaces cannot change the count):
     the agent's own, the test host's three, then 20 of nobody's; room for 9."""
-    host = _net_inode(os.getpid())
+    host = net_inode(os.getpid())
     found = {n.inode: n for n in discover_namespaces().namespaces}
     ours = [dns_host.srv.inode, *(client.inode for client in dns_host.clients)]
     nobodys = sorted(flood.inodes)[:20]
