@@ -42,6 +42,7 @@ from typing import (
 )
 
 from agent.collect import SAMPLING
+from agent.history.schema import RUN_COLUMNS
 
 Row = Mapping[str, Any]
 """One row of ``external_connection_history`` or one run: column name -> value."""
@@ -72,23 +73,8 @@ ROW_KEYS: Tuple[str, ...] = (
 )
 """The history columns report and audit read (a missing one reads as empty)."""
 
-RUN_KEYS: Tuple[str, ...] = (
-    "run_id",
-    "kind",
-    "pid",
-    "hostname",
-    "machine_id",
-    "version",
-    "started_at",
-    "last_heartbeat",
-    "stopped_at",
-    "heartbeat_interval",
-    "events_source",
-    "events_lost",
-    "tcp_active_opens",
-    "outbound_tcp_seen",
-)
-"""The keys of one agent run, as ``HistoryStore.runs`` gives them."""
+RUN_KEYS: Tuple[str, ...] = tuple(name for name, _ in RUN_COLUMNS)
+"""The keys of one agent run, as ``HistoryStore.runs`` gives them (the store's run columns)."""
 
 EGRESS_DIRECTIONS = ("outbound", "unknown")
 """What may have gone out: outbound rows, and those whose direction the agent could not tell

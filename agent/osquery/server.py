@@ -40,9 +40,11 @@ from thrift.Thrift import TApplicationException, TMessageType
 from thrift.transport import TSocket, TTransport
 
 from agent import __version__
+from agent.osquery import context as context_module
 from agent.osquery import table, wire
+from agent.osquery.dispatch import ExtensionTables
 from agent.osquery.options import Options, add_arguments, core_argv
-from agent.osquery.tables import AgentInfo, ExtensionTables
+from agent.osquery.table import AgentInfo
 from agent.pipeline import Monitor, RunningAgent
 from agent.textsafe import error_line
 
@@ -351,8 +353,8 @@ def _describe(request: Optional[Mapping[str, str]]) -> str:
     context = request.get("context")
     if context is not None:
         try:
-            parsed = table.parse_context(context)
-        except table.ContextError:
+            parsed = context_module.parse_context(context)
+        except context_module.ContextError:
             return f"{text} context={context[:120]!r}"
         constrained = {
             name: [f"{c.op}:{c.expr}" for c in constraints]
