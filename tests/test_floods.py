@@ -8,7 +8,7 @@
   of descriptors: "cannot list the processes in /proc: Too many open files", and exit.
 - The DNS watch's choice under its bound, on real namespaces: the test host's (a root process
   in each) are watched before nobody's, and what was left out is counted.
-- ``watch`` raises its soft limit on open files to the hard limit at start.
+- ``watch`` and the extension raise their soft limit on open files to the hard limit at start.
 
 Every process is started here and killed by its pid; the namespaces go with them.
 """
@@ -152,3 +152,29 @@ def test_watch_raises_its_soft_limit_on_open_files(tmp_path: Path) -> None:
         _, stderr = watch.communicate(timeout=120)
     assert watch.returncode == 0, stderr
     assert limits.get("soft") == "4096"
+
+
+def _soft_open_files(pid: int) -> str:
+    with open(f"/proc/{pid}/limits") as table:
+        for line in table:
+            if line.startswith("Max open files"):
+                return line.split()[3]
+    return ""
+
+
+def test_the_extension_raises_its_soft_limit_on_open_files(tmp_path: Path) -> None:
+    """As osqueryd starts it (the core stand-in), under a soft limit of 1,024."""
+    from osquery_core import CoreStandIn, default_extension_command
+
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit (util-linux)")
+    config = tmp_path / "config.yaml"
+    config.write_text("history:\n  enabled: false\n")
+    with CoreStandIn() as core:
+        command = ["prlimit", "--nofile=1024:4096", "--", *default_extension_command()]
+        process = core.launch(command, env={"EGRESS_AGENT_CONFIG": str(config)})
+        core.wait_for_registration(process=process)
+        soft = _soft_open_files(process.pid)  # prlimit execs the extension: the same pid
+        process.terminate()
+        assert process.wait(10) == 0, core.output(process)
+    assert soft == "4096"
