@@ -405,6 +405,51 @@ def test_the_filter_program_is_classic_bpf() -> None:
             assert index + 1 + max(true, false) < len(program) // 8
 
 
+OTHER_NS = NS + 1
+
+
+def test_a_flood_of_queries_in_one_namespace_leaves_another_namespaces_query_waiting() -> None:
+    """Over the bound, the namespace holding the most waiting queries loses its oldest: the
+    flood pushes out its own, and the other namespace's answer still counts (issue 23)."""
+    cache = NameCache()
+    tracker = AnswerTracker(cache, max_pending=50)
+    asked = ipv4_packet(CLIENT, SERVER, 17, udp(40002, 53, query(7, "quiet.test")))
+    tracker.packet(NS, asked, PACKET_OUTGOING, False, NOW)
+    for ident in range(5000):
+        flood = ipv4_packet(CLIENT, SERVER, 17, udp(41000, 53, query(ident, f"f{ident}.test")))
+        tracker.packet(OTHER_NS, flood, PACKET_OUTGOING, False, NOW)
+    assert tracker.pending == 50 and tracker.pending_of(NS) == 1
+    message = response(7, "quiet.test", TYPE_A, [], ["151.101.9.7"])
+    tracker.packet(
+        NS, ipv4_packet(SERVER, CLIENT, 17, udp(53, 40002, message)), PACKET_HOST, False, NOW
+    )
+    assert tracker.counters[NS].accepted == 1
+    assert cache.lookup(NS, *address("151.101.9.7")) == "quiet.test"
+
+
+def test_a_flood_of_flows_in_one_namespace_leaves_another_namespaces_flow() -> None:
+    cache = NameCache()
+    tracker = AnswerTracker(cache, max_flows=8)
+
+    def out(namespace: int, l4: bytes) -> None:
+        tracker.packet(namespace, ipv4_packet(CLIENT, SERVER, 6, l4), PACKET_OUTGOING, False, NOW)
+
+    def back(namespace: int, l4: bytes) -> None:
+        tracker.packet(namespace, ipv4_packet(SERVER, CLIENT, 6, l4), PACKET_HOST, False, NOW)
+
+    asked = framed(query(78, "kept.test"))
+    out(NS, tcp(43000, 53, 100, 0x02))
+    back(NS, tcp(53, 43000, 900, 0x12))
+    out(NS, tcp(43000, 53, 101, 0x18, asked))
+    for port in range(100):  # another namespace opens flow after flow
+        back(OTHER_NS, tcp(53, 44000 + port, 0, 0x12))
+    assert tracker.flows == 8
+    answer = framed(response(78, "kept.test", TYPE_A, [], ["151.101.9.8"]))
+    back(NS, tcp(53, 43000, 901, 0x19, answer))
+    assert cache.lookup(NS, *address("151.101.9.8")) == "kept.test"
+    assert tracker.counters[NS].tcp_dropped == 0
+
+
 def test_one_answer_gives_a_bounded_number_of_addresses() -> None:
     cache = NameCache()
     tracker = AnswerTracker(cache)

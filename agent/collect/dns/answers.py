@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple, TypeVar
 
 from agent.collect.dns.cache import NameCache
 from agent.collect.dns.filter import (
@@ -115,7 +115,10 @@ class AnswerTracker:
 
     Not thread-safe: one thread feeds it (the watch's).  Every table it keeps is bounded:
     queries waiting (:data:`MAX_PENDING`), TCP flows (:data:`MAX_FLOWS`) and the bytes they
-    hold (:data:`MAX_BUFFERED`); the oldest go first.
+    hold (:data:`MAX_BUFFERED`).  Over a bound, the namespace holding the most pays, its oldest
+    first (issue 23: a namespace flooding queries or flows never pushes out another's waiting
+    query, whose answer would then count as unsolicited); a segment over the byte bound ends
+    its own flow.
     """
 
     def __init__(
@@ -132,6 +135,10 @@ class AnswerTracker:
         self.counters: Dict[int, Counters] = {}
         self._pending: OrderedDict[_PendingKey, Tuple[float, str, int]] = OrderedDict()
         self._flows: OrderedDict[_FlowKey, _Stream] = OrderedDict()
+        self._pending_of: Dict[int, int] = {}
+        """namespace -> its queries waiting"""
+        self._flows_of: Dict[int, int] = {}
+        """namespace -> its TCP flows followed"""
         self._buffered = 0
 
     def counters_of(self, namespace: int) -> Counters:
@@ -223,10 +230,12 @@ class AnswerTracker:
             counters.queries += 1
             server_port = 0 if loopback else dport
             key = (namespace, protocol, source, sport, destination, server_port, head.id)
+            if key not in self._pending:
+                _count(self._pending_of, namespace, 1)
             self._pending[key] = (now + PENDING_TIMEOUT, head.question.name, head.question.qtype)
             self._pending.move_to_end(key)
             while len(self._pending) > self.max_pending:
-                self._pending.popitem(last=False)
+                self._drop_pending(_oldest_of(self._pending, _largest(self._pending_of)))
             return
         if not head.response:
             return
@@ -234,6 +243,8 @@ class AnswerTracker:
         server_port = 0 if loopback else sport
         key = (namespace, protocol, destination, dport, source, server_port, head.id)
         waiting = self._pending.pop(key, None)
+        if waiting is not None:
+            _count(self._pending_of, namespace, -1)
         if (
             waiting is None
             or waiting[0] < now
@@ -267,8 +278,9 @@ class AnswerTracker:
         if flags & TCP_SYN:
             self._close(key)
             self._flows[key] = _Stream((seq + 1) & 0xFFFFFFFF, now, loopback)
+            _count(self._flows_of, namespace, 1)
             while len(self._flows) > self.max_flows:
-                self._close(next(iter(self._flows)), lost=True)
+                self._close(_oldest_of(self._flows, _largest(self._flows_of)), lost=True)
             seq = (seq + 1) & 0xFFFFFFFF  # data on a SYN (TCP Fast Open) follows it
         stream = self._flows.get(key)
         if stream is None:
@@ -346,6 +358,7 @@ class AnswerTracker:
         stream = self._flows.pop(key, None)
         if stream is None:
             return
+        _count(self._flows_of, key[0], -1)
         self._buffered -= stream.size()
         if lost:
             self.counters_of(key[0]).tcp_dropped += 1
@@ -355,16 +368,24 @@ class AnswerTracker:
     def sweep(self, now: float) -> None:
         """Drop queries that waited too long and TCP flows idle for :data:`FLOW_TIMEOUT`."""
         for query in [key for key, waiting in self._pending.items() if waiting[0] < now]:
-            del self._pending[query]
+            self._drop_pending(query)
         for flow in [k for k, s in self._flows.items() if s.last_seen + FLOW_TIMEOUT < now]:
             self._close(flow)
 
     def forget_namespace(self, namespace: int) -> None:
         for key in [key for key in self._pending if key[0] == namespace]:
-            del self._pending[key]
+            self._drop_pending(key)
         for flow in [key for key in self._flows if key[0] == namespace]:
             self._close(flow)
         self.counters.pop(namespace, None)
+
+    def _drop_pending(self, key: _PendingKey) -> None:
+        del self._pending[key]
+        _count(self._pending_of, key[0], -1)
+
+    def pending_of(self, namespace: int) -> int:
+        """Queries of one namespace waiting for their answer."""
+        return self._pending_of.get(namespace, 0)
 
     @property
     def pending(self) -> int:
@@ -377,3 +398,24 @@ class AnswerTracker:
     @property
     def buffered(self) -> int:
         return self._buffered
+
+
+def _count(counts: Dict[int, int], namespace: int, change: int) -> None:
+    left = counts.get(namespace, 0) + change
+    if left > 0:
+        counts[namespace] = left
+    else:
+        counts.pop(namespace, None)
+
+
+def _largest(counts: Dict[int, int]) -> int:
+    """The namespace holding the most (the first such, on a tie)."""
+    return max(counts, key=counts.__getitem__)
+
+
+_Key = TypeVar("_Key", _PendingKey, _FlowKey)
+
+
+def _oldest_of(table: Iterable[_Key], namespace: int) -> _Key:
+    """The oldest key of ``namespace`` in an ordered table keyed by (namespace, ...)."""
+    return next(key for key in table if key[0] == namespace)
