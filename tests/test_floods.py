@@ -4,8 +4,9 @@
   each, Debian 12 allows it by default).  ``egress-agent watch`` under a limit of 1,024 open
   files (soft and hard, so raising the soft limit cannot save it) must keep sampling and exit
   normally after its samples, its descriptors under the DNS watch's bound plus a few, its
-  memory under the stated bound.  Before the bound, one packet socket per namespace ran it out
-  of descriptors: "cannot list the processes in /proc: Too many open files", and exit.
+  memory under the stated bound, and say that namespaces were left out.  Before the bound,
+  one packet socket per namespace ran it out of descriptors: "cannot list the processes in
+  /proc: Too many open files", and exit.
 - The DNS watch's choice under its bound, on real namespaces: the test host's (a root process
   in each) are watched before nobody's, and what was left out is counted.
 - ``watch`` and the extension raise their soft limit on open files to the hard limit at start.
@@ -76,7 +77,7 @@ def test_watch_keeps_going_under_a_flood_of_namespaces(flood: Flood, tmp_path: P
     config.write_text(f"history:\n  path: {history}\n")
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     argv = ["prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", "--", sys.executable, "-m"]
-    argv += ["agent.cli", "watch", "--format", "jsonl", "--interval", "1", "--count", "3"]
+    argv += ["agent.cli", "watch", "--format", "jsonl", "--interval", "1", "--count", "6"]
     with out.open("w") as stdout, err.open("w") as stderr:
         watch = subprocess.Popen(
             argv,
@@ -97,6 +98,7 @@ def test_watch_keeps_going_under_a_flood_of_namespaces(flood: Flood, tmp_path: P
     errors = err.read_text()
     assert watch.returncode == 0, errors
     assert "Too many open files" not in errors and "Traceback" not in errors, errors
+    assert "network namespace(s) not watched, over the bound of the DNS watch" in errors, errors
     assert 0 < most_fds <= MAX_WATCHED + FD_ROOM, most_fds
     assert most_rss <= RSS_BOUND_MB * 1024, most_rss
     assert history.stat().st_size <= STORE_BOUND_MB << 20

@@ -305,12 +305,12 @@ class DnsWatch:
         for inode in [inode for inode in self.errors if inode not in seen]:
             del self.errors[inode]
         chosen = self._choose(namespaces)
+        self.left_out = len(seen) - len(chosen)
         for inode in [inode for inode in self._watched if inode not in chosen]:
             self._unwatch(inode)
         for namespace in namespaces:
             if namespace.inode in chosen and namespace.inode not in self._watched:
                 self._watch(namespace, threads)
-        self.left_out = len(seen) - len(chosen)
 
     def _choose(self, namespaces: Sequence[NetNamespace]) -> FrozenSet[int]:
         """The inodes of the at most :attr:`max_watched` namespaces to watch (see the module)."""
