@@ -28,7 +28,7 @@ Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 NameLookup = Callable[[int, int, int], Iterable[str]]
 """(network namespace inode, IP version, address as an integer) -> every name DNS answered
-for that address there (``agent.collect.names.NameCache.names``)."""
+for that address there (``agent.collect.dns.cache.NameCache.names``)."""
 
 
 @functools.lru_cache(maxsize=4096)

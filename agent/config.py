@@ -112,7 +112,7 @@ class Settings:
     sampling_interval: float = 5.0
     sampling_full_read_every: float = 30.0
     """Seconds: the longest a network namespace's TCP connections are taken from an earlier
-    dump because none of its counters moved (``agent/collect/changes.py``); 0 reads every
+    dump because none of its counters moved (``agent/collect/sockets/changes.py``); 0 reads every
     namespace in full every time."""
     history_enabled: bool = True
     history_path: str = DEFAULT_HISTORY_PATH
@@ -403,7 +403,7 @@ def parse_domain(value: object, where: str) -> str:
     """A DNS name to match (``api.github.com``) or ``*.`` and a name (``*.debian.org``: any
     name below debian.org, at any depth, not debian.org itself, as Envoy's and nginx's
     wildcard server names read).  Returned in lower case without the trailing dot, as
-    :mod:`agent.collect.dnsparse` writes the names it sees.
+    :mod:`agent.collect.dns.parse` writes the names it sees.
 
     Refused: what no DNS answer can carry (RFC 1035 section 2.3.4: labels of 1 to 63
     characters, names of at most 253), characters outside letters, digits, ``-`` and ``_``,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Dict, Mapping
 
-from agent.collect.procnet import PROC_ROOT, discover_namespaces, read_tcp_counters
+from agent.collect.netns import PROC_ROOT, discover_namespaces
+from agent.collect.sockets.procnet import read_tcp_counters
 
 
 def active_opens_by_namespace(proc_root: str = PROC_ROOT) -> Dict[int, int]:

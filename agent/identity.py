@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Tuple
 
-from agent.collect.procnet import PROC_ROOT
+from agent.collect.netns import PROC_ROOT
 
 if TYPE_CHECKING:
     import psutil  # imported where used: only off Linux (see the module's docstring)

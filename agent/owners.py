@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Collection, Dict, List, Mapping, Optional, Set, Tuple
 
-from agent.collect.procnet import PROC_ROOT, list_pids
+from agent.collect.netns import PROC_ROOT, list_pids
 
 Owner = Tuple[int, int]
 """(pid, fd)"""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, Mapping, Optional, Sequence, Tuple
 
 from agent.allow import glob_matcher
-from agent.collect.procnet import parse_namespace_link
+from agent.collect.netns import parse_namespace_link
 from agent.config import unit_pattern
 from agent.records import Value
 

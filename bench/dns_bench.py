@@ -36,9 +36,11 @@ import timeit
 import tracemalloc
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from agent.collect.dnsparse import parse_message
-from agent.collect.dnswatch import PACKET_HOST, PACKET_OUTGOING, AnswerTracker, DnsWatch
-from agent.collect.names import MAX_BYTES, MAX_ENTRIES, NameCache
+from agent.collect.dns.answers import AnswerTracker
+from agent.collect.dns.cache import MAX_BYTES, MAX_ENTRIES, NameCache
+from agent.collect.dns.filter import PACKET_HOST, PACKET_OUTGOING
+from agent.collect.dns.parse import parse_message
+from agent.collect.dns.watch import DnsWatch
 from bench.dnsload import TYPE_A, ipv4_packet, query, response
 
 TYPICAL = response(
@@ -96,10 +98,10 @@ def parser_rows() -> List[Row]:
         ),
         ("parser: 512 A records", f"{_per_call_us(lambda: parse_message(LARGE), 20):.0f} us", ""),
     ]
-    ours = _import_cost("agent.collect.dnsparse")
+    ours = _import_cost("agent.collect.dns.parse")
     if ours is not None:
         rows.append(
-            ("import agent.collect.dnsparse", f"{ours[0]:.1f} ms", f"+{ours[1]:.1f} MiB RSS")
+            ("import agent.collect.dns.parse", f"{ours[0]:.1f} ms", f"+{ours[1]:.1f} MiB RSS")
         )
     try:
         import dns.message  # type: ignore[import-not-found]

@@ -30,10 +30,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from agent.collect.events import EventSource, open_event_source
-from agent.collect.kevents import choose_events
-from agent.collect.procnet import parse_snmp
-from agent.collect.ringbuffer import PageParser, parse_header_event, parse_header_page
+from agent.collect.kernel.reader import choose_events
+from agent.collect.kernel.ringbuffer import PageParser, parse_header_event, parse_header_page
+from agent.collect.kernel.source import EventSource, open_event_source
+from agent.collect.sockets.procnet import parse_snmp
 from bench.report import machine, markdown_table, publish
 from bench.topology import Topology, build, teardown
 

@@ -5,8 +5,8 @@
 ``/proc/net/{tcp,tcp6,udp,udp6}`` of its own namespace only), then the identity of every pid
 that owns a socket via ``Process.oneshot()``, the same fields the agent reports.
 
-``our_sampler`` is egress-agent's own sampler (``agent.collect.linux``): every network namespace,
-external connections only, each with its process, as ``egress-agent check`` takes it.
+``our_sampler`` is egress-agent's own sampler (``agent.collect.sockets.sampler``): every network
+namespace, external connections only, each with its process, as ``egress-agent check`` takes it.
 
 Imports are inside the factories: the worker times the factory in cold mode, so what a fresh
 process must import (psutil for the naive table; the agent's modules for the sampler) is part
@@ -54,14 +54,15 @@ def psutil_table() -> Callable[[], int]:
 
 
 def our_sampler() -> Callable[[], List[object]]:
-    """One sample of ``agent.collect.linux``: all namespaces, external rows only, with identity.
+    """One sample of ``agent.collect.sockets.sampler``: all namespaces, external rows only,
+    with identity.
 
     Cold and warm differ only in the process: cold is a fresh interpreter per run (imports,
     classifier and sampler construction included), warm keeps this closure (and the sampler's
     caches: verdicts, owner scan order, identities) across runs.
     """
     from agent.classify import Classifier
-    from agent.collect.linux import LinuxSampler
+    from agent.collect.sockets.sampler import LinuxSampler
 
     return _sampling(LinuxSampler(Classifier()))
 
@@ -84,7 +85,7 @@ def our_sampler_reading_all() -> Callable[[], List[object]]:
     """:func:`our_sampler` reading every namespace in full every time
     (``full_read_every=0``): the sampler before namespaces were reused, for comparison."""
     from agent.classify import Classifier
-    from agent.collect.linux import LinuxSampler
+    from agent.collect.sockets.sampler import LinuxSampler
 
     return _sampling(LinuxSampler(Classifier(), full_read_every=0))
 
@@ -99,8 +100,9 @@ def kernel_floor() -> Callable[[], int]:
     nothing, so the kernel walks its hash tables and copies nothing out.  Warm only (the
     sockets are opened once); the floor under the sampler, as ``ss -tunaH`` is for one
     namespace."""
-    from agent.collect.procnet import SOCKET_TABLES, discover_namespaces
-    from agent.collect.sockdiag import ALL_STATES, DiagSocket
+    from agent.collect.netns import discover_namespaces
+    from agent.collect.sockets.procnet import SOCKET_TABLES
+    from agent.collect.sockets.sockdiag import ALL_STATES, DiagSocket
 
     def sample() -> int:
         walked = 0

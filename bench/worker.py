@@ -42,7 +42,7 @@ def _rows(result: Union[int, Sized]) -> int:
 
 def _quiet(sample: Sampler) -> Dict[str, Any]:
     """``{"quiet": [undumped, namespaces]}`` when the sample says how many namespaces it left
-    undumped (a ``quiet()`` attribute: the sampler's reuse, agent/collect/changes.py)."""
+    undumped (a ``quiet()`` attribute: the sampler's reuse, agent/collect/sockets/changes.py)."""
     quiet = getattr(sample, "quiet", None)
     return {"quiet": list(quiet())} if callable(quiet) else {}
 

@@ -24,8 +24,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import pytest
 from nethost import Namespace, NetHost, Proc
 
-from agent.collect.dnswatch import DnsWatch
-from agent.collect.names import NameCache
+from agent.collect.dns.cache import NameCache
+from agent.collect.dns.watch import DnsWatch
 
 FASTLY = "debian.map.fastly.net"
 ONE = {

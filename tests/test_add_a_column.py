@@ -1,8 +1,8 @@
 """The recipe of docs/DESIGN.md, "Add a column", tested as a developer would follow it.
 
 A copy of the ``agent`` package gets one new column, edited in the two places the recipe names
-(the record definition in records.py, and the reader that fills it in collect/linux.py), and
-nothing else.  The copy then runs for real, on a connection between two test hosts: the column
+(the record definition in records.py, and the reader that fills it in collect/sockets/sampler.py),
+and nothing else.  The copy then runs for real, on a connection between two test hosts: the column
 reaches ``check``'s JSON and CSV, the history store (an existing store gains the column), and
 the osquery tables of the extension started by the core stand-in.
 """
@@ -46,7 +46,7 @@ def copy_with_a_new_column(target: Path) -> Path:
         ),
         (package / "records.py", SOCKET_FIELD, SOCKET_FIELD + '    reader_note: str = ""\n'),
         (
-            package / "collect" / "linux.py",
+            package / "collect" / "sockets" / "sampler.py",
             READER_LINE,
             READER_LINE + '                reader_note=f"seen in {namespace_inode}",\n',
         ),
@@ -138,4 +138,4 @@ def test_the_recipe_names_these_files() -> None:
     """If the recipe changes, this test's edits must change with it."""
     design = (ROOT / "docs" / "DESIGN.md").read_text()
     recipe = design[design.index("### Add a column") :].split("\n### ", 1)[0]
-    assert "agent/records.py" in recipe and "agent/collect/linux.py" in recipe
+    assert "agent/records.py" in recipe and "agent/collect/sockets/sampler.py" in recipe

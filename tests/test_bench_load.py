@@ -179,7 +179,8 @@ def test_over_time_reads_cpu_and_rss_of_the_extension_processes() -> None:
 def test_a_load_over_many_namespaces_with_a_storm_leaves_nothing_behind() -> None:
     import time
 
-    from agent.collect.procnet import namespace_of, read_tcp_counters
+    from agent.collect.netns import namespace_of
+    from agent.collect.sockets.procnet import read_tcp_counters
 
     scale = SCALES["tiny-ns"]
     with Load(scale, TOPOLOGY) as load:

@@ -25,7 +25,7 @@ import pytest
 from nethost import NetHost, Proc
 
 from agent.classify import Classifier
-from agent.collect.linux import LinuxSampler
+from agent.collect.sockets.sampler import LinuxSampler
 from agent.records import Connection
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat") + "c"

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.collect import dnsparse
-from agent.collect.dnsparse import (
+from agent.collect.dns import parse as dnsparse
+from agent.collect.dns.parse import (
     MAX_CHAIN,
     MAX_RECORDS,
     TYPE_A,
@@ -214,7 +214,7 @@ def test_more_records_than_read() -> None:
 
 
 def lines_run(work: Callable[[], Any]) -> int:
-    """How many lines of agent/collect/dnsparse.py ``work()`` executes."""
+    """How many lines of agent/collect/dns/parse.py ``work()`` executes."""
     count = 0
     target = dnsparse.__file__
 

@@ -28,15 +28,11 @@ from dnshost import FASTLY, ONE, TWO, DnsHost, LateWatch, address, resolve, wait
 
 from agent.allow import annotate
 from agent.classify import Classifier
-from agent.collect.dnswatch import (
-    PACKET_HOST,
-    PACKET_OUTGOING,
-    AnswerTracker,
-    DnsWatch,
-    dns_filter,
-)
-from agent.collect.linux import LinuxSampler as Sampler
-from agent.collect.names import NameCache
+from agent.collect.dns.answers import AnswerTracker
+from agent.collect.dns.cache import NameCache
+from agent.collect.dns.filter import PACKET_HOST, PACKET_OUTGOING, dns_filter
+from agent.collect.dns.watch import DnsWatch
+from agent.collect.sockets.sampler import LinuxSampler as Sampler
 from agent.config import parse_settings, parse_yaml
 from bench.dnsload import TYPE_A, ipv4_packet, query, response
 
@@ -83,7 +79,7 @@ def test_catch_up_reads_what_the_sockets_hold(dns_host: DnsHost) -> None:
 
 
 def test_a_nameless_connection_is_looked_up_again_after_catching_up() -> None:
-    from agent.pipeline.names import DomainNames
+    from agent.pipeline.domains import DomainNames
     from agent.records import Connection
 
     cache = NameCache()

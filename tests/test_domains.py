@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 import pytest
 
 from agent.allow import annotate, domain_matcher, first_match, matches
-from agent.collect.names import NameCache
+from agent.collect.dns.cache import NameCache
 from agent.config import AllowRule, ConfigError, parse_settings, parse_yaml
 from agent.records import Connection
 

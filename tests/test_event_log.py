@@ -1,5 +1,5 @@
 """The buffer behind ``external_connection_events``: attempts settled by their outcome and
-their close, bounded by count and age (agent.pipeline.events.EventLog); and what the event
+their close, bounded by count and age (agent.pipeline.feed.EventLog); and what the event
 feed does with a batch of events before it logs them (EventFeed.handle)."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from typing import List
 
 from dnshost import LateWatch
 
-from agent.collect.names import NameCache
-from agent.collect.tracker import SocketEvent
+from agent.collect.dns.cache import NameCache
+from agent.collect.kernel.tracker import SocketEvent
 from agent.config import parse_settings, parse_yaml
 from agent.identity import Identity
 from agent.pipeline import Pipeline
-from agent.pipeline.events import EventFeed, EventLog, EventRow
-from agent.pipeline.names import DomainNames
+from agent.pipeline.domains import DomainNames
+from agent.pipeline.feed import EventFeed, EventLog, EventRow
 from agent.records import Connection
 
 

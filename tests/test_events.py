@@ -22,9 +22,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Set
 import pytest
 from nethost import Namespace, NetHost, Proc
 
-from agent.collect.events import EventSource, open_event_source
-from agent.collect.procnet import parse_snmp
-from agent.collect.tracker import SocketEvent
+from agent.collect.kernel.source import EventSource, open_event_source
+from agent.collect.kernel.tracker import SocketEvent
+from agent.collect.sockets.procnet import parse_snmp
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat")
 INSTANCE_PREFIX = f"egress-agent-{PREFIX}"

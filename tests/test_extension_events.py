@@ -29,8 +29,8 @@ from osquery_core import CoreStandIn, ExtensionConnection
 from test_events import BASH, CLIENT, SERVER, Host, run_storm
 
 from agent.classify import Classifier
-from agent.collect.events import open_event_source
-from agent.collect.linux import LinuxSampler
+from agent.collect.kernel.source import open_event_source
+from agent.collect.sockets.sampler import LinuxSampler
 from agent.config import Settings
 from agent.history import HistoryStore
 from agent.pipeline import EventFeed, EventLog, Monitor, Pipeline

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 from agent import cli
 from agent.classify import MAX_ADDRESS_LENGTH, AddressError, Classifier
-from agent.collect.procnet import (
+from agent.collect.netns import parse_namespace_link
+from agent.collect.sockets.procnet import (
     SOCKET_TABLES,
     TCP4,
     TCP6,
@@ -33,7 +34,6 @@ from agent.collect.procnet import (
     SocketTable,
     encode_address,
     parse_line,
-    parse_namespace_link,
     parse_snmp,
     scan_socket_table,
 )

@@ -44,8 +44,8 @@ import pytest
 from nethost import Namespace, NetHost, Proc
 
 from agent.classify import Classifier
-from agent.collect import linux as sampler_module
-from agent.collect.linux import LinuxSampler
+from agent.collect.sockets import sampler as sampler_module
+from agent.collect.sockets.sampler import LinuxSampler
 from agent.owners import OwnerFinder, OwnerScan
 from agent.render import FORMATS, render
 from agent.textsafe import cell_text, utf8_safe

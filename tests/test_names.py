@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 import pytest
 
-from agent.collect.names import NameCache
+from agent.collect.dns.cache import NameCache
 
 NS, OTHER_NS = 4026532001, 4026532002
 CDN = int(ipaddress.IPv4Address("151.101.2.132"))

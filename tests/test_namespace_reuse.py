@@ -25,8 +25,8 @@ from nethost import Namespace, NetHost, Proc
 
 from agent.classify import Classifier
 from agent.collect import NamespaceStats
-from agent.collect.changes import Reuse, read_signals
-from agent.collect.linux import LinuxSampler
+from agent.collect.sockets.changes import Reuse, read_signals
+from agent.collect.sockets.sampler import LinuxSampler
 from agent.records import Connection
 
 SRV4, SRV6 = "9.9.9.9", "2001:4860:4860::8888"

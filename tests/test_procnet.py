@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.collect.procnet import (
+from agent.collect.netns import discover_namespaces, namespace_of, parse_namespace_link
+from agent.collect.sockets.procnet import (
     SOCKET_TABLES,
     TCP4,
     TCP6,
@@ -21,11 +22,8 @@ from agent.collect.procnet import (
     ListenerIndex,
     decode_address,
     decode_endpoint,
-    discover_namespaces,
     encode_address,
-    namespace_of,
     parse_line,
-    parse_namespace_link,
     parse_snmp,
     read_socket_table,
     read_sockets,

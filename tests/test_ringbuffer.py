@@ -18,8 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.collect import kevents
-from agent.collect.kevents import (
+from agent.collect.kernel import reader, records
+from agent.collect.kernel.reader import choose_events
+from agent.collect.kernel.records import (
     ProcessExec,
     ProcessExit,
     ProcessFork,
@@ -27,10 +28,9 @@ from agent.collect.kevents import (
     TaskRename,
     TcpReset,
     TcpStateChange,
-    choose_events,
     decode_tcp_state,
 )
-from agent.collect.ringbuffer import (
+from agent.collect.kernel.ringbuffer import (
     LOST_UNKNOWN,
     MISSED_EVENTS,
     MISSED_STORED,
@@ -77,8 +77,8 @@ def captured_pages(name: str) -> List[bytes]:
     return [data[offset : offset + size] for offset in range(0, len(data), size)]
 
 
-def decode_all(pages: Sequence[bytes]) -> Tuple[List[kevents.KernelEvent], List[object]]:
-    events: List[kevents.KernelEvent] = []
+def decode_all(pages: Sequence[bytes]) -> Tuple[List[records.KernelEvent], List[object]]:
+    events: List[records.KernelEvent] = []
     infos = []
     for page in pages:
         infos.append(PARSER.parse(page, CHOSEN.decoders, events))
@@ -200,7 +200,7 @@ def test_a_rel_loc_string_counts_from_the_end_of_its_field() -> None:
     fmt = parse_event_format(text, "sched")
     name = b"/usr/bin/curl\0"
     record = struct.pack("<HBBiIii", 9, 0, 0, 77, (len(name) << 16) | (20 - 12), 77, 77) + name
-    event = kevents.decode_exec(fmt)(record, 0, len(record), 1)
+    event = records.decode_exec(fmt)(record, 0, len(record), 1)
     assert event == ProcessExec(1, 77, 77, 77, "/usr/bin/curl")
 
 
@@ -221,7 +221,7 @@ def test_real_pages_decode_into_the_workload_the_capture_ran() -> None:
     assert (2, 1, client, port) in transitions  # established
     assert (10, 3, port, client) in transitions  # accepted, in softirq
     accepted = [e for e in mine if (e.oldstate, e.newstate) == (10, 3) and e.sport == port]
-    assert accepted and accepted[0].flags & kevents.IN_INTERRUPT
+    assert accepted and accepted[0].flags & records.IN_INTERRUPT
     connect = next(e for e in mine if (e.oldstate, e.newstate, e.dport) == (7, 2, port))
     assert (connect.saddr, connect.daddr, connect.sport) == (b"\x7f\0\0\1", b"\x7f\0\0\1", 0)
     six = [e for e in mine if e.family == 10 and e.dport == META["tcp6_port"]]
@@ -239,14 +239,14 @@ def test_real_pages_decode_into_the_workload_the_capture_ran() -> None:
     forks = {e.child: e for e in events if isinstance(e, ProcessFork)}
     assert forks[META["long_exec_pid"]].parent == pid
     assert forks[META["long_exec_pid"]].clone_flags is not None
-    threads = [e for e in forks.values() if e.clone_flags and e.clone_flags & kevents.CLONE_THREAD]
+    threads = [e for e in forks.values() if e.clone_flags and e.clone_flags & records.CLONE_THREAD]
     assert threads
     renames = [e for e in events if isinstance(e, TaskRename) and e.comm == "capture-thread"]
     assert renames and renames[0].tid == threads[0].child
     exits = {e.tid: e for e in events if isinstance(e, ProcessExit)}
     assert exits[META["long_exec_pid"]].group_dead is True
     assert exits[threads[0].child].group_dead is False
-    assert any(isinstance(e, kevents.NamespaceSwitch) and e.syscall == "unshare" for e in events)
+    assert any(isinstance(e, records.NamespaceSwitch) and e.syscall == "unshare" for e in events)
 
 
 def _type_lens(page: bytes) -> List[int]:
@@ -279,7 +279,7 @@ def test_the_real_pages_include_a_long_record() -> None:
 
 def test_real_pages_of_one_cpu_are_in_time_order() -> None:
     for page in captured_pages("pages.bin"):
-        events: List[kevents.KernelEvent] = []
+        events: List[records.KernelEvent] = []
         PARSER.parse(page, CHOSEN.decoders, events)
         times = [event.time for event in events]
         assert times == sorted(times)
@@ -294,7 +294,7 @@ def test_a_real_overrun_page_carries_the_kernels_lost_count() -> None:
 
 def test_every_event_the_source_uses_is_in_the_captured_formats() -> None:
     assert CHOSEN.unavailable == {}
-    assert len(CHOSEN.decoders) == len(CHOSEN.settings) == len(kevents.EVENT_SPECS) - 1
+    assert len(CHOSEN.decoders) == len(CHOSEN.settings) == len(reader.EVENT_SPECS) - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +481,7 @@ def test_hostile_names_stay_data() -> None:
     field = fmt.require("newcomm")
     struct.pack_into("<H", record, 0, fmt.id)
     record[field.offset : field.offset + 16] = b"\xff\x1b[31mevil\n\0rest"
-    event = kevents.decode_rename(fmt)(bytes(record), 0, len(record), 1)
+    event = records.decode_rename(fmt)(bytes(record), 0, len(record), 1)
     assert isinstance(event, TaskRename)
     assert event.comm == os.fsdecode(b"\xff\x1b[31mevil\n")
 

@@ -24,8 +24,9 @@ from nethost import NetHost, Proc
 
 from agent.classify import Classifier
 from agent.collect import Sampler, SamplerError
-from agent.collect.linux import LinuxSampler
-from agent.collect.procnet import encode_address, namespace_of
+from agent.collect.netns import namespace_of
+from agent.collect.sockets.procnet import encode_address
+from agent.collect.sockets.sampler import LinuxSampler
 from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
 from agent.records import Connection
 
@@ -375,7 +376,7 @@ def test_psutil_backend_agrees_inside_a_namespace(scenario: Scenario) -> None:
     """psutil sees only its own namespace, so it runs inside the client namespace."""
     script = (
         "import json; from agent.classify import Classifier;"
-        "from agent.collect.psutil_backend import PsutilSampler;"
+        "from agent.collect.sockets.psutil_backend import PsutilSampler;"
         "rows = PsutilSampler(Classifier()).sample();"
         "print(json.dumps([r.as_dict() for r in rows]))"
     )
@@ -651,7 +652,7 @@ def test_no_proc_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_both_backends_are_socket_samplers() -> None:
-    from agent.collect.psutil_backend import PsutilSampler
+    from agent.collect.sockets.psutil_backend import PsutilSampler
 
     samplers: List[Sampler] = [LinuxSampler(CLASSIFIER), PsutilSampler(CLASSIFIER)]
     assert all(isinstance(s.limited, bool) for s in samplers)

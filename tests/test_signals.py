@@ -1,5 +1,5 @@
 """A namespace's counters as the sampler reads them before deciding to dump it
-(agent.collect.changes.read_signals), over /proc files written by the test."""
+(agent.collect.sockets.changes.read_signals), over /proc files written by the test."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.collect.changes import read_signals
+from agent.collect.sockets.changes import read_signals
 
 SNMP = (
     "Ip: Forwarding DefaultTTL\nIp: 2 64\n"

@@ -18,9 +18,10 @@ from conftest import needs_root
 from nethost import NetHost
 
 from agent.classify import NEVER_EXTERNAL, Classifier
-from agent.collect.changes import read_signals
-from agent.collect.procnet import SOCKET_TABLES, TCP4, TCP6, UDP4, namespace_of, read_sockets
-from agent.collect.sockdiag import (
+from agent.collect.netns import namespace_of
+from agent.collect.sockets.changes import read_signals
+from agent.collect.sockets.procnet import SOCKET_TABLES, TCP4, TCP6, UDP4, read_sockets
+from agent.collect.sockets.sockdiag import (
     ALL_STATES,
     LISTEN_ONLY,
     NOT_LISTENING,
@@ -28,7 +29,6 @@ from agent.collect.sockdiag import (
     SockDiagError,
     exclude_inbound_internal,
     exclude_remote,
-    open_in_namespace,
 )
 from agent.inet import is_listening
 
@@ -181,7 +181,7 @@ def test_an_empty_program_keeps_everything() -> None:
 
 def test_a_gone_process_cannot_be_entered() -> None:
     with pytest.raises(OSError):
-        open_in_namespace(2**22 + 1)
+        DiagSocket.in_namespace(2**22 + 1)
 
 
 @needs_root

@@ -22,9 +22,9 @@ from typing import Dict, Iterator, List
 import pytest
 from conftest import needs_root, run_as_nobody
 
-from agent.collect import tracefs
-from agent.collect.kevents import EVENT_SPECS, TCP_FILTER, EventReader, choose_events
-from agent.collect.tracefs import (
+from agent.collect.kernel import tracefs
+from agent.collect.kernel.reader import EVENT_SPECS, TCP_FILTER, EventReader, choose_events
+from agent.collect.kernel.tracefs import (
     EventSetting,
     EventsUnavailable,
     Instance,
@@ -252,7 +252,7 @@ def test_the_top_level_and_another_tools_instance_stay_byte_identical(root: str)
 _PRIVATE_MOUNT = r"""
 import json, os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
-from agent.collect import tracefs
+from agent.collect.kernel import tracefs
 out = {}
 subprocess.run(["umount", "/sys/kernel/tracing"], check=True)
 try:
@@ -338,7 +338,7 @@ def test_lockdown_mode(tmp_path: Path, text: str, mode: str) -> None:
 
 @needs_root
 def test_an_ordinary_user_is_told_it_needs_root() -> None:
-    from agent.collect.events import open_event_source
+    from agent.collect.kernel.source import open_event_source
 
     def attempt() -> List[str]:
         try:
@@ -353,7 +353,7 @@ def test_an_ordinary_user_is_told_it_needs_root() -> None:
 
 
 def test_a_kernel_without_the_tcp_event_falls_back(root: str) -> None:
-    from agent.collect.events import open_event_source
+    from agent.collect.kernel.source import open_event_source
 
     with pytest.raises(EventsUnavailable) as raised:
         open_event_source(prefix=PREFIX, exclude=["sock:inet_sock_set_state"])

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from agent.collect.kevents import (
-    CLONE_NEWNET,
+from agent.collect.kernel.listeners import ListenerResolver
+from agent.collect.kernel.records import (
     CLONE_THREAD,
     FLAG_SOFTIRQ,
     KernelEvent,
@@ -31,8 +31,8 @@ from agent.collect.kevents import (
     TcpReset,
     TcpStateChange,
 )
-from agent.collect.listeners import ListenerResolver
-from agent.collect.tracker import NO_OWNER, SocketEvent, Tracker
+from agent.collect.kernel.tracker import NO_OWNER, SocketEvent, Tracker
+from agent.collect.netns import CLONE_NEWNET
 from agent.identity import IdentityCache, process_uuid
 
 BOOT_ID = "5e1f1d2c-0000-4000-8000-000000000000"

@@ -18,7 +18,7 @@ from osquery.extensions.ttypes import ExtensionResponse, ExtensionStatus
 from osquery_core import generated_call_reply
 
 from agent.classify import Classifier
-from agent.collect.linux import LinuxSampler as Sampler
+from agent.collect.sockets.sampler import LinuxSampler as Sampler
 from agent.osquery import table, wire
 from agent.records import Connection
 

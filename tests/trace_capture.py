@@ -31,9 +31,9 @@ from typing import Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from agent.collect.kevents import EVENT_SPECS, choose_events  # noqa: E402
-from agent.collect.ringbuffer import subbuffer_size  # noqa: E402
-from agent.collect.tracefs import Instance, InstanceSettings, find_tracefs  # noqa: E402
+from agent.collect.kernel.reader import EVENT_SPECS, choose_events  # noqa: E402
+from agent.collect.kernel.ringbuffer import subbuffer_size  # noqa: E402
+from agent.collect.kernel.tracefs import Instance, InstanceSettings, find_tracefs  # noqa: E402
 
 OUT = os.path.join(HERE, "data", "trace")
 

@@ -3,11 +3,11 @@
 A :class:`Sampler` takes one sample of the host's inet sockets and returns
 :class:`agent.records.Connection` records; :func:`open_sampler` picks the one for this platform:
 
-- :mod:`agent.collect.linux`: every network namespace, through netlink ``sock_diag``
-  (:mod:`agent.collect.sockdiag`) filtered in the kernel, or ``/proc/PID/net`` text
-  (:mod:`agent.collect.procnet`); owners and identities from ``/proc``;
-- :mod:`agent.collect.psutil_backend`: ``psutil.net_connections()``, this namespace only, for
-  other platforms and as the reference the Linux sampler is checked against.
+- :mod:`agent.collect.sockets.sampler`: every network namespace, through netlink ``sock_diag``
+  (:mod:`agent.collect.sockets.sockdiag`) filtered in the kernel, or ``/proc/PID/net`` text
+  (:mod:`agent.collect.sockets.procnet`); owners and identities from ``/proc``;
+- :mod:`agent.collect.sockets.psutil_backend`: ``psutil.net_connections()``, this namespace
+  only, for other platforms and as the reference the Linux sampler is checked against.
 
 The statistics types live here, beside the protocol, so that each backend imports them from its
 package and no backend imports another.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Collection, Dict, FrozenSet, List, Optional, P
 from agent.classify import Classifier
 
 if TYPE_CHECKING:
-    from agent.collect.procnet import NamespaceDiscovery
+    from agent.collect.netns import NamespaceDiscovery
     from agent.records import Connection
 
 UNPRIVILEGED_NOTICE = (
@@ -53,7 +53,7 @@ class NamespaceStats:
     """Outbound TCP connections in its tables, when the sampler counts them."""
     reused: bool = False
     """Its TCP connections are those of an earlier dump: none of its TCP counters moved since
-    (:mod:`agent.collect.changes`)."""
+    (:mod:`agent.collect.sockets.changes`)."""
     quiet: bool = False
     """Nothing was dumped at all: none of its counters moved since its last read."""
     error: str = ""
@@ -88,8 +88,8 @@ class SampleStats:
     per_namespace: List[NamespaceStats] = field(default_factory=list)
     outbound_tcp: Optional[FrozenSet[int]] = None
     """Every outbound TCP connection in the tables, external or not, as
-    :func:`agent.collect.outbound.outbound_key` names them; only when the sampler counts them
-    (:attr:`Sampler.count_outbound_tcp`)."""
+    :func:`agent.collect.sockets.outbound.outbound_key` names them; only when the sampler counts
+    them (:attr:`Sampler.count_outbound_tcp`)."""
     discovery: Optional[NamespaceDiscovery] = None
     """The network namespaces a whole-host sample found (None for a sample narrowed to pids, and
     from backends that do not see namespaces): what other per-namespace readers can reuse."""
@@ -133,8 +133,9 @@ class SamplerTotals:
 
 
 class Sampler(Protocol):
-    """What the pipeline needs of a sampler: :class:`agent.collect.linux.LinuxSampler` on Linux,
-    :class:`agent.collect.psutil_backend.PsutilSampler` elsewhere or with ``--backend psutil``.
+    """What the pipeline needs of a sampler: :class:`~agent.collect.sockets.sampler.LinuxSampler`
+    on Linux, :class:`~agent.collect.sockets.psutil_backend.PsutilSampler` elsewhere or with
+    ``--backend psutil``.
 
     Not thread-safe: one caller at a time (the pipeline serialises samples).
     """
@@ -174,10 +175,10 @@ def open_sampler(
     only when chosen.  ``full_read_every``: the Linux sampler's bound on reusing a namespace's
     TCP dump (``sampling.full_read_every``; None: its default)."""
     if backend == "psutil" or (backend == "auto" and not os.path.isdir("/proc/self/net")):
-        from agent.collect.psutil_backend import PsutilSampler
+        from agent.collect.sockets.psutil_backend import PsutilSampler
 
         return PsutilSampler(classifier)
-    from agent.collect.linux import LinuxSampler
+    from agent.collect.sockets.sampler import LinuxSampler
 
     if full_read_every is None:
         return LinuxSampler(classifier, count_outbound_tcp=count_outbound_tcp)

@@ -162,7 +162,7 @@ _CREATE_NAMES = """CREATE TABLE IF NOT EXISTS dns_answers (
   seen REAL NOT NULL,
   ttl INTEGER NOT NULL
 )"""
-"""The recent DNS answers of the agent's name cache (``agent.collect.names.NameCache.export``),
+"""The recent DNS answers of the agent's name cache (``agent.collect.dns.cache.NameCache.export``),
 so that a restart, or a one-shot ``check``, knows the names of connections still open.
 Namespace inodes mean something within one boot only: rows carry the boot's id."""
 

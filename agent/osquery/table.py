@@ -156,7 +156,7 @@ EXTERNAL_CONNECTION_EVENTS = make_spec(
     EVENT_COLUMNS,
     {"time": ColumnOptions.INDEX, "pid": INDEXED},
 )
-"""Every external connection attempt the kernel events saw (agent.pipeline.events), kept in a
+"""Every external connection attempt the kernel events saw (agent.pipeline.feed), kept in a
 bounded buffer like osquery's evented tables; ``time`` constraints are pushed down."""
 
 INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (

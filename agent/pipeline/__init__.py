@@ -10,15 +10,15 @@ a format: the front ends (``agent/cli.py``, ``agent/osquery/``) do.
 
 - :mod:`agent.pipeline.compose`: :class:`Pipeline` (a sampler, the allow rules, the history
   store, the names) and :class:`Snapshot`;
-- :mod:`agent.pipeline.names`: :class:`DomainNames`, names for destinations from DNS answers;
+- :mod:`agent.pipeline.domains`: :class:`DomainNames`, names for destinations from DNS answers;
 - :mod:`agent.pipeline.monitor`: :class:`Monitor`, the background loop, its figures, the runs;
-- :mod:`agent.pipeline.events`: :class:`EventFeed`, connections from kernel events.
+- :mod:`agent.pipeline.feed`: :class:`EventFeed`, connections from kernel events.
 """
 
 from agent.pipeline.compose import SAMPLING, TRACEFS, Pipeline, Snapshot, open_store
-from agent.pipeline.events import EventFeed, EventLog, EventRow, open_events
+from agent.pipeline.domains import DomainNames
+from agent.pipeline.feed import EventFeed, EventLog, EventRow, open_events
 from agent.pipeline.monitor import Monitor, Stats, read_machine_id
-from agent.pipeline.names import DomainNames
 
 __all__ = [
     "SAMPLING",

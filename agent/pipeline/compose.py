@@ -16,7 +16,7 @@ from agent.records import Connection
 
 if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
     from agent.history import HistoryStore
-    from agent.pipeline.names import DomainNames
+    from agent.pipeline.domains import DomainNames
 
 SAMPLING = "sampling"
 """The history source name of the socket sampler."""
@@ -104,7 +104,7 @@ class Pipeline:
         store = (
             open_store(settings, logger=logger) if history and settings.history_enabled else None
         )
-        from agent.pipeline.names import DomainNames
+        from agent.pipeline.domains import DomainNames
 
         domain_names = None
         if names == "watch":

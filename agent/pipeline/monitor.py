@@ -14,7 +14,7 @@ from agent.pipeline.compose import SAMPLING, TRACEFS, Pipeline, Snapshot
 
 if TYPE_CHECKING:
     from agent.history import RunFigures
-    from agent.pipeline.events import EventFeed
+    from agent.pipeline.feed import EventFeed
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Connections from kernel events, as they happen: :class:`EventFeed`.
 
-The event source (:mod:`agent.collect.events`: a tracefs instance of our own) reports every TCP
-connect, its outcome, every accepted connection and close, and every new UDP flow, with the
+The event source (:mod:`agent.collect.kernel.source`: a tracefs instance of our own) reports every
+TCP connect, its outcome, every accepted connection and close, and every new UDP flow, with the
 process behind it, even one that lived a millisecond.  The feed turns each report into a
 :class:`~agent.records.Connection` (the verdict on its remote address, its name, the allow
 rules), and hands the external ones to three consumers:
@@ -33,8 +33,8 @@ from agent.pipeline.compose import TRACEFS, Pipeline
 from agent.records import COLUMN_NAMES, Connection, SocketColumns, Value, connection_of
 
 if TYPE_CHECKING:
-    from agent.collect.events import EventSource
-    from agent.collect.tracker import SocketEvent
+    from agent.collect.kernel.source import EventSource
+    from agent.collect.kernel.tracker import SocketEvent
     from agent.history import Observation
 
 STATE_OF_KIND = {
@@ -208,8 +208,8 @@ class EventFeed:
     ) -> Tuple[Optional[EventFeed], str]:
         """The feed over a new event source, or (None, why not): no tracefs, lockdown, not
         root, a kernel without the tracepoints.  Never raises for those."""
-        from agent.collect.events import open_event_source
-        from agent.collect.tracefs import EventsUnavailable
+        from agent.collect.kernel.source import open_event_source
+        from agent.collect.kernel.tracefs import EventsUnavailable
         from agent.identity import IdentityCache
 
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
-from agent.collect.procnet import ListenerIndex
+from agent.collect.sockets.procnet import ListenerIndex
 from agent.inet import IPPROTO_TCP
 
 OutboundKey = int

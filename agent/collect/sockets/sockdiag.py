@@ -16,21 +16,21 @@ namespace its own), once per address family.
 A netlink socket belongs to the network namespace it was created in, so for another namespace
 we enter it with ``setns(2)`` (CAP_SYS_ADMIN), create the socket and come back at once; the
 socket keeps answering for that namespace.  Records decode into the same
-:class:`agent.collect.procnet.Socket` as the ``/proc`` text does, addresses as integers in network
-order.
+:class:`agent.collect.sockets.procnet.Socket` as the ``/proc`` text does, addresses as integers in
+network order.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import socket
 import struct
 import sys
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-from agent.collect.procnet import PROC_ROOT, Socket, SocketTable
+from agent.collect.netns import PROC_ROOT, open_in_namespace
+from agent.collect.sockets.procnet import Socket, SocketTable
 from agent.inet import TCP_LISTEN, is_listening
 
 NETLINK_SOCK_DIAG = 4
@@ -40,7 +40,6 @@ NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 INET_DIAG_REQ_BYTECODE = 1
-CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>
 
 ALL_STATES = 0xFFFFFFFF
@@ -73,57 +72,6 @@ Prefix = Tuple[int, int, int]
 
 class SockDiagError(OSError):
     """The kernel refused a dump or cannot be asked (no sock_diag, not allowed to enter)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _load_setns() -> Callable[[int, int], None]:
-    if hasattr(os, "setns"):  # Python 3.12+
-        setns: Callable[[int, int], None] = os.setns
-        return setns
-    import ctypes  # only here: it costs a few milliseconds to import
-
-    libc = ctypes.CDLL(None, use_errno=True)  # the C library this interpreter is linked with
-
-    def setns_libc(fd: int, nstype: int) -> None:
-        if libc.setns(fd, nstype) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    return setns_libc
-
-
-def open_in_namespace(
-    pid: int, proc_root: str = PROC_ROOT, make: Optional[Callable[[], socket.socket]] = None
-) -> socket.socket:
-    """A ``NETLINK_SOCK_DIAG`` socket (or whatever ``make`` creates) in the network namespace
-    of ``pid``.
-
-    Enters that namespace (this thread only) just long enough to create the socket.  Raises
-    OSError: the process is gone, or we may not enter its namespace (not root), or ``make``
-    failed; and :class:`SockDiagError` if we could not come back, which leaves nothing usable.
-    """
-    make = _netlink_socket if make is None else make
-    here = os.open(f"{PROC_ROOT}/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        there = os.open(f"{proc_root}/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if os.fstat(there).st_ino == os.fstat(here).st_ino:
-                return make()
-            setns = _load_setns()
-            setns(there, CLONE_NEWNET)
-            try:
-                return make()
-            finally:
-                try:
-                    setns(here, CLONE_NEWNET)
-                except OSError as error:
-                    raise SockDiagError(
-                        error.errno, f"cannot return to our network namespace: {error.strerror}"
-                    ) from error
-        finally:
-            os.close(there)
-    finally:
-        os.close(here)
 
 
 def _netlink_socket() -> socket.socket:
@@ -280,7 +228,7 @@ class DiagSocket:
 
     @classmethod
     def in_namespace(cls, pid: int, proc_root: str = PROC_ROOT) -> DiagSocket:
-        return cls(open_in_namespace(pid, proc_root))
+        return cls(open_in_namespace(pid, _netlink_socket, proc_root))
 
     def close(self) -> None:
         self._sock.close()
@@ -356,7 +304,8 @@ class DiagSocket:
 
 
 def to_socket(record: DiagRecord, table: SocketTable) -> Socket:
-    """A record of ``table`` decoded as :mod:`agent.collect.procnet` decodes a ``/proc`` row."""
+    """A record of ``table`` decoded as :mod:`agent.collect.sockets.procnet` decodes a ``/proc``
+    row."""
     return Socket(
         record.inode,
         table.family,

@@ -53,11 +53,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from agent.collect.procnet import (
-    PROC_ROOT,
-    ListenerIndex,
-    Socket,
-)
+from agent.collect.netns import PROC_ROOT
+from agent.collect.sockets.procnet import ListenerIndex, Socket
 
 TCP_COUNTERS = ("ActiveOpens", "PassiveOpens", "AttemptFails", "EstabResets", "CurrEstab")
 """The ``Tcp:`` counters of ``/proc/PID/net/snmp`` in a TCP signature."""

@@ -16,12 +16,11 @@ The same reading is what osquery's ``process_open_sockets`` does
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
+from agent.collect.netns import PROC_ROOT
 from agent.inet import (
     AF_INET,
     AF_INET6,
@@ -31,8 +30,6 @@ from agent.inet import (
     is_ipv4_mapped,
     tcp_state_name,
 )
-
-PROC_ROOT = "/proc"
 
 
 class SocketTable(NamedTuple):
@@ -332,122 +329,3 @@ def read_tcp_counters(pid: int, proc_root: str = PROC_ROOT) -> Dict[str, int]:
     """The ``Tcp:`` counters of PID's network namespace (``ActiveOpens``, ``CurrEstab``, ...)
     from ``/proc/PID/net/snmp`` (RFC 1213 tcp group).  Raises OSError."""
     return parse_snmp(_read_text(f"{proc_root}/{pid}/net/snmp"))
-
-
-# ---------------------------------------------------------------------------------------------
-# network namespaces
-
-
-def list_pids(proc_root: str = PROC_ROOT) -> List[int]:
-    """The process ids under /proc, ascending (threads are not listed there)."""
-    return sorted(int(name) for name in os.listdir(proc_root) if name.isdigit())
-
-
-def parse_namespace_link(link: str, kind: str = "net") -> int:
-    """The inode in a namespace link such as ``net:[4026531840]``.  Raises ValueError."""
-    prefix = kind + ":["
-    if not (link.startswith(prefix) and link.endswith("]")):
-        raise ValueError(f"not a {kind} namespace link: {link!r}")
-    inode = int(link[len(prefix) : -1])
-    if inode <= 0:
-        raise ValueError(f"not a {kind} namespace link: {link!r}")
-    return inode
-
-
-def namespace_of(pid: int, proc_root: str = PROC_ROOT) -> int:
-    """The inode of PID's network namespace.  Raises OSError or ValueError."""
-    return parse_namespace_link(os.readlink(f"{proc_root}/{pid}/ns/net"))
-
-
-@dataclass
-class NetNamespace:
-    """A network namespace and the pids seen in it (ascending; the first represents it)."""
-
-    inode: int
-    pids: List[int] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        """The representative pid, through which the namespace's tables are read."""
-        return self.pids[0]
-
-
-def live_thread(pid: int, proc_root: str = PROC_ROOT) -> Optional[int]:
-    """A live thread of a process whose main thread has exited alone, or None.
-
-    When the thread-group leader ends with ``pthread_exit`` or ``SYS_exit`` while other
-    threads run on, the process lives (``ps`` shows ``Zl``) but ``/proc/PID/ns/net``,
-    ``/proc/PID/net/*`` and ``/proc/PID/fd`` go with the leader's files and namespaces
-    (``proc_ns_get_link``, ``get_proc_task_net`` and ``proc_fd_link`` in ``fs/proc`` read the
-    leader's task); ``/proc/PID/task/TID/`` of a live thread still shows them.  A process
-    could otherwise hide its sockets, and a namespace whose processes all do so, this way.
-    """
-    try:
-        names = os.listdir(f"{proc_root}/{pid}/task")
-    except OSError:
-        return None
-    for name in names:
-        if name.isdigit() and int(name) != pid:
-            try:
-                os.readlink(f"{proc_root}/{pid}/task/{name}/ns/net")
-            except OSError:
-                continue
-            return int(name)
-    return None
-
-
-def proc_entry(pid: int, threads: Dict[int, int], proc_root: str = PROC_ROOT) -> Tuple[int, str]:
-    """The ``(pid, proc_root)`` to hand the readers here for PID: itself, or its live thread
-    under ``/proc/PID/task`` when its leader has exited (``threads``, as discovery found them;
-    see :func:`live_thread`)."""
-    tid = threads.get(pid)
-    return (pid, proc_root) if tid is None else (tid, f"{proc_root}/{pid}/task")
-
-
-@dataclass
-class NamespaceDiscovery:
-    """The outcome of :func:`discover_namespaces`."""
-
-    namespaces: List[NetNamespace]
-    errors: Dict[int, str]
-    """pid -> why its namespace could not be read (gone, permission denied, ...)."""
-    pids_seen: int
-    threads: Dict[int, int] = field(default_factory=dict)
-    """pid -> a live thread, for processes whose main thread has exited (see
-    :func:`live_thread`): read their tables and fds through ``/proc/PID/task/TID``."""
-
-
-def discover_namespaces(
-    proc_root: str = PROC_ROOT, pids: Optional[Iterable[int]] = None
-) -> NamespaceDiscovery:
-    """The distinct network namespaces of the given pids (every pid when None).
-
-    Errors are per pid: ``/proc/1/ns/net`` may be unreadable even for root in a sandbox, and an
-    ordinary user cannot read other users' links; such pids are listed in ``errors``.
-    """
-    candidates = list_pids(proc_root) if pids is None else sorted(set(pids))
-    by_inode: Dict[int, NetNamespace] = {}
-    errors: Dict[int, str] = {}
-    threads: Dict[int, int] = {}
-    for pid in candidates:
-        try:
-            try:
-                inode = namespace_of(pid, proc_root)
-            except FileNotFoundError:
-                tid = live_thread(pid, proc_root)
-                if tid is None:
-                    raise
-                inode = namespace_of(tid, f"{proc_root}/{pid}/task")
-                threads[pid] = tid
-        except OSError as error:
-            errors[pid] = error.strerror or type(error).__name__
-            continue
-        except ValueError as error:
-            errors[pid] = str(error)
-            continue
-        namespace = by_inode.get(inode)
-        if namespace is None:
-            by_inode[inode] = NetNamespace(inode, [pid])
-        else:
-            namespace.pids.append(pid)
-    return NamespaceDiscovery(list(by_inode.values()), errors, len(candidates), threads)

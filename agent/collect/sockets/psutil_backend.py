@@ -19,8 +19,9 @@ import psutil
 
 from agent.classify import AddressError, Classifier, Verdict
 from agent.collect import NamespaceStats, SamplerTotals, SampleStats
-from agent.collect.outbound import add_outbound
-from agent.collect.procnet import PROC_ROOT, ListenerIndex, namespace_of
+from agent.collect.netns import PROC_ROOT, namespace_of
+from agent.collect.sockets.outbound import add_outbound
+from agent.collect.sockets.procnet import ListenerIndex
 from agent.identity import NO_OWNER, Identity, IdentityCache
 from agent.inet import (
     AF_INET,

@@ -21,30 +21,27 @@ from typing import Collection, Dict, FrozenSet, Iterator, List, Optional, Set, T
 
 from agent.classify import Classifier, format_ipv4, format_ipv6
 from agent.collect import NamespaceStats, SamplerError, SamplerTotals, SampleStats
-from agent.collect.changes import (
+from agent.collect.netns import PROC_ROOT, NetNamespace, discover_namespaces, proc_entry
+from agent.collect.sockets.changes import (
     DEFAULT_FULL_READ_EVERY,
     NamespaceRead,
     Reuse,
     Signals,
     read_signals,
 )
-from agent.collect.outbound import Ends, OutboundKey, OutboundMemo, add_outbound
-from agent.collect.procnet import (
-    PROC_ROOT,
+from agent.collect.sockets.outbound import Ends, OutboundKey, OutboundMemo, add_outbound
+from agent.collect.sockets.procnet import (
     SOCKET_TABLES,
     ListenerIndex,
-    NetNamespace,
     Socket,
     SocketTable,
     connection_ends,
     decode_address,
-    discover_namespaces,
-    proc_entry,
     read_socket_table,
     read_tcp_counters,
     scan_socket_table,
 )
-from agent.collect.sockdiag import (
+from agent.collect.sockets.sockdiag import (
     ALL_STATES,
     LISTEN_ONLY,
     NOT_LISTENING,
@@ -129,11 +126,11 @@ class LinuxSampler:
             if use_sock_diag is not None
             else proc_root == PROC_ROOT and os.geteuid() == 0
         )
-        """Read the tables through netlink sock_diag (:mod:`agent.collect.sockdiag`), which
+        """Read the tables through netlink sock_diag (:mod:`agent.collect.sockets.sockdiag`), which
         needs root to enter other namespaces; otherwise, and wherever it fails, ``/proc``."""
         self.reuse = reuse if reuse is not None else Reuse(full_read_every)
         """Each namespace's last read, used again while its counters stand still
-        (:mod:`agent.collect.changes`); through sock_diag only (``/proc`` reads every table
+        (:mod:`agent.collect.sockets.changes`); through sock_diag only (``/proc`` reads every table
         every time), and never for ``want_all``."""
         self._never_external = classifier.never_external()
         self._prefilter = {

@@ -7,7 +7,7 @@ an accepted connection is the owner of the listening socket it came through, so 
 keeps the listeners of every namespace:
 
 - from ``sock_diag`` dumps of listening sockets, one per namespace (cheap: the kernel walks only
-  its listening hash, :data:`agent.collect.sockdiag.LISTEN_ONLY`), their owners found by
+  its listening hash, :data:`agent.collect.sockets.sockdiag.LISTEN_ONLY`), their owners found by
   :class:`agent.owners.OwnerFinder` and named by :class:`agent.identity.IdentityCache`;
 - from ``listen()`` itself where the kernel traces it (CLOSE -> LISTEN in the caller's context:
   Linux 6.18 does; kernels whose ``inet_csk_listen_start()`` stores the state with
@@ -28,15 +28,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
-from agent.collect.procnet import (
-    PROC_ROOT,
-    TCP4,
-    TCP6,
-    SocketTable,
-    discover_namespaces,
-    namespace_of,
-)
-from agent.collect.sockdiag import LISTEN_ONLY, NOT_LISTENING, DiagSocket
+from agent.collect.netns import PROC_ROOT, discover_namespaces, namespace_of
+from agent.collect.sockets.procnet import TCP4, TCP6, SocketTable
+from agent.collect.sockets.sockdiag import LISTEN_ONLY, NOT_LISTENING, DiagSocket
 from agent.identity import Identity, IdentityCache
 from agent.owners import OwnerFinder
 

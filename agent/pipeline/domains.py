@@ -10,9 +10,9 @@ from agent.pipeline.compose import open_store
 from agent.records import Connection
 
 if TYPE_CHECKING:
-    from agent.collect.dnswatch import DnsWatch
-    from agent.collect.names import NameCache
-    from agent.collect.procnet import NamespaceDiscovery
+    from agent.collect.dns.cache import NameCache
+    from agent.collect.dns.watch import DnsWatch
+    from agent.collect.netns import NamespaceDiscovery
     from agent.history import HistoryStore
 
 
@@ -42,8 +42,8 @@ class DomainNames:
     @classmethod
     def watching(cls, store: Optional[HistoryStore]) -> DomainNames:
         """Answers observed from now on, on top of those this boot's agent recorded."""
-        from agent.collect.dnswatch import DnsWatch
-        from agent.collect.names import NameCache
+        from agent.collect.dns.cache import NameCache
+        from agent.collect.dns.watch import DnsWatch
 
         cache = NameCache()
         watch = DnsWatch(cache)
@@ -58,7 +58,7 @@ class DomainNames:
     def recorded(cls, settings: Settings) -> DomainNames:
         """The answers the running agent recorded in the history store (none, and a notice
         saying so, when there is no store or it holds none of this boot)."""
-        from agent.collect.names import NameCache
+        from agent.collect.dns.cache import NameCache
 
         names = cls(NameCache())
         path = settings.history_path

@@ -1,6 +1,6 @@
 """The names DNS answered for each address, per network namespace: a bounded, thread-safe cache.
 
-Filled by :mod:`agent.collect.dnswatch` from the answers it sees; read by the pipeline for
+Filled by :mod:`agent.collect.dns.watch` from the answers it sees; read by the pipeline for
 every connection (``remote_domain`` is :meth:`NameCache.lookup`) and by the allow rules
 (``domains:`` match any of :meth:`NameCache.names`).  Keys are (network namespace inode, IP
 version, address as an integer); an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``, RFC 4291
@@ -57,7 +57,7 @@ class NameEntry(NamedTuple):
 ExportRow = Tuple[int, str, str, float, int]
 """(namespace inode, address as text, chain as names joined by spaces, seen, TTL): plain values
 for a SQLite row (an IPv6 address as an integer would not fit SQLite's 64-bit INTEGER).  A name
-never holds a space (:mod:`agent.collect.dnsparse` escapes one as ``\\032``), so the chain
+never holds a space (:mod:`agent.collect.dns.parse` escapes one as ``\\032``), so the chain
 splits back exactly."""
 
 
@@ -75,7 +75,7 @@ def _cost(entry: NameEntry) -> int:
 
 
 def _plausible(name: str) -> bool:
-    """A name as :mod:`agent.collect.dnsparse` writes them (for rows read back)."""
+    """A name as :mod:`agent.collect.dns.parse` writes them (for rows read back)."""
     return (
         isinstance(name, str)
         and 0 < len(name) <= 4 * 253

@@ -1,6 +1,6 @@
 """From kernel events to facts: who connected where, how it ended, who accepted what.
 
-Three state machines, fed the decoded events of :mod:`agent.collect.kevents` in buffer time
+Three state machines, fed the decoded events of :mod:`agent.collect.kernel.records` in buffer time
 order (:meth:`Tracker.feed`):
 
 - :class:`ProcessTable`: thread -> process (tgid), and per process the identity columns of
@@ -18,7 +18,7 @@ order (:meth:`Tracker.feed`):
   up to ``hold_s``), then ``established``, ``refused`` (an RST seen, ``tcp_receive_reset``) or
   ``timeout`` (any other end before ESTABLISHED: no answer, an ICMP error, the caller gave up),
   and ``closed``; LISTEN -> SYN_RECV is an ``accepted`` connection, attributed to the
-  listener's owner by :class:`agent.collect.listeners.ListenerResolver`.
+  listener's owner by :class:`agent.collect.kernel.listeners.ListenerResolver`.
 - UDP: one ``udp`` record per new flow (thread's process, namespace, local port, remote address
   and port), from output route lookups; a flow is new again after ``udp_ttl_s`` without
   packets, so an unconnected socket's ``sendto()`` per packet makes one record.
@@ -37,20 +37,11 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from agent.collect.kevents import (
-    AF_INET,
-    AF_INET6,
-    CLONE_NEWNET,
+from agent.collect.kernel.listeners import ListenerResolver
+from agent.collect.kernel.records import (
     CLONE_THREAD,
     IN_INTERRUPT,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
     LOOPBACK_IFINDEX,
-    TCP_CLOSE,
-    TCP_ESTABLISHED,
-    TCP_LISTEN,
-    TCP_SYN_RECV,
-    TCP_SYN_SENT,
     KernelEvent,
     NamespaceSwitch,
     ProcessExec,
@@ -61,9 +52,19 @@ from agent.collect.kevents import (
     TcpReset,
     TcpStateChange,
 )
-from agent.collect.listeners import ListenerResolver
-from agent.collect.procnet import PROC_ROOT, parse_namespace_link
+from agent.collect.netns import CLONE_NEWNET, PROC_ROOT, parse_namespace_link
 from agent.identity import NO_OWNER, Identity, IdentityCache, process_uuid
+from agent.inet import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_CLOSE,
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
+    TCP_SYN_RECV,
+    TCP_SYN_SENT,
+)
 
 CONNECT = "connect"
 ESTABLISHED = "established"
@@ -87,8 +88,9 @@ class SocketEvent(NamedTuple):
     ``accepted`` and its ``closed``; ``closed`` also ends an ``established`` one.  A socket the
     events did not see begin (older than the source) ends with a ``closed``, ``refused`` or
     ``timeout`` whose identity is :data:`agent.identity.NO_OWNER` and namespace None.
-    Addresses are integers (network order, as :mod:`agent.collect.procnet`); ``version`` 6 with an
-    IPv4-mapped address is an ``AF_INET6`` socket talking IPv4, as the socket tables show it.
+    Addresses are integers (network order, as :mod:`agent.collect.sockets.procnet`); ``version``
+    6 with an IPv4-mapped address is an ``AF_INET6`` socket talking IPv4, as the socket tables
+    show it.
     """
 
     time: float

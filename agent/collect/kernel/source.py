@@ -29,11 +29,10 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
-from agent.collect.kevents import CLOCK_IDS, ChosenEvents, EventReader, choose_events
-from agent.collect.listeners import ListenerResolver
-from agent.collect.procnet import PROC_ROOT
-from agent.collect.ringbuffer import FormatError
-from agent.collect.tracefs import (
+from agent.collect.kernel.listeners import ListenerResolver
+from agent.collect.kernel.reader import CLOCK_IDS, ChosenEvents, EventReader, choose_events
+from agent.collect.kernel.ringbuffer import FormatError
+from agent.collect.kernel.tracefs import (
     INSTANCE_PREFIX,
     TRACEFS_PATHS,
     EventsUnavailable,
@@ -41,7 +40,8 @@ from agent.collect.tracefs import (
     InstanceSettings,
     find_tracefs,
 )
-from agent.collect.tracker import SocketEvent, Tracker
+from agent.collect.kernel.tracker import SocketEvent, Tracker
+from agent.collect.netns import PROC_ROOT
 from agent.identity import IdentityCache
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def open_event_source(
     or one only its thread uses: :class:`~agent.identity.IdentityCache` is not thread-safe).
     ``udp=False`` leaves out the route lookup events, ``track_namespaces=False`` the syscall
     events (then a thread's namespace is read once and inherited, not re-read after setns).
-    Raises :class:`~agent.collect.tracefs.EventsUnavailable`; nothing is left behind then.
+    Raises :class:`~agent.collect.kernel.tracefs.EventsUnavailable`; nothing is left behind then.
     """
     if os.geteuid() != 0:
         raise EventsUnavailable(
