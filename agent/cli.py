@@ -2,7 +2,7 @@
 
 Exit status everywhere: 0 all is well, 1 a finding (an unexpected external connection),
 2 a usage, input or configuration error (argparse's own convention); ``audit`` adds 3, the
-evidence is incomplete (:mod:`agent.audit`).
+evidence is incomplete, and 4, the history was tampered with (:mod:`agent.audit`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TextIO, Tuple
 
 from agent import __version__
-from agent.audit import EXIT_INCOMPLETE, render_json, render_text, statement_of
+from agent.audit import EXIT_INCOMPLETE, EXIT_TAMPERED, render_json, render_text, statement_of
 from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
@@ -321,9 +321,29 @@ def _read_window(args: argparse.Namespace, default_since: float) -> Evidence:
         raise HistoryUnavailable(f"--until ({until:.0f}) must be later than --since ({since:.0f})")
     store = open_store(settings, path=args.history, read_only=True)
     try:
-        return read_evidence(store, Window(since, until))
+        check = None
+        if args.command == "audit":
+            check = store.verify_chain(args.expect_head, _read_key(args.key))
+        return read_evidence(store, Window(since, until), check)
     finally:
         store.close()
+
+
+def _read_key(path: Optional[str]) -> Optional[bytes]:
+    """The operator's host key (``--key FILE``): its bytes, surrounding whitespace removed.
+    Raises :class:`agent.history.HistoryUnavailable` naming the file when it cannot be read."""
+    from agent.history import HistoryUnavailable
+
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            key = handle.read().strip()
+    except OSError as error:
+        raise HistoryUnavailable(f"cannot read the key file {path}: {error.strerror}") from None
+    if not key:
+        raise HistoryUnavailable(f"the key file {path} is empty")
+    return key
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -380,7 +400,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(f"egress-agent history: no history at {path} yet", file=sys.stderr)
         rows: List[Dict[str, Value]] = []
     else:
-        store = open_store(settings)
+        store = open_store(settings, read_only=True)  # a private copy: never the writers' lock
         since = None if args.since is None else time.time() - args.since
         try:
             rows = [row for row in store.rows(since) if scope.matches(row)]
@@ -569,10 +589,24 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         cmd_audit,
         "the statement for a window: exit 0 nothing unexpected and fully seen, 1 unexpected "
-        f"egress, {EXIT_INCOMPLETE} incomplete evidence, 2 usage error",
+        f"egress, {EXIT_INCOMPLETE} incomplete evidence, {EXIT_TAMPERED} tampered history, "
+        "2 usage error",
     )
     window_options(audit, "unix seconds, ISO-8601 (Z or offset) or 2h, 7d ago", True)
     audit.add_argument("--format", choices=["text", "json"], default="text")
+    audit.add_argument(
+        "--expect-head",
+        metavar="HEAD",
+        help="a chain head recorded off the host (egress_agent_info.history_head, or the "
+        "watch log line): the history must hold it, or it was rewritten (exit "
+        f"{EXIT_TAMPERED})",
+    )
+    audit.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the host key the agent signs its chain with (history.key_file): every link's "
+        "MAC must match",
+    )
 
     extension = command(
         "extension",

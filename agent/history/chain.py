@@ -103,7 +103,13 @@ def fold(written: str, table: str, row_id: int, digest: Optional[str]) -> str:
 
 
 def link_head(link: Dict[str, Any]) -> str:
-    values = [link.get(name) for name in LINK_FIELDS]
+    """sha256 of the link's fields (:data:`LINK_FIELDS`), times as SQLite's REAL gives them."""
+    values = [
+        float(link[name])
+        if name in ("at", "boottime") and link.get(name) is not None
+        else link.get(name)
+        for name in LINK_FIELDS
+    ]
     return hashlib.sha256(
         json.dumps(values, separators=(",", ":"), ensure_ascii=True).encode()
     ).hexdigest()
@@ -126,8 +132,11 @@ def tables_of(db: sqlite3.Connection) -> List[str]:
     return [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
 
 
-def adopt(db: sqlite3.Connection, at: float, boot_id: str, boottime: float) -> None:
-    """Chain a store written before chaining: a digest of every row, one ``adopted`` link."""
+def adopt(
+    db: sqlite3.Connection, at: float, boot_id: str, boottime: float, key: Optional[bytes] = None
+) -> None:
+    """Chain a store written before chaining (or a new one): a digest of every row, one
+    ``adopted`` link (signed with ``key`` when given)."""
     state = GENESIS
     present = set(tables_of(db))
     digests = []
@@ -150,10 +159,11 @@ def adopt(db: sqlite3.Connection, at: float, boot_id: str, boottime: float) -> N
         prev=GENESIS,
     )
     link["head"] = link_head(link)
+    link["mac"] = None if key is None else link_mac(key, link["head"])
     db.execute(
         "INSERT INTO chain (seq, kind, run_id, at, boot_id, boottime, written, state, prev, "
-        "head) VALUES (:seq, :kind, :run_id, :at, :boot_id, :boottime, :written, :state, "
-        ":prev, :head)",
+        "head, mac) VALUES (:seq, :kind, :run_id, :at, :boot_id, :boottime, :written, :state, "
+        ":prev, :head, :mac)",
         link,
     )
 

@@ -209,6 +209,7 @@ class HistoryStore:
         boot_id: Optional[str] = None,
         max_pending: int = MAX_PENDING,
         key: Optional[bytes] = None,
+        busy_timeout: float = BUSY_TIMEOUT_S,
     ) -> None:
         """``clock`` and ``boot_clock``: wall time and ``CLOCK_BOOTTIME`` (both injected in
         tests); ``max_pending``: observations held while the file cannot be written; ``key``:
@@ -222,9 +223,11 @@ class HistoryStore:
         self._boot_clock = boot_clock
         self._boot_id = read_boot_id() if boot_id is None else boot_id
         self._key = key
+        self._busy_timeout = busy_timeout
         self._opened_at = clock()
-        self._snapshotted: Set[str] = set()
-        """The sources that wrote a snapshot through this store (the first one is special)."""
+        self._ended_before: Dict[str, Dict[Key, Set[End]]] = {}
+        """Per source that wrote a snapshot through this store: the closed, ownerless sockets
+        of its first view (connections that ended before the agent looked), while they last."""
         self._pending: List[_Pending] = []
         self._pending_weight = 0
         self.max_pending = max_pending
@@ -269,12 +272,22 @@ class HistoryStore:
         groups, ended = _group(connections)
         covered = _Scope(None if scope is None else frozenset(scope), frozenset(unread))
         # The first view of a source: a socket already closed and without an owner (TIME_WAIT)
-        # is a connection that ended before the agent looked, so it is dated before then.
+        # is a connection that ended before the agent looked, so it is dated before then, and
+        # later views of those same sockets say nothing new.
         before = None
-        if source not in self._snapshotted:
-            self._snapshotted.add(source)
+        if source not in self._ended_before:
             before = min(now, int(self._opened_at)) - 1
+            self._ended_before[source] = {key: groups[key][1] for key in ended}
         else:
+            earlier = self._ended_before[source]
+            for key in [key for key in ended if key in earlier]:
+                if groups[key][1] <= earlier[key]:
+                    del groups[key]
+            self._ended_before[source] = {
+                key: ends & groups[key][1] if key in groups else ends
+                for key, ends in earlier.items()
+                if key in ended
+            }
             ended = set()
         return self._write(
             lambda db: self._write_snapshot(db, source, groups, now, covered, ended, before),
@@ -543,11 +556,13 @@ class HistoryStore:
             start = now if earliest is None else earliest
             self._pending.append(_Pending(operation, now, max(1, weight), start, link))
             self._pending_weight += max(1, weight)
+            if self._flush():
+                return True
             while self._pending_weight > self.max_pending and len(self._pending) > 1:
                 dropped = self._pending.pop(0)
                 self._pending_weight -= dropped.weight
                 self._dropped = _Dropped.of(self._dropped, dropped)
-            return self._flush()
+            return False
 
     def _flush(self) -> bool:
         """Write what waits, in order; True when nothing is left waiting."""
@@ -675,7 +690,7 @@ class HistoryStore:
             touched.setdefault((str(table), int(row_id)), None)
         db.execute("DELETE FROM temp.touched")
         if last is None:
-            chain.adopt(db, wall, self._boot_id, boottime)
+            chain.adopt(db, wall, self._boot_id, boottime, self._key)
             last = self._last_link(db) or {}
         if last["kind"] == chain.TIP:
             tip = dict(last)
@@ -782,7 +797,7 @@ class HistoryStore:
             os.close(fd)
         self._inode = (status.st_dev, status.st_ino)
         db = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
         try:
             self._prepare(db)
@@ -808,7 +823,7 @@ class HistoryStore:
             except schema.NotOurs as error:
                 raise _Corrupt(str(error)) from None
             if db.execute("SELECT COUNT(*) FROM chain").fetchone()[0] == 0:
-                chain.adopt(db, self._clock(), self._boot_id, self._boot_clock())
+                chain.adopt(db, self._clock(), self._boot_id, self._boot_clock(), self._key)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
