@@ -220,7 +220,12 @@ def test_a_reader_never_takes_the_live_store_lock(tmp_path: Path) -> None:
     config.write_text(f"history:\n  path: {path}\n")
     holder = Holder(path)  # as if a writer were in the middle of a transaction
     try:
-        for command in (["history"], ["audit", "--since", str(T0)], ["report"]):
+        for command in (
+            ["history"],
+            ["audit", "--since", str(T0)],
+            ["report"],
+            ["check", "--format", "json"],  # reads the names the agent recorded
+        ):
             result = egress_agent(*command, config=config, timeout=60)
             assert result.returncode in (0, 1, 3), (command, result.stderr)
             assert "cannot read" not in result.stderr
