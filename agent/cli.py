@@ -250,6 +250,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         on_sample,
         events=feed,
         events_error=events_error,
+        on_head=_head_logger() if args.log_head or os.environ.get("JOURNAL_STREAM") else None,
     )
     stop_events = None
     if feed is not None:
@@ -266,6 +267,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
             stop_events()
         pipeline.close()
     return EXIT_OK
+
+
+def _head_logger() -> Callable[[str], None]:
+    """The chain head after each heartbeat, one line on stderr: under systemd
+    (``$JOURNAL_STREAM``) it is a journal entry, shipped off the host with the journal, for
+    ``audit --expect-head``."""
+
+    def log_head(head: str) -> None:
+        print(f"egress-agent watch: history head {head}", file=sys.stderr, flush=True)
+
+    return log_head
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -554,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--count", type=int, default=0, metavar="N", help="stop after N samples (default: never)"
     )
     watch.add_argument("--no-history", action="store_true", help="do not write the history store")
+    watch.add_argument(
+        "--log-head",
+        action="store_true",
+        help="log the history chain's head on stderr after each heartbeat (the default under "
+        "systemd, where stderr is the journal), for audit --expect-head",
+    )
     watch.add_argument(
         "--once-per-run",
         action="store_true",

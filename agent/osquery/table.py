@@ -179,6 +179,7 @@ INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("events_source", "TEXT"),
     ("events_lost", "BIGINT"),
     ("events_error", "TEXT"),
+    ("history_head", "TEXT"),
 )
 
 EGRESS_AGENT_INFO = make_spec("egress_agent_info", INFO_COLUMNS)

@@ -315,5 +315,6 @@ class ExtensionTables:
             "events_source": stats.events_source,
             "events_lost": stats.events_lost,
             "events_error": stats.events_error,
+            "history_head": store.head if store is not None else None,
         }
         return [table.string_row(record, context.used(table.EGRESS_AGENT_INFO.column_names))]
