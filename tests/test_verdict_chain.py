@@ -9,8 +9,12 @@ module, the same library as the ``sqlite3`` shell), never through the agent's st
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -188,3 +192,53 @@ def test_a_signed_chain_rewritten_without_the_key_is_tampered(tmp_path: Path) ->
     code, lines, _ = audit(path, "--key", str(key))
     assert code == 4, lines
     assert "its MAC does not match under the given key" in verdict(lines)
+
+
+def test_watch_publishes_each_head_and_audit_checks_a_copy_against_it(tmp_path: Path) -> None:
+    history_path = tmp_path / "history.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"history:\n  path: {history_path}\nevents:\n  enabled: false\n")
+    env = dict(os.environ, EGRESS_AGENT_CONFIG=str(config))
+    watch = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "watch",
+            "--log-head",
+            "--interval",
+            "0.3",
+            "--count",
+            "4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    _, errors = watch.communicate(timeout=60)
+    assert watch.returncode == 0, errors
+    heads = [
+        line.split()[-1]
+        for line in errors.splitlines()
+        if line.startswith("egress-agent watch: history head ")
+    ]
+    assert len(heads) >= 4 and len(set(heads)) == len(heads), errors
+    since, until = str(time.time() - 600), str(time.time())
+    window = ("--since", since, "--until", until, "--history", str(history_path))
+    for head in heads:  # every published head is a link of the chain
+        result = egress_agent("audit", *window, "--expect-head", head, "--format", "json")
+        assert json.loads(result.stdout)["chain"]["expected_head_found"] is True, result.stdout
+    copy = edited_copy(history_path, "UPDATE runs SET events_source = 'tracefs'")
+    result = egress_agent(
+        "audit",
+        "--since",
+        since,
+        "--until",
+        until,
+        "--history",
+        str(copy),
+        "--expect-head",
+        heads[-1],
+    )
+    assert result.returncode == 4, result.stdout
