@@ -242,3 +242,23 @@ def test_watch_publishes_each_head_and_audit_checks_a_copy_against_it(tmp_path: 
         heads[-1],
     )
     assert result.returncode == 4, result.stdout
+
+
+def test_watch_signs_with_the_configured_host_key(tmp_path: Path) -> None:
+    history_path = tmp_path / "history.db"
+    key, wrong = tmp_path / "host.key", tmp_path / "other.key"
+    key.write_bytes(os.urandom(32))
+    wrong.write_bytes(os.urandom(32))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"history:\n  path: {history_path}\n  key_file: {key}\nevents:\n  enabled: false\n"
+    )
+    watch = egress_agent("watch", "--interval", "0.2", "--count", "2", config=config)
+    assert watch.returncode == 0, watch.stderr
+    window = ("--since", str(time.time() - 600), "--history", str(history_path), "--format", "json")
+    signed = egress_agent("audit", *window, "--key", str(key))
+    assert json.loads(signed.stdout)["chain"]["intact"] is True, signed.stdout
+    forged = egress_agent("audit", *window, "--key", str(wrong))
+    assert forged.returncode == 4, forged.stdout
+    missing = egress_agent("audit", *window, "--key", str(tmp_path / "none.key"))
+    assert missing.returncode == 2 and "cannot read the key file" in missing.stderr

@@ -77,7 +77,7 @@ from agent.records import Connection, Value
 from agent.textsafe import utf8_safe
 
 BUSY_TIMEOUT_S = 5.0
-MAX_PENDING = 100_000
+MAX_PENDING = 20_000
 """Observations (connections of a sample, events) a store holds in memory while its file
 cannot be written; beyond, the oldest writes are dropped and counted as a loss."""
 CLOCK_JUMP_S = 2.0

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, FrozenSet, List, Optional
 from agent.allow import annotate
 from agent.classify import Classifier
 from agent.collect import UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
-from agent.config import Settings
+from agent.config import ConfigError, Settings
 from agent.records import Connection
 
 if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
@@ -30,15 +30,29 @@ def open_store(
     read_only: bool = False,
     logger: Optional[logging.Logger] = None,
 ) -> HistoryStore:
-    """The history store the settings name (or the file at ``path``: a copy, read only)."""
+    """The history store the settings name (or the file at ``path``: a copy, read only); a
+    writer signs the chain with ``history.key_file``.  Raises ConfigError when that file
+    cannot be read."""
     from agent.history import HistoryStore
 
+    key = None
+    if settings.history_key_file and not read_only:
+        try:
+            with open(settings.history_key_file, "rb") as handle:
+                key = handle.read().strip()
+        except OSError as error:
+            raise ConfigError(
+                f"history.key_file {settings.history_key_file}: {error.strerror}"
+            ) from None
+        if not key:
+            raise ConfigError(f"history.key_file {settings.history_key_file} is empty")
     return HistoryStore(
         path or settings.history_path,
         retention_days=settings.history_retention_days,
         max_rows=settings.history_max_rows,
         logger=logger,
         read_only=read_only,
+        key=key,
     )
 
 
