@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from history_fixture import connection, egress_agent, run
+from history_fixture import connection, egress_agent
 
 from agent.history import HistoryStore, RunFigures, RunStart
 from agent.records import Connection
@@ -334,7 +334,3 @@ def test_an_old_store_opens_and_is_chained(tmp_path: Path) -> None:
     check = store.verify_chain()
     store.close()
     assert check.chained and check.intact, check.broken
-
-
-def test_run_fixture_keys() -> None:
-    assert run(T0)["last_heartbeat_boottime"] is None
