@@ -22,13 +22,20 @@ Operational rules (https://sqlite.org/wal.html, https://sqlite.org/howtocorrupt.
   the last transaction.  Two writers (the extension and ``watch``) serialise through SQLite's
   own lock, waiting up to :data:`BUSY_TIMEOUT_S` (``busy_timeout``).
 - Directory created 0700, file 0600 (SQLite gives ``-wal``/``-shm`` the database file's mode).
-- Bounded after every write: rows older than ``retention_days`` go, then the oldest rows
-  (by ``last_seen``) beyond ``max_rows``.
+- Bounded after every write: rows older than ``retention_days`` go (as of the boot clock's
+  time, never ahead of it: a wall clock jumping forward deletes nothing early), then rows
+  beyond ``max_rows``, closed inbound rows first and unexpected egress last, every unexpected
+  row evicted counted in ``losses`` (issue 25).
 - A file of an earlier (or later) version is brought up to date in place, every row kept
   (:func:`agent.history.schema.upgrade`).  A file that is not a database, is corrupt, or is
   another program's database is renamed to ``<path>.corrupt-<time>`` (nothing is deleted) and
   a new store is created.  Any other failure (unwritable, disk full, locked too long) is logged
-  once per condition; the next write tries again.  Writes never raise.
+  once per condition; the write waits in a bounded in-memory queue and every later write tries
+  it again first, in order; what the full queue drops is a ``lost_writes`` loss with its span.
+  Writes never raise.
+- Every write checks the wall clock against ``CLOCK_BOOTTIME`` (a jump is a ``clock_jump``
+  loss) and folds the rows it changed into the tamper-evident chain
+  (:mod:`agent.history.chain`); each heartbeat makes a link.
 - ``read_only=True`` reads a private copy of the file and its ``-wal`` (an auditor's file, or
   the live store for a report): nothing is written beside the file, upgraded or moved, and
   the columns an old file lacks read as NULL.
