@@ -19,7 +19,7 @@ from conftest import needs_root
 from history_fixture import egress_agent
 from nethost import NetHost
 
-from agent.collect.kernel.source import EventSource, KernelLoss, open_event_source
+from agent.collect.kernel.source import KernelEventSource, KernelLoss, open_event_source
 from agent.history import HistoryStore, RunFigures, RunStart
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat")
@@ -37,7 +37,7 @@ pytestmark = needs_root
 
 
 @pytest.fixture
-def source() -> Iterator[EventSource]:
+def source() -> Iterator[KernelEventSource]:
     opened = open_event_source(prefix=INSTANCE_PREFIX)
     try:
         yield opened
@@ -46,7 +46,7 @@ def source() -> Iterator[EventSource]:
         assert not os.path.exists(opened.instance.path)
 
 
-def poll_losses(source: EventSource, kind: str, seconds: float = 20) -> List[KernelLoss]:
+def poll_losses(source: KernelEventSource, kind: str, seconds: float = 20) -> List[KernelLoss]:
     found: List[KernelLoss] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not [loss for loss in found if loss.kind == kind]:
@@ -71,7 +71,7 @@ def into_history(tmp_path: Path, losses: List[KernelLoss]) -> Path:
 
 
 def test_sockets_the_tracker_drops_are_a_loss(
-    source: EventSource, nethost: NetHost, tmp_path: Path
+    source: KernelEventSource, nethost: NetHost, tmp_path: Path
 ) -> None:
     srv, cli = nethost.namespace("ksrv"), nethost.namespace("kcli")
     nethost.veth(srv, "ks0", cli, "kc0")
@@ -101,7 +101,7 @@ def test_sockets_the_tracker_drops_are_a_loss(
 
 
 def test_a_reset_of_our_instance_by_another_tool_is_a_loss(
-    source: EventSource, tmp_path: Path
+    source: KernelEventSource, tmp_path: Path
 ) -> None:
     source.verify_every_s = 0.0  # check the instance at every poll
     source.poll(0.1)

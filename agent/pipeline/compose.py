@@ -10,50 +10,13 @@ from typing import TYPE_CHECKING, Callable, FrozenSet, List, Optional
 
 from agent.allow import annotate
 from agent.classify import Classifier
-from agent.collect import UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
-from agent.config import ConfigError, Settings
+from agent.collect import SAMPLING, UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
+from agent.config import Settings
 from agent.records import Connection
 
 if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
     from agent.history import HistoryStore
     from agent.pipeline.domains import DomainNames
-
-SAMPLING = "sampling"
-"""The history source name of the socket sampler."""
-TRACEFS = "tracefs"
-"""The history source name of the kernel events."""
-
-
-def open_store(
-    settings: Settings,
-    path: Optional[str] = None,
-    read_only: bool = False,
-    logger: Optional[logging.Logger] = None,
-) -> HistoryStore:
-    """The history store the settings name (or the file at ``path``: a copy, read only); a
-    writer signs the chain with ``history.key_file``.  Raises ConfigError when that file
-    cannot be read."""
-    from agent.history import HistoryStore
-
-    key = None
-    if settings.history_key_file and not read_only:
-        try:
-            with open(settings.history_key_file, "rb") as handle:
-                key = handle.read().strip()
-        except OSError as error:
-            raise ConfigError(
-                f"history.key_file {settings.history_key_file}: {error.strerror}"
-            ) from None
-        if not key:
-            raise ConfigError(f"history.key_file {settings.history_key_file} is empty")
-    return HistoryStore(
-        path or settings.history_path,
-        retention_days=settings.history_retention_days,
-        max_rows=settings.history_max_rows,
-        logger=logger,
-        read_only=read_only,
-        key=key,
-    )
 
 
 @dataclass
@@ -115,9 +78,11 @@ class Pipeline:
         sampler = open_sampler(
             classifier, backend, full_read_every=settings.sampling_full_read_every
         )
-        store = (
-            open_store(settings, logger=logger) if history and settings.history_enabled else None
-        )
+        store = None
+        if history and settings.history_enabled:
+            from agent.history import open_store
+
+            store = open_store(settings, logger=logger)
         from agent.pipeline.domains import DomainNames
 
         domain_names = None

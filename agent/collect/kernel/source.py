@@ -28,10 +28,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+from agent.collect import TRACEFS
+from agent.collect.events import SocketEvent
+from agent.collect.kernel.kfilter import Prefix, dropped_after_connect, with_internal_dropped
 from agent.collect.kernel.listeners import ListenerResolver
-from agent.collect.kernel.reader import CLOCK_IDS, ChosenEvents, EventReader, choose_events
+from agent.collect.kernel.reader import (
+    CLOCK_IDS,
+    EVENT_SPECS,
+    ChosenEvents,
+    EventReader,
+    choose_events,
+)
 from agent.collect.kernel.ringbuffer import FormatError
 from agent.collect.kernel.tracefs import (
     INSTANCE_PREFIX,
@@ -41,7 +50,7 @@ from agent.collect.kernel.tracefs import (
     InstanceSettings,
     find_tracefs,
 )
-from agent.collect.kernel.tracker import SocketEvent, Tracker
+from agent.collect.kernel.tracker import Tracker
 from agent.collect.netns import PROC_ROOT
 from agent.identity import IdentityCache
 
@@ -70,13 +79,16 @@ class KernelLoss:
     detail: str
 
 
-class EventSource:
-    """Decoded, attributed connection events from a tracing instance of our own.
+class KernelEventSource:
+    """Decoded, attributed connection events from a tracing instance of our own: an
+    :class:`agent.collect.events.EventSource`.
 
     Made by :func:`open_event_source`.  :meth:`poll` and :meth:`close` belong to one thread;
     the counters (:attr:`lost`, :attr:`resyncs`, :meth:`connects_by_namespace`) may be read
     from any.
     """
+
+    name = TRACEFS
 
     def __init__(
         self,
@@ -112,6 +124,9 @@ class EventSource:
         self._losses: List[KernelLoss] = []
         self._last_poll_wall = time.time()
         self._last_verify_wall = time.time()
+        self.kernel_filter = "none: every event reaches the agent"
+        """What the kernel filters out before the agent reads (internal IPv4 connections where
+        the kernel accepts the expression, :mod:`agent.collect.kernel.kfilter`)."""
         self._sync_clock()
 
     def take_losses(self) -> List[KernelLoss]:
@@ -249,7 +264,7 @@ class EventSource:
         if not self.instance.close():
             log.warning("kernel events: %s is busy and was left behind", self.instance.path)
 
-    def __enter__(self) -> EventSource:
+    def __enter__(self) -> KernelEventSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -268,13 +283,17 @@ def open_event_source(
     proc_root: str = PROC_ROOT,
     hold_s: float = 0.5,
     exclude: Sequence[str] = (),
-) -> EventSource:
+    drop_internal: Sequence[Prefix] = (),
+) -> KernelEventSource:
     """Make our instance, enable the events this kernel has, start tracing.
 
     ``identities`` is the cache process identities come from (give the event source its own,
     or one only its thread uses: :class:`~agent.identity.IdentityCache` is not thread-safe).
     ``udp=False`` leaves out the route lookup events, ``track_namespaces=False`` the syscall
     events (then a thread's namespace is read once and inherited, not re-read after setns).
+    ``drop_internal`` (the classifier's never-external blocks): the events of connections to
+    those IPv4 blocks are dropped in the kernel where it accepts the filter
+    (:mod:`agent.collect.kernel.kfilter`; :attr:`KernelEventSource.kernel_filter` says).
     Raises :class:`~agent.collect.kernel.tracefs.EventsUnavailable`; nothing is left behind then.
     """
     if os.geteuid() != 0:
@@ -291,7 +310,13 @@ def open_event_source(
         if not track_namespaces:
             excluded += NAMESPACE_EVENTS
         try:
-            chosen = choose_events(instance.read_format, exclude=excluded)
+            specs = []
+            dropping_filters: Dict[Tuple[str, str], Set[str]] = {}
+            for spec in EVENT_SPECS:
+                filters = with_internal_dropped(spec.system, spec.name, spec.filters, drop_internal)
+                dropping_filters[(spec.system, spec.name)] = set(filters) - set(spec.filters)
+                specs.append(spec._replace(filters=filters))
+            chosen = choose_events(instance.read_format, specs, exclude=excluded)
         except FormatError as error:
             raise EventsUnavailable(EventsUnavailable.EVENT_MISSING, str(error)) from error
         settings = InstanceSettings(chosen.settings, buffer_size_kb or default_buffer_kb())
@@ -307,7 +332,19 @@ def open_event_source(
         cache = identities or IdentityCache(proc_root)
         resolver = ListenerResolver(cache, proc_root)
         tracker = Tracker(cache, resolver, proc_root, hold_s=hold_s)
-        source = EventSource(instance, reader, tracker, chosen)
+        dropping = sorted(
+            f"{system}:{name}"
+            for (system, name), accepted in instance.filters.items()
+            if accepted in dropping_filters.get((system, name), ())
+        )
+        if "sock:inet_sock_set_state" in dropping:
+            tracker.dropped_in_kernel = dropped_after_connect(drop_internal)
+        source = KernelEventSource(instance, reader, tracker, chosen)
+        source.kernel_filter = (
+            "internal IPv4 dropped in the kernel (" + ", ".join(dropping) + ")"
+            if dropping
+            else "none: every event reaches the agent"
+        )
         for key, why in sorted(chosen.unavailable.items()):
             if key not in excluded:
                 log.info("kernel events: without %s (%s)", key, why)

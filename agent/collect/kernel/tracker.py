@@ -35,8 +35,9 @@ import collections
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from agent.collect.events import EventKind, SocketEvent
 from agent.collect.kernel.listeners import ListenerResolver
 from agent.collect.kernel.records import (
     CLONE_THREAD,
@@ -57,8 +58,10 @@ from agent.identity import NO_OWNER, Identity, IdentityCache, process_uuid
 from agent.inet import (
     AF_INET,
     AF_INET6,
+    INBOUND,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    OUTBOUND,
     TCP_CLOSE,
     TCP_ESTABLISHED,
     TCP_LISTEN,
@@ -66,50 +69,8 @@ from agent.inet import (
     TCP_SYN_SENT,
 )
 
-CONNECT = "connect"
-ESTABLISHED = "established"
-REFUSED = "refused"
-TIMEOUT = "timeout"
-ACCEPTED = "accepted"
-CLOSED = "closed"
-UDP = "udp"
-KINDS = (CONNECT, ESTABLISHED, REFUSED, TIMEOUT, ACCEPTED, CLOSED, UDP)
-OUTBOUND = "outbound"
-INBOUND = "inbound"
-
 _COMM_LENGTH = 15
 _NS_PER_S = 1_000_000_000
-
-
-class SocketEvent(NamedTuple):
-    """One fact about a connection, for the history, a table row or ``watch``.
-
-    ``connect`` and its outcome (``established``, ``refused``, ``timeout``) share ``key``, as do
-    ``accepted`` and its ``closed``; ``closed`` also ends an ``established`` one.  A socket the
-    events did not see begin (older than the source) ends with a ``closed``, ``refused`` or
-    ``timeout`` whose identity is :data:`agent.identity.NO_OWNER` and namespace None.
-    Addresses are integers (network order, as :mod:`agent.collect.sockets.procnet`); ``version``
-    6 with an IPv4-mapped address is an ``AF_INET6`` socket talking IPv4, as the socket tables
-    show it.
-    """
-
-    time: float
-    """Unix seconds of the event (the connect for ``connect``, the outcome for the others)."""
-    kind: str
-    protocol: int
-    family: int
-    version: int
-    local_address: int
-    local_port: int
-    remote_address: int
-    remote_port: int
-    net_namespace: Optional[int]
-    identity: Identity
-    """The process: the caller of ``connect()``/``sendto()``; the listener's owner for
-    ``accepted``."""
-    direction: str
-    key: int
-    """The socket, numbered by this source (unique while it runs)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +367,10 @@ class Tracker:
         self.connects_by_namespace: Dict[Optional[int], int] = {}
         """Outbound TCP connects (CLOSE -> SYN_SENT) seen, per network namespace (None:
         unknown), to stand beside each namespace's ``Tcp: ActiveOpens``."""
+        self.dropped_in_kernel: Optional[Callable[[int, bytes], bool]] = None
+        """``(family, daddr4)`` -> whether the kernel filter drops the rest of that socket's
+        events (:func:`agent.collect.kernel.kfilter.dropped_after_connect`): its connect is
+        counted and nothing is kept for it."""
         self.last_ns = 0
         """The time stamp of the newest event fed."""
         self._serial = 0
@@ -477,7 +442,7 @@ class Tracker:
             self.processes.prune(now_ns)
         return out
 
-    def _emit(self, kind: str, sock: _TcpSocket, time_ns: int) -> None:
+    def _emit(self, kind: EventKind, sock: _TcpSocket, time_ns: int) -> None:
         self._out.append(
             SocketEvent(
                 self.to_unix(time_ns),
@@ -498,7 +463,7 @@ class Tracker:
 
     def _announce(self, sock: _TcpSocket) -> None:
         sock.announced = True
-        self._emit(CONNECT, sock, sock.time_ns)
+        self._emit(EventKind.CONNECT, sock, sock.time_ns)
 
     def _new_key(self) -> int:
         self._serial += 1
@@ -519,7 +484,7 @@ class Tracker:
                 sock.local, sock.local_port = event.saddr, event.sport
                 if not sock.announced:
                     self._announce(sock)
-                self._emit(ESTABLISHED, sock, event.time)
+                self._emit(EventKind.ESTABLISHED, sock, event.time)
         elif old == TCP_LISTEN and new == TCP_SYN_RECV:
             self._accepted(event)
         elif new == TCP_LISTEN:
@@ -540,11 +505,14 @@ class Tracker:
             identity, netns = NO_OWNER, None
         else:
             identity, netns = self.processes.who(event.pid)
+        counts = self.connects_by_namespace
+        counts[netns] = counts.get(netns, 0) + 1
+        dropped = self.dropped_in_kernel
+        if dropped is not None and dropped(event.family, event.daddr4):
+            return
         sock = self._socket(event, OUTBOUND, identity, netns, TCP_SYN_SENT, local_port=0)
         self._track(event.skaddr, sock)
         self._pending.append(sock)
-        counts = self.connects_by_namespace
-        counts[netns] = counts.get(netns, 0) + 1
 
     def _track(self, skaddr: int, sock: _TcpSocket) -> None:
         sockets = self.sockets
@@ -562,7 +530,7 @@ class Tracker:
         netns = listener.net_namespace if listener else None
         sock = self._socket(event, INBOUND, identity, netns, TCP_SYN_RECV, announced=True)
         self._track(event.skaddr, sock)
-        self._emit(ACCEPTED, sock, event.time)
+        self._emit(EventKind.ACCEPTED, sock, event.time)
 
     def _reset(self, event: TcpReset) -> None:
         sock = self.sockets.get(event.skaddr)
@@ -580,9 +548,9 @@ class Tracker:
                 sock.local, sock.local_port = event.saddr, event.sport
             if not sock.announced:
                 self._announce(sock)
-            self._emit(REFUSED if sock.reset else TIMEOUT, sock, event.time)
+            self._emit(EventKind.REFUSED if sock.reset else EventKind.TIMEOUT, sock, event.time)
         else:
-            self._emit(CLOSED, sock, event.time)
+            self._emit(EventKind.CLOSED, sock, event.time)
 
     def _untracked(self, event: TcpStateChange) -> _TcpSocket:
         """A socket whose beginning the events did not show (older than the source, or its
@@ -656,7 +624,7 @@ class Tracker:
         self._out.append(
             SocketEvent(
                 self.to_unix(event.time),
-                UDP,
+                EventKind.UDP,
                 IPPROTO_UDP,
                 AF_INET if event.version == 4 else AF_INET6,
                 event.version,
