@@ -82,8 +82,10 @@ LINK_FIELDS = ("seq", "kind", "run_id", "at", "boot_id", "boottime", "written", 
 def canonical(table: str, row: Dict[str, Any]) -> bytes:
     """The bytes a row's digest is taken of: the table and its non-NULL columns, sorted (a
     column added by an upgrade is NULL in old rows and changes no digest)."""
-    items = sorted((name, value) for name, value in row.items() if value is not None)
-    return json.dumps([table, items], separators=(",", ":"), ensure_ascii=True).encode()
+    kept = {name: value for name, value in row.items() if value is not None}
+    return json.dumps(
+        [table, kept], separators=(",", ":"), ensure_ascii=True, sort_keys=True
+    ).encode()
 
 
 def row_digest(table: str, row: Dict[str, Any]) -> str:

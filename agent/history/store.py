@@ -695,7 +695,6 @@ class HistoryStore:
         touched: Dict[Tuple[str, int], None] = {}
         for table, row_id in db.execute("SELECT tbl, id FROM temp.touched ORDER BY rowid"):
             touched.setdefault((str(table), int(row_id)), None)
-        db.execute("DELETE FROM temp.touched")
         if last is None:
             chain.adopt(db, wall, self._boot_id, boottime, self._key)
             last = self._last_link(db) or {}
@@ -710,28 +709,31 @@ class HistoryStore:
                 prev=str(last["head"]),
             )
         written, state = str(tip["written"]), str(tip["state"])
-        id_columns = dict(chain.CHAINED)
-        for table, row_id in touched:
-            cursor = db.execute(
-                f"SELECT * FROM {table} WHERE {id_columns[table]} = ?",  # noqa: S608
-                (row_id,),
+        current = _touched_rows(db)
+        old_digests: Dict[Tuple[str, int], str] = {
+            (str(table), int(row_id)): str(digest)
+            for table, row_id, digest in db.execute(
+                "SELECT d.tbl, d.id, d.digest FROM row_digests AS d JOIN "
+                "(SELECT DISTINCT tbl, id FROM temp.touched) AS t ON d.tbl = t.tbl AND d.id = t.id"
             )
-            names = [description[0] for description in cursor.description]
-            found = cursor.fetchone()
-            new = None if found is None else chain.row_digest(table, dict(zip(names, found)))
-            old = db.execute(
-                "SELECT digest FROM row_digests WHERE tbl = ? AND id = ?", (table, row_id)
-            ).fetchone()
+        }
+        db.execute("DELETE FROM temp.touched")
+        replaced: List[Tuple[str, int, str]] = []
+        deleted: List[Tuple[str, int]] = []
+        for key in touched:
+            row = current.get(key)
+            new = None if row is None else chain.row_digest(key[0], row)
+            old = old_digests.get(key)
             if old is not None:
-                state = chain.add(state, str(old[0]), -1)
+                state = chain.add(state, old, -1)
             if new is None:
-                db.execute("DELETE FROM row_digests WHERE tbl = ? AND id = ?", (table, row_id))
+                deleted.append(key)
             else:
                 state = chain.add(state, new)
-                db.execute(
-                    "INSERT OR REPLACE INTO row_digests VALUES (?, ?, ?)", (table, row_id, new)
-                )
-            written = chain.fold(written, table, row_id, new)
+                replaced.append((key[0], key[1], new))
+            written = chain.fold(written, key[0], key[1], new)
+        db.executemany("DELETE FROM row_digests WHERE tbl = ? AND id = ?", deleted)
+        db.executemany("INSERT OR REPLACE INTO row_digests VALUES (?, ?, ?)", replaced)
         tip.update(
             kind=kind,
             run_id=self.run_id,
@@ -1160,6 +1162,23 @@ class HistoryStore:
             found = dict(zip(selected, values))
             rows.append({name: _value(name, found.get(name)) for name in names})
         return rows
+
+
+def _touched_rows(db: sqlite3.Connection) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """The rows, as they are now, of every chained table that ``temp.touched`` names (a
+    deleted row is absent)."""
+    rows: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    for table, id_column in chain.CHAINED:
+        cursor = db.execute(
+            f"SELECT * FROM {table} WHERE {id_column} IN "  # noqa: S608 (our own names)
+            "(SELECT id FROM temp.touched WHERE tbl = ?)",
+            (table,),
+        )
+        names = [description[0] for description in cursor.description]
+        for values in cursor:
+            row = dict(zip(names, values))
+            rows[(table, int(row[id_column]))] = row
+    return rows
 
 
 _UNEXPECTED_TIER = 3
