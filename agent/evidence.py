@@ -215,7 +215,7 @@ def run_span(run: Row) -> Span:
 
 def run_clock_skew(run: Row) -> Optional[float]:
     """How much longer the run's wall-clock span is than its boot-clock span (seconds), or
-    None when the run did not record its boot clock (written before 0.3)."""
+    None when the run did not record its boot clock (a store before schema version 3)."""
     if run.get("started_boottime") is None or run.get("last_heartbeat_boottime") is None:
         return None
     wall = number(run, "last_heartbeat") - number(run, "started_at")
@@ -411,7 +411,7 @@ def coverage_of(
         shortfalls.append(
             Shortfall(
                 "unchained",
-                "the history has no tamper-evident chain (written before egress-agent 0.3, or "
+                "the history has no tamper-evident chain (written before schema version 3, or "
                 "its chain was removed): nothing shows that no row was deleted",
             )
         )
