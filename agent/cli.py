@@ -22,7 +22,7 @@ from agent.audit import EXIT_INCOMPLETE, EXIT_TAMPERED, render_json, render_text
 from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
-from agent.evidence import Evidence, Window, read_evidence
+from agent.evidence import Evidence, Window, read_evidence, vouched_until
 from agent.history import open_store
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
@@ -320,6 +320,8 @@ def _read_window(args: argparse.Namespace, default_since: float) -> Evidence:
         raise HistoryUnavailable(f"--until ({until:.0f}) must be later than --since ({since:.0f})")
     store = open_store(settings, path=args.history, read_only=True)
     try:
+        if args.until is None:  # a live agent vouches up to its latest heartbeat, not later
+            until = max(since + 1, vouched_until(store.runs(since=until - 86400), until))
         check = None
         if args.command == "audit":
             check = store.verify_chain(args.expect_head, _read_key(args.key))
@@ -575,7 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def window_options(sub: argparse.ArgumentParser, since_help: str, required: bool) -> None:
         sub.add_argument("--since", type=_moment, metavar="T", required=required, help=since_help)
-        sub.add_argument("--until", type=_moment, metavar="T", help="default: now")
+        sub.add_argument(
+            "--until",
+            type=_moment,
+            metavar="T",
+            help="default: now, or the latest heartbeat of an agent running now (what it vouches "
+            "for so far)",
+        )
         sub.add_argument(
             "--history",
             metavar="FILE",

@@ -223,6 +223,22 @@ def run_clock_skew(run: Row) -> Optional[float]:
     return wall - boot
 
 
+def vouched_until(runs: Iterable[Row], now: float) -> float:
+    """Where a window that ends "now" should end: at the latest heartbeat of a run still
+    going (no stop, its last heartbeat within two intervals of ``now``), since a run covers
+    until its last heartbeat and the seconds since are not yet vouched for; else ``now`` (an
+    agent that stopped or died leaves its gap in the window)."""
+    latest = None
+    for run in runs:
+        if run.get("stopped_at") is not None or run.get("last_heartbeat") is None:
+            continue
+        beat = number(run, "last_heartbeat")
+        interval = max(1.0, number(run, "heartbeat_interval"))
+        if now - 2 * interval <= beat <= now and (latest is None or beat > latest):
+            latest = beat
+    return now if latest is None else latest
+
+
 def covered(spans: Iterable[Span], window: Window) -> List[Span]:
     """The union of ``spans`` inside ``window``, in order, without overlaps."""
     merged: List[Span] = []

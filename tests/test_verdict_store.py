@@ -10,6 +10,7 @@ to move).  The lock is real: a second process holds ``BEGIN EXCLUSIVE`` on the f
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -334,3 +335,45 @@ def test_an_old_store_opens_and_is_chained(tmp_path: Path) -> None:
     check = store.verify_chain()
     store.close()
     assert check.chained and check.intact, check.broken
+
+
+# --- a window that ends now ------------------------------------------------------------------
+
+
+def test_a_live_audit_ends_at_the_running_agents_last_heartbeat(tmp_path: Path) -> None:
+    now = time.time()
+    path = tmp_path / "history.db"
+    store = HistoryStore(str(path), retention_days=0, max_rows=0)
+    run_id = store.start_run(
+        RunStart("watch", 1, "h", "m", "0.test", 30.0, "tracefs"), at=now - 900
+    )
+    assert run_id is not None
+    assert store.heartbeat(
+        run_id, RunFigures("tracefs", tcp_active_opens=1, outbound_tcp_seen=1), at=now - 5
+    )
+    store.close()
+    result = egress_agent(
+        "audit", "--since", str(now - 600), "--history", str(path), "--format", "json"
+    )
+    document = json.loads(result.stdout)
+    assert result.returncode == 0, result.stdout  # not a gap for the seconds since the heartbeat
+    assert int(document["window"]["until"]) == int(now - 5)
+
+
+def test_a_dead_agents_audit_still_ends_now(tmp_path: Path) -> None:
+    now = time.time()
+    path = tmp_path / "history.db"
+    store = HistoryStore(str(path), retention_days=0, max_rows=0)
+    run_id = store.start_run(
+        RunStart("watch", 1, "h", "m", "0.test", 30.0, "tracefs"), at=now - 900
+    )
+    assert run_id is not None
+    assert store.heartbeat(run_id, RunFigures("tracefs"), at=now - 300)  # killed 5 minutes ago
+    store.close()
+    result = egress_agent(
+        "audit", "--since", str(now - 600), "--history", str(path), "--format", "json"
+    )
+    document = json.loads(result.stdout)
+    assert result.returncode == 3, result.stdout
+    assert document["window"]["until"] >= now
+    assert document["coverage"]["reasons"][0]["reason"] == "not_running"
