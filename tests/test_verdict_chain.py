@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import pytest
 from history_fixture import connection, egress_agent, run, write_history
 
 from agent.history import HistoryStore, RunFigures, RunStart
@@ -262,3 +263,18 @@ def test_watch_signs_with_the_configured_host_key(tmp_path: Path) -> None:
     assert forged.returncode == 4, forged.stdout
     missing = egress_agent("audit", *window, "--key", str(tmp_path / "none.key"))
     assert missing.returncode == 2 and "cannot read the key file" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE row_digests SET id = 'x', digest = 'not hex' WHERE tbl = 'history'",
+        "UPDATE chain SET at = 'yesterday' WHERE seq = 1",
+    ],
+)
+def test_garbage_in_the_chain_is_tampered_not_a_traceback(tmp_path: Path, statement: str) -> None:
+    copy = edited_copy(history(tmp_path), statement)
+    code, lines, document = audit(copy)
+    assert code == 4, lines
+    assert "Traceback" not in "\n".join(lines)
+    assert document["chain"]["broken"]

@@ -214,9 +214,13 @@ def verify(
         )
     except sqlite3.Error as error:
         return ChainCheck(True, f"the chain cannot be read: {error}", None, 0, expect_head, False)
-    broken = _check_links(links, base, key)
-    if broken is None:
-        broken = _check_rows(db, present, links)
+    try:
+        broken = _check_links(links, base, key)
+        if broken is None:
+            broken = _check_rows(db, present, links)
+    except (sqlite3.Error, ValueError, TypeError, OverflowError) as error:
+        # values of the wrong kind where ours were: edited by hand
+        broken = f"the chain or its digests hold what the agent never writes ({error})"
     published = [link for link in links if link.get("kind") != TIP]
     head = str(published[-1]["head"]) if published else None
     found: Optional[bool] = None
