@@ -133,10 +133,20 @@ def test_a_deleted_link_is_tampered(tmp_path: Path) -> None:
     assert "link 2 is missing (a link was deleted)" in verdict(lines)
 
 
-def test_a_dropped_chain_is_never_clean(tmp_path: Path) -> None:
+def test_a_dropped_chain_is_tampered(tmp_path: Path) -> None:
     original = history(tmp_path, unexpected=False)
     assert audit(original)[0] == 0
-    copy = edited_copy(original, "DROP TABLE chain", "DROP TABLE row_digests")
+    copy = edited_copy(original, "DROP TABLE row_digests")
+    code, lines, _ = audit(copy)
+    assert code == 4, lines
+    assert "the chain's tables were removed (row_digests)" in verdict(lines)
+
+
+def test_a_dropped_chain_passed_off_as_an_old_store_is_never_clean(tmp_path: Path) -> None:
+    original = history(tmp_path, unexpected=False)
+    copy = edited_copy(
+        original, "DROP TABLE chain", "DROP TABLE row_digests", "PRAGMA user_version = 2"
+    )
     code, lines, document = audit(copy)
     assert code == 3, lines
     assert [r["reason"] for r in document["coverage"]["reasons"]] == ["unchained"]

@@ -40,6 +40,9 @@ CHAINED: Tuple[Tuple[str, str], ...] = (
 )
 """(table, id column) of the tables whose rows are chained."""
 
+CHAINED_SINCE = 3
+"""The schema version from which every store is chained."""
+
 GENESIS = "0" * 64
 """The ``prev`` of the first link."""
 MODULUS = 1 << 256
@@ -204,6 +207,17 @@ def verify(
     what the file holds."""
     present = set(tables_of(db))
     if not {"chain", "row_digests"} <= present:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0] or 0)
+        if version >= CHAINED_SINCE:  # a chained store whose chain is gone
+            missing = sorted({"chain", "row_digests"} - present)
+            return ChainCheck(
+                True,
+                f"the chain's tables were removed ({', '.join(missing)})",
+                None,
+                0,
+                expect_head,
+                None if expect_head is None else False,
+            )
         return ChainCheck(False, None, None, 0, expect_head, None if expect_head is None else False)
     try:
         links = _links(db)
