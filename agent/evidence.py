@@ -538,6 +538,12 @@ def evidence_of(
     return Evidence(window, tuple(kept), coverage, tuple(hosts), chain)
 
 
+def live_window(store: HistoryReader, since: float, now: float) -> Window:
+    """The window from ``since`` to "now": it ends at a running agent's latest heartbeat
+    (:func:`vouched_until`), never before ``since``.  Raises whatever the store raises."""
+    return Window(since, max(since + 1, vouched_until(store.runs(since=now - 86400), now)))
+
+
 def read_evidence(
     store: HistoryReader, window: Window, chain: Optional[ChainCheck] = None
 ) -> Evidence:
