@@ -26,6 +26,7 @@ it, and a MAC catches it without the key.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import json
@@ -251,11 +252,12 @@ def verify(
 
 
 def _describe(link: Dict[str, Any]) -> str:
-    from agent.evidence import iso
-
     try:
-        when = iso(float(link.get("at") or 0))
-    except (TypeError, ValueError, OverflowError):
+        moment = datetime.datetime.fromtimestamp(
+            int(float(link.get("at") or 0)), tz=datetime.timezone.utc
+        )
+        when = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (TypeError, ValueError, OverflowError, OSError):
         when = "?"
     return f"link {link.get('seq')} ({link.get('kind')} at {when})"
 

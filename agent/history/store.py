@@ -365,7 +365,7 @@ class HistoryStore:
             started_at=started,
             last_heartbeat=started,
             boot_id=self._boot_id,
-            started_boottime=boottime - max(0.0, self._clock() - started),
+            started_boottime=boottime - (self._clock() - started),
             last_heartbeat_boottime=boottime,
         )
         names = list(values)
@@ -400,7 +400,7 @@ class HistoryStore:
             dataclasses.asdict(figures),
             at=moment,
             run_id=run_id,
-            boottime=self._boot_clock() - max(0.0, self._clock() - moment),
+            boottime=self._boot_clock() - (self._clock() - moment),
         )
         stop = ", stopped_at = :at" if stopped else ""
         # The heartbeat's own time, not the latest ever: a clock that ran ahead and came back
