@@ -540,7 +540,12 @@ class HistoryStore:
         return self._read(select)
 
     def close(self) -> None:
+        """Write what waits in the queue, if the file takes it now, and close the file (what
+        still waits after that is lost with the process: the run's last heartbeat ends its
+        coverage before it)."""
         with self._lock:
+            if self._pending:
+                self._flush()
             self._disconnect()
 
     def _write(
