@@ -377,3 +377,36 @@ def test_a_dead_agents_audit_still_ends_now(tmp_path: Path) -> None:
     assert result.returncode == 3, result.stdout
     assert document["window"]["until"] >= now
     assert document["coverage"]["reasons"][0]["reason"] == "not_running"
+
+
+def test_a_clock_set_from_1970_by_ntp_leaves_earlier_boots_alone(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    earlier = Clocks(T0 - 7 * DAY)  # a week ago, the host ran with a right clock
+    store = earlier.store(path, retention_days=30, max_rows=0)
+    run_id = store.start_run(RunStart("watch", 1, "web-1", "m", "0.test", 30.0, "tracefs"))
+    assert run_id is not None
+    earlier.advance(DAY)
+    assert store.heartbeat(run_id, RunFigures("tracefs"), stopped=True)
+    store.close()
+    clocks = Clocks(3600.0)  # then it boots without a real-time clock: 1970
+    store = HistoryStore(
+        str(path),
+        retention_days=30,
+        max_rows=0,
+        clock=lambda: clocks.wall,
+        boot_clock=lambda: clocks.boot,
+        boot_id="boot-2",
+    )
+    assert store.snapshot("sampling", [connection()])  # written at 1970-01-01T01:00:00Z
+    clocks.advance(120)
+    clocks.wall = T0  # NTP sets the clock
+    assert store.snapshot("sampling", [connection(remote_address="9.9.9.10")])
+    (jump,) = store.losses(since=T0 - 8 * DAY)
+    rows = {r["remote_address"] for r in store.rows()}
+    store.close()
+    assert rows == {"9.9.9.9", "9.9.9.10"}  # retention did not take the 1970 row at once
+    # doubtful since the earlier boot last wrote, not from 1970
+    assert jump["kind"] == "clock_jump" and jump["end"] == T0
+    assert T0 - 6 * DAY <= jump["start"] < T0
+    code, lines = audit(path, T0 - 7 * DAY + 60, T0 - 6 * DAY - 60)  # the earlier boot's day
+    assert code == 0, lines

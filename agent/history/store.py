@@ -654,17 +654,26 @@ class HistoryStore:
     ) -> None:
         """Record a jump of the wall clock since the last write of this boot: the span between
         where the wall clock should be (the last write's wall time plus the boot clock's
-        advance) and where it is."""
+        advance) and where it is.  A forward jump's span starts no earlier than the last write
+        of an earlier boot: a host without a real-time clock that wrote in 1970 until NTP set
+        it makes the time since it last ran doubtful, not the decades in between."""
         if last is None or last.get("boot_id") != self._boot_id or not self._boot_id:
             return
         expected = float(last["at"]) + (boottime - float(last["boottime"]))
         jump = wall - expected
         advanced = boottime - float(last["boottime"])
         if abs(jump) > CLOCK_JUMP_S:
+            start = expected
+            if jump > 0:
+                before = db.execute(
+                    "SELECT MAX(at) FROM chain WHERE boot_id != ? AND at <= ?",
+                    (self._boot_id, wall),
+                ).fetchone()[0]
+                start = expected if before is None else max(expected, float(before))
             self._insert_loss(
                 db,
                 "clock_jump",
-                expected,
+                start,
                 wall,
                 1,
                 f"the wall clock jumped {'forward' if jump > 0 else 'back'} by "
