@@ -258,3 +258,51 @@ def test_an_inbound_flood_into_a_small_store_keeps_the_unexpected_row(tmp_path: 
     assert result.returncode == 1, result.stdout
     listed = json.loads(result.stdout)["unexpected"]
     assert leak.pid in [r["pid"] for r in listed if r["remote_address"] == CLIENT4]
+
+
+# --- before the window ---------------------------------------------------------------------------
+
+BEFORE_SERVER, BEFORE_CLIENT = "8.8.6.1", "8.8.6.2"
+
+
+def test_a_time_wait_socket_from_before_watch_is_not_in_its_window(tmp_path: Path) -> None:
+    history = tmp_path / "history.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"sampling:\n  interval: 0.5\nhistory:\n  path: {history}\n")
+    with NetHost(PREFIX) as net:
+        srv = net.namespace("tsrv")
+        cli = net.namespace("tcli")
+        net.veth(srv, "ts0", cli, "tc0")
+        srv.add_address(f"{PREFIX}-ts0", f"{BEFORE_SERVER}/24")
+        cli.add_address(f"{PREFIX}-tc0", f"{BEFORE_CLIENT}/24")
+        server = net.listen(srv, BEFORE_SERVER)
+        net.listen(cli, BEFORE_CLIENT)  # a process that keeps the client's namespace in sight
+        net.connect(cli, BEFORE_SERVER, server.port, close=True)  # ended: closed, no owner
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "watch", "--count", "4", "--interval", "0.5"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, EGRESS_AGENT_CONFIG=str(config)),
+        )
+        _, errors = watch.communicate(timeout=60)
+    assert watch.returncode == 0, errors
+    store = HistoryStore(str(history), read_only=True)
+    rows = [r for r in store.rows() if r["remote_address"] == BEFORE_SERVER]
+    (ours,) = store.runs()
+    store.close()
+    assert rows and all(r["pid"] == -1 for r in rows), rows  # seen, ownerless
+    assert all(r["last_seen"] < ours["started_at"] for r in rows)  # dated before the run
+    result = egress_agent(
+        "audit",
+        "--since",
+        str(ours["started_at"]),
+        "--until",
+        str(ours["stopped_at"]),
+        "--history",
+        str(history),
+        "--format",
+        "json",
+    )
+    listed = json.loads(result.stdout)["unexpected"]
+    assert not [r for r in listed if r["remote_address"] == BEFORE_SERVER], listed
