@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest browser test-programs report-screenshot test-matrix bench bench-tools clean
+.PHONY: run test lint typecheck pytest browser test-programs attack-tools report-screenshot test-matrix bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	tools/make-venv $(PYTHON) $(VENV)
@@ -25,19 +25,24 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) browser test-programs
+pytest: $(STAMP) browser test-programs attack-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The real programs the tests run, from Debian's packages: curl and rpm for the identity tests;
+## curl, wget, dig, ping, nc, dnsmasq, podman and runc for tests/test_truth_*.py. apt-gets those
+## missing (as root; an ordinary user is told, and those tests skip with that reason).
+test-programs:
+	tools/install-test-programs
+
+## iptables, systemd-analyze and util-linux's setpriv/unshare/prlimit for the local-attack tests
+## (issue 23): apt-gets what is missing (as root; an ordinary user is told, and those tests skip).
+attack-tools:
+	tools/install-attack-tools
 
 ## Debian's chromium and chromium-driver, for the report's browser tests: apt-gets them when
 ## missing (as root; an ordinary user is told, and those tests skip with that reason).
 browser:
 	tools/install-browser
-
-## The real programs the tests run (curl, wget, dig, ping, nc, dnsmasq, podman, runc) from
-## Debian's packages: apt-gets those missing (as root; an ordinary user is told, and the tests
-## that need one skip with that reason).
-test-programs:
-	tools/install-test-programs
 
 ## docs/report.png: the report page of a test host's history, screenshot by the browser tests
 ## (root: the test host is made of network namespaces).

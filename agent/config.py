@@ -74,11 +74,12 @@ class AllowRule:
     """One ``allow`` entry: a connection matches when every matcher the rule names matches.
 
     Each matcher is a tuple of alternatives (any one may match); an empty tuple means the rule
-    does not name that matcher.  ``name``, ``path`` and ``systemd_unit`` hold glob patterns
-    (``fnmatch``, case-sensitive), ``user`` user names or decimal uids, ``container_id`` id
-    prefixes, ``protocol`` IP protocol numbers (6, 17), ``direction`` ``outbound``/``inbound``,
-    ``domains`` DNS names in lower case without the trailing dot, each exact or ``*.`` and a
-    name (any name below it, :func:`parse_domain`).
+    does not name that matcher.  ``name``, ``path``, ``systemd_unit`` and ``user_unit`` hold
+    glob patterns (``fnmatch``, case-sensitive), ``user`` user names or decimal uids,
+    ``container_id`` id prefixes, ``protocol`` IP protocol numbers (6, 17), ``direction``
+    ``outbound``/``inbound``, ``domains`` DNS names in lower case without the trailing dot,
+    each exact or ``*.`` and a name (any name below it, :func:`parse_domain`), ``sha256``
+    digests (64 lower-case hex digits), ``package`` package names.
     """
 
     index: int
@@ -93,6 +94,9 @@ class AllowRule:
     protocol: Tuple[int, ...] = ()
     direction: Tuple[str, ...] = ()
     domains: Tuple[str, ...] = ()
+    user_unit: Tuple[str, ...] = ()
+    sha256: Tuple[str, ...] = ()
+    package: Tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -118,6 +122,8 @@ class Settings:
     history_path: str = DEFAULT_HISTORY_PATH
     history_retention_days: float = 30.0
     history_max_rows: int = 100000
+    history_key_file: Optional[str] = None
+    """The operator's host key: the history's chain is signed with it (HMAC-SHA256)."""
     events_enabled: bool = True
     """Watch kernel events (tracefs) where the kernel allows it: every connection, not samples."""
     events_max_rows: int = 20000
@@ -352,6 +358,9 @@ RULE_MATCHERS = (
     "destinations",
     "ports",
     "domains",
+    "user_unit",
+    "sha256",
+    "package",
 )
 RULE_NARROWERS = ("protocol", "direction")
 RULE_KEYS = (*RULE_MATCHERS, *RULE_NARROWERS, "comment")
@@ -393,6 +402,29 @@ def _container_id(value: object, where: str) -> str:
     text = _text(value, where, "a container id or id prefix")
     if text != text.strip():
         raise _Invalid(where, "surrounding whitespace in a container id", value)
+    return text
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.~_-]*\Z")
+
+
+def _sha256(value: object, where: str) -> str:
+    """A SHA-256 digest as ``sha256sum`` prints it (upper case is taken and lowered)."""
+    text = _text(value, where, "a SHA-256 digest (64 hex digits)").lower()
+    if not _SHA256.match(text):
+        raise _Invalid(where, "a SHA-256 digest is 64 hex digits", value)
+    return text
+
+
+def _package(value: object, where: str) -> str:
+    """A package name as dpkg and rpm spell them (``deb-control(5)``: lower case letters,
+    digits, ``+ - . ~ _``), without an architecture."""
+    text = _text(value, where, "a package name")
+    if not _PACKAGE.match(text):
+        raise _Invalid(
+            where, "a package name holds lower-case letters, digits and + - . ~ _ only", value
+        )
     return text
 
 
@@ -484,6 +516,9 @@ def parse_rule(value: object, index: int) -> AllowRule:
         "destinations": parse_network,
         "ports": parse_ports,
         "domains": parse_domain,
+        "user_unit": _systemd_unit,
+        "sha256": _sha256,
+        "package": _package,
         "protocol": _protocol,
         "direction": _direction,
     }
@@ -514,7 +549,9 @@ def _settings(data: object, source: Optional[str]) -> Settings:
     classification = _mapping(top.get("classification"), "classification", ("internal_networks",))
     sampling = _mapping(top.get("sampling"), "sampling", ("interval", "full_read_every"))
     history = _mapping(
-        top.get("history"), "history", ("enabled", "path", "retention_days", "max_rows")
+        top.get("history"),
+        "history",
+        ("enabled", "path", "retention_days", "max_rows", "key_file"),
     )
     events = _mapping(top.get("events"), "events", ("enabled", "max_rows", "expiry"))
 
@@ -552,6 +589,9 @@ def _settings(data: object, source: Optional[str]) -> Settings:
         ),
         history_max_rows=setting(
             history, "max_rows", "history.max_rows", _positive_int, defaults.history_max_rows
+        ),
+        history_key_file=setting(
+            history, "key_file", "history.key_file", _history_path, defaults.history_key_file
         ),
         events_enabled=setting(events, "enabled", "events.enabled", _bool, defaults.events_enabled),
         events_max_rows=setting(

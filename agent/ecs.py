@@ -1,7 +1,8 @@
 """Connection records as Elastic Common Schema documents (ECS 8.x, the network category).
 
-For SIEMs that speak ECS (Elasticsearch, OpenSearch, Elastic Agent pipelines): the process,
-user, container and both ends of the connection land in ECS fields
+For SIEMs that speak ECS (Elasticsearch, OpenSearch, Elastic Agent pipelines): the process
+(with ``process.hash.sha256`` and the owning ``package.name``), user, container and both ends
+of the connection land in ECS fields
 (https://www.elastic.co/guide/en/ecs/current/ecs-field-reference.html); every other column
 goes under ``egress_agent`` with its own name.  Text is lossless (``utf8_safe``).
 """
@@ -32,6 +33,8 @@ ECS_MAPPED = frozenset(
         "process_start_time",
         "process_uuid",
         "container_id",
+        "sha256",
+        "package",
         "local_address",
         "local_port",
         "remote_address",
@@ -118,6 +121,8 @@ def ecs_document(record: Mapping[str, Value], timestamp: float) -> Dict[str, Any
     if uid is not None:
         _put(document, "user.id", str(uid))
     _put(document, "container.id", get("container_id"))
+    _put(document, "process.hash.sha256", get("sha256"))
+    _put(document, "package.name", get("package"))
 
     local = (get("local_address"), get("local_port"))
     remote = (get("remote_address"), get("remote_port"))

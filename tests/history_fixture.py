@@ -21,6 +21,7 @@ def connection(**fields: Any) -> Connection:
         pid=100,
         name="curl",
         path="/usr/bin/curl",
+        exe_status="unpackaged",  # the host's file at that path (agent.exe_check)
         cmdline="curl https://example.org/",
         username="root",
         process_uuid="uuid-100",
@@ -54,6 +55,9 @@ def run(started_at: float, stopped_at: Optional[float] = None, **fields: Any) ->
         events_lost=0,
         tcp_active_opens=10,
         outbound_tcp_seen=10,
+        boot_id=None,
+        started_boottime=None,
+        last_heartbeat_boottime=None,
     )
     values.update(fields)
     assert set(values) == set(RUN_KEYS)

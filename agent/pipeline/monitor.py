@@ -53,6 +53,8 @@ class Stats:
     """Answers in the name cache (None: no names are kept)."""
     dns_error: Optional[str] = None
     """Why no names are observed (empty while they are)."""
+    dns_namespaces_left_out: Optional[int] = None
+    """Namespaces whose DNS answers are not watched: over the watch's bound (issue 23)."""
     last_error: Optional[str] = None
 
 
@@ -93,14 +95,17 @@ class Monitor:
         active_opens: ActiveOpensFunction = coverage.active_opens_by_namespace,
         feeds: Sequence[EventFeed] = (),
         events_error: str = "",
+        on_head: Optional[Callable[[str], None]] = None,
         named: Callable[[], Mapping[int, str]] = named_namespaces,
     ) -> None:
         """``run_kind`` (``extension``, ``watch``): record this run's start, heartbeats and
         stop in the history, so that an audit knows when the agent was watching.  ``feeds``:
         the event sources' feeds beside the samples (their figures are this loop's), and
-        ``events_error``, why a source the settings ask for is missing.  ``named``: the
-        namespaces kept by a file (:func:`agent.collect.netns.named_namespaces`), whose
-        ActiveOpens count too though no process lets the sampler read them."""
+        ``events_error``, why a source the settings ask for is missing.  ``on_head``: told the
+        history chain's head after each heartbeat written, to publish it off the host
+        (``watch``'s log line).  ``named``: the namespaces kept by a file
+        (:func:`agent.collect.netns.named_namespaces`), whose ActiveOpens count too though no
+        process lets the sampler read them."""
         self.pipeline = pipeline
         self.interval = interval
         self._log = logger
@@ -108,6 +113,7 @@ class Monitor:
         self._run_id: Optional[int] = None
         self._run_attempted = False
         self._on_sample = on_sample
+        self._on_head = on_head
         self._active_opens = active_opens
         self._named = named
         self._stats_lock = threading.Lock()
@@ -196,6 +202,8 @@ class Monitor:
             if names is not None:
                 self._stats.dns_names = len(names.cache)
                 self._stats.dns_error = names.notice
+                if names.watch is not None:
+                    self._note_left_out(names.watch.left_out)
         self.pipeline.record(snapshot)
         if self.pipeline.names is not None:
             self.pipeline.names.persist(self.pipeline.store, snapshot.at)
@@ -203,6 +211,20 @@ class Monitor:
         if self._on_sample is not None:
             self._on_sample(snapshot)
         return True
+
+    def _note_left_out(self, left_out: int) -> None:
+        """Keep the DNS watch's count of namespaces left out; say so when some first are, and
+        when none are any more (one line each, not one per sample)."""
+        before = self._stats.dns_namespaces_left_out or 0
+        self._stats.dns_namespaces_left_out = left_out
+        if left_out and not before:
+            self._log.warning(
+                "DNS names: %d network namespace(s) not watched, over the bound of the DNS watch "
+                "(the agent's own and those with a root process first)",
+                left_out,
+            )
+        elif before and not left_out:
+            self._log.warning("DNS names: every network namespace is watched again")
 
     def run(self, stop: threading.Event, fatal: Tuple[Type[BaseException], ...] = ()) -> None:
         """Sample now and then every ``interval`` seconds (fixed rate), or at once when asked
@@ -294,7 +316,10 @@ class Monitor:
                 at=self._started_at if first_attempt else at,
             )
         if self._run_id is not None:
-            store.heartbeat(self._run_id, self._figures(), at=at, stopped=stopped)
+            written = store.heartbeat(self._run_id, self._figures(), at=at, stopped=stopped)
+            head = store.head if written and self._on_head is not None else None
+            if head is not None and self._on_head is not None:
+                self._on_head(head)
 
     def _count_outbound(self, current: Optional[FrozenSet[int]]) -> None:
         if current is None:

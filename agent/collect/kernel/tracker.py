@@ -27,7 +27,8 @@ order (:meth:`Tracker.feed`):
 
 Racy corners, said once here and in ``docs/EVENTS.md``: a process that exits before we read
 ``/proc`` keeps what the events told (no command line; the executable as ``exec`` was given
-it, unresolved); a thread that switches namespaces back and forth faster than we read is
+it, unresolved and unproved: no ``exe_status``, so no ``path``, ``sha256`` or ``package`` rule
+matches it); a thread that switches namespaces back and forth faster than we read is
 placed where we found it; namespace inode numbers are reused once a namespace is gone.
 """
 
@@ -195,7 +196,9 @@ class ProcessTable:
         if tid <= 0:
             return NO_OWNER, None
         thread = self.thread(tid)
-        return self.process(thread.tgid).identity, thread.netns
+        process = self.process(thread.tgid)
+        process.identity = self.identities.settle(process.identity)  # digests read since
+        return process.identity, thread.netns
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -248,12 +251,8 @@ class ProcessTable:
             if thread.netns is None:
                 thread.netns = self._read_netns(event.tid)
             return
-        process.identity = dataclasses.replace(
-            process.identity,
-            pid=event.tid,
-            name=_basename_comm(event.filename),
-            path=event.filename,
-            cmdline="",
+        process.identity = dataclasses.replace(process.identity, pid=event.tid).after_exec(
+            event.filename, _basename_comm(event.filename)
         )
 
     def renamed(self, event: TaskRename) -> None:
@@ -379,6 +378,8 @@ class Tracker:
         self.udp_ttl_ns = int(udp_ttl_s * _NS_PER_S)
         self.max_sockets = max_sockets
         self.max_flows = max_flows
+        self.overflowed = 0
+        """Sockets dropped to keep ``max_sockets`` (their connects may never be reported)."""
         self.sockets: Dict[int, _TcpSocket] = {}
         self.seen: collections.OrderedDict[Tuple[object, ...], str] = collections.OrderedDict()
         """TCP connections the events saw begin -> their direction (see :meth:`seen_direction`),
@@ -586,6 +587,7 @@ class Tracker:
         sockets[skaddr] = sock
         if len(sockets) > self.max_sockets:
             del sockets[next(iter(sockets))]
+            self.overflowed += 1
 
     def _accepted(self, event: TcpStateChange) -> None:
         listener = self.resolver.resolve(
