@@ -116,7 +116,7 @@ def test_the_dns_watch_takes_roots_namespaces_before_nobodys(
     chosen: List[NetNamespace] = [found[host]]
     chosen += [found[inode] for inode in nobodys]  # nobody's first in the order found ...
     chosen += [found[inode] for inode in ours]  # ... and still root's are taken before
-    watch = DnsWatch(NameCache(), rescan_interval=0, max_watched=9)
+    watch = DnsWatch(NameCache(), rescan_interval=0, max_watched=9, named=dict)  # none by file
     dns_host.watches.append(watch)
     assert watch.start(), watch.unavailable
     watch.rescan(chosen, {})
