@@ -76,10 +76,10 @@ class AllowRule:
     Each matcher is a tuple of alternatives (any one may match); an empty tuple means the rule
     does not name that matcher.  ``name``, ``path``, ``systemd_unit`` and ``user_unit`` hold
     glob patterns (``fnmatch``, case-sensitive), ``user`` user names or decimal uids,
-    ``container_id`` id prefixes, ``protocol`` IP protocol numbers (6, 17), ``direction``
-    ``outbound``/``inbound``, ``domains`` DNS names in lower case without the trailing dot,
-    each exact or ``*.`` and a name (any name below it, :func:`parse_domain`), ``sha256``
-    digests (64 lower-case hex digits), ``package`` package names.
+    ``container_id`` id prefixes, ``protocol`` IP protocol numbers (6, 17, 1, 58, 132, 255),
+    ``direction`` ``outbound``/``inbound``, ``domains`` DNS names in lower case without the
+    trailing dot, each exact or ``*.`` and a name (any name below it, :func:`parse_domain`),
+    ``sha256`` digests (64 lower-case hex digits), ``package`` package names.
     """
 
     index: int
@@ -481,7 +481,7 @@ def parse_domain(value: object, where: str) -> str:
 
 def _protocol(value: object, where: str) -> int:
     if not isinstance(value, str) or value.lower() not in PROTOCOL_NUMBERS:
-        raise _Invalid(where, "must be tcp or udp", value)
+        raise _Invalid(where, "must be one of " + ", ".join(PROTOCOL_NUMBERS), value)
     return PROTOCOL_NUMBERS[value.lower()]
 
 

@@ -526,8 +526,8 @@ REFUSALS = [
         " (got '192.0.2.1/24')",
     ),
     (
-        "allow: [{name: a, protocol: icmp}]\n",
-        "allow[0].protocol: must be tcp or udp (got 'icmp')",
+        "allow: [{name: a, protocol: gre}]\n",
+        "allow[0].protocol: must be one of icmp, tcp, udp, icmp6, sctp, raw (got 'gre')",
     ),
     (
         "allow: [{name: a, direction: [outbound, out]}]\n",
