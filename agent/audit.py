@@ -25,8 +25,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from agent.evidence import Evidence, Row, Span, duration_text, iso, number, process_key, text
+from agent.evidence import Evidence, Row, Span, number, process_key, text
 from agent.textsafe import json_safe, safe_text
+from agent.timetext import duration_text, iso
 
 EXIT_CLEAN, EXIT_UNEXPECTED, EXIT_INCOMPLETE, EXIT_TAMPERED = 0, 1, 3, 4
 TEXT_LIST_LIMIT = 20

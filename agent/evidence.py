@@ -33,7 +33,6 @@ no kernel counter of connects, so the coverage figures are about TCP.
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
@@ -51,6 +50,7 @@ from typing import (
 
 from agent.collect import SAMPLING
 from agent.history.schema import RUN_COLUMNS
+from agent.timetext import duration_text, iso
 
 if TYPE_CHECKING:
     from agent.history.chain import ChainCheck
@@ -148,25 +148,6 @@ class Window(NamedTuple):
 
     def overlaps(self, span: Span) -> bool:
         return span.start <= self.until and span.end >= self.since
-
-
-def iso(seconds: float) -> str:
-    """``seconds`` (unix time) as UTC ISO-8601 to the second: ``2026-11-01T10:00:00Z``."""
-    moment = datetime.datetime.fromtimestamp(int(seconds), tz=datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def duration_text(seconds: float) -> str:
-    """``3725`` -> ``1h2m5s``; ``0`` -> ``0s``."""
-    rest = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if rest >= size:
-            parts.append(f"{rest // size}{unit}")
-            rest %= size
-    if rest or not parts:
-        parts.append(f"{rest}s")
-    return "".join(parts)
 
 
 def number(row: Row, key: str) -> float:

@@ -386,14 +386,16 @@ def test_scripts_run_as_nobody_are_copied_where_nobody_can_read_them() -> None:
 
 def _runs_tests_code_as_another_user(path: Path) -> bool:
     """Whether a test module starts one of the tests' own scripts as another user without
-    :func:`readable_copies`: it names ``setpriv`` (or ``--reuid``) and a ``.py`` file."""
+    :func:`readable_copies`: it names ``setpriv`` (or ``--reuid``) and a ``.py`` file of
+    ``tests/`` (a script a test writes into a directory of its own is no such file)."""
     strings = [
         node.value
         for node in ast.walk(ast.parse(path.read_text(), str(path)))
         if isinstance(node, ast.Constant) and isinstance(node.value, str)
     ]
     other_user = any(s == "setpriv" or s.startswith("--reuid") for s in strings)
-    scripts = any(s.endswith(".py") for s in strings)
+    own = {p.name for p in path.parent.glob("*.py")}
+    scripts = any(s.endswith(".py") and Path(s).name in own for s in strings)
     return other_user and scripts and "readable_copies" not in path.read_text()
 
 
