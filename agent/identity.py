@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from agent.collect.netns import PROC_ROOT
+from agent.who import NO_WHO, Who, WhoReader
 
 if TYPE_CHECKING:
     import psutil  # imported where used: only off Linux (see the module's docstring)
@@ -145,6 +146,8 @@ class Identity:
     process_uuid: str = ""
     container_id: str = ""
     systemd_unit: str = ""
+    who: Who = NO_WHO
+    """Login user, parents, the container's names (:mod:`agent.who`)."""
 
 
 NO_OWNER = Identity()
@@ -160,9 +163,14 @@ class IdentityCache:
     """
 
     def __init__(
-        self, proc_root: str = PROC_ROOT, max_entries: int = 4096, boot_id: Optional[str] = None
+        self,
+        proc_root: str = PROC_ROOT,
+        max_entries: int = 4096,
+        boot_id: Optional[str] = None,
+        who: Optional[WhoReader] = None,
     ) -> None:
         self.proc_root = proc_root
+        self.who = who if who is not None else WhoReader(proc_root)
         self.max_entries = max(1, max_entries)
         self.boot_id = boot_id if boot_id is not None else read_boot_id(proc_root)
         self.hits = 0
@@ -266,6 +274,7 @@ class IdentityCache:
             if self._boot_time is not None:
                 start_time = int(start_ticks / _clock_ticks() + self._boot_time)
         cgroup = self._read_cgroup(pid)
+        container_id = container_id_from_cgroup(cgroup)
         return Identity(
             pid=pid,
             name=name,
@@ -276,8 +285,9 @@ class IdentityCache:
             parent=parent,
             process_start_time=start_time,
             process_uuid=process_uuid(self.boot_id, pid, start),
-            container_id=container_id_from_cgroup(cgroup),
+            container_id=container_id,
             systemd_unit=systemd_unit_from_cgroup(cgroup),
+            who=self.who.read(pid, container_id, cgroup),
         )
 
     def _read(self, pid: int, start: str) -> Identity:
@@ -304,6 +314,7 @@ class IdentityCache:
                 except (psutil.Error, OSError, KeyError, ValueError):
                     continue
         cgroup = self._read_cgroup(pid)
+        container_id = container_id_from_cgroup(cgroup)
         return Identity(
             pid=pid,
             name=str(values.get("name", "")),
@@ -314,8 +325,9 @@ class IdentityCache:
             parent=_optional_int(values.get("parent")),
             process_start_time=_optional_int(values.get("process_start_time")),
             process_uuid=process_uuid(self.boot_id, pid, start),
-            container_id=container_id_from_cgroup(cgroup),
+            container_id=container_id,
             systemd_unit=systemd_unit_from_cgroup(cgroup),
+            who=self.who.read(pid, container_id, cgroup) if cgroup else NO_WHO,
         )
 
     def _read_cmdline(self, pid: int, process: psutil.Process) -> str:
