@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest browser report-screenshot test-matrix bench bench-tools clean
+.PHONY: run test lint typecheck pytest browser podman report-screenshot test-matrix bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	tools/make-venv $(PYTHON) $(VENV)
@@ -25,13 +25,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) browser
+pytest: $(STAMP) browser podman
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Debian's chromium and chromium-driver, for the report's browser tests: apt-gets them when
 ## missing (as root; an ordinary user is told, and those tests skip with that reason).
 browser:
 	tools/install-browser
+
+## Debian's podman and runc, for the container tests (a real runtime: tests/test_who_containers.py):
+## apt-gets them when missing (as root; an ordinary user is told, and those tests skip).
+podman:
+	tools/install-podman
 
 ## docs/report.png: the report page of a test host's history, screenshot by the browser tests
 ## (root: the test host is made of network namespaces).
