@@ -65,6 +65,7 @@ from agent.inet import (
     TCP_SYN_RECV,
     TCP_SYN_SENT,
 )
+from agent.who import MAX_ANCESTORS, Ancestor, Who
 
 CONNECT = "connect"
 ESTABLISHED = "established"
@@ -128,6 +129,16 @@ class _Process:
     start_ns: Optional[int] = None
     """When the events saw it forked (trace clock), else None."""
     exited_ns: Optional[int] = None
+    lineage: bool = False
+    """Its ancestors come from fork events (kept after the parents exit), not from ``/proc``."""
+
+
+def child_who(parent: Identity) -> Who:
+    """What a forked child inherits of its parent's :class:`agent.who.Who` (login, container),
+    with the parent put first in its ancestors (at most :data:`agent.who.MAX_ANCESTORS`)."""
+    who = parent.who
+    first = Ancestor(parent.pid, parent.name, parent.container_id)
+    return dataclasses.replace(who, ancestors=(first, *who.ancestors[: MAX_ANCESTORS - 1]))
 
 
 def _basename_comm(filename: str) -> str:
@@ -255,8 +266,10 @@ class ProcessTable:
                 parent=parent.tgid,
                 process_start_time=int(self.to_unix(event.time)),
                 process_uuid=process_uuid(self.identities.boot_id, event.child, str(ticks)),
+                who=child_who(base),
             ),
             start_ns=event.time,
+            lineage=True,
         )
 
     def executed(self, event: ProcessExec, latest: bool) -> None:
@@ -276,6 +289,12 @@ class ProcessTable:
         if read is not None:
             if not read.path:  # exiting already: /proc/PID/exe goes with the memory map
                 read = dataclasses.replace(read, path=event.filename)
+            if process.lineage:  # the parent it was forked by, even if it exited since
+                read = dataclasses.replace(
+                    read,
+                    parent=process.identity.parent,
+                    who=dataclasses.replace(read.who, ancestors=process.identity.who.ancestors),
+                )
             process.identity = read
             if thread.netns is None:
                 thread.netns = self._read_netns(event.tid)
