@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+import sys
+from typing import Iterator, Set
 
 import pytest
 from nethost import NetHost
@@ -76,3 +77,63 @@ def test_ancestors_outlive_the_parents(host: Host, collector: Collector) -> None
     assert chain[1]["pid"] == os.getpid()
     assert event.identity.parent == outer.pid
     assert not os.path.exists(f"/proc/{outer.pid}")
+
+
+STORM = r"""
+import subprocess, sys, time
+address, port, count, parallel = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tag = sys.argv[5]
+script = f"exec 3<>/dev/tcp/{address}/{port}"
+running = []
+def reap(proc):
+    proc.wait()
+    print("PID", proc.pid, flush=True)
+for index in range(count):
+    argv = ["/usr/bin/bash", "-c", script, f"{tag}-{index}", f"arg-{index}"]
+    running.append(subprocess.Popen(argv, stderr=subprocess.DEVNULL))
+    if len(running) >= parallel:
+        reap(running.pop(0))
+for proc in running:
+    reap(proc)
+print("DONE", flush=True)
+"""
+
+
+def test_short_lived_processes_carry_their_command_lines(
+    host: Host, source: EventSource, collector: Collector
+) -> None:
+    """Issue 22's target: of 500 processes that connect and exit at once (bash's /dev/tcp:
+    the process ends right after its connect()), each with its own arguments, at least 99%
+    carry their whole command line, which only the exec probe can give them."""
+    if source.exec_probe is None:
+        pytest.skip(f"no exec probe here: {source.unavailable.get('uprobe:exec_argv')}")
+    server = host.net.listen(host.srv, SERVER)
+    tag = f"{PREFIX}{os.getpid()}"
+    count = 500
+    argv = [sys.executable, "-c", STORM, SERVER, str(server.port), str(count), "8", tag]
+    launcher = host.net.spawn(host.cli, argv, ready=False)
+    pids: Set[int] = set()
+    while True:
+        line = launcher.line(60)
+        assert line is not None, "the launcher stopped answering"
+        if line.startswith("DONE"):
+            break
+        if line.startswith("PID"):
+            pids.add(int(line.split()[1]))
+    assert len(pids) == count
+    complete = collector.wait_for(
+        lambda events: pids <= {e.identity.pid for e in events if e.kind == "connect"}
+    )
+    assert complete or source.lost > 0
+    connects = {e.identity.pid: e for e in collector.of(pids, "connect")}
+    script = f"exec 3<>/dev/tcp/{SERVER}/{server.port}"
+    whole: Set[str] = set()  # each process's own arguments: an index seen twice is wrong
+    for event in connects.values():
+        cmdline = event.identity.cmdline
+        index = cmdline.rsplit("arg-", 1)[-1]
+        if cmdline == f"/usr/bin/bash -c {script} {tag}-{index} arg-{index}":
+            assert index not in whole, f"two processes with the arguments of {index}"
+            whole.add(index)
+    seen = len(connects)
+    assert seen >= 0.99 * count or source.lost > 0, f"{seen} of {count} connects seen"
+    assert len(whole) >= 0.99 * count, f"{len(whole)} of {count} with their whole command line"

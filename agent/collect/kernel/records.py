@@ -131,6 +131,26 @@ class ProcessExec(NamedTuple):
     filename: str
 
 
+CUT_MARK = " [...]"
+"""Appended to a command line the exec probe could not hold whole."""
+
+
+class ExecArgs(NamedTuple):
+    """The arguments a process started with, from our probe at its loader's entry
+    (:mod:`agent.collect.kernel.execargs`): ``argv`` as far as captured, ``cut`` when there
+    was more."""
+
+    time: int
+    pid: int
+    argv: Tuple[str, ...]
+    cut: bool
+
+    @property
+    def cmdline(self) -> str:
+        """The command line as :mod:`agent.identity` joins it, marked when cut."""
+        return " ".join(self.argv) + (CUT_MARK if self.cut else "")
+
+
 class ProcessFork(NamedTuple):
     """``sched:sched_process_fork`` or ``task:task_newtask``: thread ``parent`` made ``child``.
 
@@ -183,6 +203,7 @@ KernelEvent = Union[
     ProcessExit,
     TaskRename,
     NamespaceSwitch,
+    ExecArgs,
 ]
 
 

@@ -29,8 +29,16 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
+from agent.collect.kernel.execargs import ExecProbe, decode_exec_args
 from agent.collect.kernel.listeners import ListenerResolver
-from agent.collect.kernel.reader import CLOCK_IDS, ChosenEvents, EventReader, choose_events
+from agent.collect.kernel.reader import (
+    CLOCK_IDS,
+    EVENT_SPECS,
+    ChosenEvents,
+    EventReader,
+    EventSpec,
+    choose_events,
+)
 from agent.collect.kernel.ringbuffer import FormatError
 from agent.collect.kernel.tracefs import (
     INSTANCE_PREFIX,
@@ -73,8 +81,11 @@ class EventSource:
         chosen: ChosenEvents,
         verify_every_s: float = 5.0,
         min_interval_s: float = 0.05,
+        exec_probe: Optional[ExecProbe] = None,
     ) -> None:
         self.instance = instance
+        self.exec_probe = exec_probe
+        """Our uprobe on the loader's entry (command lines at exec), when defined."""
         self.reader = reader
         self.tracker = tracker
         self.unavailable = dict(chosen.unavailable)
@@ -199,6 +210,8 @@ class EventSource:
         self.reader.close()
         if not self.instance.close():
             log.warning("kernel events: %s is busy and was left behind", self.instance.path)
+        if self.exec_probe is not None:
+            self.exec_probe.remove()
 
     def __enter__(self) -> EventSource:
         return self
@@ -219,13 +232,17 @@ def open_event_source(
     proc_root: str = PROC_ROOT,
     hold_s: float = 0.5,
     exclude: Sequence[str] = (),
+    exec_args: bool = True,
 ) -> EventSource:
     """Make our instance, enable the events this kernel has, start tracing.
 
     ``identities`` is the cache process identities come from (give the event source its own,
     or one only its thread uses: :class:`~agent.identity.IdentityCache` is not thread-safe).
     ``udp=False`` leaves out the route lookup events, ``track_namespaces=False`` the syscall
-    events (then a thread's namespace is read once and inherited, not re-read after setns).
+    events (then a thread's namespace is read once and inherited, not re-read after setns),
+    ``exec_args=False`` the probe that captures command lines at exec
+    (:mod:`agent.collect.kernel.execargs`; without it, or where the kernel cannot have it,
+    ``/proc`` at exec gives them, for processes that live until it is read).
     Raises :class:`~agent.collect.kernel.tracefs.EventsUnavailable`; nothing is left behind then.
     """
     if os.geteuid() != 0:
@@ -235,20 +252,33 @@ def open_event_source(
     root = find_tracefs(tracefs_paths, mount=mount)
     instance = Instance.create(root, prefix)
     reader: Optional[EventReader] = None
+    probe: Optional[ExecProbe] = None
     try:
+        specs = EVENT_SPECS
+        probe_missing = ""
+        if exec_args:
+            try:
+                probe = ExecProbe.define(root, instance.name)
+            except (OSError, ValueError) as error:
+                probe_missing = str(error)
+            else:
+                spec = EventSpec(probe.system, probe.name, ("",), decode_exec_args)
+                specs = (*EVENT_SPECS, spec)
         excluded = list(exclude)
         if not udp:
             excluded += UDP_EVENTS
         if not track_namespaces:
             excluded += NAMESPACE_EVENTS
         try:
-            chosen = choose_events(instance.read_format, exclude=excluded)
+            chosen = choose_events(instance.read_format, specs, exclude=excluded)
         except FormatError as error:
             raise EventsUnavailable(EventsUnavailable.EVENT_MISSING, str(error)) from error
         settings = InstanceSettings(chosen.settings, buffer_size_kb or default_buffer_kb())
         instance.apply(settings)
         for system, name in instance.missing:
             chosen.unavailable[f"{system}:{name}"] = "not in this kernel"
+        if probe_missing:
+            chosen.unavailable["uprobe:exec_argv"] = probe_missing
         try:
             reader = EventReader(instance, chosen.decoders, chosen.type_field)
         except (OSError, FormatError) as error:
@@ -258,7 +288,7 @@ def open_event_source(
         cache = identities or IdentityCache(proc_root)
         resolver = ListenerResolver(cache, proc_root)
         tracker = Tracker(cache, resolver, proc_root, hold_s=hold_s)
-        source = EventSource(instance, reader, tracker, chosen)
+        source = EventSource(instance, reader, tracker, chosen, exec_probe=probe)
         for key, why in sorted(chosen.unavailable.items()):
             if key not in excluded:
                 log.info("kernel events: without %s (%s)", key, why)
@@ -268,4 +298,6 @@ def open_event_source(
         if reader is not None:
             reader.close()
         instance.close()
+        if probe is not None:
+            probe.remove()
         raise

@@ -42,6 +42,7 @@ from agent.collect.kernel.records import (
     CLONE_THREAD,
     IN_INTERRUPT,
     LOOPBACK_IFINDEX,
+    ExecArgs,
     KernelEvent,
     NamespaceSwitch,
     ProcessExec,
@@ -307,6 +308,18 @@ class ProcessTable:
             cmdline="",
         )
 
+    def argued(self, event: ExecArgs) -> None:
+        """The arguments of the program ``event.pid`` just started (our probe at its
+        loader's entry, right after the exec).  They stand unless ``/proc`` gave the whole
+        command line and the probe's was cut."""
+        process = self.processes.get(event.pid)
+        if process is None:
+            return
+        identity = process.identity
+        if event.cut and identity.cmdline:
+            return
+        process.identity = dataclasses.replace(identity, cmdline=event.cmdline)
+
     def renamed(self, event: TaskRename) -> None:
         thread = self.threads.get(event.tid)
         if thread is None or thread.tgid != event.tid:
@@ -439,6 +452,7 @@ class Tracker:
             ProcessExit: self.processes.exited,  # type: ignore[dict-item]
             TaskRename: self.processes.renamed,  # type: ignore[dict-item]
             NamespaceSwitch: self.processes.switched,  # type: ignore[dict-item]
+            ExecArgs: self.processes.argued,  # type: ignore[dict-item]
         }
 
     @property

@@ -1,0 +1,132 @@
+"""The exec probe's parts (issue 22, agent/collect/kernel/execargs.py): the loader's entry
+offset, the probe line, splitting captured bytes into arguments, stale probes; and the probe
+itself defined in the kernel, with a real exec captured, and removed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.collect.kernel.execargs import (
+    EVENT_NAME,
+    ExecProbe,
+    decode_exec_args,
+    elf_entry_offset,
+    find_loader,
+    group_name,
+    probe_definition,
+    split_arguments,
+)
+from agent.collect.kernel.records import CUT_MARK
+from agent.collect.kernel.ringbuffer import PageParser, parse_event_format
+from agent.collect.kernel.tracefs import Instance, find_tracefs
+
+PREFIX = os.environ.get("NETHOST_PREFIX", "eat")
+
+
+def test_split_keeps_argc_arguments_and_drops_what_follows() -> None:
+    data = b"curl\0-s\0http://x/a.sh\0SECRET=env\0PATH=/bin\0"
+    args = split_arguments(1, 42, 3, data)
+    assert (args.argv, args.cut, args.cmdline) == (
+        ("curl", "-s", "http://x/a.sh"),
+        False,
+        "curl -s http://x/a.sh",
+    )
+    cut = split_arguments(1, 42, 3, b"curl\0-s\0http://x/very-lo")
+    assert cut.argv == ("curl", "-s", "http://x/very-lo") and cut.cut
+    assert cut.cmdline.endswith(CUT_MARK)
+    assert split_arguments(1, 42, 0, b"SECRET=1\0").argv == ()
+    assert split_arguments(1, 42, 2, b"a\0\0rest").argv == ("a", "")
+    assert split_arguments(1, 42, 1 << 40, b"a\0b").cut  # a garbage argc: no hang, cut
+    assert split_arguments(1, 42, 1, b"\xff\xfe\0").argv == (os.fsdecode(b"\xff\xfe"),)
+
+
+def test_entry_offset_of_the_host_loader_and_refusals(tmp_path: Path) -> None:
+    found = find_loader()
+    if found is None:
+        pytest.skip("no 64-bit glibc loader on this machine")
+    path, offset = found
+    assert offset > 0 and os.path.isabs(path)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"#!/bin/sh\n" * 10)
+    with pytest.raises(ValueError, match="not a 64-bit"):
+        elf_entry_offset(str(junk))
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(Path(path).read_bytes()[:64])
+    with pytest.raises(ValueError):
+        elf_entry_offset(str(truncated))
+    assert find_loader([str(junk), str(tmp_path / "missing")]) is None
+
+
+def test_probe_line_and_group() -> None:
+    assert group_name("egress-agent-hwh-1234") == "egress_agent_hwh_1234"
+    line = probe_definition("egress_agent_x_1", "/lib/ld.so", 0x1AB70, (64, 32))
+    assert line == (
+        "p:egress_agent_x_1/exec_argv /lib/ld.so:0x1ab70 argc=$stack0:u64"
+        " a0=+0($stack1):u64[64] a1=+512($stack1):u64[32]"
+    )
+
+
+@pytest.fixture
+def tracefs() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: tracefs")
+    root = find_tracefs()
+    if not os.path.exists(os.path.join(root, "uprobe_events")):
+        pytest.skip("this kernel has no uprobe events (CONFIG_UPROBE_EVENTS)")
+    return root
+
+
+def test_the_probe_captures_an_exec_and_leaves_nothing(tracefs: str) -> None:
+    with open(os.path.join(tracefs, "uprobe_events")) as handle:
+        before = handle.read()
+    instance = Instance.create(tracefs, f"egress-agent-{PREFIX}-probe")
+    probe = ExecProbe.define(tracefs, instance.name)
+    try:
+        assert probe.capacity >= 512
+        fmt = parse_event_format(instance.read_format(probe.system, EVENT_NAME), probe.system)
+        decode = decode_exec_args(fmt)
+        base = instance.event_dir(probe.system, EVENT_NAME)
+        instance.write("tracing_on", "1")
+        instance.write(base + "/enable", "1")
+        marker = f"who-{os.getpid()}-{time.monotonic_ns()}"
+        child = subprocess.run(["/usr/bin/true", marker, "two words"], check=True)
+        assert child.returncode == 0
+        instance.write(base + "/enable", "0")
+        from agent.collect.kernel.ringbuffer import parse_header_event, parse_header_page
+
+        parser = PageParser(
+            parse_header_page(instance.read("events/header_page")),
+            parse_header_event(instance.read("events/header_event")),
+            fmt.require("common_type").offset,
+            fmt.require("common_type").size,
+        )
+        found = []
+        for cpu in instance.cpus():
+            fd = os.open(
+                instance.file(f"per_cpu/cpu{cpu}/trace_pipe_raw"), os.O_RDONLY | os.O_NONBLOCK
+            )
+            try:
+                while True:
+                    try:
+                        page = os.read(fd, 1 << 16)
+                    except BlockingIOError:
+                        break
+                    if not page:
+                        break
+                    events: list = []
+                    parser.parse(page, {fmt.id: decode}, events)
+                    found += [e for e in events if marker in e.argv]
+            finally:
+                os.close(fd)
+        assert [e.argv for e in found] == [("/usr/bin/true", marker, "two words")]
+    finally:
+        instance.close()
+        assert probe.remove()
+    with open(os.path.join(tracefs, "uprobe_events")) as handle:
+        assert handle.read() == before
