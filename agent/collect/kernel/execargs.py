@@ -13,8 +13,9 @@ the bytes from ``argv[0]`` on (``+OFFSET($stack1)`` as arrays of u64, Linux 4.20
 arguments, NUL-separated.  Fixed-size arrays, never ``:string`` fetches: a uprobe event whose
 strings total more than a page is dropped with a kernel warning (``prepare_uprobe_buffer``,
 seen on 6.18), and a ``panic_on_warn`` host would panic.  The kernel takes at most 3 KiB of
-fields per probe event ("Event too big"): :data:`LAYOUTS` are tried largest first, and the
-bytes beyond what a layout holds are cut (the record says so).  Bytes past the last argument
+fields per probe event ("Event too big") and each element costs a read in the trap:
+:data:`LAYOUTS` (2 KiB first) are tried largest first, and the bytes beyond what a layout
+holds are cut (the record says so).  Bytes past the last argument
 (the environment follows) are dropped by the decoder, never kept.
 
 The probe is defined in the global ``uprobe_events`` under a group of its own named after our
@@ -51,13 +52,16 @@ GROUP_PREFIX = "egress_agent_"
 EVENT_NAME = "exec_argv"
 
 LAYOUTS: Tuple[Tuple[int, ...], ...] = (
-    (64, 64, 64, 64, 64, 63),
     (64, 64, 64, 64),
     (64, 64),
     (32,),
 )
-"""u64 counts of the argument arrays, tried in order until the kernel takes one (6 x 64 u64 =
-3,064 bytes, the most the kernel takes beside ``argc``; arrays cannot exceed 64 elements)."""
+"""u64 counts of the argument arrays, tried in order until the kernel takes one: 2,048 bytes
+of arguments (arrays cannot exceed 64 elements; the kernel takes at most about 3 KiB of fields
+per event).  Each u64 is one user-memory read in the trap: on this 2-core machine 6 x 64
+cost about 120 us per exec, 4 x 64 about 70, 1 x 64 about 20 (``bench/exec_bench.py``);
+2 KiB holds the command lines of short-lived programs, and a longer one is cut, marked, and
+whole from ``/proc`` when the process lives until it is read."""
 
 
 def elf_entry_offset(path: str) -> int:
