@@ -14,6 +14,8 @@ import pytest
 
 from agent.collect.kernel.execargs import (
     EVENT_NAME,
+    LAYOUTS,
+    SCALAR,
     ExecProbe,
     decode_exec_args,
     elf_entry_offset,
@@ -63,6 +65,11 @@ def test_entry_offset_of_the_host_loader_and_refusals(tmp_path: Path) -> None:
     assert find_loader([str(junk), str(tmp_path / "missing")]) is None
 
 
+def test_probe_line_without_arrays() -> None:
+    line = probe_definition("g", "/lib/ld.so", 0x10, (SCALAR, SCALAR))
+    assert line.endswith("argc=$stack0:u64 a0=+0($stack1):u64 a1=+8($stack1):u64")
+
+
 def test_probe_line_and_group() -> None:
     assert group_name("egress-agent-hwh-1234") == "egress_agent_hwh_1234"
     line = probe_definition("egress_agent_x_1", "/lib/ld.so", 0x1AB70, (64, 32))
@@ -82,11 +89,16 @@ def tracefs() -> str:
     return root
 
 
-def test_the_probe_captures_an_exec_and_leaves_nothing(tracefs: str) -> None:
+@pytest.mark.parametrize("layout", [LAYOUTS[0], (SCALAR,) * 96], ids=["arrays", "scalars"])
+def test_the_probe_captures_an_exec_and_leaves_nothing(tracefs: str, layout: tuple) -> None:
     with open(os.path.join(tracefs, "uprobe_events")) as handle:
         before = handle.read()
     instance = Instance.create(tracefs, f"egress-agent-{PREFIX}-probe")
-    probe = ExecProbe.define(tracefs, instance.name)
+    try:
+        probe = ExecProbe.define(tracefs, instance.name, layouts=[layout])
+    except BaseException:
+        instance.close()
+        raise
     try:
         assert probe.capacity >= 512
         fmt = parse_event_format(instance.read_format(probe.system, EVENT_NAME), probe.system)

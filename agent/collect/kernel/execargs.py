@@ -9,13 +9,13 @@ argument strings lie one after the other, NUL-terminated, from ``argv[0]`` on.
 
 One uprobe event (``Documentation/trace/uprobetracer.rst``; ``CONFIG_UPROBE_EVENTS``, on in
 Debian, Ubuntu and RHEL kernels) at the loader's entry fetches ``argc`` (``$stack0``) and
-the bytes from ``argv[0]`` on (``+OFFSET($stack1)`` as arrays of u64, Linux 4.20+): the
-arguments, NUL-separated.  Fixed-size arrays, never ``:string`` fetches: a uprobe event whose
-strings total more than a page is dropped with a kernel warning (``prepare_uprobe_buffer``,
-seen on 6.18), and a ``panic_on_warn`` host would panic.  The kernel takes at most 3 KiB of
-fields per probe event ("Event too big") and each element costs a read in the trap:
-:data:`LAYOUTS` (2 KiB first) are tried largest first, and the bytes beyond what a layout
-holds are cut (the record says so).  Bytes past the last argument
+the bytes from ``argv[0]`` on (``+OFFSET($stack1)`` as arrays of u64, Linux 4.20+; plain
+u64 fields before): the arguments, NUL-separated.  Fixed-size fields, never ``:string``
+fetches: a uprobe event whose strings total more than a page is dropped with a kernel
+warning (``prepare_uprobe_buffer``, seen on 6.18), and a ``panic_on_warn`` host would panic.
+The kernel takes at most 3 KiB of fields per probe event ("Event too big") and each element
+costs a read in the trap: :data:`LAYOUTS` (2 KiB first) are tried largest first, and the
+bytes beyond what a layout holds are cut (the record says so).  Bytes past the last argument
 (the environment follows) are dropped by the decoder, never kept.
 
 The probe is defined in the global ``uprobe_events`` under a group of its own named after our
@@ -51,17 +51,21 @@ that exists and is a 64-bit ELF file for this machine is probed (its real path, 
 GROUP_PREFIX = "egress_agent_"
 EVENT_NAME = "exec_argv"
 
+SCALAR = 0
+"""A layout entry for one plain u64 field (kernels before 4.20 have no arrays)."""
+
 LAYOUTS: Tuple[Tuple[int, ...], ...] = (
     (64, 64, 64, 64),
     (64, 64),
-    (32,),
+    (SCALAR,) * 96,
 )
 """u64 counts of the argument arrays, tried in order until the kernel takes one: 2,048 bytes
 of arguments (arrays cannot exceed 64 elements; the kernel takes at most about 3 KiB of fields
 per event).  Each u64 is one user-memory read in the trap: on this 2-core machine 6 x 64
 cost about 120 us per exec, 4 x 64 about 70, 1 x 64 about 20 (``bench/exec_bench.py``);
 2 KiB holds the command lines of short-lived programs, and a longer one is cut, marked, and
-whole from ``/proc`` when the process lives until it is read."""
+whole from ``/proc`` when the process lives until it is read.  The last layout, 96 plain u64
+fields (768 bytes), is for kernels without array fetches (before 4.20)."""
 
 
 def elf_entry_offset(path: str) -> int:
@@ -112,8 +116,12 @@ def probe_definition(group: str, path: str, offset: int, layout: Sequence[int]) 
     fields = ["argc=$stack0:u64"]
     start = 0
     for index, count in enumerate(layout):
-        fields.append(f"a{index}=+{start}($stack1):u64[{count}]")
-        start += count * 8
+        if count == SCALAR:
+            fields.append(f"a{index}=+{start}($stack1):u64")
+            start += 8
+        else:
+            fields.append(f"a{index}=+{start}($stack1):u64[{count}]")
+            start += count * 8
     return f"p:{group}/{EVENT_NAME} {path}:0x{offset:x} {' '.join(fields)}"
 
 
@@ -138,7 +146,13 @@ class ExecProbe:
         return EVENT_NAME
 
     @classmethod
-    def define(cls, root: str, instance_name: str, loaders: Sequence[str] = LOADERS) -> ExecProbe:
+    def define(
+        cls,
+        root: str,
+        instance_name: str,
+        loaders: Sequence[str] = LOADERS,
+        layouts: Sequence[Tuple[int, ...]] = LAYOUTS,
+    ) -> ExecProbe:
         """Define the probe for our instance.  Raises OSError (no ``uprobe_events``: the
         kernel lacks ``CONFIG_UPROBE_EVENTS``; every layout refused) or ValueError (no
         loader to probe)."""
@@ -152,7 +166,7 @@ class ExecProbe:
         events = os.path.join(root, "uprobe_events")
         remove_stale_probes(root)
         last = OSError(errno.EINVAL, "no layout accepted")
-        for layout in LAYOUTS:
+        for layout in layouts:
             try:
                 _append(events, probe_definition(group, path, offset, layout))
             except OSError as error:
@@ -160,7 +174,7 @@ class ExecProbe:
                     raise
                 last = error
                 continue
-            return cls(root, group, path, offset, sum(layout) * 8)
+            return cls(root, group, path, offset, sum(count or 1 for count in layout) * 8)
         raise last
 
     def remove(self) -> bool:
