@@ -142,3 +142,27 @@ def test_the_probe_captures_an_exec_and_leaves_nothing(tracefs: str, layout: tup
         assert probe.remove()
     with open(os.path.join(tracefs, "uprobe_events")) as handle:
         assert handle.read() == before
+
+
+def test_a_probe_another_tool_removed_is_said_once_and_done_without(tracefs: str) -> None:
+    from agent.collect.kernel.source import open_event_source
+
+    source = open_event_source(prefix=f"egress-agent-{PREFIX}-gone")
+    try:
+        probe = source.exec_probe
+        if probe is None:
+            pytest.skip(f"no exec probe: {source.unavailable.get('uprobe:exec_argv')}")
+        # what `trace-cmd reset -a` does: disable the event everywhere, then clear probes
+        source.instance.write(source.instance.event_dir(probe.group, EVENT_NAME) + "/enable", "0")
+        fd = os.open(os.path.join(tracefs, "uprobe_events"), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, f"-:{probe.group}/{EVENT_NAME}\n".encode())
+        finally:
+            os.close(fd)
+        assert source.instance.verify() == [f"{probe.group}:{EVENT_NAME} removed"]
+        assert source.instance.verify() == []
+        source.poll(0.1)
+    finally:
+        source.close()
+    assert source.exec_probe is not None and source.exec_probe.removed
+    assert not os.path.exists(source.instance.path)
