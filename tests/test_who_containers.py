@@ -76,8 +76,7 @@ def _podman() -> str:
     return found
 
 
-@pytest.fixture
-def rootfs(tmp_path: Path) -> Path:
+def make_rootfs(tmp_path: Path) -> Path:
     """A root file system for ``--rootfs``: the host's /usr and /etc are bound in read-only."""
     root = tmp_path / "rootfs"
     for directory in ("usr", "etc", "proc", "sys", "dev", "tmp", "run"):
@@ -85,6 +84,11 @@ def rootfs(tmp_path: Path) -> Path:
     for link in ("bin", "lib", "lib64", "sbin"):
         (root / link).symlink_to(f"usr/{link}")
     return root
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    return make_rootfs(tmp_path)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Iterator, Set
+from typing import Any, Iterator, Set
 
 import pytest
 from nethost import NetHost
@@ -137,3 +137,61 @@ def test_short_lived_processes_carry_their_command_lines(
     seen = len(connects)
     assert seen >= 0.99 * count or source.lost > 0, f"{seen} of {count} connects seen"
     assert len(whole) >= 0.99 * count, f"{len(whole)} of {count} with their whole command line"
+
+
+def test_a_container_process_from_events_is_named_like_a_sampled_one(
+    host: Host, collector: Collector, tmp_path: Any
+) -> None:
+    """runc moves the container's first process into the container's cgroup and then execs
+    it: the identity read at that exec names the container, and the row from events carries
+    the columns a sampled row does, with the same values."""
+    from test_who_containers import _podman, make_rootfs, podman_container
+
+    podman = _podman()
+    root = make_rootfs(tmp_path)
+    server = host.net.listen(host.srv, SERVER)
+    name = f"{PREFIX}-evbox-{os.getpid()}"
+    url = f"http://{SERVER}:{server.port}/"
+    argv = ["curl", "-s", "-o", "/dev/null", "--max-time", "60", url]
+    with podman_container(podman, root, host.cli, name, argv) as container_id:
+
+        def mine() -> list:
+            return [
+                e
+                for e in collector.events
+                if e.kind == "connect"
+                and e.remote_port == server.port
+                and e.identity.container_id == container_id
+            ]
+
+        assert collector.wait_for(lambda _: bool(mine()), timeout=60)
+        event = mine()[0]
+        row = connection_of(
+            event.identity, None, SocketColumns(None, None, None, 2, 6, "", "", 0, 0, "outbound")
+        )
+        assert (row.container_name, row.container_runtime) == (name, "podman")
+        assert row.cmdline == " ".join(argv)
+        assert event.net_namespace == host.cli.inode
+        sampled = [
+            r for r in _check_rows("--netns", host.cli.name) if r["pid"] == event.identity.pid
+        ]
+        assert sampled, "the sampler did not see the container's curl"
+        for column in (
+            "name",
+            "cmdline",
+            "username",
+            "login_user",
+            "container_id",
+            "container_name",
+            "container_image",
+            "container_runtime",
+        ):
+            assert getattr(row, column) == sampled[0][column], column
+
+
+def _check_rows(*args: str) -> list:
+    from commands import egress_agent
+
+    result = egress_agent("check", "--format", "json", "--allowlisted", *args)
+    assert "Traceback" not in result.stderr, result.stderr
+    return list(json.loads(result.stdout or "[]"))
