@@ -23,10 +23,11 @@ from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
 from agent.evidence import Evidence, Window, read_evidence
+from agent.history import open_store
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
-from agent.osquery.options import core_argv, extension_command
-from agent.pipeline import Monitor, Pipeline, Snapshot, open_events, open_store
+from agent.osquery.options import core_argv
+from agent.pipeline import Pipeline, RunningAgent, Snapshot
 from agent.records import Connection, Value
 from agent.render import (
     HISTORY_TABLE_COLUMNS,
@@ -217,12 +218,6 @@ class _NewConnections:
 def cmd_watch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     scope = _scope(args)
-    history_log = logging.getLogger("egress_agent.history")
-    pipeline = Pipeline.open(
-        settings, args.backend, not args.no_history, history_log, names="watch"
-    )
-    _print_notices(pipeline)
-    interval = args.interval if args.interval is not None else settings.sampling_interval
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -240,31 +235,23 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if args.count and samples >= args.count:
             stop.set()
 
-    watch_log = logging.getLogger("egress_agent.watch")
-    feed, events_error = open_events(pipeline, logging.getLogger("egress_agent.events"))
-    monitor = Monitor(
-        pipeline,
-        interval,
-        watch_log,
+    agent = RunningAgent.open(
+        settings,
         "watch",
-        on_sample,
-        events=feed,
-        events_error=events_error,
+        logging.getLogger("egress_agent.watch"),
+        interval=args.interval,
+        backend=args.backend,
+        history=not args.no_history,
+        on_sample=on_sample,
+        on_connection=printer.event,
     )
-    stop_events = None
-    if feed is not None:
-        feed.on_connection = printer.event
-        feed.on_loss = monitor.request_sample
-        stop_events = feed.start()
-    try:
-        monitor.run(stop, fatal=(SamplerError,))
-    except SamplerError as error:
-        print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        if stop_events is not None:
-            stop_events()
-        pipeline.close()
+    _print_notices(agent.pipeline)
+    with agent:
+        try:
+            agent.monitor.run(stop, fatal=(SamplerError,))
+        except SamplerError as error:
+            print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
+            return EXIT_USAGE
     return EXIT_OK
 
 
@@ -581,6 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_extension_arguments(extension)
     return parser
+
+
+def extension_command(args: argparse.Namespace) -> int:
+    """The ``extension`` subcommand's handler: imports the Thrift stack only now."""
+    from agent.osquery.server import extension_main
+
+    return extension_main(args)
 
 
 def _tolerant_streams() -> None:

@@ -41,6 +41,9 @@ from typing import (
     Tuple,
 )
 
+from agent.collect import SAMPLING
+from agent.history.schema import RUN_COLUMNS
+
 Row = Mapping[str, Any]
 """One row of ``external_connection_history`` or one run: column name -> value."""
 
@@ -70,30 +73,12 @@ ROW_KEYS: Tuple[str, ...] = (
 )
 """The history columns report and audit read (a missing one reads as empty)."""
 
-RUN_KEYS: Tuple[str, ...] = (
-    "run_id",
-    "kind",
-    "pid",
-    "hostname",
-    "machine_id",
-    "version",
-    "started_at",
-    "last_heartbeat",
-    "stopped_at",
-    "heartbeat_interval",
-    "events_source",
-    "events_lost",
-    "tcp_active_opens",
-    "outbound_tcp_seen",
-)
-"""The keys of one agent run, as ``HistoryStore.runs`` gives them."""
+RUN_KEYS: Tuple[str, ...] = tuple(name for name, _ in RUN_COLUMNS)
+"""The keys of one agent run, as ``HistoryStore.runs`` gives them (the store's run columns)."""
 
 EGRESS_DIRECTIONS = ("outbound", "unknown")
 """What may have gone out: outbound rows, and those whose direction the agent could not tell
 (a closed connection whose process and listener are gone)."""
-
-EVENTS_SOURCE = "tracefs"
-SAMPLING_SOURCE = "sampling"
 
 
 class HistoryReader(Protocol):
@@ -173,6 +158,13 @@ def number(row: Row, key: str) -> float:
 def text(row: Row, key: str) -> str:
     value = row.get(key)
     return "" if value is None else str(value)
+
+
+def saw_every_connect(run: Row) -> bool:
+    """Whether an event source fed the run (``events_source`` names one), rather than samples
+    alone (``sampling``) or nothing known (an empty value, a store older than the runs)."""
+    source = text(run, "events_source")
+    return bool(source) and source != SAMPLING
 
 
 def truthy(row: Row, key: str) -> bool:
@@ -286,7 +278,7 @@ def coverage_of(runs: Iterable[Row], window: Window) -> Coverage:
         )
     if lost:
         shortfalls.append(f"{lost} kernel event(s) were lost")
-    sampled = [run for run in overlapping if text(run, "events_source") != EVENTS_SOURCE]
+    sampled = [run for run in overlapping if not saw_every_connect(run)]
     if sampled:
         named = sorted({text(run, "events_source") or "unknown" for run in sampled})
         shortfalls.append(
@@ -296,12 +288,12 @@ def coverage_of(runs: Iterable[Row], window: Window) -> Coverage:
     short = [
         run
         for run in overlapping
-        if text(run, "events_source") == EVENTS_SOURCE
+        if saw_every_connect(run)
         and number(run, "outbound_tcp_seen") < number(run, "tcp_active_opens")
     ]
     if short:
         shortfalls.append(
-            f"in {len(short)} tracefs run(s) the kernel counted more TCP connects than the "
+            f"in {len(short)} event-fed run(s) the kernel counted more TCP connects than the "
             "events showed"
         )
     return Coverage(

@@ -100,10 +100,6 @@ class Scope:
             pids=frozenset(pids),
         )
 
-    @property
-    def whole_host(self) -> bool:
-        return not (self.namespaces or self.containers or self.units or self.pids)
-
     def matches(self, record: Mapping[str, Value]) -> bool:
         """Whether a row (a record's ``as_dict()``, or a history row) is in scope."""
         if self.namespaces and record.get("net_namespace") not in self.namespaces:

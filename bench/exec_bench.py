@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-from agent.collect.kernel.source import EventSource, open_event_source
+from agent.collect.kernel.source import KernelEventSource, open_event_source
 from bench.report import machine, markdown_table, publish
 
 SPAWN = r"""
@@ -55,7 +55,7 @@ def _cpu() -> float:
 class _Poller:
     """Polls a source on a thread, as the agent does, until stopped."""
 
-    def __init__(self, source: EventSource) -> None:
+    def __init__(self, source: KernelEventSource) -> None:
         self.source = source
         self.execs = 0
         self._stop = threading.Event()
@@ -72,7 +72,7 @@ class _Poller:
 
 
 def _round(setup: str, count: int, prefix: str) -> Dict[str, float]:
-    source: Optional[EventSource] = None
+    source: Optional[KernelEventSource] = None
     poller: Optional[_Poller] = None
     if setup != "off":
         source = open_event_source(prefix=prefix, exec_args=setup == "events+argv")

@@ -170,7 +170,8 @@ class ExtensionGenerate(Method):
 
     GAP_S = 1.1
     """Seconds between the end of one request and the next: more than the live table's
-    ``REUSE_GAP_S`` (agent/osquery/tables.py), so that each takes a sample of its own."""
+    ``REUSE_GAP_S`` (agent/osquery/external_connections.py), so that each takes a sample of its
+    own."""
 
     def open(self) -> None:
         self._harness = self._start(self.interval)

@@ -27,11 +27,12 @@ from osquery.extensions.ttypes import ExtensionResponse, ExtensionStatus
 
 from agent import __version__
 from agent.config import Settings
-from agent.osquery import table, wire
-from agent.osquery.tables import AgentInfo, ExtensionTables
+from agent.osquery import external_connections, wire
+from agent.osquery.dispatch import ExtensionTables
+from agent.osquery.table import AgentInfo
 from agent.pipeline import Monitor, Pipeline
 
-COLUMNS = table.EXTERNAL_CONNECTIONS.column_names
+COLUMNS = external_connections.SPEC.column_names
 CONTEXT = json.dumps(
     {
         "constraints": [{"name": name, "list": [], "affinity": "TEXT"} for name in COLUMNS],
@@ -60,7 +61,7 @@ def live_generate() -> Callable[[], int]:
         # Each measured generate is a query of its own: LiveSamples would answer a call that
         # comes within a second of the last one from that one's sample.
         tables._live_samples._last_call_end = float("-inf")
-        result = tables.call(table.EXTERNAL_CONNECTIONS.name, request)
+        result = tables.call(external_connections.SPEC.name, request)
         status = ExtensionStatus(code=result.code, message=result.message)
         reply = wire.call_reply(1, ExtensionResponse(status=status, response=result.rows))
         reply.data()

@@ -8,7 +8,8 @@ as core asks them: every column (``SELECT *``) and the columns and constraint of
 hourly query (``config/osquery``: ``WHERE direction = 'outbound'``).  For each: the wall time
 of the generate (the stand-in's pure-Python decoding included), the extension's CPU for it
 (schedstat), the rows answered, the bytes of the reply, and what the answer takes in core by
-``agent.osquery.tables.core_bytes`` beside ``HISTORY_ANSWER_BUDGET``, the bound on one answer.
+``agent.osquery.external_connection_history.core_bytes`` beside ``HISTORY_ANSWER_BUDGET``, the
+bound on one answer.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from agent.history import HistoryStore
-from agent.osquery import table
-from agent.osquery.tables import HISTORY_ANSWER_BUDGET, core_bytes
+from agent.osquery import external_connection_history
+from agent.osquery.external_connection_history import HISTORY_ANSWER_BUDGET, core_bytes
 from agent.records import Connection
 from bench.extension import StandInExtension, cpu_ns, memory_kb
 
@@ -72,7 +73,7 @@ def fill(path: str, rows: int) -> float:
 
 
 def context(columns: Sequence[str], direction: Optional[str] = None) -> str:
-    names = table.EXTERNAL_CONNECTION_HISTORY.column_names
+    names = external_connection_history.SPEC.column_names
     constraints = [
         {
             "name": name,
@@ -98,7 +99,7 @@ def measure(extension: StandInExtension, query: str, runs: int) -> Dict[str, Any
         socket = connection._socket
         before_bytes, before_cpu = socket.bytes_read, cpu_ns(pid)
         started = time.perf_counter()
-        answered = connection.generate(table.EXTERNAL_CONNECTION_HISTORY.name, query)
+        answered = connection.generate(external_connection_history.SPEC.name, query)
         figures["ms"].append((time.perf_counter() - started) * 1000)
         figures["cpu_ms"].append((cpu_ns(pid) - before_cpu) / 1e6)
         figures["bytes"].append(socket.bytes_read - before_bytes)
@@ -124,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extension = StandInExtension(3600.0, history_path=path)
         try:
             queries = {
-                "every column (SELECT *)": context(table.EXTERNAL_CONNECTION_HISTORY.column_names),
+                "every column (SELECT *)": context(external_connection_history.SPEC.column_names),
                 "the pack's hourly query (13 columns, direction = 'outbound')": context(
                     HOURLY_COLUMNS, "outbound"
                 ),

@@ -45,11 +45,11 @@ from thrift.protocol import TBinaryProtocol
 from thrift.Thrift import TMessageType, TType
 from thrift.transport import TTransport
 
-from agent.osquery import table, wire
+from agent.osquery import external_connections, table, wire
 from agent.osquery.server import _protocol_factory
 from agent.records import Connection
 
-COLUMNS = table.EXTERNAL_CONNECTIONS.column_names
+COLUMNS = external_connections.SPEC.column_names
 ARGUMENTS = (
     "-m bench --scales L --runs 11 --over-time 600 --output /var/tmp/egress-agent-bench/results "
     "--config /etc/egress-agent/bench.yaml"

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any, Callable, Collection, FrozenSet, List, Optional, Tuple
 
-from agent.collect import SamplerTotals, SampleStats
+from agent.collect import SampleStats
 from agent.config import Settings
 from agent.history import HistoryStore
 from agent.pipeline import Monitor, Pipeline
@@ -39,7 +39,6 @@ class FunctionSampler:
         self._sample = sample
         self._stats = stats
         self.last = SampleStats()
-        self.totals = SamplerTotals()
         self.count_outbound_tcp = False
         self.asked: List[Tuple[Optional[FrozenSet[int]], bool]] = []
 

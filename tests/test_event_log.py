@@ -7,12 +7,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from types import SimpleNamespace
 from typing import List
 
 from dnshost import LateWatch
 
 from agent.collect.dns.cache import NameCache
-from agent.collect.kernel.tracker import SocketEvent
+from agent.collect.events import SocketEvent
 from agent.config import parse_settings, parse_yaml
 from agent.identity import Identity
 from agent.pipeline import Pipeline
@@ -76,7 +77,7 @@ def test_a_batch_waits_for_the_dns_watch_once_and_its_rules_see_the_names() -> N
         parse_yaml("allow:\n  - {comment: resolver, domains: quad9.net}\n", "t.yaml"), "t.yaml"
     )
     pipeline = Pipeline(settings, sampler=None, names=DomainNames(cache, watch))  # type: ignore[arg-type]
-    feed = EventFeed(pipeline, source=None, logger=logging.getLogger("test"))  # type: ignore[arg-type]
+    feed = EventFeed(pipeline, SimpleNamespace(name="test"), logging.getLogger("test"))  # type: ignore[arg-type]
     events: List[SocketEvent] = [
         connect_event(1, "9.9.9.9"),
         connect_event(2, "1.1.1.1"),  # no answer for it, ever

@@ -22,8 +22,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Set
 import pytest
 from nethost import Namespace, NetHost, Proc
 
-from agent.collect.kernel.source import EventSource, open_event_source
-from agent.collect.kernel.tracker import SocketEvent
+from agent.collect.events import SocketEvent
+from agent.collect.kernel.source import KernelEventSource, open_event_source
 from agent.collect.sockets.procnet import parse_snmp
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat")
@@ -44,7 +44,7 @@ class Collector:
     """Polls an event source on a background thread (as the agent will) and keeps what it
     returns."""
 
-    def __init__(self, source: EventSource) -> None:
+    def __init__(self, source: KernelEventSource) -> None:
         self.source = source
         self.events: List[SocketEvent] = []
         self.errors: List[BaseException] = []
@@ -83,7 +83,7 @@ class Collector:
 
 
 @pytest.fixture
-def source() -> Iterator[EventSource]:
+def source() -> Iterator[KernelEventSource]:
     if os.geteuid() != 0:
         pytest.skip("needs root: tracefs and network namespaces")
     opened = open_event_source(prefix=INSTANCE_PREFIX)
@@ -95,7 +95,7 @@ def source() -> Iterator[EventSource]:
 
 
 @pytest.fixture
-def collector(source: EventSource) -> Iterator[Collector]:
+def collector(source: KernelEventSource) -> Iterator[Collector]:
     running = Collector(source)
     yield running
     running.stop()
@@ -169,7 +169,7 @@ def _seen_all(pids: Set[int], kind: str) -> Callable[[List[SocketEvent]], bool]:
 
 
 def test_a_storm_of_short_lived_connects_is_seen_whole(
-    host: Host, source: EventSource, collector: Collector
+    host: Host, source: KernelEventSource, collector: Collector
 ) -> None:
     server = host.net.listen(host.srv, SERVER)
     opens_before = active_opens(host.cli)
@@ -204,7 +204,7 @@ def test_a_storm_of_short_lived_connects_is_seen_whole(
 
 
 def test_short_lived_udp_senders_are_each_seen(
-    host: Host, source: EventSource, collector: Collector
+    host: Host, source: KernelEventSource, collector: Collector
 ) -> None:
     server = host.net.listen(host.srv, SERVER, proto="udp")
     pids = set(run_storm(host.net, host.cli, "udp", server.port, 200))
@@ -234,7 +234,7 @@ sys.stdin.read()
 
 
 def test_an_unconnected_sender_makes_one_record_per_destination(
-    host: Host, source: EventSource, collector: Collector
+    host: Host, source: KernelEventSource, collector: Collector
 ) -> None:
     code = _UNCONNECTED.format(first=5301, second=5302, server=SERVER)
     sender = host.net.spawn(host.cli, [sys.executable, "-c", code], ready=True)
@@ -248,7 +248,7 @@ def test_an_unconnected_sender_makes_one_record_per_destination(
 
 
 def test_an_inbound_connection_is_attributed_to_the_listener(
-    host: Host, source: EventSource, collector: Collector
+    host: Host, source: KernelEventSource, collector: Collector
 ) -> None:
     server = host.net.listen(host.srv, SERVER)  # made after the source: seen by its listen()
     client = host.net.connect(host.cli, SERVER, server.port)
@@ -299,7 +299,7 @@ def _dial(net: NetHost, namespace: Namespace, port: int, local_port: int) -> Pro
 
 
 def test_two_namespaces_with_the_same_addresses_keep_their_connections_apart(
-    nethost: NetHost, source: EventSource, collector: Collector
+    nethost: NetHost, source: KernelEventSource, collector: Collector
 ) -> None:
     a, b = Host(nethost, "a"), Host(nethost, "b")
     port = 8443
@@ -338,7 +338,7 @@ def test_two_namespaces_with_the_same_addresses_keep_their_connections_apart(
 
 
 def test_refused_established_and_timed_out_connects(
-    host: Host, source: EventSource, collector: Collector
+    host: Host, source: KernelEventSource, collector: Collector
 ) -> None:
     server = host.net.listen(host.srv, SERVER)
     good = host.net.connect(host.cli, SERVER, server.port)
@@ -399,7 +399,7 @@ def test_a_flood_into_a_tiny_buffer_counts_losses_and_goes_on(host: Host) -> Non
 
 
 def test_a_process_that_enters_a_namespace_to_connect_is_placed_there_or_nowhere(
-    host: Host, source: EventSource, collector: Collector
+    host: Host, source: KernelEventSource, collector: Collector
 ) -> None:
     server = host.net.listen(host.srv, SERVER)
     pids = set()
@@ -415,7 +415,7 @@ def test_a_process_that_enters_a_namespace_to_connect_is_placed_there_or_nowhere
 
 
 def test_ipv6_and_ipv4_mapped_connects(
-    host: Host, source: EventSource, collector: Collector
+    host: Host, source: KernelEventSource, collector: Collector
 ) -> None:
     server = host.net.listen(host.srv, SERVER)
     server6 = host.net.listen(host.srv, SERVER6)

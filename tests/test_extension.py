@@ -26,9 +26,10 @@ from osquery_core import (
 
 import agent
 from agent.history import SCHEMA_VERSION
-from agent.osquery import table
+from agent.osquery import dispatch, external_connections
+from agent.osquery.dispatch import ExtensionTables
 from agent.osquery.server import Options, Stopper, serve
-from agent.osquery.tables import AgentInfo, ExtensionTables
+from agent.osquery.table import AgentInfo
 from agent.records import Connection
 
 EXTENSION = default_extension_command()
@@ -73,7 +74,7 @@ def test_registers_as_egress_agent_with_our_routes(
     _, registration = launch(core, config)
     assert registration.name == "egress_agent"
     assert registration.version == agent.__version__
-    assert registration.tables() == table.registry()["table"]
+    assert registration.tables() == dispatch.registry()["table"]
     with core.connect(registration) as extension:
         assert extension.ping().code == 0
         for name, routes in registration.tables().items():
@@ -345,7 +346,7 @@ def _wait_for(extension, ready, timeout: float = 30) -> Dict[str, str]:  # type:
 
 
 def test_context_maker_matches_what_core_sends() -> None:
-    routes = table.EXTERNAL_CONNECTIONS.routes()
+    routes = external_connections.SPEC.routes()
     document = json.loads(make_context(routes, {"pid": [(2, "7")]}))
     assert document["constraints"][0] == {
         "name": "pid",

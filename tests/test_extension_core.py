@@ -23,10 +23,11 @@ from osquery_core import default_extension_command
 from sqlcore import WATCHDOG_BYTES, SqlCore
 
 from agent.history import HistoryStore
-from agent.osquery import table
+from agent.osquery import dispatch
+from agent.osquery.dispatch import ExtensionTables
+from agent.osquery.egress_agent_info import INFO_COLUMNS
 from agent.osquery.server import Options, Stopper, serve
-from agent.osquery.table import INFO_COLUMNS
-from agent.osquery.tables import AgentInfo, ExtensionTables
+from agent.osquery.table import AgentInfo
 from agent.records import Connection
 
 EXTENSION = default_extension_command()
@@ -291,7 +292,7 @@ def test_a_duplicate_refusal_is_retried_until_core_drops_the_orphan(
     the relaunched one as a duplicate until its watcher's ping of the orphan fails."""
     orphan = core.manager.registerExtension(
         InternalExtensionInfo(name="egress_agent", version="0", sdk_version="3.0.7"),
-        table.registry(),
+        dispatch.registry(),
     )
     assert orphan.code == 0
     process = core.launch(EXTENSION, env=env, timeout=3, interval=1)

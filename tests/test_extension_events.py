@@ -33,7 +33,7 @@ from agent.collect.kernel.source import open_event_source
 from agent.collect.sockets.sampler import LinuxSampler
 from agent.config import Settings
 from agent.history import HistoryStore
-from agent.pipeline import EventFeed, EventLog, Monitor, Pipeline
+from agent.pipeline import EventFeed, EventLog, Monitor, Pipeline, kernel_events
 
 TRACING = "/sys/kernel/tracing/instances"
 
@@ -238,7 +238,7 @@ def test_a_loss_is_counted_resynchronised_and_survived(host: Host, tmp_path: Pat
     resyncs: List[int] = []
     feed = EventFeed(pipeline, source, logging.getLogger("test.loss"), EventLog())
     feed.on_loss = lambda: resyncs.append(1)
-    monitor = Monitor(pipeline, 60, logging.getLogger("test.loss"), events=feed)
+    monitor = Monitor(pipeline, 60, logging.getLogger("test.loss"), feeds=[feed])
     stop_feed = feed.start()
     try:
         flood = (
@@ -282,12 +282,11 @@ def test_without_kernel_events_the_agent_samples(tmp_path: Path) -> None:
         assert not our_instances(process.pid)
 
     def as_nobody() -> List[str]:
-        pipeline = Pipeline(Settings(), LinuxSampler(Classifier()))
-        feed, why = EventFeed.open(pipeline, logging.getLogger("test"))
-        return [str(feed), why]
+        source, why = kernel_events(Settings(), logging.getLogger("test"))
+        return [str(source), why]
 
-    feed, why = run_as_nobody(as_nobody)
-    assert feed == "None" and "sampling instead" in why and "root" in why
+    source, why = run_as_nobody(as_nobody)
+    assert source == "None" and "sampling instead" in why and "root" in why
 
 
 def test_watch_and_the_extension_run_side_by_side(extension: Extension, tmp_path: Path) -> None:

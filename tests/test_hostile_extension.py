@@ -33,9 +33,9 @@ from osquery_core import CoreStandIn, ExtensionConnection, default_extension_com
 from thrift.protocol import TBinaryProtocol
 from thrift.transport import TTransport
 
-from agent.osquery import table
+from agent.osquery import dispatch, egress_agent_info, external_connections
 
-TABLES = [spec.name for spec in table.TABLES]
+TABLES = [plugin.spec.name for plugin in dispatch.TABLES]
 CHEAP_TABLES = ["egress_agent_info", "external_connection_history"]
 
 
@@ -107,7 +107,7 @@ def contexts(draw: st.DrawFn) -> str:
         return json.dumps(draw(json_values))
     if kind == "text":
         return draw(st.text(max_size=200))
-    routes = table.EXTERNAL_CONNECTIONS.routes()
+    routes = external_connections.SPEC.routes()
     op = draw(st.sampled_from([2, 3, 4, 65, 66, "2", "x", None, 2**70, -1]))
     expr = draw(st.text(max_size=20) | st.sampled_from(["1", "-1", "0x10", "1e3", "9" * 30]))
     valid = make_context(
@@ -173,7 +173,7 @@ def test_any_request_is_answered(
 def _valid_call() -> bytes:
     buffer = TTransport.TMemoryBuffer()
     client = Extension.Client(TBinaryProtocol.TBinaryProtocol(buffer))
-    routes = table.EGRESS_AGENT_INFO.routes()
+    routes = egress_agent_info.SPEC.routes()
     client.send_call(
         "table", "egress_agent_info", {"action": "generate", "context": make_context(routes)}
     )

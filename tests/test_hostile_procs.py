@@ -46,6 +46,7 @@ from nethost import Namespace, NetHost, Proc
 from agent.classify import Classifier
 from agent.collect.sockets import sampler as sampler_module
 from agent.collect.sockets.sampler import LinuxSampler
+from agent.osquery import external_connections
 from agent.owners import OwnerFinder, OwnerScan
 from agent.render import FORMATS, render
 from agent.textsafe import cell_text, utf8_safe
@@ -365,7 +366,7 @@ def test_encoded_rows_of_hostile_records_are_the_old_string_rows(scene: Scene) -
         r for r in LinuxSampler(Classifier()).sample() if r.net_namespace in scene.namespaces
     ]
     assert sorted(r.pid for r in records) == sorted(scene.owners())
-    columns = table.EXTERNAL_CONNECTIONS.column_names
+    columns = external_connections.SPEC.column_names
     old = [table.string_row(r.as_dict(), columns) for r in records]
     status = ExtensionStatus(code=0, message="OK")
     expected = generated_call_reply(3, ExtensionResponse(status=status, response=old))

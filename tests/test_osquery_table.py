@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import FrozenSet, List, Optional, Tuple
 
@@ -12,30 +13,31 @@ from hypothesis import strategies as st
 
 from agent.collect import SampleStats
 from agent.history import HISTORY_COLUMNS
-from agent.osquery import table
-from agent.osquery.table import (
-    ColumnOptions,
-    Constraint,
-    ContextError,
-    Operator,
-    QueryContext,
-    parse_context,
+from agent.osquery import (
+    dispatch,
+    egress_agent_info,
+    external_connection_history,
+    external_connections,
+    table,
 )
-from agent.osquery.tables import AgentInfo, ExtensionTables, LiveSamples
-from agent.pipeline import Snapshot
+from agent.osquery.context import Constraint, ContextError, Operator, QueryContext, parse_context
+from agent.osquery.dispatch import ExtensionTables
+from agent.osquery.external_connections import LiveSamples
+from agent.osquery.table import AgentInfo, ColumnOptions
+from agent.pipeline import Snapshot, Stats
 from agent.records import COLUMNS, Connection
 
 # -- routes ------------------------------------------------------------------------------------
 
 
 def test_live_table_routes_follow_the_record_with_index_bits() -> None:
-    routes = table.EXTERNAL_CONNECTIONS.routes()
+    routes = external_connections.SPEC.routes()
     assert [(r["name"], r["type"]) for r in routes] == list(COLUMNS)
     ops = {r["name"]: r["op"] for r in routes}
     assert ops.pop("pid") == "9"  # INDEX | OPTIMIZED: IN (...) in one call
     assert ops.pop("remote_address") == "9"
     assert set(ops.values()) == {"0"}  # core's default index makes these indexes too
-    history = {r["name"]: r["op"] for r in table.EXTERNAL_CONNECTION_HISTORY.routes()}
+    history = {r["name"]: r["op"] for r in external_connection_history.SPEC.routes()}
     assert {name: op for name, op in history.items() if op != "0"} == {
         "pid": "9",
         "direction": "9",
@@ -48,14 +50,14 @@ def test_live_table_routes_follow_the_record_with_index_bits() -> None:
 
 
 def test_history_and_info_routes() -> None:
-    history = table.EXTERNAL_CONNECTION_HISTORY.routes()
+    history = external_connection_history.SPEC.routes()
     assert [(r["name"], r["type"]) for r in history] == list(HISTORY_COLUMNS)
     names = [r["name"] for r in history]
     for column in ("first_seen", "last_seen", "samples", "connections", "open", "process_uuid"):
         assert column in names
     for column in ("fd", "socket", "local_port"):
         assert column not in names
-    info = [r["name"] for r in table.EGRESS_AGENT_INFO.routes()]
+    info = [r["name"] for r in egress_agent_info.SPEC.routes()]
     for column in (
         "version", "pid", "config_path", "sampling_interval", "samples_total", "last_sample_ms",
         "sockets_seen", "namespaces_seen", "history_rows", "history_path", "started_at",
@@ -65,7 +67,7 @@ def test_history_and_info_routes() -> None:
 
 
 def test_registry_shape() -> None:
-    registry = table.registry()
+    registry = dispatch.registry()
     assert set(registry) == {"table"}
     assert set(registry["table"]) == {
         "external_connections",
@@ -219,8 +221,8 @@ def test_cells_are_strings_and_missing_is_empty() -> None:
     assert table.cell(-1) == "-1"
     assert table.cell(2.5) == "2.5"
     assert table.cell("x") == "x"
-    row = table.string_row(Connection(pid=7).as_dict(), table.EXTERNAL_CONNECTIONS.column_names)
-    assert set(row) == set(table.EXTERNAL_CONNECTIONS.column_names)
+    row = table.string_row(Connection(pid=7).as_dict(), external_connections.SPEC.column_names)
+    assert set(row) == set(external_connections.SPEC.column_names)
     assert all(isinstance(value, str) for value in row.values())
     assert row["via"] == "" and row["fd"] == "" and row["pid"] == "7"
     assert "None" not in row.values()
@@ -267,7 +269,7 @@ def _tables(recorder: _Recorder) -> ExtensionTables:
 
 def test_pid_constraint_narrows_the_sample(recorder: _Recorder) -> None:
     tables = _tables(recorder)
-    routes = table.EXTERNAL_CONNECTIONS.routes()
+    routes = external_connections.SPEC.routes()
     context = {
         "constraints": [
             {"name": r["name"], "list": [{"op": 2, "expr": "11"}] if r["name"] == "pid" else []}
@@ -406,3 +408,16 @@ def test_live_samples_serve_a_burst_of_calls_from_one_sample() -> None:
         clock.now += 0.5
         samples.get(None)
     assert 3 + 400 * 0.5 / 10 - 1 <= len(taken) <= 3 + 400 * 0.5 / 10 + 1
+
+
+def test_the_info_columns_are_defined_once_and_each_has_one_source() -> None:
+    """``egress_agent_info``'s columns are one list; each value is read by name from exactly
+    one of the extension's info, the monitor's figures and the store, and every figure the
+    monitor keeps is a column unless it is said not to be."""
+    info = {f.name for f in dataclasses.fields(AgentInfo)}
+    stats = {f.name for f in dataclasses.fields(Stats)} - egress_agent_info.NOT_SHOWN
+    store = set(egress_agent_info.STORE_FIGURES)
+    columns = [name for name, _ in egress_agent_info.INFO_COLUMNS]
+    assert len(columns) == len(set(columns))
+    assert not (info & stats or info & store or stats & store)
+    assert set(columns) == info | stats | store

@@ -343,7 +343,6 @@ def test_stats_and_a_warm_second_sample(scenario: Scenario, use_sock_diag: bool)
     assert cold.sockets >= cold.wanted and cold.fds_scanned > 0
     # the second sample knew our processes already (the fd scan's cost is host-wide: bench/)
     assert sampler.identities.hits >= 10
-    assert sampler.totals.samples == 2 and sampler.totals.rows == cold.rows + warm.rows
     namespaces = {n.inode: n for n in warm.per_namespace}
     cli, srv = namespaces[scenario.cli.inode], namespaces[scenario.srv.inode]
     assert cli.active_opens == 8  # eight TCP connects from the client namespace

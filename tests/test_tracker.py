@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
+from agent.collect.events import SocketEvent
 from agent.collect.kernel.listeners import ListenerResolver
 from agent.collect.kernel.records import (
     CLONE_THREAD,
@@ -31,7 +32,7 @@ from agent.collect.kernel.records import (
     TcpReset,
     TcpStateChange,
 )
-from agent.collect.kernel.tracker import NO_OWNER, SocketEvent, Tracker
+from agent.collect.kernel.tracker import NO_OWNER, Tracker
 from agent.collect.netns import CLONE_NEWNET
 from agent.identity import IdentityCache, process_uuid
 

@@ -16,7 +16,7 @@ import pytest
 from nethost import NetHost
 from test_events import SERVER, Collector, Host, address
 
-from agent.collect.kernel.source import EventSource, open_event_source
+from agent.collect.kernel.source import KernelEventSource, open_event_source
 from agent.records import SocketColumns, connection_of
 
 PREFIX = os.environ.get("NETHOST_PREFIX", "eat")
@@ -24,7 +24,7 @@ BASH = "/usr/bin/bash"
 
 
 @pytest.fixture
-def source() -> Iterator[EventSource]:
+def source() -> Iterator[KernelEventSource]:
     if os.geteuid() != 0:
         pytest.skip("needs root: tracefs and network namespaces")
     opened = open_event_source(prefix=f"egress-agent-{PREFIX}")
@@ -35,7 +35,7 @@ def source() -> Iterator[EventSource]:
 
 
 @pytest.fixture
-def collector(source: EventSource) -> Iterator[Collector]:
+def collector(source: KernelEventSource) -> Iterator[Collector]:
     running = Collector(source)
     yield running
     running.stop()
@@ -100,7 +100,7 @@ print("DONE", flush=True)
 
 
 def test_short_lived_processes_carry_their_command_lines(
-    host: Host, source: EventSource, collector: Collector
+    host: Host, source: KernelEventSource, collector: Collector
 ) -> None:
     """Issue 22's target: of 500 processes that connect and exit at once (bash's /dev/tcp:
     the process ends right after its connect()), each with its own arguments, at least 99%

@@ -16,7 +16,11 @@ from test_history import conn as history_connection
 
 from agent.ecs import ecs_document
 from agent.history import HistoryStore
-from agent.osquery import table
+from agent.osquery import (
+    external_connection_events,
+    external_connection_history,
+    external_connections,
+)
 from agent.records import COLUMN_NAMES, Connection
 from agent.render import TABLE_COLUMNS, render, table_view
 
@@ -62,9 +66,9 @@ def test_the_columns_exist_everywhere() -> None:
     for column in WHO_COLUMNS:
         assert column in COLUMN_NAMES
         for spec in (
-            table.EXTERNAL_CONNECTIONS,
-            table.EXTERNAL_CONNECTION_EVENTS,
-            table.EXTERNAL_CONNECTION_HISTORY,
+            external_connections.SPEC,
+            external_connection_events.SPEC,
+            external_connection_history.SPEC,
         ):
             assert column in spec.column_names, (spec.name, column)
     assert "login_user" in TABLE_COLUMNS

@@ -29,13 +29,13 @@ from thrift.protocol import TBinaryProtocol
 from thrift.Thrift import TApplicationException, TMessageType
 from thrift.transport import TSocket, TTransport
 
-from agent.osquery import table, wire
+from agent.osquery import external_connections, table, wire
 from agent.osquery.server import CallProcessor, ExtensionHandler, Stopper, ThreadedUnixServer
 from agent.records import Connection
 from agent.textsafe import utf8_safe
 
 Rows = List[Dict[str, str]]
-LIVE = table.EXTERNAL_CONNECTIONS.column_names
+LIVE = external_connections.SPEC.column_names
 
 
 def read_reply(data: bytes) -> Tuple[str, int, int, Optional[ExtensionResponse]]:
@@ -336,7 +336,7 @@ class _Tables:
         self.answers: Dict[str, Any] = {}
 
     def call(self, name: str, request: Mapping[str, str]) -> Any:
-        from agent.osquery.tables import TableResult
+        from agent.osquery.table import TableResult
 
         return TableResult(0, "OK", self.answers[name])
 

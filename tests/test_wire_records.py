@@ -19,12 +19,12 @@ from osquery_core import generated_call_reply
 
 from agent.classify import Classifier
 from agent.collect.sockets.sampler import LinuxSampler as Sampler
-from agent.osquery import table, wire
+from agent.osquery import external_connections, table, wire
 from agent.records import Connection
 
 SERVER6, CLIENT6 = "2a0e:4a00:16::1", "2a0e:4a00:16::2"
 SERVER4, CLIENT4 = "9.9.16.1", "9.9.16.2"
-LIVE = table.EXTERNAL_CONNECTIONS.column_names
+LIVE = external_connections.SPEC.column_names
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: network namespaces, veth pairs, every /proc/PID/fd"

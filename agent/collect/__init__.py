@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from agent.collect.netns import NamespaceDiscovery
     from agent.records import Connection
 
+SAMPLING = "sampling"
+"""The history's source name of every sampler (``seen_by``; a run's ``events_source`` while no
+event source feeds it)."""
+TRACEFS = "tracefs"
+"""The source name of the kernel events (:class:`agent.collect.kernel.source.KernelEventSource`).
+Every event source names itself (:attr:`agent.collect.events.EventSource.name`)."""
+
 UNPRIVILEGED_NOTICE = (
     "not running as root, so this report is partial: sockets of other users' processes show "
     "without an owner (pid -1), and network namespaces (containers) in which none of your own "
@@ -108,30 +115,6 @@ class SampleStats:
         }
 
 
-@dataclass
-class SamplerTotals:
-    """Counters over the sampler's life, for the extension's info table and the benchmark."""
-
-    samples: int = 0
-    sockets: int = 0
-    wanted: int = 0
-    rows: int = 0
-    pids_scanned: int = 0
-    fds_scanned: int = 0
-    owner_scans_skipped: int = 0
-    duration_ms: float = 0.0
-
-    def add(self, stats: SampleStats) -> None:
-        self.samples += 1
-        self.sockets += stats.sockets
-        self.wanted += stats.wanted
-        self.rows += stats.rows
-        self.pids_scanned += stats.pids_scanned
-        self.fds_scanned += stats.fds_scanned
-        self.owner_scans_skipped += stats.owner_scan_skipped
-        self.duration_ms += stats.duration_ms
-
-
 class Sampler(Protocol):
     """What the pipeline needs of a sampler: :class:`~agent.collect.sockets.sampler.LinuxSampler`
     on Linux, :class:`~agent.collect.sockets.psutil_backend.PsutilSampler` elsewhere or with
@@ -141,7 +124,6 @@ class Sampler(Protocol):
     """
 
     last: SampleStats
-    totals: SamplerTotals
     count_outbound_tcp: bool
     """Collect :attr:`SampleStats.outbound_tcp` in the next samples."""
 

@@ -1,7 +1,13 @@
 """The history of every external connection the agent has seen: :mod:`agent.history.store`
 keeps it in one SQLite file, :mod:`agent.history.schema` says what the file holds and brings a
-file of any version up to date."""
+file of any version up to date; :func:`open_store` opens the store the settings name."""
 
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from agent.config import Settings
 from agent.history.copy import HistoryUnavailable
 from agent.history.schema import HISTORY_COLUMNS, KEY_COLUMNS, RUN_COLUMNS, SCHEMA_VERSION
 from agent.history.store import (
@@ -31,4 +37,21 @@ __all__ = [
     "RunFigures",
     "RunStart",
     "history_key",
+    "open_store",
 ]
+
+
+def open_store(
+    settings: Settings,
+    path: Optional[str] = None,
+    read_only: bool = False,
+    logger: Optional[logging.Logger] = None,
+) -> HistoryStore:
+    """The history store the settings name (or the file at ``path``: a copy, read only)."""
+    return HistoryStore(
+        path or settings.history_path,
+        retention_days=settings.history_retention_days,
+        max_rows=settings.history_max_rows,
+        logger=logger,
+        read_only=read_only,
+    )

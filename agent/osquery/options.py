@@ -96,10 +96,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="configuration file (default: $EGRESS_AGENT_CONFIG, /etc/egress-agent/config.yaml)",
     )
-
-
-def extension_command(args: argparse.Namespace) -> int:
-    """The ``extension`` subcommand's handler: imports the Thrift stack only now."""
-    from agent.osquery.server import extension_main
-
-    return extension_main(args)

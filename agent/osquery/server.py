@@ -40,10 +40,12 @@ from thrift.Thrift import TApplicationException, TMessageType
 from thrift.transport import TSocket, TTransport
 
 from agent import __version__
+from agent.osquery import context as context_module
 from agent.osquery import table, wire
+from agent.osquery.dispatch import ExtensionTables
 from agent.osquery.options import Options, add_arguments, core_argv
-from agent.osquery.tables import AgentInfo, ExtensionTables
-from agent.pipeline import Monitor, Pipeline, open_events
+from agent.osquery.table import AgentInfo
+from agent.pipeline import Monitor, RunningAgent
 from agent.textsafe import error_line
 
 EXTENSION_NAME = "egress_agent"
@@ -351,8 +353,8 @@ def _describe(request: Optional[Mapping[str, str]]) -> str:
     context = request.get("context")
     if context is not None:
         try:
-            parsed = table.parse_context(context)
-        except table.ContextError:
+            parsed = context_module.parse_context(context)
+        except context_module.ContextError:
             return f"{text} context={context[:120]!r}"
         constrained = {
             name: [f"{c.op}:{c.expr}" for c in constraints]
@@ -613,42 +615,24 @@ def extension_main(args: argparse.Namespace) -> int:
     except ConfigError as error:
         log.error("%s", error)
         return 2
-    history_log = logging.getLogger("egress_agent.history")
-    pipeline = Pipeline.open(settings, history=True, logger=history_log, names="watch")
     sampler_log = logging.getLogger("egress_agent.sampler")
-    for notice in pipeline.notices:
+    agent = RunningAgent.open(settings, "extension", sampler_log)
+    for notice in agent.pipeline.notices:
         sampler_log.warning("%s", notice)
-    feed, events_error = open_events(pipeline, logging.getLogger("egress_agent.events"))
-    monitor = Monitor(
-        pipeline,
-        settings.sampling_interval,
-        sampler_log,
-        run_kind="extension",
-        events=feed,
-        events_error=events_error,
-    )
-    if feed is not None:
-        feed.on_loss = monitor.request_sample
     tables = ExtensionTables(
-        monitor,
-        pipeline.store,
+        agent.monitor,
+        agent.pipeline.store,
         AgentInfo(
             version=__version__,
             config_path=settings.source or "",
             sampling_interval=settings.sampling_interval,
-            history_path=settings.history_path if pipeline.store is not None else "",
+            history_path=settings.history_path if agent.pipeline.store is not None else "",
         ),
-        events=feed.log if feed is not None else None,
+        events=agent.events,
     )
     stopper = Stopper()
-    stop_events = feed.start() if feed is not None else None
-    try:
-        with _stop_on_signals(stopper):
-            return serve(options, tables, monitor, stopper)
-    finally:
-        if stop_events is not None:
-            stop_events()
-        pipeline.close()
+    with agent, _stop_on_signals(stopper):
+        return serve(options, tables, agent.monitor, stopper)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""osquery table plugins as data: column routes with option bits, query contexts, string rows.
+"""What an osquery table plugin is: a :class:`Table` value (its spec and its generate), column
+routes with option bits, string rows.
 
 What osquery core expects of an extension's table plugin (osquery 5.x):
 
@@ -7,31 +8,48 @@ What osquery core expects of an extension's table plugin (osquery 5.x):
   forwards WHERE constraints only on INDEX/REQUIRED/ADDITIONAL columns, so the bits decide
   which queries can be narrowed before rows are made.  (osquery-python always sends ``"0"``;
   osquery-go's ``plugin/table`` computes the mask, and so do we.)
-- ``{"action": "generate", "context": "<JSON>"}`` carries the query context that
-  ``osquery/sql/virtual_table.cpp`` serialises: every column with its constraint list.  Core
-  5.x sends ``op`` as a number and ``list`` as an array; cores before 3.0 sent ``op`` as a
-  string and an unconstrained ``list`` as ``""``.  Both are accepted, as osquery-go does.
+- ``{"action": "generate", "context": "<JSON>"}`` carries the query context
+  (:mod:`agent.osquery.context`).
 - Every value of a row is a string (``ExtensionPluginResponse`` is a list of string maps);
   core converts by column type and re-applies every constraint to what it gets back, so
   pushing a constraint down narrows work, it never decides correctness.
 
-This module knows nothing of sampling: :mod:`agent.osquery.tables` makes the rows.
+A table is one value, as in osquery-go's ``plugin/table``: a module per table
+(``agent/osquery/external_connections.py`` and its siblings) holds its :class:`TableSpec` and a
+``make(inputs)`` that returns the :class:`Table`; :mod:`agent.osquery.dispatch` lists them and
+answers core's calls.  This module knows nothing of sampling.
 """
 
 from __future__ import annotations
 
 import enum
-import json
-import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
-from agent.history import HISTORY_COLUMNS
-from agent.records import COLUMNS
+from agent.osquery.context import QueryContext
 from agent.textsafe import utf8_safe
+
+if TYPE_CHECKING:
+    from agent.history import HistoryStore
+    from agent.pipeline import EventLog, Monitor
 
 Cell = Union[str, int, float, bool, None]
 """A value before it becomes a string: what records, the history store and stats hold."""
+Row = Dict[str, str]
+"""A row as core wants it: every value a string."""
 
 
 class ColumnOptions(enum.IntFlag):
@@ -43,22 +61,6 @@ class ColumnOptions(enum.IntFlag):
     ADDITIONAL = 4
     OPTIMIZED = 8
     HIDDEN = 16
-
-
-class Operator(enum.IntEnum):
-    """``osquery::ConstraintOperator`` (osquery/core/tables.h), the ``op`` of a constraint."""
-
-    UNIQUE = 1
-    EQUALS = 2
-    IN = 3
-    GREATER_THAN = 4
-    LESS_THAN_OR_EQUALS = 8
-    LESS_THAN = 16
-    GREATER_THAN_OR_EQUALS = 32
-    MATCH = 64
-    LIKE = 65
-    GLOB = 66
-    REGEXP = 67
 
 
 COLUMN_TYPES = frozenset({"TEXT", "INTEGER", "BIGINT", "UNSIGNED BIGINT", "DOUBLE", "BLOB"})
@@ -117,282 +119,73 @@ INDEXED = ColumnOptions.INDEX | ColumnOptions.OPTIMIZED
 """What osquery's own ``processes.pid`` is: an index whose ``IN (...)`` comes in one call
 (``sqlite3_vtab_in``, osquery 5.14 and later) instead of one call per value."""
 
-EXTERNAL_CONNECTIONS = make_spec(
-    "external_connections",
-    COLUMNS,
-    {"pid": INDEXED, "remote_address": INDEXED},
-)
-"""The live table: one row per socket of a live sample (agent.records.Connection).
 
-Every other column is sent with op 0, which core's ``--extensions_default_index`` makes an
-index too: a JOIN on any column may call generate once per outer row, which one live sample
-serves (agent.osquery.tables.LiveSamples)."""
-
-EXTERNAL_CONNECTION_HISTORY = make_spec(
-    "external_connection_history",
-    HISTORY_COLUMNS,
-    {
-        "pid": INDEXED,
-        "direction": INDEXED,
-        "last_seen": ColumnOptions.INDEX,
-        "open": ColumnOptions.INDEX,
-    },
-)
-"""What the background sampler has seen (agent.history); the indexed columns are the
-constraints pushed down to the store."""
-
-EVENT_COLUMNS: Tuple[Tuple[str, str], ...] = (
-    ("time", "BIGINT"),
-    ("outcome", "TEXT"),
-    ("closed_at", "BIGINT"),
-    *COLUMNS,
-)
-"""A connection attempt: when (unix seconds), how it went (``pending``, ``established``,
-``refused``, ``timeout`` for a connect; ``accepted``; ``sent`` for a UDP flow), when it closed
-when it did, and the connection's columns."""
-
-EXTERNAL_CONNECTION_EVENTS = make_spec(
-    "external_connection_events",
-    EVENT_COLUMNS,
-    {"time": ColumnOptions.INDEX, "pid": INDEXED},
-)
-"""Every external connection attempt the kernel events saw (agent.pipeline.feed), kept in a
-bounded buffer like osquery's evented tables; ``time`` constraints are pushed down."""
-
-INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
-    ("version", "TEXT"),
-    ("pid", "INTEGER"),
-    ("config_path", "TEXT"),
-    ("sampling_interval", "DOUBLE"),
-    ("samples_total", "BIGINT"),
-    ("last_sample_ms", "DOUBLE"),
-    ("sockets_seen", "BIGINT"),
-    ("namespaces_seen", "INTEGER"),
-    ("history_rows", "BIGINT"),
-    ("history_path", "TEXT"),
-    ("history_error", "TEXT"),
-    ("started_at", "BIGINT"),
-    ("tcp_active_opens", "BIGINT"),
-    ("outbound_tcp_seen", "BIGINT"),
-    ("dns_names", "BIGINT"),
-    ("dns_error", "TEXT"),
-    ("events_source", "TEXT"),
-    ("events_lost", "BIGINT"),
-    ("events_error", "TEXT"),
-)
-
-EGRESS_AGENT_INFO = make_spec("egress_agent_info", INFO_COLUMNS)
-"""One row of health and coverage figures for this extension process."""
-
-TABLES: Tuple[TableSpec, ...] = (
-    EXTERNAL_CONNECTIONS,
-    EXTERNAL_CONNECTION_HISTORY,
-    EXTERNAL_CONNECTION_EVENTS,
-    EGRESS_AGENT_INFO,
-)
-
-
-def registry(tables: Sequence[TableSpec] = TABLES) -> Dict[str, Dict[str, List[Dict[str, str]]]]:
+def registry(specs: Sequence[TableSpec]) -> Dict[str, Dict[str, List[Dict[str, str]]]]:
     """What ``registerExtension`` broadcasts: ``{"table": {table name: routes}}``."""
-    return {"table": {spec.name: spec.routes() for spec in tables}}
+    return {"table": {spec.name: spec.routes() for spec in specs}}
 
 
-# -- query contexts ---------------------------------------------------------------------------
-
-
-class ContextError(ValueError):
-    """The ``context`` of a generate request cannot be read; the message names the problem."""
+# -- tables as values --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Constraint:
-    op: int
-    expr: str
+class AgentInfo:
+    """What the extension says of itself in ``egress_agent_info`` (the part that never moves)."""
+
+    version: str
+    config_path: str
+    sampling_interval: float
+    history_path: str
+    pid: int = field(default_factory=os.getpid)
+
+
+@dataclass(frozen=True)
+class TableInputs:
+    """What the extension's tables are made from: the running agent's monitor (live samples and
+    figures), its history store, its events buffer, and what it says of itself."""
+
+    monitor: Monitor
+    store: Optional[HistoryStore]
+    info: AgentInfo
+    events: Optional[EventLog] = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table plugin: its spec (name, columns) and the function that makes its rows.
+
+    ``generate`` may raise :class:`QueryError` (or :class:`agent.history.HistoryUnavailable`):
+    the query fails with that message; anything else fails it naming the exception."""
+
+    spec: TableSpec
+    generate: Callable[[QueryContext], Sequence[Row]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class TablePlugin(NamedTuple):
+    """A table as the extension registers it: its spec, and how to make it for a running agent
+    (each table module's ``PLUGIN``; :data:`agent.osquery.dispatch.TABLES` lists them)."""
+
+    spec: TableSpec
+    make: Callable[[TableInputs], Table]
 
 
 @dataclass
-class QueryContext:
-    """The parts of osquery's ``QueryContext`` a table can use to narrow its work."""
+class TableResult:
+    """What a table plugin answers: status code (0 success, 1 failed), a message, the rows."""
 
-    constraints: Dict[str, List[Constraint]] = field(default_factory=dict)
-    columns_used: Optional[List[str]] = None
+    code: int
+    message: str
+    rows: Sequence[Row] = field(default_factory=list)
+    """Rows as dicts, or already encoded for the wire (:class:`agent.osquery.wire.EncodedRows`:
+    a sequence of dicts too, decoded on demand)."""
 
-    def equal_values(self, column: str) -> Optional[FrozenSet[str]]:
-        """The values an EQUALS or IN constraint allows for ``column``; None when unconstrained.
-
-        Core expands ``col IN (a, b)`` into one EQUALS constraint per value, and a JOIN into one
-        generate call per outer row, so several values form a union.  A union is never narrower
-        than what the query asks for, and core re-applies the constraints to the rows.
-        """
-        values = [
-            constraint.expr
-            for constraint in self.constraints.get(column, ())
-            if constraint.op in (Operator.EQUALS, Operator.IN)
-        ]
-        return frozenset(values) if values else None
-
-    def bounds(self, column: str) -> Tuple[Optional[int], Optional[int]]:
-        """(lowest, highest) integer ``column`` can hold under its ``=``, ``>``, ``>=``, ``<``,
-        ``<=`` constraints; None where unbounded, or where a value is no number (SQLite
-        orders every number before every text, so a text bound is left to core)."""
-        low: Optional[int] = None
-        high: Optional[int] = None
-        for constraint in self.constraints.get(column, ()):
-            number = _sqlite_number(constraint.expr)
-            if number is None:
-                continue
-            floor, ceiling = math.floor(number), math.ceil(number)
-            if constraint.op in (Operator.EQUALS, Operator.GREATER_THAN_OR_EQUALS):
-                low = max(low, ceiling) if low is not None else ceiling
-            if constraint.op == Operator.GREATER_THAN:
-                above = floor + 1
-                low = max(low, above) if low is not None else above
-            if constraint.op in (Operator.EQUALS, Operator.LESS_THAN_OR_EQUALS):
-                high = min(high, floor) if high is not None else floor
-            if constraint.op == Operator.LESS_THAN:
-                below = ceiling - 1
-                high = min(high, below) if high is not None else below
-        return low, high
-
-    def used(self, columns: Sequence[str]) -> List[str]:
-        """The ``columns`` the query reads (``colsUsed``), in table order; all when core did
-        not say.  Core reads no other key of a row (a missing key is NULL to it)."""
-        if self.columns_used is None:
-            return list(columns)
-        wanted = set(self.columns_used)
-        return [name for name in columns if name in wanted]
-
-    def equal_integers(self, column: str) -> Optional[FrozenSet[int]]:
-        """:meth:`equal_values` for an INTEGER column: values that are no integer match no row."""
-        values = self.equal_values(column)
-        if values is None:
-            return None
-        return frozenset(number for number in map(_sqlite_integer, values) if number is not None)
-
-
-def _sqlite_number(text: str) -> Optional[float]:
-    """``text`` as a finite number the way SQLite's numeric affinity reads it, else None."""
-    try:
-        number = float(text.strip())
-    except ValueError:
-        return None
-    if number != number or number in (float("inf"), float("-inf")):
-        return None
-    return number
-
-
-def _sqlite_integer(text: str) -> Optional[int]:
-    """``text`` as SQLite's INTEGER affinity reads it (`` 12``, ``+12``, ``12.0``), else None."""
-    try:
-        return int(text.strip())
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    if number != number or number in (float("inf"), float("-inf")) or not number.is_integer():
-        return None
-    return int(number)
-
-
-def parse_context(text: Optional[str]) -> QueryContext:
-    """Read the JSON query context of a generate request.
-
-    ``None`` (a request without a context) means no constraints.  Anything else that is not
-    the shape osquery sends raises :class:`ContextError` with a message naming the part that
-    is wrong; nothing else escapes.
-    """
-    if text is None:
-        return QueryContext()
-    try:
-        document = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise ContextError(f"query context is not valid JSON: {_brief(error)}") from None
-    if not isinstance(document, dict):
-        raise ContextError(
-            f"query context must be a JSON object, not {_json_kind(document)}"
-        ) from None
-    constraints: Dict[str, List[Constraint]] = {}
-    raw_lists = document.get("constraints", [])
-    if not isinstance(raw_lists, list):
-        raise ContextError(
-            f"query context: constraints must be a list, not {_json_kind(raw_lists)}"
-        )
-    for index, raw in enumerate(raw_lists):
-        where = f"query context: constraints[{index}]"
-        if not isinstance(raw, dict):
-            raise ContextError(f"{where} must be an object, not {_json_kind(raw)}")
-        name = raw.get("name")
-        if not isinstance(name, str):
-            raise ContextError(f"{where}.name must be a string, not {_json_kind(name)}")
-        constraints.setdefault(name, []).extend(_parse_list(raw.get("list", []), f"{where}.list"))
-    columns_used = document.get("colsUsed")
-    if columns_used is not None and not (
-        isinstance(columns_used, list) and all(isinstance(c, str) for c in columns_used)
-    ):
-        raise ContextError("query context: colsUsed must be a list of column names")
-    return QueryContext(constraints=constraints, columns_used=columns_used)
-
-
-def _parse_list(raw: Any, where: str) -> List[Constraint]:
-    if isinstance(raw, str):
-        # osquery < 3.0 sent an unconstrained column's list as "".
-        return []
-    if not isinstance(raw, list):
-        raise ContextError(f"{where} must be a list, not {_json_kind(raw)}")
-    constraints = []
-    for index, item in enumerate(raw):
-        here = f"{where}[{index}]"
-        if not isinstance(item, dict):
-            raise ContextError(f"{here} must be an object, not {_json_kind(item)}")
-        constraints.append(
-            Constraint(op=_parse_op(item.get("op"), here), expr=_parse_expr(item, here))
-        )
-    return constraints
-
-
-def _parse_op(raw: Any, where: str) -> int:
-    if isinstance(raw, bool):
-        raise ContextError(f"{where}.op must be an operator number, not a boolean")
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, str):  # osquery < 3.0: "2"
-        try:
-            return int(raw)
-        except ValueError:
-            pass
-        raise ContextError(f"{where}.op must be an operator number, not {raw[:40]!r}")
-    raise ContextError(f"{where}.op must be an operator number, not {_json_kind(raw)}")
-
-
-def _parse_expr(item: Mapping[str, Any], where: str) -> str:
-    raw = item.get("expr")
-    if isinstance(raw, str):
-        return raw
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        return str(raw)
-    raise ContextError(f"{where}.expr must be a string, not {_json_kind(raw)}")
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
-
-
-def _brief(error: BaseException) -> str:
-    if isinstance(error, RecursionError):
-        return "nested too deeply"
-    return str(error)
+    @classmethod
+    def failed(cls, message: str) -> TableResult:
+        return cls(1, message)
 
 
 # -- rows --------------------------------------------------------------------------------------

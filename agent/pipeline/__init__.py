@@ -12,26 +12,28 @@ a format: the front ends (``agent/cli.py``, ``agent/osquery/``) do.
   store, the names) and :class:`Snapshot`;
 - :mod:`agent.pipeline.domains`: :class:`DomainNames`, names for destinations from DNS answers;
 - :mod:`agent.pipeline.monitor`: :class:`Monitor`, the background loop, its figures, the runs;
-- :mod:`agent.pipeline.feed`: :class:`EventFeed`, connections from kernel events.
+- :mod:`agent.pipeline.feed`: :class:`EventFeed`, connections from an event source;
+- :mod:`agent.pipeline.agent`: :class:`RunningAgent`, all of the above assembled once for
+  ``watch`` and the extension, with every event source of :data:`EVENT_SOURCES`.
 """
 
-from agent.pipeline.compose import SAMPLING, TRACEFS, Pipeline, Snapshot, open_store
+from agent.pipeline.agent import EVENT_SOURCES, RunningAgent, kernel_events
+from agent.pipeline.compose import Pipeline, Snapshot
 from agent.pipeline.domains import DomainNames
-from agent.pipeline.feed import EventFeed, EventLog, EventRow, open_events
+from agent.pipeline.feed import EventFeed, EventLog, EventRow
 from agent.pipeline.monitor import Monitor, Stats, read_machine_id
 
 __all__ = [
-    "SAMPLING",
-    "TRACEFS",
+    "EVENT_SOURCES",
     "DomainNames",
     "EventFeed",
     "EventLog",
     "EventRow",
     "Monitor",
     "Pipeline",
+    "RunningAgent",
     "Snapshot",
     "Stats",
-    "open_events",
-    "open_store",
+    "kernel_events",
     "read_machine_id",
 ]

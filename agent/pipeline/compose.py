@@ -10,36 +10,13 @@ from typing import TYPE_CHECKING, Callable, FrozenSet, List, Optional
 
 from agent.allow import annotate
 from agent.classify import Classifier
-from agent.collect import UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
+from agent.collect import SAMPLING, UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
 from agent.config import Settings
 from agent.records import Connection
 
 if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
     from agent.history import HistoryStore
     from agent.pipeline.domains import DomainNames
-
-SAMPLING = "sampling"
-"""The history source name of the socket sampler."""
-TRACEFS = "tracefs"
-"""The history source name of the kernel events."""
-
-
-def open_store(
-    settings: Settings,
-    path: Optional[str] = None,
-    read_only: bool = False,
-    logger: Optional[logging.Logger] = None,
-) -> HistoryStore:
-    """The history store the settings name (or the file at ``path``: a copy, read only)."""
-    from agent.history import HistoryStore
-
-    return HistoryStore(
-        path or settings.history_path,
-        retention_days=settings.history_retention_days,
-        max_rows=settings.history_max_rows,
-        logger=logger,
-        read_only=read_only,
-    )
 
 
 @dataclass
@@ -101,9 +78,11 @@ class Pipeline:
         sampler = open_sampler(
             classifier, backend, full_read_every=settings.sampling_full_read_every
         )
-        store = (
-            open_store(settings, logger=logger) if history and settings.history_enabled else None
-        )
+        store = None
+        if history and settings.history_enabled:
+            from agent.history import open_store
+
+            store = open_store(settings, logger=logger)
         from agent.pipeline.domains import DomainNames
 
         domain_names = None

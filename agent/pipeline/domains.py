@@ -6,7 +6,6 @@ import os
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from agent.config import Settings
-from agent.pipeline.compose import open_store
 from agent.records import Connection
 
 if TYPE_CHECKING:
@@ -59,6 +58,7 @@ class DomainNames:
         """The answers the running agent recorded in the history store (none, and a notice
         saying so, when there is no store or it holds none of this boot)."""
         from agent.collect.dns.cache import NameCache
+        from agent.history import open_store
 
         names = cls(NameCache())
         path = settings.history_path

@@ -29,32 +29,32 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tu
 
 from agent.allow import annotate
 from agent.classify import format_ipv4, format_ipv6
-from agent.pipeline.compose import TRACEFS, Pipeline
+from agent.collect.events import OPENING_KINDS, EventKind
+from agent.pipeline.compose import Pipeline
 from agent.records import COLUMN_NAMES, Connection, SocketColumns, Value, connection_of
 
 if TYPE_CHECKING:
-    from agent.collect.kernel.source import EventSource
-    from agent.collect.kernel.tracker import SocketEvent
+    from agent.collect.events import EventSource, SocketEvent
     from agent.history import Observation
 
-STATE_OF_KIND = {
-    "connect": "SYN_SENT",
-    "established": "ESTABLISHED",
-    "refused": "CLOSED",
-    "timeout": "CLOSED",
-    "accepted": "ESTABLISHED",
-    "closed": "CLOSED",
-    "udp": "",
+STATE_OF_KIND: Dict[EventKind, str] = {
+    EventKind.CONNECT: "SYN_SENT",
+    EventKind.ESTABLISHED: "ESTABLISHED",
+    EventKind.REFUSED: "CLOSED",
+    EventKind.TIMEOUT: "CLOSED",
+    EventKind.ACCEPTED: "ESTABLISHED",
+    EventKind.CLOSED: "CLOSED",
+    EventKind.UDP: "",
 }
 """The TCP state (osquery's names) a connection is in right after each kind of event."""
 
-OUTCOME_OF_KIND = {
-    "connect": "pending",
-    "established": "established",
-    "refused": "refused",
-    "timeout": "timeout",
-    "accepted": "accepted",
-    "udp": "sent",
+OUTCOME_OF_KIND: Dict[EventKind, str] = {
+    EventKind.CONNECT: "pending",
+    EventKind.ESTABLISHED: "established",
+    EventKind.REFUSED: "refused",
+    EventKind.TIMEOUT: "timeout",
+    EventKind.ACCEPTED: "accepted",
+    EventKind.UDP: "sent",
 }
 """``external_connection_events.outcome``: a connect is ``pending`` until its outcome arrives."""
 
@@ -197,29 +197,6 @@ class EventFeed:
         """False once the feed stopped (told to, or the instance went away)."""
         self.stopped_because = ""
 
-    @classmethod
-    def open(
-        cls,
-        pipeline: Pipeline,
-        logger: logging.Logger,
-        log: Optional[EventLog] = None,
-        on_connection: Optional[Callable[[Connection], None]] = None,
-        on_loss: Optional[Callable[[], None]] = None,
-    ) -> Tuple[Optional[EventFeed], str]:
-        """The feed over a new event source, or (None, why not): no tracefs, lockdown, not
-        root, a kernel without the tracepoints.  Never raises for those."""
-        from agent.collect.kernel.source import open_event_source
-        from agent.collect.kernel.tracefs import EventsUnavailable
-        from agent.identity import IdentityCache
-
-        try:
-            source = open_event_source(identities=IdentityCache())
-        except EventsUnavailable as error:
-            return None, f"kernel events unavailable, sampling instead: {error}"
-        except OSError as error:
-            return None, f"kernel events unavailable, sampling instead: {error.strerror or error}"
-        return cls(pipeline, source, logger, log, on_connection, on_loss), ""
-
     @property
     def lost(self) -> int:
         return self.source.lost
@@ -268,7 +245,9 @@ class EventFeed:
 
         handed: List[Connection] = []
         observations: List[Observation] = []
-        kinds = {"connect": OPENED, "accepted": OPENED, "udp": OPENED, "established": ALIVE}
+        kinds = {kind: OPENED for kind in OPENING_KINDS}
+        kinds[EventKind.ESTABLISHED] = ALIVE
+        source = self.source.name
         connections = [self._connection(event) for event in events]
         self._annotate([connection for connection in connections if connection.external])
         for event, connection in zip(events, connections):
@@ -277,25 +256,25 @@ class EventFeed:
                 continue
             kind = event.kind
             known_owner = connection.pid > 0
-            if kind in ("connect", "accepted", "udp"):
+            if kind in OPENING_KINDS:
                 self.log.add(event.key, EventRow(event.time, OUTCOME_OF_KIND[kind], connection))
                 handed.append(connection)
-                if kind == "connect" and not connection.local_port:
+                if kind is EventKind.CONNECT and not connection.local_port:
                     self._deferred[event.key] = event.time
                     continue
-            elif kind == "closed":
+            elif kind is EventKind.CLOSED:
                 self.log.settle(event.key, None, event.time, connection)
             else:
                 self.log.settle(event.key, OUTCOME_OF_KIND[kind], event.time, connection)
                 connected_at = self._deferred.pop(event.key, None)
                 if connected_at is not None and known_owner:
-                    observations.append(Observation(OPENED, connected_at, TRACEFS, connection))
+                    observations.append(Observation(OPENED, connected_at, source, connection))
             if not known_owner:
                 continue  # a socket older than the source, closing: the sampler knew it
             history_kind = kinds.get(kind, CLOSED)
-            observations.append(Observation(history_kind, event.time, TRACEFS, connection))
-            if kind == "udp":  # a datagram: a connection that opened and is done
-                observations.append(Observation(CLOSED, event.time, TRACEFS, connection))
+            observations.append(Observation(history_kind, event.time, source, connection))
+            if kind is EventKind.UDP:  # a datagram: a connection that opened and is done
+                observations.append(Observation(CLOSED, event.time, source, connection))
         if observations and self.pipeline.store is not None:
             self.pipeline.store.observe(observations)
         self.connections_seen += len(handed)
@@ -349,16 +328,3 @@ class EventFeed:
             self._lost_seen = lost
             if self.on_loss is not None:
                 self.on_loss()
-
-
-def open_events(pipeline: Pipeline, logger: logging.Logger) -> Tuple[Optional[EventFeed], str]:
-    """The event feed the settings ask for, or (None, why not), the reason logged once."""
-    settings = pipeline.settings
-    if not settings.events_enabled:
-        return None, "kernel events are off (events.enabled: false)"
-    feed, why = EventFeed.open(
-        pipeline, logger, EventLog(settings.events_max_rows, settings.events_expiry)
-    )
-    if feed is None:
-        logger.warning("%s", why)
-    return feed, why

@@ -7,10 +7,21 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, FrozenSet, Mapping, Optional, Tuple, Type
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    FrozenSet,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+)
 
 from agent import __version__, coverage
-from agent.pipeline.compose import SAMPLING, TRACEFS, Pipeline, Snapshot
+from agent.collect import SAMPLING
+from agent.pipeline.compose import Pipeline, Snapshot
 
 if TYPE_CHECKING:
     from agent.history import RunFigures
@@ -31,7 +42,8 @@ class Stats:
     """Outbound TCP connections seen: by kernel events when they run (every connect), else in
     the socket tables of the samples (those that lived through one)."""
     events_source: str = SAMPLING
-    """``tracefs`` while kernel events feed the agent, else ``sampling``."""
+    """The event sources feeding the agent (``tracefs``: kernel events), comma-separated, or
+    ``sampling`` while none does."""
     events_lost: int = 0
     events_error: Optional[str] = None
     """Why kernel events do not feed the agent (empty while they do)."""
@@ -77,13 +89,13 @@ class Monitor:
         run_kind: Optional[str] = None,
         on_sample: Optional[Callable[[Snapshot], None]] = None,
         active_opens: ActiveOpensFunction = coverage.active_opens_by_namespace,
-        events: Optional[EventFeed] = None,
+        feeds: Sequence[EventFeed] = (),
         events_error: str = "",
     ) -> None:
         """``run_kind`` (``extension``, ``watch``): record this run's start, heartbeats and
-        stop in the history, so that an audit knows when the agent was watching.  ``events``:
-        the kernel event feed beside the samples (its figures are this loop's), or
-        ``events_error``, why there is none."""
+        stop in the history, so that an audit knows when the agent was watching.  ``feeds``:
+        the event sources' feeds beside the samples (their figures are this loop's), and
+        ``events_error``, why a source the settings ask for is missing."""
         self.pipeline = pipeline
         self.interval = interval
         self._log = logger
@@ -95,10 +107,11 @@ class Monitor:
         self._stats_lock = threading.Lock()
         self._started_at = pipeline.clock()
         self._stats = Stats(started_at=int(self._started_at), events_error=events_error or None)
+        self._events_error = events_error
         self._coverage = _Coverage()
-        self.events = events
-        if events is not None:
-            self._stats.events_source = TRACEFS
+        self.feeds: List[EventFeed] = list(feeds)
+        if self.feeds:
+            self._stats.events_source = ",".join(feed.source.name for feed in self.feeds)
         self._wake = threading.Event()
 
     def request_sample(self) -> None:
@@ -115,7 +128,7 @@ class Monitor:
         With kernel events the figures of coverage are brought up to date first (the kernel's
         ActiveOpens beside the connects the events saw), since events, unlike samples, count
         between two background samples."""
-        if self.events is not None and self.events.running and self._stats.samples_total:
+        if self._events_running() and self._stats.samples_total:
             self._refresh_coverage()
         with self._stats_lock:
             return Stats(**vars(self._stats))
@@ -136,7 +149,7 @@ class Monitor:
         started = time.monotonic()
         try:
             # with kernel events the connects are counted as they happen, not in the tables
-            counting = self.events is None or not self.events.running
+            counting = not self._events_running()
             snapshot = self.pipeline.sample(count_outbound_tcp=counting)
         except fatal:
             raise
@@ -204,18 +217,23 @@ class Monitor:
                 return stop.is_set()
         return True
 
+    def _events_running(self) -> bool:
+        return any(feed.running for feed in self.feeds)
+
     def _event_figures(self) -> None:
-        events = self.events
-        if events is None:
+        if not self.feeds:
             return
-        if events.running:
-            self._stats.events_source = TRACEFS
-            self._stats.events_error = None
-        else:
-            self._stats.events_source = SAMPLING
-            self._stats.events_error = events.stopped_because or "kernel events stopped"
-        self._stats.events_lost = events.lost
-        self._stats.outbound_tcp_seen = events.outbound_tcp_seen
+        running = [feed for feed in self.feeds if feed.running]
+        stopped = [
+            feed.stopped_because or f"{feed.source.name} events stopped"
+            for feed in self.feeds
+            if not feed.running
+        ]
+        self._stats.events_source = ",".join(f.source.name for f in running) or SAMPLING
+        reasons = [reason for reason in (self._events_error, *stopped) if reason]
+        self._stats.events_error = "; ".join(reasons) or None
+        self._stats.events_lost = sum(feed.lost for feed in self.feeds)
+        self._stats.outbound_tcp_seen = sum(feed.outbound_tcp_seen for feed in self.feeds)
 
     def _sampling_failed(self, message: str) -> None:
         with self._stats_lock:

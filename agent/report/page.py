@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from agent.audit import Statement
+from agent.collect import SAMPLING, TRACEFS
 from agent.evidence import Row, Span, Window, duration_text, iso, number, run_span, text
 from agent.report.model import Picture, container_label, order
 from agent.textsafe import cell_text, json_safe
@@ -38,7 +39,7 @@ LABEL_LIMIT = 40
 """Display columns of a node or row label before it is cut (the title shows all of it)."""
 TITLE_LIMIT = 2000
 
-SOURCE_COLOURS = {"tracefs": "#2e7d32", "sampling": "#ef8f00"}
+SOURCE_COLOURS = {TRACEFS: "#2e7d32", SAMPLING: "#ef8f00"}
 UNKNOWN_SOURCE_COLOUR = "#757575"
 
 

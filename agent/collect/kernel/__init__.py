@@ -4,5 +4,5 @@
 buffers; ``records`` holds the typed events and their decoders; ``reader`` chooses the events
 this kernel has and reads them; ``tracker`` keeps the process table and the socket state
 machines; ``listeners`` finds the owner of an accepted connection; ``source`` is the
-``EventSource`` the pipeline polls.
+``KernelEventSource`` the pipeline polls.
 """

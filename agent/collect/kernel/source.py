@@ -29,6 +29,8 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
+from agent.collect import TRACEFS
+from agent.collect.events import SocketEvent
 from agent.collect.kernel.execargs import ExecProbe, decode_exec_args
 from agent.collect.kernel.listeners import ListenerResolver
 from agent.collect.kernel.reader import (
@@ -48,7 +50,7 @@ from agent.collect.kernel.tracefs import (
     InstanceSettings,
     find_tracefs,
 )
-from agent.collect.kernel.tracker import SocketEvent, Tracker
+from agent.collect.kernel.tracker import Tracker
 from agent.collect.netns import PROC_ROOT
 from agent.identity import IdentityCache
 
@@ -65,13 +67,16 @@ def default_buffer_kb(cpus: Optional[int] = None) -> int:
     return max(256, min(2048, 16384 // count))
 
 
-class EventSource:
-    """Decoded, attributed connection events from a tracing instance of our own.
+class KernelEventSource:
+    """Decoded, attributed connection events from a tracing instance of our own: an
+    :class:`agent.collect.events.EventSource`.
 
     Made by :func:`open_event_source`.  :meth:`poll` and :meth:`close` belong to one thread;
     the counters (:attr:`lost`, :attr:`resyncs`, :meth:`connects_by_namespace`) may be read
     from any.
     """
+
+    name = TRACEFS
 
     def __init__(
         self,
@@ -213,7 +218,7 @@ class EventSource:
         if self.exec_probe is not None:
             self.exec_probe.remove()
 
-    def __enter__(self) -> EventSource:
+    def __enter__(self) -> KernelEventSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -233,7 +238,7 @@ def open_event_source(
     hold_s: float = 0.5,
     exclude: Sequence[str] = (),
     exec_args: bool = True,
-) -> EventSource:
+) -> KernelEventSource:
     """Make our instance, enable the events this kernel has, start tracing.
 
     ``identities`` is the cache process identities come from (give the event source its own,
@@ -288,7 +293,7 @@ def open_event_source(
         cache = identities or IdentityCache(proc_root)
         resolver = ListenerResolver(cache, proc_root)
         tracker = Tracker(cache, resolver, proc_root, hold_s=hold_s)
-        source = EventSource(instance, reader, tracker, chosen, exec_probe=probe)
+        source = KernelEventSource(instance, reader, tracker, chosen, exec_probe=probe)
         for key, why in sorted(chosen.unavailable.items()):
             if key not in excluded:
                 log.info("kernel events: without %s (%s)", key, why)

@@ -35,8 +35,9 @@ import collections
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from agent.collect.events import EventKind, SocketEvent
 from agent.collect.kernel.listeners import ListenerResolver
 from agent.collect.kernel.records import (
     CLONE_THREAD,
@@ -58,8 +59,10 @@ from agent.identity import NO_OWNER, Identity, IdentityCache, process_uuid
 from agent.inet import (
     AF_INET,
     AF_INET6,
+    INBOUND,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    OUTBOUND,
     TCP_CLOSE,
     TCP_ESTABLISHED,
     TCP_LISTEN,
@@ -68,50 +71,8 @@ from agent.inet import (
 )
 from agent.who import MAX_ANCESTORS, Ancestor, Who
 
-CONNECT = "connect"
-ESTABLISHED = "established"
-REFUSED = "refused"
-TIMEOUT = "timeout"
-ACCEPTED = "accepted"
-CLOSED = "closed"
-UDP = "udp"
-KINDS = (CONNECT, ESTABLISHED, REFUSED, TIMEOUT, ACCEPTED, CLOSED, UDP)
-OUTBOUND = "outbound"
-INBOUND = "inbound"
-
 _COMM_LENGTH = 15
 _NS_PER_S = 1_000_000_000
-
-
-class SocketEvent(NamedTuple):
-    """One fact about a connection, for the history, a table row or ``watch``.
-
-    ``connect`` and its outcome (``established``, ``refused``, ``timeout``) share ``key``, as do
-    ``accepted`` and its ``closed``; ``closed`` also ends an ``established`` one.  A socket the
-    events did not see begin (older than the source) ends with a ``closed``, ``refused`` or
-    ``timeout`` whose identity is :data:`agent.identity.NO_OWNER` and namespace None.
-    Addresses are integers (network order, as :mod:`agent.collect.sockets.procnet`); ``version``
-    6 with an IPv4-mapped address is an ``AF_INET6`` socket talking IPv4, as the socket tables
-    show it.
-    """
-
-    time: float
-    """Unix seconds of the event (the connect for ``connect``, the outcome for the others)."""
-    kind: str
-    protocol: int
-    family: int
-    version: int
-    local_address: int
-    local_port: int
-    remote_address: int
-    remote_port: int
-    net_namespace: Optional[int]
-    identity: Identity
-    """The process: the caller of ``connect()``/``sendto()``; the listener's owner for
-    ``accepted``."""
-    direction: str
-    key: int
-    """The socket, numbered by this source (unique while it runs)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +469,7 @@ class Tracker:
             self.processes.prune(now_ns)
         return out
 
-    def _emit(self, kind: str, sock: _TcpSocket, time_ns: int) -> None:
+    def _emit(self, kind: EventKind, sock: _TcpSocket, time_ns: int) -> None:
         self._out.append(
             SocketEvent(
                 self.to_unix(time_ns),
@@ -529,7 +490,7 @@ class Tracker:
 
     def _announce(self, sock: _TcpSocket) -> None:
         sock.announced = True
-        self._emit(CONNECT, sock, sock.time_ns)
+        self._emit(EventKind.CONNECT, sock, sock.time_ns)
 
     def _new_key(self) -> int:
         self._serial += 1
@@ -550,7 +511,7 @@ class Tracker:
                 sock.local, sock.local_port = event.saddr, event.sport
                 if not sock.announced:
                     self._announce(sock)
-                self._emit(ESTABLISHED, sock, event.time)
+                self._emit(EventKind.ESTABLISHED, sock, event.time)
         elif old == TCP_LISTEN and new == TCP_SYN_RECV:
             self._accepted(event)
         elif new == TCP_LISTEN:
@@ -592,7 +553,7 @@ class Tracker:
         netns = listener.net_namespace if listener else None
         sock = self._socket(event, INBOUND, identity, netns, TCP_SYN_RECV, announced=True)
         self._track(event.skaddr, sock)
-        self._emit(ACCEPTED, sock, event.time)
+        self._emit(EventKind.ACCEPTED, sock, event.time)
 
     def _reset(self, event: TcpReset) -> None:
         sock = self.sockets.get(event.skaddr)
@@ -610,9 +571,9 @@ class Tracker:
                 sock.local, sock.local_port = event.saddr, event.sport
             if not sock.announced:
                 self._announce(sock)
-            self._emit(REFUSED if sock.reset else TIMEOUT, sock, event.time)
+            self._emit(EventKind.REFUSED if sock.reset else EventKind.TIMEOUT, sock, event.time)
         else:
-            self._emit(CLOSED, sock, event.time)
+            self._emit(EventKind.CLOSED, sock, event.time)
 
     def _untracked(self, event: TcpStateChange) -> _TcpSocket:
         """A socket whose beginning the events did not show (older than the source, or its
@@ -686,7 +647,7 @@ class Tracker:
         self._out.append(
             SocketEvent(
                 self.to_unix(event.time),
-                UDP,
+                EventKind.UDP,
                 IPPROTO_UDP,
                 AF_INET if event.version == 4 else AF_INET6,
                 event.version,

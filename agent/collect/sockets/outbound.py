@@ -36,7 +36,7 @@ def add_outbound(
     is_inbound = listeners.is_inbound
     for ends in connections:
         if not is_inbound(IPPROTO_TCP, ends[0], ends[1], ends[2]):
-            into.add(hash((namespace, ends)))
+            into.add(outbound_key(namespace, ends))
             added += 1
     return added
 

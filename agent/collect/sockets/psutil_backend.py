@@ -18,7 +18,7 @@ from typing import Any, Collection, Dict, Iterator, List, Optional, Set, Tuple
 import psutil
 
 from agent.classify import AddressError, Classifier, Verdict
-from agent.collect import NamespaceStats, SamplerTotals, SampleStats
+from agent.collect import NamespaceStats, SampleStats
 from agent.collect.netns import PROC_ROOT, namespace_of
 from agent.collect.sockets.outbound import add_outbound
 from agent.collect.sockets.procnet import ListenerIndex
@@ -45,7 +45,6 @@ class PsutilSampler:
         self.classifier = classifier
         self.identities = identities if identities is not None else IdentityCache()
         self.last = SampleStats()
-        self.totals = SamplerTotals()
         self.count_outbound_tcp = False
         """Also collect every outbound TCP connection (:attr:`SampleStats.outbound_tcp`)."""
         self._verdicts: Dict[str, Optional[Verdict]] = {}
@@ -106,7 +105,6 @@ class PsutilSampler:
         stats.backend = "psutil"
         stats.duration_ms = (time.perf_counter() - started) * 1000.0
         self.last = stats
-        self.totals.add(stats)
         return rows
 
     def _tcp_ends(self, found: List[Any]) -> Iterator[Tuple[int, int, int, int, int]]:

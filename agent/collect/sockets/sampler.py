@@ -20,7 +20,7 @@ import time
 from typing import Collection, Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
 
 from agent.classify import Classifier, format_ipv4, format_ipv6
-from agent.collect import NamespaceStats, SamplerError, SamplerTotals, SampleStats
+from agent.collect import NamespaceStats, SamplerError, SampleStats
 from agent.collect.netns import PROC_ROOT, NetNamespace, discover_namespaces, proc_entry
 from agent.collect.sockets.changes import (
     DEFAULT_FULL_READ_EVERY,
@@ -114,7 +114,6 @@ class LinuxSampler:
         self.owners = owners if owners is not None else OwnerFinder(proc_root)
         self.identities = identities if identities is not None else IdentityCache(proc_root)
         self.last = SampleStats()
-        self.totals = SamplerTotals()
         self._external_by_hex: Dict[str, bool] = {}
         self._external_by_bytes: Dict[bytes, bool] = {}
         self._outbound_memo = OutboundMemo()
@@ -184,7 +183,6 @@ class LinuxSampler:
         stats.rows = len(rows)
         stats.duration_ms = (time.perf_counter() - started) * 1000.0
         self.last = stats
-        self.totals.add(stats)
         return rows
 
     def _read_namespaces(
