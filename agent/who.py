@@ -121,13 +121,54 @@ def proc_ancestors(
     return tuple(chain)
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cgroup_dirs(cgroup_root: str, controllers: str, path: str) -> List[str]:
+    """Where a ``/proc/PID/cgroup`` line's cgroup is mounted: the unified hierarchy at the
+    root (v2) or at ``unified`` (hybrid); a v1 hierarchy under its controllers' name
+    (``name=systemd`` at ``systemd``)."""
+    relative = path.lstrip("/")
+    if not controllers:
+        return [os.path.join(cgroup_root, relative), os.path.join(cgroup_root, "unified", relative)]
+    name = controllers[len("name=") :] if controllers.startswith("name=") else controllers
+    return [os.path.join(cgroup_root, name, relative)]
+
+
+def runtime_owned(cgroup: str, container_id: str, cgroup_root: str = CGROUP_ROOT) -> bool:
+    """False when a cgroup directory named after ``container_id`` that the process is in is
+    owned by someone other than root (runtimes run as root and make their cgroups as root;
+    systemd hands a delegated subtree to its user).  True when every such directory found is
+    root's, or none can be looked at (no cgroup file system here: nothing to say against)."""
+    for line in cgroup.split("\n"):
+        parts = line.split(":", 2)
+        if len(parts) != 3 or container_id not in parts[2]:
+            continue
+        path = parts[2]
+        cut = path.index(container_id) + len(container_id)
+        end = path.find("/", cut)
+        named = path if end < 0 else path[:end]
+        for directory in _cgroup_dirs(cgroup_root, parts[1], named):
+            try:
+                owner = os.stat(directory).st_uid
+            except OSError:
+                continue
+            if owner != 0:
+                return False
+    return True
+
+
 class WhoReader:
     """Reads :class:`Who` for a pid; keeps user names and the container directory."""
 
     def __init__(
-        self, proc_root: str = "/proc", containers: Optional[ContainerDirectory] = None
+        self,
+        proc_root: str = "/proc",
+        containers: Optional[ContainerDirectory] = None,
+        cgroup_root: str = CGROUP_ROOT,
     ) -> None:
         self.proc_root = proc_root
+        self.cgroup_root = cgroup_root
         self.containers = containers if containers is not None else ContainerDirectory()
         self._users: Dict[int, str] = {}
 
@@ -144,8 +185,11 @@ class WhoReader:
         return name
 
     def container(self, container_id: str, cgroup: str) -> ContainerInfo:
-        if not container_id:
-            return ContainerInfo()
+        """What the runtimes say about the container, when its cgroup is the runtime's: a
+        cgroup some user owns (a delegated subtree: ``user@UID.service``, rootless runtimes)
+        can be named after any container, and gets no names."""
+        if not container_id or not runtime_owned(cgroup, container_id, self.cgroup_root):
+            return NO_CONTAINER
         return self.containers.lookup(container_id, runtime_of_cgroup(cgroup))
 
     def read(self, pid: int, container_id: str, cgroup: str) -> Who:

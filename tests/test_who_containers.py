@@ -319,3 +319,34 @@ def test_container_rules_apply_to_runtime_containers_only() -> None:
     assert not matches(rule, in_runtime)
     with pytest.raises(ConfigError, match="container_name"):
         _rules("allow:\n  - {container_name: ''}\n")
+
+
+def test_a_user_cgroup_named_after_a_container_gets_none_of_its_names(tmp_path: Path) -> None:
+    """The attack: a user names a cgroup of their own (a delegated subtree, as systemd gives
+    ``user@UID.service``) after a real container's id, to borrow its name for a
+    ``container_name`` rule.  A cgroup some user owns gets no names; root's does."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: cgroups")
+    cid = uuid.uuid4().hex + uuid.uuid4().hex
+    storage = tmp_path / "storage"
+    (storage / "overlay-containers").mkdir(parents=True)
+    (storage / "overlay-containers" / "containers.json").write_text(
+        json.dumps([{"id": cid, "names": ["prod-db"], "image": "", "metadata": "{}"}])
+    )
+    directory = ContainerDirectory(str(storage), str(tmp_path / "none"), str(tmp_path / "none"))
+    rule = _rules("allow:\n  - {container_name: prod-db}\n")[0]
+    group = Cgroup(f"{PREFIX}-{os.getpid()}-user.slice/libpod-{cid}.scope")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        group.add(sleeper.pid)
+        owned = IdentityCache(who=WhoReader(containers=directory)).lookup(sleeper.pid)
+        assert (_row(owned).container_name, matches(rule, _row(owned))) == ("prod-db", True)
+        os.chown(group.path, 65534, 65534)  # what delegation to a user does
+        borrowed = IdentityCache(who=WhoReader(containers=directory)).lookup(sleeper.pid)
+        row = _row(borrowed)
+        assert (row.container_name, row.container_runtime) == ("", "")
+        assert not matches(rule, row)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        group.remove()
