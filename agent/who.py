@@ -5,7 +5,12 @@
   child: they survive ``sudo`` and ``su``).  A process no login started (a daemon from boot)
   has loginuid 4294967295 (``(uid_t)-1``): its login user is "".  NIST SP 800-53 SC-7(9) asks
   for the user behind a flagged connection; the effective user alone says ``root`` for a
-  ``sudo curl``.
+  ``sudo curl``.  What it proves: once set, a loginuid changes only with
+  ``CAP_AUDIT_CONTROL`` (or never, with ``loginuid_immutable``); but a process whose loginuid
+  is *unset* may set it once, to any uid, without privilege (``audit_set_loginuid_perm`` in
+  ``kernel/audit.c``; checked here as ``nobody``).  So it names the person behind a login
+  session, and a daemon (started with none) can claim one: it is evidence to show, never a
+  matcher of allow rules.
 - ``ancestors``: the chain of parents, nearest first, as (pid, name, container id), at most
   :data:`MAX_ANCESTORS` deep; the column shows the chain up to pid 1 or up to the init of the
   process's own container (the first ancestor outside it ends the chain).  Read here from

@@ -107,8 +107,10 @@ def test_the_probe_captures_an_exec_and_leaves_nothing(tracefs: str, layout: tup
         instance.write("tracing_on", "1")
         instance.write(base + "/enable", "1")
         marker = f"who-{os.getpid()}-{time.monotonic_ns()}"
-        child = subprocess.run(["/usr/bin/true", marker, "two words"], check=True)
-        assert child.returncode == 0
+        secret = {"PATH": "/usr/bin", "EGRESS_TEST_SECRET": f"s3cr3t-{marker}"}
+        subprocess.run(["/usr/bin/true", marker, "two words"], check=True, env=secret)
+        # the attack on the bound: an argument far longer than the probe holds
+        subprocess.run(["/usr/bin/true", marker + "-long", "A" * 10000], check=True, env=secret)
         instance.write(base + "/enable", "0")
         from agent.collect.kernel.ringbuffer import parse_header_event, parse_header_page
 
@@ -133,10 +135,15 @@ def test_the_probe_captures_an_exec_and_leaves_nothing(tracefs: str, layout: tup
                         break
                     events: list = []
                     parser.parse(page, {fmt.id: decode}, events)
-                    found += [e for e in events if marker in e.argv]
+                    found += [e for e in events if e.argv[1:2] and e.argv[1].startswith(marker)]
             finally:
                 os.close(fd)
-        assert [e.argv for e in found] == [("/usr/bin/true", marker, "two words")]
+        short, long = sorted(found, key=lambda e: e.argv[1])
+        assert (short.argv, short.cut) == (("/usr/bin/true", marker, "two words"), False)
+        assert long.cut and long.cmdline.endswith(CUT_MARK)
+        assert long.argv[:2] == ("/usr/bin/true", marker + "-long")
+        assert set(long.argv[2]) == {"A"} and len(" ".join(long.argv)) <= probe.capacity
+        assert not any("s3cr3t" in arg for e in found for arg in e.argv)  # never the environment
     finally:
         instance.close()
         assert probe.remove()
