@@ -23,10 +23,11 @@ Each read is a few small ``/proc`` files; a file that is gone or unreadable give
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from agent.containers import NO_CONTAINER, ContainerDirectory, ContainerInfo, runtime_of_cgroup
 
@@ -174,6 +175,8 @@ class WhoReader:
     ) -> None:
         self.proc_root = proc_root
         self.cgroup_root = cgroup_root
+        self.with_ancestors = True
+        """Walk ``/proc`` for the parents (off while :meth:`without_ancestors`)."""
         self.containers = containers if containers is not None else ContainerDirectory()
         self._users: Dict[int, str] = {}
 
@@ -197,6 +200,17 @@ class WhoReader:
             return NO_CONTAINER
         return self.containers.lookup(container_id, runtime_of_cgroup(cgroup))
 
+    @contextlib.contextmanager
+    def without_ancestors(self) -> Iterator[None]:
+        """Reads without the walk up the parents, for a caller that knows them already (the
+        event source's process table, from forks: a third of a read's cost saved)."""
+        before = self.with_ancestors
+        self.with_ancestors = False
+        try:
+            yield
+        finally:
+            self.with_ancestors = before
+
     def read(self, pid: int, container_id: str, cgroup: str) -> Who:
         """``pid``'s login, parents (from ``/proc``) and container, as far as readable."""
         login_uid, session = read_login(pid, self.proc_root)
@@ -204,6 +218,6 @@ class WhoReader:
             login_uid=login_uid,
             login_user=self.user_name(login_uid) if login_uid is not None else "",
             login_session=session,
-            ancestors=proc_ancestors(pid, self.proc_root),
+            ancestors=proc_ancestors(pid, self.proc_root) if self.with_ancestors else (),
             container=self.container(container_id, cgroup),
         )

@@ -159,12 +159,19 @@ class ProcessTable:
             return None
         return None
 
-    def _read_identity(self, pid: int, start_ns: Optional[int]) -> Optional[Identity]:
+    def _read_identity(
+        self, pid: int, start_ns: Optional[int], lineage: bool = False
+    ) -> Optional[Identity]:
         """The identity ``/proc`` shows for ``pid`` now, if it is the process we mean (same
-        start time when we know it); None when gone."""
+        start time when we know it); None when gone.  ``lineage``: its ancestors are known
+        from forks, so ``/proc``'s are not read."""
         self.proc_reads += 1
         self.identities.forget(pid)
-        identity = self.identities.lookup(pid)
+        if lineage:
+            with self.identities.who.without_ancestors():
+                identity = self.identities.lookup(pid)
+        else:
+            identity = self.identities.lookup(pid)
         if not identity.name and not identity.path:
             return None
         started = identity.process_start_time
@@ -247,7 +254,7 @@ class ProcessTable:
         process = self.processes.get(event.tid)
         if process is None:
             process = self.processes[event.tid] = _Process(Identity(pid=event.tid))
-        read = self._read_identity(event.tid, process.start_ns) if latest else None
+        read = self._read_identity(event.tid, process.start_ns, process.lineage) if latest else None
         if read is not None:
             if not read.path:  # exiting already: /proc/PID/exe goes with the memory map
                 read = dataclasses.replace(read, path=event.filename)
