@@ -22,7 +22,7 @@ from agent.audit import EXIT_INCOMPLETE, render_json, render_text, statement_of
 from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
-from agent.evidence import Evidence, Window, read_evidence
+from agent.evidence import Evidence, HistoryReader, Window, read_evidence
 from agent.history import open_store
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.osquery.options import add_arguments as add_extension_arguments
@@ -295,7 +295,11 @@ def _moment(text: str) -> float:
     return moment.timestamp()
 
 
-def _read_window(args: argparse.Namespace, default_since: float) -> Evidence:
+def _read_window(
+    args: argparse.Namespace,
+    default_since: float,
+    reader: Callable[[HistoryReader, Window], Evidence] = read_evidence,
+) -> Evidence:
     """The evidence for ``--since``..``--until`` from ``--history FILE`` or the configured
     store, read from a private copy (``HistoryStore(read_only=True)``).  Raises
     :class:`agent.history.HistoryUnavailable`."""
@@ -308,7 +312,7 @@ def _read_window(args: argparse.Namespace, default_since: float) -> Evidence:
         raise HistoryUnavailable(f"--until ({until:.0f}) must be later than --since ({since:.0f})")
     store = open_store(settings, path=args.history, read_only=True)
     try:
-        return read_evidence(store, Window(since, until))
+        return reader(store, Window(since, until))
     finally:
         store.close()
 
@@ -346,15 +350,37 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from agent.history import HistoryUnavailable
+    from agent.trial import read_every_column
 
-    try:
-        evidence = _read_window(args, args.since)
+    try:  # rules tried read every column of the rows: a rule may match any of them
+        evidence = _read_window(
+            args, args.since, read_every_column if args.rules else read_evidence
+        )
     except HistoryUnavailable as error:
         print(f"egress-agent audit: {safe_text(str(error))}", file=sys.stderr)
         return EXIT_USAGE
+    if args.rules is not None:
+        return _audit_with_rules(args, evidence)
     statement = statement_of(evidence)
     sys.stdout.write(render_json(statement) if args.format == "json" else render_text(statement))
     return statement.exit_code
+
+
+def _audit_with_rules(args: argparse.Namespace, evidence: Evidence) -> int:
+    """``audit --rules FILE``: the verdict the window would have had with FILE's allow rules."""
+    from agent.config import read_settings
+    from agent.trial import render_trial_json, render_trial_text, try_rules
+
+    trial = try_rules(evidence, read_settings(args.rules).allow)
+    render = render_trial_json if args.format == "json" else render_trial_text
+    sys.stdout.write(render(trial, args.rules))
+    return trial.statement.exit_code
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from agent.learn.command import run
+
+    return run(args)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -560,6 +586,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     window_options(audit, "unix seconds, ISO-8601 (Z or offset) or 2h, 7d ago", True)
     audit.add_argument("--format", choices=["text", "json"], default="text")
+    audit.add_argument(
+        "--rules",
+        metavar="FILE",
+        help="judge the window by FILE's allow rules instead of those recorded: what each "
+        "rule allowed, what stays unexpected",
+    )
+
+    learn = command(
+        "learn",
+        cmd_learn,
+        "allow rules learned from what the history saw, printed as YAML or merged into a file",
+    )
+    learn.add_argument("--since", type=_moment, metavar="T", help="default: 7d ago")
+    learn.add_argument("--until", type=_moment, metavar="T", help="default: now")
+    learn.add_argument(
+        "--history",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a history file or an osquery results export (JSON or CSV of "
+        "external_connection_history); several make one rule set for a role",
+    )
+    learn.add_argument(
+        "--config", metavar="FILE", help="configuration file (history.path, your allow rules)"
+    )
+    learn.add_argument(
+        "--widen", action="store_true", help="networks up to /16 (IPv6 /32) instead of /24 (/48)"
+    )
+    learn.add_argument(
+        "--merge",
+        metavar="CONFIG",
+        help="merge the learned rules into CONFIG (replacing those learned before) and show "
+        "the diff",
+    )
+    learn.add_argument(
+        "--test",
+        action="store_true",
+        help="also judge the window with the rules (on stderr); exit with the verdict's status",
+    )
 
     extension = command(
         "extension",

@@ -122,6 +122,11 @@ EXTRAS = (
         ["--rates", "0,100,1000,5000,10000", "--duration", "8"],
         ["--rates", "100", "--duration", "3"],
     ),
+    (
+        "bench.rate_bench",
+        ["--rate", "2000", "--seconds", "10"],
+        ["--rate", "500", "--seconds", "3"],
+    ),
 )
 """The micro-benchmarks run after the scales: (module, arguments, arguments with --quick)."""
 

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from agent.collect.kernel.reader import choose_events
 from agent.collect.kernel.ringbuffer import PageParser, parse_header_event, parse_header_page
-from agent.collect.kernel.source import EventSource, open_event_source
+from agent.collect.kernel.source import KernelEventSource, open_event_source
 from agent.collect.sockets.procnet import parse_snmp
 from bench.report import machine, markdown_table, publish
 from bench.topology import Topology, build, teardown
@@ -190,7 +190,7 @@ HEADER = [
 
 
 def run_step(
-    source: EventSource,
+    source: KernelEventSource,
     topology: Topology,
     namespace_inode: int,
     rate: float,

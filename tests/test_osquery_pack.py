@@ -19,11 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PACK = ROOT / "config" / "osquery" / "egress-agent.conf"
 DOCUMENTS = [ROOT / "README.md"]
 EXTENSION = default_extension_command()
+POLICY = "SELECT 1 FROM egress_agent_audit WHERE since = '24h' AND verdict = 'clean';"
+"""The Fleet policy the README and the pack show (tests/test_audit_table.py runs it)."""
 TABLES = (
     "external_connections",
     "external_connection_history",
     "external_connection_events",
     "egress_agent_info",
+    "egress_agent_audit",
 )
 
 
@@ -63,6 +66,7 @@ def test_the_pack_is_complete() -> None:
         "egress_connection_events",
         "egress_history_by_process",
         "egress_agent_health",
+        "egress_audit_verdict",
     }
     for name, query in queries.items():
         assert len(query["description"]) > 40, name
@@ -75,6 +79,9 @@ def test_the_pack_is_complete() -> None:
     events = queries["egress_connection_events"]
     assert not events.get("snapshot", False) and "time >=" in events["query"]
     assert "egress_agent_info" in queries["egress_agent_health"]["query"]
+    verdict = queries["egress_audit_verdict"]
+    assert "FROM egress_agent_audit WHERE since = '24h'" in verdict["query"]
+    assert POLICY in verdict["description"] and verdict.get("snapshot", False)
 
 
 @pytest.mark.parametrize(("name", "sql"), pack_queries(str(PACK)))

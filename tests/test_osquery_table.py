@@ -74,6 +74,7 @@ def test_registry_shape() -> None:
         "external_connection_history",
         "external_connection_events",
         "egress_agent_info",
+        "egress_agent_audit",
     }
 
 

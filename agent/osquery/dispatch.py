@@ -14,6 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from agent.history import HistoryStore, HistoryUnavailable
 from agent.osquery import (
+    egress_agent_audit,
     egress_agent_info,
     external_connection_events,
     external_connection_history,
@@ -36,6 +37,7 @@ TABLES: Sequence[TablePlugin] = (
     external_connections.PLUGIN,
     external_connection_history.PLUGIN,
     external_connection_events.PLUGIN,
+    egress_agent_audit.PLUGIN,
     egress_agent_info.PLUGIN,
 )
 """Every table the extension serves, in the order core lists them."""

@@ -33,12 +33,16 @@ def kernel_events(settings: Settings, logger: logging.Logger) -> Tuple[Optional[
     lockdown, not root, a kernel without the tracepoints."""
     if not settings.events_enabled:
         return None, "kernel events are off (events.enabled: false)"
+    from agent.classify import Classifier
     from agent.collect.kernel.source import open_event_source
     from agent.collect.kernel.tracefs import EventsUnavailable
     from agent.identity import IdentityCache
 
+    never_external = Classifier(settings.internal_networks).never_external()
     try:
-        return open_event_source(identities=IdentityCache()), ""
+        source = open_event_source(identities=IdentityCache(), drop_internal=never_external)
+        logger.info("kernel events: kernel filter: %s", source.kernel_filter)
+        return source, ""
     except EventsUnavailable as error:
         why = f"kernel events unavailable, sampling instead: {error}"
     except OSError as error:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from agent.collect import TRACEFS
 from agent.collect.events import SocketEvent
 from agent.collect.kernel.execargs import ExecProbe, decode_exec_args
+from agent.collect.kernel.kfilter import Prefix, dropped_after_connect, with_internal_dropped
 from agent.collect.kernel.listeners import ListenerResolver
 from agent.collect.kernel.reader import (
     CLOCK_IDS,
@@ -111,6 +112,9 @@ class KernelEventSource:
         self._last_resync = -1e9
         self.resync_every_s = 5.0
         self._closed = False
+        self.kernel_filter = "none: every event reaches the agent"
+        """What the kernel filters out before the agent reads (internal IPv4 connections where
+        the kernel accepts the expression, :mod:`agent.collect.kernel.kfilter`)."""
         self._sync_clock()
 
     def _sync_clock(self) -> None:
@@ -237,6 +241,7 @@ def open_event_source(
     proc_root: str = PROC_ROOT,
     hold_s: float = 0.5,
     exclude: Sequence[str] = (),
+    drop_internal: Sequence[Prefix] = (),
     exec_args: bool = True,
 ) -> KernelEventSource:
     """Make our instance, enable the events this kernel has, start tracing.
@@ -244,8 +249,11 @@ def open_event_source(
     ``identities`` is the cache process identities come from (give the event source its own,
     or one only its thread uses: :class:`~agent.identity.IdentityCache` is not thread-safe).
     ``udp=False`` leaves out the route lookup events, ``track_namespaces=False`` the syscall
-    events (then a thread's namespace is read once and inherited, not re-read after setns),
-    ``exec_args=False`` the probe that captures command lines at exec
+    events (then a thread's namespace is read once and inherited, not re-read after setns).
+    ``drop_internal`` (the classifier's never-external blocks): the events of connections to
+    those IPv4 blocks are dropped in the kernel where it accepts the filter
+    (:mod:`agent.collect.kernel.kfilter`; :attr:`KernelEventSource.kernel_filter` says).
+    ``exec_args=False`` leaves out the probe that captures command lines at exec
     (:mod:`agent.collect.kernel.execargs`; without it, or where the kernel cannot have it,
     ``/proc`` at exec gives them, for processes that live until it is read).
     Raises :class:`~agent.collect.kernel.tracefs.EventsUnavailable`; nothing is left behind then.
@@ -259,7 +267,7 @@ def open_event_source(
     reader: Optional[EventReader] = None
     probe: Optional[ExecProbe] = None
     try:
-        specs = EVENT_SPECS
+        probe_specs: List[EventSpec] = []
         probe_missing = ""
         if exec_args:
             try:
@@ -267,14 +275,20 @@ def open_event_source(
             except (OSError, ValueError) as error:
                 probe_missing = str(error)
             else:
-                spec = EventSpec(probe.system, probe.name, ("",), decode_exec_args)
-                specs = (*EVENT_SPECS, spec)
+                probe_specs.append(EventSpec(probe.system, probe.name, ("",), decode_exec_args))
         excluded = list(exclude)
         if not udp:
             excluded += UDP_EVENTS
         if not track_namespaces:
             excluded += NAMESPACE_EVENTS
         try:
+            specs = []
+            dropping_filters: Dict[Tuple[str, str], Set[str]] = {}
+            for spec in EVENT_SPECS:
+                filters = with_internal_dropped(spec.system, spec.name, spec.filters, drop_internal)
+                dropping_filters[(spec.system, spec.name)] = set(filters) - set(spec.filters)
+                specs.append(spec._replace(filters=filters))
+            specs += probe_specs
             chosen = choose_events(instance.read_format, specs, exclude=excluded)
         except FormatError as error:
             raise EventsUnavailable(EventsUnavailable.EVENT_MISSING, str(error)) from error
@@ -293,7 +307,19 @@ def open_event_source(
         cache = identities or IdentityCache(proc_root)
         resolver = ListenerResolver(cache, proc_root)
         tracker = Tracker(cache, resolver, proc_root, hold_s=hold_s)
+        dropping = sorted(
+            f"{system}:{name}"
+            for (system, name), accepted in instance.filters.items()
+            if accepted in dropping_filters.get((system, name), ())
+        )
+        if "sock:inet_sock_set_state" in dropping:
+            tracker.dropped_in_kernel = dropped_after_connect(drop_internal)
         source = KernelEventSource(instance, reader, tracker, chosen, exec_probe=probe)
+        source.kernel_filter = (
+            "internal IPv4 dropped in the kernel (" + ", ".join(dropping) + ")"
+            if dropping
+            else "none: every event reaches the agent"
+        )
         for key, why in sorted(chosen.unavailable.items()):
             if key not in excluded:
                 log.info("kernel events: without %s (%s)", key, why)

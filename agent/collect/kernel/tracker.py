@@ -404,6 +404,10 @@ class Tracker:
         self.connects_by_namespace: Dict[Optional[int], int] = {}
         """Outbound TCP connects (CLOSE -> SYN_SENT) seen, per network namespace (None:
         unknown), to stand beside each namespace's ``Tcp: ActiveOpens``."""
+        self.dropped_in_kernel: Optional[Callable[[int, bytes], bool]] = None
+        """``(family, daddr4)`` -> whether the kernel filter drops the rest of that socket's
+        events (:func:`agent.collect.kernel.kfilter.dropped_after_connect`): its connect is
+        counted and nothing is kept for it."""
         self.last_ns = 0
         """The time stamp of the newest event fed."""
         self._serial = 0
@@ -539,11 +543,14 @@ class Tracker:
             identity, netns = NO_OWNER, None
         else:
             identity, netns = self.processes.who(event.pid)
+        counts = self.connects_by_namespace
+        counts[netns] = counts.get(netns, 0) + 1
+        dropped = self.dropped_in_kernel
+        if dropped is not None and dropped(event.family, event.daddr4):
+            return
         sock = self._socket(event, OUTBOUND, identity, netns, TCP_SYN_SENT, local_port=0)
         self._track(event.skaddr, sock)
         self._pending.append(sock)
-        counts = self.connects_by_namespace
-        counts[netns] = counts.get(netns, 0) + 1
 
     def _track(self, skaddr: int, sock: _TcpSocket) -> None:
         sockets = self.sockets
