@@ -5,9 +5,10 @@ read from what each runtime keeps on disk, never through its API (no socket, no 
 API server, nothing to hang on):
 
 - podman and CRI-O (both on containers/storage): ``STORAGE/overlay-containers/containers.json``,
-  a list of ``{"id", "names", "image", "metadata"}`` (the metadata a JSON text with
-  ``image-name``, and ``pod-name``/``pod-namespace`` under CRI-O); image names from
-  ``STORAGE/overlay-images/images.json``.  ``STORAGE`` is ``/var/lib/containers/storage`` for
+  a list of ``{"id", "names", "image", "metadata"}`` (the metadata a JSON text with ``name``
+  and ``image-name``; CRI-O adds ``pod-name``, ``metadata-name`` (the container's name in its
+  pod) and, for pods only, ``namespace``: CRI-O's ``RuntimeContainerMetadata``); image names
+  from ``STORAGE/overlay-images/images.json``.  ``STORAGE`` is ``/var/lib/containers/storage`` for
   root (``storage.conf``'s ``graphroot``).
 - docker: ``/var/lib/docker/containers/ID/config.v2.json`` (``Name`` with a leading ``/``,
   ``Config.Image``).
@@ -16,6 +17,10 @@ API server, nothing to hang on):
   ``/var/log/pods/NAMESPACE_POD_UID/CONTAINER/N.log``: namespace, pod and container names.
   The runtime is then said by the cgroup (``cri-containerd-ID``, ``crio-ID``), which the
   caller passes as ``runtime_hint``.
+
+Not read: containerd's own metadata (a bolt database) and podman's libpod database (bolt or
+SQLite): a containerd container outside Kubernetes (nerdctl, ctr) has its runtime, from the
+cgroup, and no name.
 
 Files that are missing, unreadable or malformed give nothing (empty columns), never an error.
 Every source is owned by root and written by the runtime; a user cannot name a container
@@ -129,11 +134,15 @@ class _StorageIndex:
                 pass
             image = _text(metadata.get("image-name")) or images.get(_text(entry.get("image")), "")
             pod = _text(metadata.get("pod-name"))
+            if pod:  # CRI-O: "metadata-name" is the container's name in its pod spec
+                own = _text(metadata.get("metadata-name")) or _text(metadata.get("name"))
+            else:
+                own = _text(metadata.get("name"))
             found[entry["id"]] = ContainerInfo(
-                name=_text(metadata.get("name")) or _text(name),
+                name=own or _text(name),
                 image=image,
                 runtime=CRIO if pod else PODMAN,
-                pod_namespace=_text(metadata.get("pod-namespace")) if pod else "",
+                pod_namespace=_text(metadata.get("namespace")) if pod else "",
                 pod_name=pod,
             )
         return found

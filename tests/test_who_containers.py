@@ -274,8 +274,14 @@ def test_docker_and_storage_state(tmp_path: Path) -> None:
                     "id": crio_id,
                     "names": ["k8s_x"],
                     "image": "",
-                    "metadata": json.dumps(
-                        {"pod-name": "web-0", "pod-namespace": "shop", "name": "x"}
+                    "metadata": json.dumps(  # as CRI-O's RuntimeContainerMetadata
+                        {
+                            "pod-name": "web-0",
+                            "pod-id": "p" * 64,
+                            "name": "k8s_x_web-0_shop_1",
+                            "metadata-name": "x",
+                            "namespace": "shop",
+                        }
                     ),
                 },
                 "garbage",
