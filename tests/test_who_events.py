@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Iterator, Set
+from typing import Any, Iterator, List, Set
 
 import pytest
 from nethost import NetHost
@@ -82,14 +82,14 @@ def test_ancestors_outlive_the_parents(host: Host, collector: Collector) -> None
 STORM = r"""
 import subprocess, sys, time
 address, port, count, parallel = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-tag = sys.argv[5]
+tag, prefix = sys.argv[5], sys.argv[6:]
 script = f"exec 3<>/dev/tcp/{address}/{port}"
 running = []
 def reap(proc):
     proc.wait()
     print("PID", proc.pid, flush=True)
 for index in range(count):
-    argv = ["/usr/bin/bash", "-c", script, f"{tag}-{index}", f"arg-{index}"]
+    argv = [*prefix, "/usr/bin/bash", "-c", script, f"{tag}-{index}", f"arg-{index}"]
     running.append(subprocess.Popen(argv, stderr=subprocess.DEVNULL))
     if len(running) >= parallel:
         reap(running.pop(0))
@@ -195,3 +195,37 @@ def _check_rows(*args: str) -> list:
     result = egress_agent("check", "--format", "json", "--allowlisted", *args)
     assert "Traceback" not in result.stderr, result.stderr
     return list(json.loads(result.stdout or "[]"))
+
+
+def _storm(host: Host, port: int, count: int, tag: str, prefix: List[str]) -> Set[int]:
+    argv = [sys.executable, "-c", STORM, SERVER, str(port), str(count), "8", tag, *prefix]
+    launcher = host.net.spawn(host.cli, argv, ready=False)
+    pids: Set[int] = set()
+    while True:
+        line = launcher.line(60)
+        assert line is not None, "the launcher stopped answering"
+        if line.startswith("DONE"):
+            return pids
+        if line.startswith("PID"):
+            pids.add(int(line.split()[1]))
+
+
+def test_short_lived_processes_that_changed_user_carry_the_new_user(
+    host: Host, source: KernelEventSource, collector: Collector
+) -> None:
+    """``setpriv`` (as ``su``, ``sudo -u``, a daemon dropping privileges) changes the real uid
+    and execs the program, which connects and exits at once: the row names the user it ran
+    as, not its parent's."""
+    server = host.net.listen(host.srv, SERVER)
+    count = 200
+    drop = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    pids = _storm(host, server.port, count, f"{PREFIX}u{os.getpid()}", drop)
+    assert len(pids) == count
+    complete = collector.wait_for(
+        lambda events: pids <= {e.identity.pid for e in events if e.kind == "connect"}
+    )
+    assert complete or source.lost > 0
+    connects = [e for e in collector.of(pids, "connect")]
+    as_nobody = [e for e in connects if (e.identity.uid, e.identity.username) == (65534, "nobody")]
+    assert len(connects) >= 0.99 * count or source.lost > 0
+    assert len(as_nobody) >= 0.99 * count, f"{len(as_nobody)} of {count} as nobody"

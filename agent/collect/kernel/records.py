@@ -151,6 +151,24 @@ class ExecArgs(NamedTuple):
         return " ".join(self.argv) + (CUT_MARK if self.cut else "")
 
 
+class UidRequest(NamedTuple):
+    """``syscalls:sys_enter_setresuid`` / ``setreuid`` / ``setuid``: thread ``pid`` asks for
+    real uid ``uid`` (None: unchanged) (:mod:`agent.collect.kernel.users`)."""
+
+    time: int
+    pid: int
+    syscall: str
+    uid: Optional[int]
+
+
+class UidGranted(NamedTuple):
+    """``syscalls:sys_exit_setresuid`` / ``setreuid`` / ``setuid`` returning 0."""
+
+    time: int
+    pid: int
+    syscall: str
+
+
 class ProcessFork(NamedTuple):
     """``sched:sched_process_fork`` or ``task:task_newtask``: thread ``parent`` made ``child``.
 
@@ -204,6 +222,8 @@ KernelEvent = Union[
     TaskRename,
     NamespaceSwitch,
     ExecArgs,
+    UidRequest,
+    UidGranted,
 ]
 
 

@@ -52,6 +52,7 @@ from agent.collect.kernel.tracefs import (
     find_tracefs,
 )
 from agent.collect.kernel.tracker import Tracker
+from agent.collect.kernel.users import USER_SPECS
 from agent.collect.netns import PROC_ROOT
 from agent.identity import IdentityCache
 
@@ -243,6 +244,7 @@ def open_event_source(
     exclude: Sequence[str] = (),
     drop_internal: Sequence[Prefix] = (),
     exec_args: bool = True,
+    track_users: bool = True,
 ) -> KernelEventSource:
     """Make our instance, enable the events this kernel has, start tracing.
 
@@ -255,7 +257,9 @@ def open_event_source(
     (:mod:`agent.collect.kernel.kfilter`; :attr:`KernelEventSource.kernel_filter` says).
     ``exec_args=False`` leaves out the probe that captures command lines at exec
     (:mod:`agent.collect.kernel.execargs`; without it, or where the kernel cannot have it,
-    ``/proc`` at exec gives them, for processes that live until it is read).
+    ``/proc`` at exec gives them, for processes that live until it is read);
+    ``track_users=False`` the setuid-family syscall events (:mod:`agent.collect.kernel.users`:
+    then a process's user is read from ``/proc`` at exec, or inherited).
     Raises :class:`~agent.collect.kernel.tracefs.EventsUnavailable`; nothing is left behind then.
     """
     if os.geteuid() != 0:
@@ -289,6 +293,8 @@ def open_event_source(
                 dropping_filters[(spec.system, spec.name)] = set(filters) - set(spec.filters)
                 specs.append(spec._replace(filters=filters))
             specs += probe_specs
+            if track_users:
+                specs += USER_SPECS
             chosen = choose_events(instance.read_format, specs, exclude=excluded)
         except FormatError as error:
             raise EventsUnavailable(EventsUnavailable.EVENT_MISSING, str(error)) from error

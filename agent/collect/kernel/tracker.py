@@ -53,7 +53,10 @@ from agent.collect.kernel.records import (
     TaskRename,
     TcpReset,
     TcpStateChange,
+    UidGranted,
+    UidRequest,
 )
+from agent.collect.kernel.users import real_uid_after
 from agent.collect.netns import CLONE_NEWNET, PROC_ROOT, parse_namespace_link
 from agent.identity import NO_OWNER, Identity, IdentityCache, process_uuid
 from agent.inet import (
@@ -137,6 +140,8 @@ class ProcessTable:
         self.threads: Dict[int, _Thread] = {}
         self.processes: Dict[int, _Process] = {}
         self.proc_reads = 0
+        self._uid_asked: Dict[int, Tuple[str, Optional[int]]] = {}
+        """tid -> (syscall, real uid asked) between a setuid-family call and its return."""
 
     # -- reading /proc -----------------------------------------------------------------------------
 
@@ -288,6 +293,29 @@ class ProcessTable:
             return
         process.identity = dataclasses.replace(identity, cmdline=event.cmdline)
 
+    def uid_requested(self, event: UidRequest) -> None:
+        if len(self._uid_asked) >= 4096:  # returns lost with their threads: start afresh
+            self._uid_asked.clear()
+        self._uid_asked[event.pid] = (event.syscall, event.uid)
+
+    def uid_granted(self, event: UidGranted) -> None:
+        """A granted setuid-family call: the process's real uid and user name, as they are now
+        (:mod:`agent.collect.kernel.users`)."""
+        asked = self._uid_asked.pop(event.pid, None)
+        if asked is None or asked[0] != event.syscall:
+            return
+        thread = self.threads.get(event.pid)
+        process = self.processes.get(thread.tgid if thread is not None else event.pid)
+        if process is None:
+            return
+        identity = process.identity
+        uid = real_uid_after(event.syscall, asked[1], identity.uid)
+        if uid is None or uid == identity.uid:
+            return
+        process.identity = dataclasses.replace(
+            identity, uid=uid, username=self.identities.who.user_name(uid)
+        )
+
     def renamed(self, event: TaskRename) -> None:
         thread = self.threads.get(event.tid)
         if thread is None or thread.tgid != event.tid:
@@ -425,6 +453,8 @@ class Tracker:
             TaskRename: self.processes.renamed,  # type: ignore[dict-item]
             NamespaceSwitch: self.processes.switched,  # type: ignore[dict-item]
             ExecArgs: self.processes.argued,  # type: ignore[dict-item]
+            UidRequest: self.processes.uid_requested,  # type: ignore[dict-item]
+            UidGranted: self.processes.uid_granted,  # type: ignore[dict-item]
         }
 
     @property
