@@ -22,6 +22,7 @@ from agent.collect.kernel.execargs import (
     find_loader,
     group_name,
     probe_definition,
+    remove_stale_probes,
     split_arguments,
 )
 from agent.collect.kernel.records import CUT_MARK
@@ -173,3 +174,41 @@ def test_a_probe_another_tool_removed_is_said_once_and_done_without(tracefs: str
         source.close()
     assert source.exec_probe is not None and source.exec_probe.removed
     assert not os.path.exists(source.instance.path)
+
+
+def test_stale_probes_of_ours_go_and_nobody_elses(tracefs: str) -> None:
+    """A probe left by a killed agent (its instance gone) is removed at the next start; a
+    live agent's probe and another tool's probe stay."""
+    found = find_loader()
+    if found is None:
+        pytest.skip("no 64-bit glibc loader on this machine")
+    path, offset = found
+    events = os.path.join(tracefs, "uprobe_events")
+    stale = group_name(f"egress-agent-{PREFIX}-stale-{os.getpid()}")
+    other = f"{PREFIX}other{os.getpid()}"
+
+    def append(line: str) -> None:
+        fd = os.open(events, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    instance = Instance.create(tracefs, f"egress-agent-{PREFIX}-live")
+    try:
+        live = ExecProbe.define(tracefs, instance.name, layouts=[(8,)])
+    except BaseException:
+        instance.close()
+        raise
+    try:
+        append(probe_definition(stale, path, offset, (8,)))
+        append(probe_definition(other, path, offset, (8,)))
+        assert stale in remove_stale_probes(tracefs)
+        with open(events) as handle:
+            text = handle.read()
+        assert f"{stale}/" not in text
+        assert f"{live.group}/" in text and f"{other}/" in text
+    finally:
+        append(f"-:{other}/{EVENT_NAME}")
+        instance.close()
+        live.remove()
