@@ -13,6 +13,9 @@ processes in the test host's client namespace (``bench.topology``) make short TC
 On a shared machine the agent also handles everyone else's events (it watches the whole host):
 before each load the same span is measured without it, and that CPU is taken off.
 
+Then ``churn``: ``--churn`` short processes a second (``/bin/true``, fork and exec, exiting at
+once) for ``--seconds``, the agent's CPU per process (the process table's cost).
+
 Per tree and destination: the connections made (the client namespace's ``Tcp: ActiveOpens``),
 the agent's CPU (every thread: ``/proc/PID/stat`` utime + stime) over the load and a settling
 second after it, per connection in microseconds; its RSS at the end; whether it logged lost
@@ -44,6 +47,7 @@ BASELINE = "7ebd9df"
 """The last commit of the 0.2.0 line before issue 20 (the previous release's code)."""
 TICKS = os.sysconf("SC_CLK_TCK")
 DESTINATIONS = ("loopback", "private", "external")
+CHURN = "churn"
 
 
 def _log(message: str) -> None:
@@ -172,6 +176,29 @@ def load(topology: Topology, address: str, port: int, rate: float, seconds: floa
         generator.communicate(timeout=seconds + 60)
 
 
+def churn(rate: float, seconds: float) -> int:
+    """``rate`` short processes a second for ``seconds``; how many were started."""
+    started = 0
+    begin = time.monotonic()
+    next_at = begin
+    children = []
+    while time.monotonic() - begin < seconds:
+        now = time.monotonic()
+        if now < next_at:
+            time.sleep(min(next_at - now, 0.005))
+            continue
+        children.append(os.posix_spawn("/bin/true", ["true"], {}))
+        started += 1
+        next_at += 1.0 / rate
+        if len(children) > 64:
+            for pid in children:
+                os.waitpid(pid, 0)
+            children.clear()
+    for pid in children:
+        os.waitpid(pid, 0)
+    return started
+
+
 def servers(topology: Topology) -> List[subprocess.Popen[str]]:
     started = []
     for namespace in (topology.server_ns, topology.client_ns):
@@ -186,7 +213,13 @@ def servers(topology: Topology) -> List[subprocess.Popen[str]]:
 
 
 def measure(
-    name: str, tree: Path, topology: Topology, rate: float, seconds: float, work: Path
+    name: str,
+    tree: Path,
+    topology: Topology,
+    rate: float,
+    seconds: float,
+    work: Path,
+    churn_rate: float = 0.0,
 ) -> List[Step]:
     targets: Dict[str, str] = {
         "loopback": "127.0.0.1",
@@ -213,6 +246,17 @@ def measure(
             step = Step(name, destination, made, cpu, idle, rss, agent.lost(), path)
             _log(f"{name} {destination}: {made} connections, {step.per_connection_us:.1f} us each")
             steps.append(step)
+        if churn_rate > 0:
+            idle_from = cpu_seconds(agent.process.pid)
+            time.sleep(seconds + 1.0)
+            idle = cpu_seconds(agent.process.pid) - idle_from
+            before_cpu = cpu_seconds(agent.process.pid)
+            made = churn(churn_rate, seconds)
+            time.sleep(1.0)
+            cpu = cpu_seconds(agent.process.pid) - before_cpu - idle
+            step = Step(name, CHURN, made, cpu, idle, rss_mb(agent.process.pid), agent.lost(), path)
+            _log(f"{name} churn: {made} processes, {step.per_connection_us:.1f} us each")
+            steps.append(step)
     finally:
         agent.stop()
     return steps
@@ -224,6 +268,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--rate", type=float, default=2000.0, help="connections/s (2000)")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per load (10)")
+    parser.add_argument(
+        "--churn", type=float, default=500.0, help="short processes/s for the churn step (500)"
+    )
     parser.add_argument("--baseline", default=BASELINE, help=f"previous release ({BASELINE})")
     parser.add_argument("--prefix", default="erb", help="namespace/veth name prefix (erb)")
     parser.add_argument("--net", type=int, default=196, help="addresses 10.NET.x.x (196)")
@@ -246,7 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             launcher(current)
             for name, tree in ((f"previous ({args.baseline})", baseline), ("this tree", current)):
                 (work / name).mkdir()
-                steps += measure(name, tree, topology, args.rate, args.seconds, work / name)
+                steps += measure(
+                    name, tree, topology, args.rate, args.seconds, work / name, args.churn
+                )
     finally:
         for server in started:
             server.communicate("", timeout=30)
@@ -260,7 +309,7 @@ def report(steps: List[Step], args: argparse.Namespace, argv: Optional[Sequence[
     by: Dict[Tuple[str, str], Step] = {(s.tree, s.destination): s for s in steps}
     trees = list(dict.fromkeys(s.tree for s in steps))
     rows = []
-    for destination in DESTINATIONS:
+    for destination in (*DESTINATIONS, CHURN):
         old, new = by.get((trees[0], destination)), by.get((trees[-1], destination))
         ratio = (
             f"{new.per_connection_us / old.per_connection_us:.2f}"
@@ -286,8 +335,8 @@ def report(steps: List[Step], args: argparse.Namespace, argv: Optional[Sequence[
             [
                 "destination",
                 "tree",
-                "connections",
-                "agent us/connection",
+                "connections or processes",
+                "agent us each",
                 "idle: % of a core",
                 "RSS MB",
                 "lost",
