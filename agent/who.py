@@ -86,11 +86,10 @@ def _number(data: bytes) -> Optional[int]:
 def read_login(pid: int, proc_root: str = "/proc") -> Tuple[Optional[int], Optional[int]]:
     """(login uid, session id) of ``pid``; None for each that is unset or unreadable."""
     uid = _number(_read_small(f"{proc_root}/{pid}/loginuid"))
+    if uid is None or uid == NO_LOGIN:
+        return None, None  # no login, no session (the kernel sets both together)
     session = _number(_read_small(f"{proc_root}/{pid}/sessionid"))
-    return (
-        uid if uid != NO_LOGIN else None,
-        session if session != NO_LOGIN else None,
-    )
+    return uid, session if session != NO_LOGIN else None
 
 
 def _stat_parent(pid: int, proc_root: str) -> Optional[Tuple[str, int]]:

@@ -32,10 +32,9 @@ placed where we found it; namespace inode numbers are reused once a namespace is
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from agent.collect.events import EventKind, SocketEvent
 from agent.collect.kernel.listeners import ListenerResolver
@@ -98,12 +97,25 @@ class _Process:
     """Its ancestors come from fork events (kept after the parents exit), not from ``/proc``."""
 
 
+R = TypeVar("R")
+
+
+def _with(record: R, **changes: Any) -> R:
+    """``dataclasses.replace`` for the frozen records of the process table, without running
+    ``__init__`` again (a tenth of its cost: this runs for every fork and exec of the host)."""
+    new: R = object.__new__(type(record))
+    fields = new.__dict__
+    fields.update(record.__dict__)
+    fields.update(changes)
+    return new
+
+
 def child_who(parent: Identity) -> Who:
     """What a forked child inherits of its parent's :class:`agent.who.Who` (login, container),
     with the parent put first in its ancestors (at most :data:`agent.who.MAX_ANCESTORS`)."""
     who = parent.who
     first = Ancestor(parent.pid, parent.name, parent.container_id)
-    return dataclasses.replace(who, ancestors=(first, *who.ancestors[: MAX_ANCESTORS - 1]))
+    return _with(who, ancestors=(first, *who.ancestors[: MAX_ANCESTORS - 1]))
 
 
 def _basename_comm(filename: str) -> str:
@@ -233,7 +245,7 @@ class ProcessTable:
         base = self.process(parent.tgid).identity
         ticks = self.to_ticks(event.time)
         self.processes[event.child] = _Process(
-            dataclasses.replace(
+            _with(
                 base,
                 pid=event.child,
                 name=event.comm or base.name,
@@ -262,18 +274,18 @@ class ProcessTable:
         read = self._read_identity(event.tid, process.start_ns, process.lineage) if latest else None
         if read is not None:
             if not read.path:  # exiting already: /proc/PID/exe goes with the memory map
-                read = dataclasses.replace(read, path=event.filename)
+                read = _with(read, path=event.filename)
             if process.lineage:  # the parent it was forked by, even if it exited since
-                read = dataclasses.replace(
+                read = _with(
                     read,
                     parent=process.identity.parent,
-                    who=dataclasses.replace(read.who, ancestors=process.identity.who.ancestors),
+                    who=_with(read.who, ancestors=process.identity.who.ancestors),
                 )
             process.identity = read
             if thread.netns is None:
                 thread.netns = self._read_netns(event.tid)
             return
-        process.identity = dataclasses.replace(
+        process.identity = _with(
             process.identity,
             pid=event.tid,
             name=_basename_comm(event.filename),
@@ -291,7 +303,7 @@ class ProcessTable:
         identity = process.identity
         if event.cut and identity.cmdline:
             return
-        process.identity = dataclasses.replace(identity, cmdline=event.cmdline)
+        process.identity = _with(identity, cmdline=event.cmdline)
 
     def uid_requested(self, event: UidRequest) -> None:
         if len(self._uid_asked) >= 4096:  # returns lost with their threads: start afresh
@@ -312,9 +324,7 @@ class ProcessTable:
         uid = real_uid_after(event.syscall, asked[1], identity.uid)
         if uid is None or uid == identity.uid:
             return
-        process.identity = dataclasses.replace(
-            identity, uid=uid, username=self.identities.who.user_name(uid)
-        )
+        process.identity = _with(identity, uid=uid, username=self.identities.who.user_name(uid))
 
     def renamed(self, event: TaskRename) -> None:
         thread = self.threads.get(event.tid)
@@ -326,7 +336,7 @@ class ProcessTable:
         name = process.identity.name
         if len(event.comm) >= _COMM_LENGTH and name.startswith(event.comm):
             return  # already the longer name psutil makes of a full-length comm
-        process.identity = dataclasses.replace(process.identity, name=event.comm)
+        process.identity = _with(process.identity, name=event.comm)
 
     def exited(self, event: ProcessExit) -> None:
         thread = self.threads.pop(event.tid, None)
