@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest browser podman report-screenshot test-matrix bench bench-tools clean
+.PHONY: run test lint typecheck pytest browser test-programs attack-tools podman report-screenshot test-matrix bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	tools/make-venv $(PYTHON) $(VENV)
@@ -25,8 +25,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) browser podman
+pytest: $(STAMP) browser test-programs attack-tools podman
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Debian's curl and rpm (rpm, rpmbuild) for the identity tests: apt-gets them when missing (as
+## root; an ordinary user is told, and those tests skip with that reason).
+test-programs:
+	tools/install-test-programs
+
+## iptables, systemd-analyze and util-linux's setpriv/unshare/prlimit for the local-attack tests
+## (issue 23): apt-gets what is missing (as root; an ordinary user is told, and those tests skip).
+attack-tools:
+	tools/install-attack-tools
 
 ## Debian's chromium and chromium-driver, for the report's browser tests: apt-gets them when
 ## missing (as root; an ordinary user is told, and those tests skip with that reason).

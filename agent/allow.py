@@ -21,6 +21,7 @@ import re
 from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 from agent.config import GLOB_CHARACTERS, AllowRule
+from agent.exe_check import HOST_FILE_STATUSES, PACKAGED
 from agent.inet import ipv4_host
 from agent.records import Connection
 
@@ -101,6 +102,10 @@ def matches(rule: AllowRule, conn: Connection, names: Optional[NameLookup] = Non
     """True when every matcher the rule names matches the connection; ``names`` tells the
     names answered for an address (without it no ``domains`` matcher matches).
 
+    What a local user could forge matches nothing (``docs/DESIGN.md``, "Identity"): ``path``
+    only when ``exe_status`` says the executable is the host's file at that path,
+    ``package`` only a ``packaged`` (verified) executable, ``systemd_unit`` only the system
+    manager's units (a user's are ``user_unit``), ``container_id`` only a runtime's containers.
     The cheap comparisons come first; the address and the names, the dearest, last.
     """
     if rule.ports and not any(conn.remote_port in ports for ports in rule.ports):
@@ -126,9 +131,17 @@ def matches(rule: AllowRule, conn: Connection, names: Optional[NameLookup] = Non
         return False
     if rule.name and not _any_glob(rule.name, conn.name):
         return False
-    if rule.path and not _any_glob(rule.path, conn.path):
+    if rule.path and not (
+        conn.exe_status in HOST_FILE_STATUSES and _any_glob(rule.path, conn.path)
+    ):
         return False
     if rule.systemd_unit and not _any_glob(rule.systemd_unit, conn.systemd_unit):
+        return False
+    if rule.user_unit and not _any_glob(rule.user_unit, conn.user_unit):
+        return False
+    if rule.sha256 and conn.sha256 not in rule.sha256:
+        return False
+    if rule.package and not (conn.exe_status == PACKAGED and conn.package in rule.package):
         return False
     if rule.destinations and not any(
         address in network

@@ -25,6 +25,7 @@ from agent.config import ConfigError, load_settings
 from agent.evidence import Evidence, HistoryReader, Window, read_evidence
 from agent.history import open_store
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
+from agent.limits import raise_open_files
 from agent.osquery.options import add_arguments as add_extension_arguments
 from agent.osquery.options import core_argv
 from agent.pipeline import Pipeline, RunningAgent, Snapshot
@@ -37,6 +38,7 @@ from agent.render import (
     table_view,
 )
 from agent.report import html_report, text_report
+from agent.report.write import write_private
 from agent.scope import Scope, ScopeError, host_namespace, named_namespaces
 from agent.textsafe import safe_text
 
@@ -216,6 +218,7 @@ class _NewConnections:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    raise_open_files()
     settings = load_settings(args.config)
     scope = _scope(args)
     stop = threading.Event()
@@ -329,11 +332,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.write(text_report(evidence))
         return EXIT_OK
     page = html_report(evidence)
-    try:  # a new file, then renamed over: no reader sees half a page
-        temporary = f"{args.html}.tmp-{os.getpid()}"
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-            out.write(page)
-        os.replace(temporary, args.html)
+    try:  # a new file of ours, renamed over: never through a link, never half a page
+        write_private(args.html, page)
     except OSError as error:
         print(
             f"egress-agent report: cannot write {safe_text(args.html)}: {error.strerror}",

@@ -74,13 +74,14 @@ class AllowRule:
     """One ``allow`` entry: a connection matches when every matcher the rule names matches.
 
     Each matcher is a tuple of alternatives (any one may match); an empty tuple means the rule
-    does not name that matcher.  ``name``, ``path`` and ``systemd_unit`` hold glob patterns
-    (``fnmatch``, case-sensitive), ``user`` user names or decimal uids, ``container_id`` id
-    prefixes, ``container_name``, ``container_image`` and ``pod_namespace`` globs matched against
-    what the container runtime's own files say (:mod:`agent.containers`), ``protocol`` IP
-    protocol numbers (6, 17), ``direction`` ``outbound``/``inbound``,
+    does not name that matcher.  ``name``, ``path``, ``systemd_unit`` and ``user_unit`` hold
+    glob patterns (``fnmatch``, case-sensitive), ``user`` user names or decimal uids,
+    ``container_id`` id prefixes, ``container_name``, ``container_image`` and ``pod_namespace``
+    globs matched against what the container runtime's own files say (:mod:`agent.containers`),
+    ``protocol`` IP protocol numbers (6, 17), ``direction`` ``outbound``/``inbound``,
     ``domains`` DNS names in lower case without the trailing dot, each exact or ``*.`` and a
-    name (any name below it, :func:`parse_domain`).
+    name (any name below it, :func:`parse_domain`), ``sha256`` digests (64 lower-case hex
+    digits), ``package`` package names.
     """
 
     index: int
@@ -98,6 +99,9 @@ class AllowRule:
     protocol: Tuple[int, ...] = ()
     direction: Tuple[str, ...] = ()
     domains: Tuple[str, ...] = ()
+    user_unit: Tuple[str, ...] = ()
+    sha256: Tuple[str, ...] = ()
+    package: Tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -360,6 +364,9 @@ RULE_MATCHERS = (
     "destinations",
     "ports",
     "domains",
+    "user_unit",
+    "sha256",
+    "package",
 )
 RULE_NARROWERS = ("protocol", "direction")
 RULE_KEYS = (*RULE_MATCHERS, *RULE_NARROWERS, "comment")
@@ -401,6 +408,29 @@ def _container_id(value: object, where: str) -> str:
     text = _text(value, where, "a container id or id prefix")
     if text != text.strip():
         raise _Invalid(where, "surrounding whitespace in a container id", value)
+    return text
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.~_-]*\Z")
+
+
+def _sha256(value: object, where: str) -> str:
+    """A SHA-256 digest as ``sha256sum`` prints it (upper case is taken and lowered)."""
+    text = _text(value, where, "a SHA-256 digest (64 hex digits)").lower()
+    if not _SHA256.match(text):
+        raise _Invalid(where, "a SHA-256 digest is 64 hex digits", value)
+    return text
+
+
+def _package(value: object, where: str) -> str:
+    """A package name as dpkg and rpm spell them (``deb-control(5)``: lower case letters,
+    digits, ``+ - . ~ _``), without an architecture."""
+    text = _text(value, where, "a package name")
+    if not _PACKAGE.match(text):
+        raise _Invalid(
+            where, "a package name holds lower-case letters, digits and + - . ~ _ only", value
+        )
     return text
 
 
@@ -495,6 +525,9 @@ def parse_rule(value: object, index: int) -> AllowRule:
         "destinations": parse_network,
         "ports": parse_ports,
         "domains": parse_domain,
+        "user_unit": _systemd_unit,
+        "sha256": _sha256,
+        "package": _package,
         "protocol": _protocol,
         "direction": _direction,
     }

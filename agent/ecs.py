@@ -1,9 +1,10 @@
 """Connection records as Elastic Common Schema documents (ECS 8.x, the network category).
 
 For SIEMs that speak ECS (Elasticsearch, OpenSearch, Elastic Agent pipelines): the process
-(its arguments and parent), the user (``user.name`` the login user when one is known, with the
-process's own user beside it in ``user.effective``), the container, its Kubernetes pod
-(``orchestrator.*``) and both ends of the connection land in ECS fields
+(with its arguments, its parent, ``process.hash.sha256`` and the owning ``package.name``), the
+user (``user.name`` the login user when one is known, with the process's own user beside it in
+``user.effective``), the container, its Kubernetes pod (``orchestrator.*``) and both ends of the
+connection land in ECS fields
 (https://www.elastic.co/guide/en/ecs/current/ecs-field-reference.html); every other column
 goes under ``egress_agent`` with its own name.  Text is lossless (``utf8_safe``).
 """
@@ -35,6 +36,8 @@ ECS_MAPPED = frozenset(
         "process_start_time",
         "process_uuid",
         "container_id",
+        "sha256",
+        "package",
         "login_user",
         "container_name",
         "container_runtime",
@@ -166,6 +169,8 @@ def ecs_document(record: Mapping[str, Value], timestamp: float) -> Dict[str, Any
     if uid is not None:
         _put(document, "user.id", str(uid))
     _put(document, "container.id", get("container_id"))
+    _put(document, "process.hash.sha256", get("sha256"))
+    _put(document, "package.name", get("package"))
     _put(document, "container.name", get("container_name"))
     _put(document, "container.image.name", get("container_image"))
     _who(document, get)

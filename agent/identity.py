@@ -1,12 +1,22 @@
-"""Who a process is: name, executable, command line, user, parent, container, systemd unit.
+"""Who a process is: name, executable, command line, user, parent, container, systemd unit,
+and what proves the executable.
 
 On Linux, identity is read from ``/proc/PID/{stat,status,cmdline,exe,cgroup}`` (``proc(5)``)
 exactly as psutil reads it (the same name, cmdline, exe, uid, username and create time, see
 :func:`read_linux_identity`), without importing psutil: a fresh ``egress-agent check`` would
 otherwise spend more time importing psutil than sampling.  Elsewhere psutil answers
-(``Process.oneshot()``).  The container and systemd unit come from ``/proc/PID/cgroup``
-(``Documentation/admin-guide/cgroup-v2.rst``, "Processes"; the v1 format is
-``hierarchy-ID:controller-list:cgroup-path`` and v2 has the single line ``0::PATH``).
+(``Process.oneshot()``).  Three parts are read by modules of their own, so that what a local
+user can forge stays apart from what they cannot:
+
+- placement (:mod:`agent.cgroups`): the system manager's unit apart from a user manager's
+  (``systemd_unit``, ``user_unit``), a runtime's container apart from one a user's subtree
+  claims (``container_id``, ``rootless_container_id``, ``rootless_uid``);
+- the executable (:mod:`agent.exe_check`): the host's file at ``path`` or not, its SHA-256 and
+  package (``exe_status``, ``sha256``, ``package``), digests read within a byte budget, so a
+  row may read ``pending`` first and be completed by :meth:`IdentityCache.settle`;
+- the command line, kept to :data:`CMDLINE_MAX_BYTES` with :data:`CMDLINE_CUT_MARK` where cut
+  (ARG_MAX allows 2 MiB; the cache, the event log and each history row keep this bound).
+
 It is looked up only for processes that own a socket worth reporting, and cached by
 (pid, start time), which names one process instance: a recycled pid has another start time.
 
@@ -16,72 +26,32 @@ read, possibly nothing but its pid, never an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Tuple
 
+from agent.cgroups import NOWHERE, Placement, placement
 from agent.collect.netns import PROC_ROOT
+from agent.exe_check import UNKNOWN, ExeChecker, ExeFacts, FileKey
 from agent.who import NO_WHO, Who, WhoReader
 
 if TYPE_CHECKING:
     import psutil  # imported where used: only off Linux (see the module's docstring)
 
-_CONTAINER_COMPONENT = re.compile(
-    r"(?:(?:docker|cri-containerd|containerd|crio|cri-o|libpod|nerdctl)-)?([0-9a-f]{64})"
-)
-"""A cgroup path component that names a container (after dropping a ``.scope`` suffix):
-docker (``docker-ID.scope`` with the systemd driver, ``/docker/ID`` with cgroupfs),
-containerd (``cri-containerd-ID.scope``, ``/k8s.io/ID``), cri-o (``crio-ID.scope``, ``crio-ID``),
-podman (``libpod-ID.scope``), nerdctl, and kubepods with cgroupfs (``/kubepods/.../podUID/ID``).
-The monitors (``crio-conmon-ID``, ``libpod-conmon-ID``) are outside the container: no match."""
-
-_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
-"""systemd unit types whose cgroups hold processes (``systemd.unit(5)``); slices only nest."""
-
-
-def _cgroup_paths(text: str) -> List[Tuple[str, str]]:
-    """(controllers, path) for each well-formed line of a ``/proc/PID/cgroup`` file."""
-    entries = []
-    for line in text.split("\n"):
-        parts = line.split(":", 2)
-        if len(parts) == 3 and parts[2].startswith("/"):
-            entries.append((parts[1], parts[2]))
-    return entries
-
 
 def container_id_from_cgroup(text: str) -> str:
-    """The container id (64 hex digits) in a ``/proc/PID/cgroup`` text, or "" when none.
-
-    Looks through every hierarchy, deepest component first, so podman's ``.../libpod-ID.scope/
-    container`` and kubepods' ``.../podUID/ID`` both yield ID.
-    """
-    for _, path in _cgroup_paths(text):
-        for component in reversed(path.split("/")):
-            if component.endswith(".scope"):
-                component = component[: -len(".scope")]
-            match = _CONTAINER_COMPONENT.fullmatch(component)
-            if match:
-                return match.group(1)
-    return ""
+    """The container id in a ``/proc/PID/cgroup`` text when a container runtime owns the
+    cgroup (:func:`agent.cgroups.placement`), or "" when none."""
+    return placement(text).container_id
 
 
 def systemd_unit_from_cgroup(text: str) -> str:
-    """The systemd unit (``nginx.service``, ``session-3.scope``) a process runs in, or "".
-
-    Read from the systemd hierarchy: the ``name=systemd`` line on cgroup v1 (legacy and hybrid),
-    else the unified ``0::`` line; the deepest component that is a unit names it.
-    """
-    entries = _cgroup_paths(text)
-    systemd = [path for controllers, path in entries if controllers == "name=systemd"]
-    unified = [path for controllers, path in entries if controllers == ""]
-    for path in systemd + unified:
-        for component in reversed(path.split("/")):
-            if component.endswith(_UNIT_SUFFIXES):
-                return component
-    return ""
+    """The system manager's unit (``nginx.service``, ``session-3.scope``, ``user@1000.service``)
+    a process runs in, or "" (:func:`agent.cgroups.placement`)."""
+    return placement(text).systemd_unit
 
 
 def read_boot_id(proc_root: str = PROC_ROOT) -> str:
@@ -146,8 +116,32 @@ class Identity:
     process_uuid: str = ""
     container_id: str = ""
     systemd_unit: str = ""
+    user_unit: str = ""
+    rootless_container_id: str = ""
+    rootless_uid: Optional[int] = None
+    exe_status: str = ""
+    sha256: str = ""
+    package: str = ""
     who: Who = NO_WHO
     """Login user, parents, the container's names (:mod:`agent.who`)."""
+    exe_key: Optional[FileKey] = field(default=None, compare=False, repr=False)
+    """The executable's (device, inode, size, mtime): what :meth:`IdentityCache.settle` looks
+    its digests up by.  Not a column."""
+
+    def after_exec(self, path: str, name: str) -> Identity:
+        """This identity after an ``exec`` of ``path`` that ``/proc`` could not be read for:
+        the new program is unproved (no digests, no status, so no ``path``, ``sha256`` or
+        ``package`` rule matches it) and its command line unknown."""
+        return dataclasses.replace(
+            self,
+            name=name,
+            path=path,
+            cmdline="",
+            exe_status="",
+            sha256="",
+            package="",
+            exe_key=None,
+        )
 
 
 NO_OWNER = Identity()
@@ -159,7 +153,8 @@ class IdentityCache:
 
     ``lookup`` reads one small file (``/proc/PID/stat``) on a hit and queries psutil on a miss.
     Entries of processes that are gone are dropped by :meth:`prune`, which ``lookup`` calls
-    when the cache is full; the oldest entries go next if that is not enough.
+    when the cache is full; the oldest entries go next if that is not enough.  ``exe`` checks
+    executables (one of its own when not given; only on Linux).
     """
 
     def __init__(
@@ -167,6 +162,7 @@ class IdentityCache:
         proc_root: str = PROC_ROOT,
         max_entries: int = 4096,
         boot_id: Optional[str] = None,
+        exe: Optional[ExeChecker] = None,
         who: Optional[WhoReader] = None,
     ) -> None:
         self.proc_root = proc_root
@@ -181,6 +177,9 @@ class IdentityCache:
         )
         self._usernames: Dict[int, str] = {}
         self._boot_time: Optional[float] = None
+        self.exe: Optional[ExeChecker] = exe
+        if exe is None and self._linux:
+            self.exe = ExeChecker(proc_root)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -196,13 +195,40 @@ class IdentityCache:
         cached = self._entries.get(key)
         if cached is not None:
             self.hits += 1
-            return cached
+            settled = self.settle(cached)
+            if settled is not cached:
+                self._entries[key] = settled
+            return settled
         self.misses += 1
         identity = self._read_linux(pid, start) if self._linux else self._read(pid, start)
         if len(self._entries) >= self.max_entries:
             self.prune()
         self._entries[key] = identity
         return identity
+
+    def settle(self, identity: Identity) -> Identity:
+        """``identity`` with its executable's digests and verdict when they are known by now
+        (the same object when nothing changed).  Spends the reading budget first; a file that
+        was not queued (the queue was full) is queued again while its process lives."""
+        exe = self.exe
+        key = identity.exe_key
+        if exe is None or key is None or (identity.sha256 and identity.exe_status != "pending"):
+            return identity
+        exe.advance()
+        facts = exe.settle(ExeFacts(identity.exe_status, "", "", key), identity.path)
+        if not facts.sha256 and not exe.waiting(key) and identity.pid > 0:
+            link = _read_link(f"{self.proc_root}/{identity.pid}/exe")
+            again = exe.inspect(identity.pid, link) if link else UNKNOWN
+            if again.key == key:
+                facts = exe.settle(ExeFacts(identity.exe_status, "", "", key), identity.path)
+        if not facts.sha256 or (facts.sha256, facts.status) == (
+            identity.sha256,
+            identity.exe_status,
+        ):
+            return identity
+        return dataclasses.replace(
+            identity, exe_status=facts.status, sha256=facts.sha256, package=facts.package
+        )
 
     def forget(self, pid: int) -> None:
         """Drop what is cached for ``pid``: after an ``exec`` the process keeps its pid and
@@ -273,21 +299,28 @@ class IdentityCache:
                 self._boot_time = _boot_time(self.proc_root)
             if self._boot_time is not None:
                 start_time = int(start_ticks / _clock_ticks() + self._boot_time)
+        facts = UNKNOWN
+        if self.exe is not None:
+            link = _read_link(f"{self.proc_root}/{pid}/exe")
+            if link:
+                facts = self.exe.inspect(pid, link)
         cgroup = self._read_cgroup(pid)
-        container_id = container_id_from_cgroup(cgroup)
-        return Identity(
-            pid=pid,
-            name=name,
-            path=path,
-            cmdline=cmdline,
-            uid=uid,
-            username=username,
-            parent=parent,
-            process_start_time=start_time,
-            process_uuid=process_uuid(self.boot_id, pid, start),
-            container_id=container_id,
-            systemd_unit=systemd_unit_from_cgroup(cgroup),
-            who=self.who.read(pid, container_id, cgroup),
+        where = placement(cgroup)
+        return _identity(
+            Identity(
+                pid=pid,
+                name=name,
+                path=path,
+                cmdline=cmdline,
+                uid=uid,
+                username=username,
+                parent=parent,
+                process_start_time=start_time,
+                process_uuid=process_uuid(self.boot_id, pid, start),
+                who=self.who.read(pid, where.container_id, cgroup),
+            ),
+            where,
+            facts,
         )
 
     def _read(self, pid: int, start: str) -> Identity:
@@ -314,20 +347,22 @@ class IdentityCache:
                 except (psutil.Error, OSError, KeyError, ValueError):
                     continue
         cgroup = self._read_cgroup(pid)
-        container_id = container_id_from_cgroup(cgroup)
-        return Identity(
-            pid=pid,
-            name=str(values.get("name", "")),
-            path=str(values.get("path", "")),
-            cmdline=str(values.get("cmdline", "")),
-            uid=_optional_int(values.get("uid")),
-            username=str(values.get("username", "")),
-            parent=_optional_int(values.get("parent")),
-            process_start_time=_optional_int(values.get("process_start_time")),
-            process_uuid=process_uuid(self.boot_id, pid, start),
-            container_id=container_id,
-            systemd_unit=systemd_unit_from_cgroup(cgroup),
-            who=self.who.read(pid, container_id, cgroup) if cgroup else NO_WHO,
+        where = placement(cgroup) if cgroup else NOWHERE
+        return _identity(
+            Identity(
+                pid=pid,
+                name=str(values.get("name", "")),
+                path=str(values.get("path", "")),
+                cmdline=str(values.get("cmdline", "")),
+                uid=_optional_int(values.get("uid")),
+                username=str(values.get("username", "")),
+                parent=_optional_int(values.get("parent")),
+                process_start_time=_optional_int(values.get("process_start_time")),
+                process_uuid=process_uuid(self.boot_id, pid, start),
+                who=self.who.read(pid, where.container_id, cgroup) if cgroup else NO_WHO,
+            ),
+            where,
+            UNKNOWN,
         )
 
     def _read_cmdline(self, pid: int, process: psutil.Process) -> str:
@@ -336,14 +371,17 @@ class IdentityCache:
         whose newline translation turns a ``\\r`` in an argument into ``\\n``."""
         try:
             with open(f"{self.proc_root}/{pid}/cmdline", "rb") as handle:
-                data = handle.read()
+                data = handle.read(CMDLINE_MAX_BYTES + 1)
         except FileNotFoundError:
             if os.path.isdir(self.proc_root):
                 raise
-            return " ".join(process.cmdline())
+            return bounded_cmdline(" ".join(process.cmdline()))
+        cut = len(data) > CMDLINE_MAX_BYTES
+        data = data[:CMDLINE_MAX_BYTES]
         if data.endswith(b"\0"):
             data = data[:-1]
-        return os.fsdecode(data.replace(b"\0", b" "))
+        text = os.fsdecode(data.replace(b"\0", b" "))
+        return text + CMDLINE_CUT_MARK if cut else text
 
     def _read_cgroup(self, pid: int) -> str:
         try:
@@ -353,8 +391,40 @@ class IdentityCache:
             return ""
 
 
+def _identity(base: Identity, where: Placement, facts: ExeFacts) -> Identity:
+    """``base`` with its placement and its executable's facts."""
+    return dataclasses.replace(
+        base,
+        container_id=where.container_id,
+        systemd_unit=where.systemd_unit,
+        user_unit=where.user_unit,
+        rootless_container_id=where.rootless_container_id,
+        rootless_uid=where.rootless_uid,
+        exe_status=facts.status,
+        sha256=facts.sha256,
+        package=facts.package,
+        exe_key=facts.key,
+    )
+
+
 def _optional_int(value: object) -> Optional[int]:
     return value if isinstance(value, int) else None
+
+
+CMDLINE_MAX_BYTES = 4096
+"""The most of a command line kept: ARG_MAX lets one be 2 MiB, and it would be kept in the
+identity cache, the event log and every history row of the process."""
+CMDLINE_CUT_MARK = " ...[cut]"
+"""Appended to a command line that was longer than :data:`CMDLINE_MAX_BYTES`."""
+
+
+def bounded_cmdline(text: str) -> str:
+    """``text`` within :data:`CMDLINE_MAX_BYTES` (as UTF-8 with surrogateescape), marked when
+    cut."""
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) <= CMDLINE_MAX_BYTES:
+        return text
+    return data[:CMDLINE_MAX_BYTES].decode("utf-8", "surrogateescape") + CMDLINE_CUT_MARK
 
 
 LinuxIdentity = Tuple[str, str, str, Optional[int], Optional[int], Optional[float]]
@@ -371,10 +441,11 @@ def read_linux_identity(pid: int, proc_root: str = PROC_ROOT) -> Optional[LinuxI
     ``name``: the ``comm`` in ``stat``; when it fills all 15 bytes the kernel keeps and the
     basename of ``argv[0]`` starts with it, that basename (psutil's ``Process.name``).
     ``cmdline``: the NUL-separated arguments joined with spaces; a process that rewrote its
-    arguments with spaces (setproctitle) is split on spaces (psutil issue 1179).  ``path``:
-    the ``exe`` link without a bogus `` (deleted)``; "" when unreadable (another user's
-    process).  Text is decoded as psutil does (file system encoding, surrogateescape).
-    None when the process is gone (no ``stat``).
+    arguments with spaces (setproctitle) is split on spaces (psutil issue 1179); only the
+    first :data:`CMDLINE_MAX_BYTES` are read, and a longer one ends in
+    :data:`CMDLINE_CUT_MARK`.  ``path``: the ``exe`` link without a bogus `` (deleted)``;
+    "" when unreadable (another user's process).  Text is decoded as psutil does (file system
+    encoding, surrogateescape).  None when the process is gone (no ``stat``).
     """
     base = f"{proc_root}/{pid}"
     try:
@@ -387,7 +458,9 @@ def read_linux_identity(pid: int, proc_root: str = PROC_ROOT) -> Optional[LinuxI
     fields = stat[closing + 2 :].split()
     parent = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
     start_ticks = float(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
-    arguments = _cmdline(_read_or_empty(f"{base}/cmdline"))
+    raw = _read_or_empty(f"{base}/cmdline", CMDLINE_MAX_BYTES + 1)
+    cut = len(raw) > CMDLINE_MAX_BYTES
+    arguments = _cmdline(raw[:CMDLINE_MAX_BYTES] + b"\0" if cut else raw)
     if len(name) >= _COMM_LENGTH and arguments:
         extended = os.path.basename(arguments[0])
         if extended.startswith(name):
@@ -395,19 +468,28 @@ def read_linux_identity(pid: int, proc_root: str = PROC_ROOT) -> Optional[LinuxI
     return (
         name,
         _exe(f"{base}/exe"),
-        " ".join(arguments),
+        " ".join(arguments) + (CMDLINE_CUT_MARK if cut else ""),
         _real_uid(_read_or_empty(f"{base}/status")),
         parent,
         start_ticks,
     )
 
 
-def _read_or_empty(path: str) -> bytes:
+def _read_or_empty(path: str, limit: int = -1) -> bytes:
+    """The file's bytes (at most ``limit`` when given), or b"" when it cannot be read."""
     try:
         with open(path, "rb") as handle:
-            return handle.read()
+            return handle.read(limit)
     except OSError:
         return b""
+
+
+def _read_link(path: str) -> str:
+    """A link's target as the kernel gives it, or "" when it cannot be read."""
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 def _cmdline(data: bytes) -> List[str]:

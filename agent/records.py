@@ -47,6 +47,20 @@ class Connection:
     process_uuid: str = _col("TEXT", "")
     container_id: str = _col("TEXT", "")
     systemd_unit: str = _col("TEXT", "")
+    """The system manager's unit; ``user@UID.service`` for anything a user's manager runs."""
+    user_unit: str = _col("TEXT", "")
+    """The unit of a user's own manager (``user@UID.service``'s subtree), which that user names."""
+    rootless_container_id: str = _col("TEXT", "")
+    """A container id that a cgroup in a user's own subtree claims (a rootless container)."""
+    rootless_uid: Optional[int] = _col("BIGINT")
+    """The user whose subtree holds ``rootless_container_id``."""
+    exe_status: str = _col("TEXT", "")
+    """What proves the executable (``agent.exe_check``): packaged, modified, unpackaged,
+    deleted, memory, mismatch, pending, or "" when unknown."""
+    sha256: str = _col("TEXT", "")
+    """SHA-256 of the executable, read through ``/proc/PID/exe``; "" until computed."""
+    package: str = _col("TEXT", "")
+    """The installed package that lists the executable's path (see ``exe_status``)."""
     net_namespace: Optional[int] = _col("BIGINT")
     # who is behind the process (issue 22, agent.who): the login, the parents, the container
     login_user: str = _col("TEXT", "")
@@ -166,6 +180,12 @@ def connection_of(
         process_uuid=identity.process_uuid,
         container_id=identity.container_id,
         systemd_unit=identity.systemd_unit,
+        user_unit=identity.user_unit,
+        rootless_container_id=identity.rootless_container_id,
+        rootless_uid=identity.rootless_uid,
+        exe_status=identity.exe_status,
+        sha256=identity.sha256,
+        package=identity.package,
         **who_columns(identity)._asdict(),
         remote_address=verdict.normalized if verdict is not None else "",
         external=verdict is not None and verdict.external,

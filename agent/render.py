@@ -6,7 +6,8 @@ escaped by the policy of :mod:`agent.textsafe`:
 - ``table`` and ``csv`` show every unprintable code point as a visible escape (``\\n``,
   ``\\x1b``, ``\\u202e``; an undecodable byte as ``\\xff``) and double backslashes, so a printed
   line is exactly one line, cannot drive the terminal, and reads back unambiguously.  ``table``
-  also cuts cells that are too wide, with an ellipsis.
+  also cuts cells that are too wide, with an ellipsis.  ``csv`` also neutralises formulas
+  (:func:`csv_cell`, OWASP's "CSV Injection"): a spreadsheet never runs a cell as a formula.
 - ``json``, ``jsonl`` and ``ecs`` are lossless: JSON's own escapes (ASCII only, RFC 8259
   section 7), except undecodable bytes, which JSON cannot carry and which become ``\\xff`` as
   text.  Nothing is cut.
@@ -48,6 +49,7 @@ TABLE_COLUMNS = (
     "namespace",
     "systemd_unit",
     "path",
+    "exe_status",
 )
 """A table-width choice of the Connection columns: the process first, then the destination,
 then where it lives (see :func:`table_view`)."""
@@ -65,7 +67,8 @@ def table_view(
     """Records as a person reads them in a table: ``protocol`` by name (``tcp``, ``udp``: the
     machine formats keep osquery's numbers), and a ``namespace`` column saying where a row
     outside the host's own network namespace lives: its container (short id), else the
-    ``ip netns`` name of its namespace (``names``), else the namespace's inode."""
+    ``ip netns`` name of its namespace (``names``), else the namespace's inode; a container
+    only a user's own cgroups claim says so (``rootless``) with its owner's uid."""
     rows = []
     for record in records:
         row = dict(record)
@@ -73,9 +76,12 @@ def table_view(
         if isinstance(protocol, int) and not isinstance(protocol, bool):
             row["protocol"] = PROTOCOL_NAMES.get(protocol, str(protocol))
         container = row.get("container_id")
+        rootless = row.get("rootless_container_id")
         namespace = row.get("net_namespace")
         if container:
             row["namespace"] = _container_cell(row, str(container))
+        elif rootless:
+            row["namespace"] = f"rootless {str(rootless)[:12]} uid {row.get('rootless_uid')}"
         elif isinstance(namespace, int) and namespace != host:
             row["namespace"] = names.get(namespace, f"net:[{namespace}]")
         else:
@@ -151,12 +157,32 @@ def _dumps(document: object) -> str:
     return json.dumps(document, ensure_ascii=True, separators=(", ", ": "))
 
 
+CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""First characters with which a spreadsheet (Excel, LibreOffice, Google Sheets) may read a cell
+as a formula (OWASP, "CSV Injection")."""
+CSV_QUOTE = "'"
+
+
+def csv_cell(text: str) -> str:
+    """``text`` as a CSV cell no spreadsheet runs: one ``'`` put in front when it begins with
+    ``=``, ``+``, ``-``, ``@``, tab, CR (OWASP's list) or with ``'`` itself.
+
+    The rule holds for numbers too (``-1`` is written ``'-1``): one rule that looks at the first
+    character only, whatever the column, cannot be bypassed by a value that merely starts like a
+    number (``-2+3+cmd|...`` is a formula).  Quoting a leading ``'`` as well keeps the cell
+    reversible: to read the value back, drop one leading ``'``.
+    """
+    if text.startswith(CSV_FORMULA_STARTS) or text.startswith(CSV_QUOTE):
+        return CSV_QUOTE + text
+    return text
+
+
 def _csv_value(value: Value) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return cell_text(value)
+    return csv_cell(cell_text(value))
 
 
 def _csv(records: Sequence[Record], columns: List[str]) -> str:
@@ -164,7 +190,7 @@ def _csv(records: Sequence[Record], columns: List[str]) -> str:
         return ""
     stream = io.StringIO()
     writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow([cell_text(c) for c in columns])
+    writer.writerow([csv_cell(cell_text(c)) for c in columns])
     for record in records:
         writer.writerow([_csv_value(record.get(c)) for c in columns])
     return stream.getvalue()

@@ -4,7 +4,7 @@ The DNS observer's tests and ``bench.dns_bench`` need real DNS packets between n
 namespaces, never a packet to a real resolver; this module is both ends.  Run as a program
 inside a namespace (``ip netns exec NS python -m bench.dnsload ROLE ...``)::
 
-    serve ADDRESS ZONE_JSON   answer on ADDRESS port 53, UDP and TCP, from the zone
+    serve ADDRESS ZONE_JSON [PORT]   answer on ADDRESS port 53 (or PORT), UDP and TCP, from the zone
     stub                      a client taking commands on stdin (see :func:`_stub`)
     flood SERVER RATE SECONDS query SERVER at RATE per second for SECONDS, unique names,
                               once a line (``go``) comes on stdin
@@ -174,14 +174,14 @@ def _family(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
-def _serve(address: str, zone: Zone) -> None:
+def _serve(address: str, zone: Zone, port: int = DNS_PORT) -> None:
     udp = socket.socket(_family(address), socket.SOCK_DGRAM)
-    udp.bind((address, DNS_PORT))
+    udp.bind((address, port))
     tcp = socket.socket(_family(address), socket.SOCK_STREAM)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind((address, DNS_PORT))
+    tcp.bind((address, port))
     tcp.listen(64)
-    print("READY", DNS_PORT, flush=True)
+    print("READY", port, flush=True)
     streams: Dict[socket.socket, bytes] = {}
     stdin = sys.stdin.fileno()
     while True:
@@ -331,8 +331,8 @@ def _flood(server: str, rate: float, seconds: float) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    if argv[:1] == ["serve"] and len(argv) == 3:
-        _serve(argv[1], json.loads(argv[2]))
+    if argv[:1] == ["serve"] and len(argv) in (3, 4):
+        _serve(argv[1], json.loads(argv[2]), *(int(port) for port in argv[3:]))
     elif argv[:1] == ["stub"]:
         _stub()
     elif argv[:1] == ["flood"] and len(argv) == 4:

@@ -102,8 +102,9 @@ class DnsHost:
         stub = self.net.spawn(client, [sys.executable, "-m", "bench.dnsload", "stub"], ready=True)
         return client, stub
 
-    def serve(self, namespace: Namespace, where: str, zone: object) -> Proc:
+    def serve(self, namespace: Namespace, where: str, zone: object, port: int = 53) -> Proc:
         argv = [sys.executable, "-m", "bench.dnsload", "serve", where, json.dumps(zone)]
+        argv += [] if port == 53 else [str(port)]
         server = self.net.spawn(namespace, argv, ready=True)
         self.servers.append(server)
         return server

@@ -21,6 +21,7 @@ def connection(**fields: Any) -> Connection:
         pid=100,
         name="curl",
         path="/usr/bin/curl",
+        exe_status="unpackaged",  # the host's file at that path (agent.exe_check)
         cmdline="curl https://example.org/",
         username="root",
         process_uuid="uuid-100",

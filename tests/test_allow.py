@@ -35,6 +35,9 @@ CURL = dict(
     username="alice",
     container_id="",
     systemd_unit="session-3.scope",
+    exe_status="packaged",
+    sha256="ab" * 32,
+    package="curl",
     protocol=6,
     remote_address="2001:db8:100::7",
     remote_port=443,
@@ -201,7 +204,7 @@ def test_annotate_marks_connections_in_place() -> None:
 
 
 def test_hostile_names_are_only_text_to_a_glob() -> None:
-    hostile = conn(name="cu\nrl\x1b[31m\udcff", path="/tmp/\udcfe/x")
+    hostile = conn(name="cu\nrl\x1b[31m\udcff", path="/tmp/\udcfe/x", exe_status="unpackaged")
     assert matches(rule("{name: 'cu*'}"), hostile)
     assert not matches(rule("{name: curl}"), hostile)
     assert matches(rule("{path: '/tmp/*/x'}"), hostile)

@@ -147,7 +147,7 @@ def test_limits_by_namespace_name_inode_and_pid(nethost: NetHost) -> None:
 class Cgroup:
     """A cgroup of this test's own in the hierarchy that names systemd units (cgroup v1's
     ``name=systemd``, or the unified one), to put a test process "in" a unit or a container
-    the way systemd and docker do; removed by name."""
+    the way systemd and docker do; only the directories it made are removed, by name."""
 
     def __init__(self, relative: str) -> None:
         root = "/sys/fs/cgroup/systemd"
@@ -157,15 +157,20 @@ class Cgroup:
             root = "/sys/fs/cgroup"
         self.root = root
         self.path = os.path.join(root, relative)
-        self.top = os.path.join(root, relative.split("/")[0])
-        os.makedirs(self.path)
+        self.made: List[str] = []
+        path = root
+        for component in relative.split("/"):
+            path = os.path.join(path, component)
+            if not os.path.isdir(path):
+                os.mkdir(path)
+                self.made.append(path)
 
     def add(self, pid: int) -> None:
         with open(os.path.join(self.path, "cgroup.procs"), "w") as handle:
             handle.write(str(pid))
 
     def remove(self) -> None:
-        for directory, _, _ in sorted(os.walk(self.top), key=lambda e: -len(e[0])):
+        for directory in reversed(self.made):
             try:
                 with open(os.path.join(directory, "cgroup.procs")) as handle:
                     pids = handle.read().split()
@@ -194,7 +199,7 @@ def test_limits_by_container_and_unit(nethost: NetHost, cgroups: List[Cgroup]) -
     loose = nethost.connect(cli, SERVER, server.port)
     container = uuid.uuid4().hex + uuid.uuid4().hex
     unit = f"eat-{os.getpid()}-test.service"
-    box = Cgroup(f"eat-{os.getpid()}-box/docker-{container}.scope")
+    box = Cgroup(f"docker/{container}")  # where docker's cgroupfs driver puts a container
     cgroups.append(box)
     box.add(boxed.pid)
     service = Cgroup(unit)

@@ -17,18 +17,20 @@ fed to :class:`AnswerTracker` as packets built here, since no socket API makes t
 
 from __future__ import annotations
 
+import shutil
 import struct
 import subprocess
 import sys
 import time
 from typing import Tuple
 
+import pytest
 from conftest import run_as_nobody
 from dnshost import FASTLY, ONE, TWO, DnsHost, LateWatch, address, resolve, wait_for
 
 from agent.allow import annotate
 from agent.classify import Classifier
-from agent.collect.dns.answers import AnswerTracker
+from agent.collect.dns.answers import MAX_ANSWERS_TAKEN, AnswerTracker
 from agent.collect.dns.cache import NameCache
 from agent.collect.dns.filter import PACKET_HOST, PACKET_OUTGOING, dns_filter
 from agent.collect.dns.watch import DnsWatch
@@ -176,16 +178,109 @@ def test_answers_nobody_asked_for_are_dropped(dns_host: DnsHost) -> None:
 
 
 def test_loopback_answers_count_once(dns_host: DnsHost) -> None:
-    """A resolver on the namespace's own loopback (systemd-resolved's 127.0.0.53, Docker's
-    127.0.0.11): loopback shows each packet sent and received; the answer counts once."""
+    """A resolver on the namespace's own loopback (systemd-resolved's 127.0.0.53): loopback
+    shows each packet sent and received; the query counts once, and its answer once."""
     cli1, stub = dns_host.clients[0], dns_host.stubs[0]
     dns_host.serve(cli1, "127.0.0.53", ONE)
     watch = dns_host.watch()
     assert resolve(stub, "127.0.0.53", "deb.debian.org")[1] == ["151.101.2.132"]
     wait_for(lambda: watch.cache.lookup(cli1.inode, *address("151.101.2.132")), "the answer")
     counters = watch.counters(cli1.inode)
-    assert counters.packets == 1  # the answer received; the query and every sent copy dropped
-    assert counters.responses == 1 and counters.accepted == 1
+    assert counters.packets == 2  # the query sent, the answer received; the copies dropped
+    assert counters.queries == 1 and counters.responses == 1 and counters.accepted == 1
+
+
+def test_an_unsolicited_answer_on_loopback_is_not_taken(dns_host: DnsHost) -> None:
+    """Any process of a namespace can send to its loopback (issue 23): an answer from port 53
+    to a loopback port that asked nothing is dropped like one from the network."""
+    cli1, stub = dns_host.clients[0], dns_host.stubs[0]
+    local = dns_host.serve(cli1, "127.0.0.53", ONE)
+    watch = dns_host.watch()
+    assert local.popen.stdin is not None
+    local.popen.stdin.write("spoof 127.0.0.1 40000 evil.test 151.101.66.132\n")
+    local.popen.stdin.flush()
+    assert local.line(30) == "SPOOFED"
+    assert resolve(stub, "127.0.0.53", "deb.debian.org")[1] == ["151.101.2.132"]
+    one, spoofed = address("151.101.2.132"), address("151.101.66.132")
+    wait_for(lambda: watch.cache.lookup(cli1.inode, *one), "the real answer")  # after the spoof
+    assert watch.cache.lookup(cli1.inode, *spoofed) is None
+    counters = watch.counters(cli1.inode)
+    assert counters.unsolicited == 1 and counters.accepted == 1
+
+
+def _iptables(namespace: str, *rule: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", namespace, "iptables", "-w", "-t", "nat", "-A", *rule],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_a_loopback_server_behind_nat_is_matched_by_its_address(dns_host: DnsHost) -> None:
+    """Docker's embedded server: the client asks 127.0.0.11:53, NAT rules send the query to
+    the port the server really has and the answer back from port 53 (the rules Docker writes
+    in each container's namespace, here with iptables in a client namespace)."""
+    if shutil.which("iptables") is None:
+        pytest.skip("needs iptables (Debian's iptables package) for the NAT rules")
+    cli1, stub = dns_host.clients[0], dns_host.stubs[0]
+    dns_host.serve(cli1, "127.0.0.11", ONE, port=5353)
+    _iptables(
+        cli1.name,
+        "OUTPUT",
+        "-d",
+        "127.0.0.11",
+        "-p",
+        "udp",
+        "--dport",
+        "53",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "127.0.0.11:5353",
+    )
+    _iptables(
+        cli1.name,
+        "POSTROUTING",
+        "-s",
+        "127.0.0.11",
+        "-p",
+        "udp",
+        "--sport",
+        "5353",
+        "-j",
+        "SNAT",
+        "--to-source",
+        ":53",
+    )
+    watch = dns_host.watch()
+    assert resolve(stub, "127.0.0.11", "deb.debian.org")[1] == ["151.101.2.132"]
+    wait_for(lambda: watch.cache.lookup(cli1.inode, *address("151.101.2.132")), "the answer")
+    counters = watch.counters(cli1.inode)
+    assert counters.queries == 1 and counters.accepted == 1 and counters.unsolicited == 0
+
+
+def test_a_flood_in_one_namespace_leaves_another_namespaces_names(dns_host: DnsHost) -> None:
+    """A container (here cli1) floods answers of its own: cli2's names stay (issue 23: one
+    cache for every namespace let the flood evict them, and ``domains`` rules stopped
+    matching)."""
+    cache = NameCache(max_entries=200)
+    watch = dns_host.watch(cache)
+    (cli1, cli2), (_, stub2) = dns_host.clients, dns_host.stubs
+    assert resolve(stub2, "10.53.2.1", "deb.debian.org")[1] == ["151.101.66.132"]
+    two = address("151.101.66.132")
+    wait_for(lambda: cache.lookup(cli2.inode, *two), "cli2's answer")
+    argv = [sys.executable, "-m", "bench.dnsload", "flood", "10.53.1.1", "1500", "1"]
+    flood = dns_host.net.spawn(cli1, argv, ready=True)
+    assert flood.popen.stdin is not None
+    flood.popen.stdin.write("go\n")
+    flood.popen.stdin.flush()
+    line = flood.line(30)
+    assert line is not None, "the flood did not finish"
+    done = line.split()
+    assert done[0] == "DONE" and int(done[2]) > 1000, done
+    wait_for(lambda: watch.counters(cli1.inode).answers >= int(done[2]) - 20, "the answers seen")
+    assert cache.held(cli1.inode)[0] <= cache.namespace_entries and cache.evicted >= 800
+    assert cache.lookup(cli2.inode, *two) == "deb.debian.org"
 
 
 def test_a_flood_of_real_answers_stays_within_the_bound(dns_host: DnsHost) -> None:
@@ -308,6 +403,67 @@ def test_the_filter_program_is_classic_bpf() -> None:
             assert index + 1 + k < len(program) // 8
         elif code & 0x07 == 0x05:  # a conditional jump
             assert index + 1 + max(true, false) < len(program) // 8
+
+
+OTHER_NS = NS + 1
+
+
+def test_a_flood_of_queries_in_one_namespace_leaves_another_namespaces_query_waiting() -> None:
+    """Over the bound, the namespace holding the most waiting queries loses its oldest: the
+    flood pushes out its own, and the other namespace's answer still counts (issue 23)."""
+    cache = NameCache()
+    tracker = AnswerTracker(cache, max_pending=50)
+    asked = ipv4_packet(CLIENT, SERVER, 17, udp(40002, 53, query(7, "quiet.test")))
+    tracker.packet(NS, asked, PACKET_OUTGOING, False, NOW)
+    for ident in range(5000):
+        flood = ipv4_packet(CLIENT, SERVER, 17, udp(41000, 53, query(ident, f"f{ident}.test")))
+        tracker.packet(OTHER_NS, flood, PACKET_OUTGOING, False, NOW)
+    assert tracker.pending == 50 and tracker.pending_of(NS) == 1
+    message = response(7, "quiet.test", TYPE_A, [], ["151.101.9.7"])
+    tracker.packet(
+        NS, ipv4_packet(SERVER, CLIENT, 17, udp(53, 40002, message)), PACKET_HOST, False, NOW
+    )
+    assert tracker.counters[NS].accepted == 1
+    assert cache.lookup(NS, *address("151.101.9.7")) == "quiet.test"
+
+
+def test_a_flood_of_flows_in_one_namespace_leaves_another_namespaces_flow() -> None:
+    cache = NameCache()
+    tracker = AnswerTracker(cache, max_flows=8)
+
+    def out(namespace: int, l4: bytes) -> None:
+        tracker.packet(namespace, ipv4_packet(CLIENT, SERVER, 6, l4), PACKET_OUTGOING, False, NOW)
+
+    def back(namespace: int, l4: bytes) -> None:
+        tracker.packet(namespace, ipv4_packet(SERVER, CLIENT, 6, l4), PACKET_HOST, False, NOW)
+
+    asked = framed(query(78, "kept.test"))
+    out(NS, tcp(43000, 53, 100, 0x02))
+    back(NS, tcp(53, 43000, 900, 0x12))
+    out(NS, tcp(43000, 53, 101, 0x18, asked))
+    for port in range(100):  # another namespace opens flow after flow
+        back(OTHER_NS, tcp(53, 44000 + port, 0, 0x12))
+    assert tracker.flows == 8
+    answer = framed(response(78, "kept.test", TYPE_A, [], ["151.101.9.8"]))
+    back(NS, tcp(53, 43000, 901, 0x19, answer))
+    assert cache.lookup(NS, *address("151.101.9.8")) == "kept.test"
+    assert tracker.counters[NS].tcp_dropped == 0
+
+
+def test_one_answer_gives_a_bounded_number_of_addresses() -> None:
+    cache = NameCache()
+    tracker = AnswerTracker(cache)
+    asked = ipv4_packet(CLIENT, SERVER, 17, udp(40001, 53, query(9, "many.test")))
+    tracker.packet(NS, asked, PACKET_OUTGOING, False, NOW)
+    many = [f"151.101.{i // 250}.{i % 250 + 1}" for i in range(300)]
+    answer = ipv4_packet(
+        SERVER, CLIENT, 17, udp(53, 40001, response(9, "many.test", TYPE_A, [], many))
+    )
+    tracker.packet(NS, answer, PACKET_HOST, False, NOW)
+    counters = tracker.counters[NS]
+    assert counters.accepted == 1
+    assert (counters.answers, counters.answers_cut) == (MAX_ANSWERS_TAKEN, 300 - MAX_ANSWERS_TAKEN)
+    assert len(cache) == MAX_ANSWERS_TAKEN
 
 
 def test_hostile_packets_never_raise() -> None:

@@ -6,7 +6,8 @@ in a client namespace, processes dial a "global" server on the other end of a ve
 
 - ``symlink``: exec'd through a symlink whose name holds a newline, ANSI escape sequences
   (CSI and an OSC title change) and an undecodable byte, with a command line of newlines,
-  escapes, a line that looks like a log line, invalid UTF-8 and 100 KB of text;
+  escapes, a line that looks like a log line, invalid UTF-8 and 100 KB of text (kept to the
+  4096-byte bound);
 - ``prctl``: renames itself to newline, clear-screen, ``\\xff`` and ``) R 1``, which breaks
   any ``/proc/PID/stat`` parser that looks for the first ``)``; dials IPv4;
 - ``deleted``: a copy of the interpreter under a ~2 KB hostile path, deleted once running;
@@ -46,6 +47,7 @@ from nethost import Namespace, NetHost, Proc
 from agent.classify import Classifier
 from agent.collect.sockets import sampler as sampler_module
 from agent.collect.sockets.sampler import LinuxSampler
+from agent.identity import CMDLINE_CUT_MARK, bounded_cmdline
 from agent.osquery import external_connections
 from agent.owners import OwnerFinder, OwnerScan
 from agent.render import FORMATS, render
@@ -214,9 +216,10 @@ def test_json_rows_are_one_per_connection_and_lossless(scene: Scene) -> None:
         else:
             assert row["path"] == utf8_safe(hostile.path), hostile.kind
         if hostile.kind in ("symlink", "prctl", "deleted"):
-            assert row["cmdline"] == utf8_safe(" ".join(hostile.argv)), hostile.kind
+            assert row["cmdline"] == utf8_safe(bounded_cmdline(" ".join(hostile.argv)))
     symlink = owners[scene.hostile["symlink"].owner]
-    assert len(next(r for r in rows if r["pid"] == symlink.owner)["cmdline"]) > 100_000
+    cut = next(r for r in rows if r["pid"] == symlink.owner)["cmdline"]
+    assert cut.endswith(CMDLINE_CUT_MARK) and len(cut) < 5000  # 100 KB kept to the bound
     forked = next(r for r in rows if r["pid"] == scene.hostile["forked"].owner)
     assert forked["parent"] != scene.hostile["forked"].proc.pid  # the zombie is not the owner
 
@@ -262,7 +265,7 @@ def test_csv_parses_to_one_record_per_connection(scene: Scene) -> None:
         assert len(rows) == 1
         assert rows[0]["name"] == cell_text(hostile.name)
         if hostile.kind in ("symlink", "prctl", "deleted"):
-            assert rows[0]["cmdline"] == cell_text(" ".join(hostile.argv))
+            assert rows[0]["cmdline"] == cell_text(bounded_cmdline(" ".join(hostile.argv)))
 
 
 def ecs_rows(text: str, scene: Scene) -> List[Dict[str, Any]]:
@@ -287,7 +290,7 @@ def test_ecs_is_one_document_a_line_per_connection(scene: Scene) -> None:
         assert document["process"]["name"] == utf8_safe(hostile.name)
         if hostile.kind in ("symlink", "prctl", "deleted"):
             command_line = document["process"]["command_line"]
-            assert command_line == utf8_safe(" ".join(hostile.argv))
+            assert command_line == utf8_safe(bounded_cmdline(" ".join(hostile.argv)))
         assert document["network"]["direction"] == "egress"
 
 
@@ -311,8 +314,8 @@ def test_watch_log_lines_cannot_be_forged(scene: Scene, fmt: str) -> None:
 
 def test_osquery_tables_carry_hostile_text_intact(scene: Scene, tmp_path: Path) -> None:
     """The extension's live and history tables: one row per connection, every value a valid
-    UTF-8 string (an undecodable byte as the text ``\\xff``), the 100 KB command line whole,
-    and a ``pid`` constraint that picks the hostile process alone."""
+    UTF-8 string (an undecodable byte as the text ``\\xff``), the 100 KB command line kept to
+    its bound, and a ``pid`` constraint that picks the hostile process alone."""
     from osquery_core import CoreStandIn, default_extension_command
 
     config = tmp_path / "config.yaml"
@@ -346,7 +349,7 @@ def test_osquery_tables_carry_hostile_text_intact(scene: Scene, tmp_path: Path) 
         hostile = scene.owners()[int(row["pid"])]
         assert row["name"] == utf8_safe(hostile.name)
         if hostile.kind in ("symlink", "prctl", "deleted"):
-            assert row["cmdline"] == utf8_safe(" ".join(hostile.argv))
+            assert row["cmdline"] == utf8_safe(bounded_cmdline(" ".join(hostile.argv)))
     assert [r["local_port"] for r in narrowed] == [str(symlink.local_port)]
     names = {r["name"] for r in history if r["net_namespace"] in namespaces}
     assert {utf8_safe(h.name) for h in scene.hostile.values()} <= names

@@ -74,8 +74,8 @@ CGROUPS = [
     pytest.param("0::/machine.slice/libpod-ID.scope\n", ID, "libpod-ID.scope", id="podman-root"),
     pytest.param(
         "0::/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-ID.scope/container\n",
-        ID,
-        "libpod-ID.scope",
+        "",
+        "user@1000.service",
         id="podman-rootless",
     ),
     pytest.param(
@@ -92,7 +92,7 @@ CGROUPS = [
     pytest.param(
         "0::/user.slice/user-1000.slice/user@1000.service/app.slice/syncthing.service\n",
         "",
-        "syncthing.service",
+        "user@1000.service",
         id="user-unit",
     ),
     pytest.param("0::/init.scope\n", "", "init.scope", id="pid1"),

@@ -145,7 +145,9 @@ def test_learned_rules_make_the_learned_window_clean(recorded: Recorded, tmp_pat
     text = learned(*of(web1))
     rules = rules_of(text)  # the configuration accepts the output as it is
     assert all(rule.domains or rule.destinations for rule in rules)
-    assert all(rule.name or rule.path or rule.systemd_unit for rule in rules)
+    assert all(
+        rule.name or rule.path or rule.systemd_unit or rule.package or rule.sha256 for rule in rules
+    )
     mirror = with_domain(rules, MIRROR)  # two names under one parent: one wildcard
     assert (mirror.ports, mirror.protocol) == ((PortRange(recorded.port, recorded.port),), (6,))
     assert with_address(rules, BARE).destinations == (ipaddress.ip_network(f"{BARE}/32"),)

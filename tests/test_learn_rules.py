@@ -87,8 +87,16 @@ def test_the_strongest_identity_a_matcher_exists_for(
 
 
 def test_identities_the_configuration_cannot_match_yet_are_not_offered() -> None:
-    future = row(package="curl", exe_status="packaged", sha256=DIGEST, container_image="x")
+    future = row(container_id="c" * 64, container_image="x", container_name="web")
     assert identity_of(future, RULE_KEYS) == Identity("path", "/usr/bin/curl")
+    packaged = row(package="curl", exe_status="packaged", sha256=DIGEST)
+    assert identity_of(packaged, RULE_KEYS) == Identity("package", "curl")
+
+
+def test_a_path_the_agent_did_not_prove_is_not_offered() -> None:
+    """A row without ``exe_status`` (an older store, or a process read too late): a ``path``
+    rule would not match it (``agent.allow``), so its name is what is left."""
+    assert identity_of(row(exe_status=""), FUTURE_KEYS) == Identity("name", "curl")
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,9 @@ class Clock:
 
 
 def cache_with_clock(**bounds: int) -> Tuple[NameCache, Clock]:
+    """A cache whose home namespace (the largest budget) is ``NS``."""
     clock = Clock()
+    bounds.setdefault("home", NS)
     return NameCache(clock=clock, **bounds), clock  # type: ignore[arg-type]
 
 
@@ -187,9 +189,12 @@ def test_a_flood_of_answers_stays_within_the_bounds() -> None:
         after_two = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    assert cache.cost <= bound and len(cache) <= 100000 and cache.evicted > 0
-    assert after_one - before < 1.25 * bound
-    assert after_two - after_one < 0.05 * bound
+    whole = bound + 6 * cache.namespace_bytes  # NS is home: the others have budgets of their own
+    assert cache.held(NS)[1] <= bound and cache.evicted > 0
+    assert all(cache.held(NS + i)[1] <= cache.namespace_bytes for i in range(1, 7))
+    assert cache.cost <= whole and len(cache) <= 100000
+    assert after_one - before < 1.25 * whole
+    assert after_two - after_one < 0.05 * whole
 
 
 def test_the_estimate_is_at_least_what_python_holds() -> None:
@@ -227,3 +232,45 @@ def test_threads_may_add_and_read_at_once() -> None:
     assert len(cache) == 500
     held = [cache.entries(NS, 4, base + i) for base in (0, 10**6, 2 * 10**6) for i in range(3000)]
     assert sum(len(entries) for entries in held) == 500
+
+
+# --- what a local user can send (issue 23) ------------------------------------------------------
+
+
+def test_a_flood_in_one_namespace_never_evicts_another_namespaces_names() -> None:
+    cache, _ = cache_with_clock(home=None)
+    cache.add(NS, 4, CDN, DEB, 300)
+    for index in range(5 * cache.namespace_entries):  # a container floods its own answers
+        cache.add(OTHER_NS, 4, index, (f"n{index}.flood.test",), 300)
+    assert cache.lookup(NS, 4, CDN) == "deb.debian.org"
+    assert cache.held(OTHER_NS)[0] <= cache.namespace_entries
+    assert cache.evicted >= 4 * cache.namespace_entries
+
+
+def test_the_home_namespace_has_the_larger_budget() -> None:
+    cache, _ = cache_with_clock(max_entries=1000, namespace_entries=10)
+    for index in range(100):
+        cache.add(NS, 4, index, (f"n{index}.test",), 300)
+        cache.add(OTHER_NS, 4, index, (f"n{index}.test",), 300)
+    assert cache.held(NS)[0] == 100 and cache.held(OTHER_NS)[0] == 10
+
+
+def test_a_ttl_counts_for_an_hour_at_most() -> None:
+    cache, clock = cache_with_clock()
+    cache.add(NS, 4, CDN, DEB, 0x7FFFFFFF)  # 68 years, as a hostile answer may say
+    (entry,) = cache.entries(NS, 4, CDN)
+    assert entry.ttl == cache.max_ttl == 3600
+    clock.advance(3601)
+    assert cache.lookup(NS, 4, CDN) is None
+
+
+def test_namespaces_past_the_cap_are_refused_until_one_empties() -> None:
+    cache, clock = cache_with_clock(max_namespaces=3)
+    for namespace in range(3):
+        cache.add(NS + namespace, 4, CDN, DEB, 60)
+    cache.add(NS + 3, 4, CDN, DEB, 300)
+    assert cache.lookup(NS + 3, 4, CDN) is None and cache.refused == 1
+    clock.advance(cache.min_retention + 61)
+    assert cache.sweep() == 3 and not cache.namespaces()  # an empty namespace frees its place
+    cache.add(NS + 3, 4, CDN, DEB, 300)
+    assert cache.lookup(NS + 3, 4, CDN) == "deb.debian.org"

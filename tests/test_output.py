@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from agent.ecs import ecs_document
 from agent.records import COLUMN_NAMES, Connection, Value
-from agent.render import FORMATS, TABLE_CELL_LIMIT, TABLE_COLUMNS, render, table_view
+from agent.render import FORMATS, TABLE_CELL_LIMIT, TABLE_COLUMNS, csv_cell, render, table_view
 from agent.textsafe import ELLIPSIS, cell_text, display_width, safe_text, utf8_safe
 
 # Undecodable bytes in a process name or path arrive as surrogateescape text (PEP 383).
@@ -466,7 +466,7 @@ def test_any_text_in_every_format(records: List[Dict[str, Value]]) -> None:
     assert all(line.isprintable() for line in table.split("\n"))
     assert table.count("\n") == (len(records) + 1 if records else 0)
     assert [row[0] for row in read_csv(render(records, ["name", "pid"], "csv"))][1:] == [
-        cell_text(r["name"]) for r in records
+        csv_cell(cell_text(r["name"])) for r in records
     ]
     assert [r["name"] for r in json.loads(render(records, None, "json"))] == [
         utf8_safe(str(r["name"])) for r in records

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import time
 import traceback
@@ -27,6 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 from conftest import NOBODY, needs_root, run_as_nobody
 from nethost import NetHost, Proc
+from readable import NETHOST_FILES, readable_copies
 
 from agent import cli
 from agent.collect import UNPRIVILEGED_NOTICE
@@ -35,7 +37,6 @@ PREFIX = os.environ.get("NETHOST_PREFIX", "eat") + "p"
 SRV6, CLI6, LONE6 = "2a0e:4a00:b::1", "2a0e:4a00:b::2", "2a0e:4a00:c::2"
 SRV_LONE = "2a0e:4a00:c::1"
 AGENT = Path(__file__).resolve().parent.parent / "agent"
-NETHOST_SCRIPT = str(Path(__file__).with_name("nethost.py"))
 
 
 def _system_python() -> str:
@@ -50,7 +51,7 @@ def _system_python() -> str:
 
 
 class Host:
-    def __init__(self, net: NetHost) -> None:
+    def __init__(self, net: NetHost, scripts: Path) -> None:
         srv, cli_ns, lone = net.namespace("srv"), net.namespace("cli"), net.namespace("lone")
         net.veth(srv, "s0", cli_ns, "c0")
         net.veth(srv, "s1", lone, "l0")
@@ -61,7 +62,7 @@ class Host:
         server = net.listen(srv, "::")
         self.port = server.port
         self.cli, self.lone = cli_ns, lone
-        dial = [NETHOST_SCRIPT, "connect", "tcp", SRV6, str(self.port)]
+        dial = [str(scripts / "nethost.py"), "connect", "tcp", SRV6, str(self.port)]
         as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
         self.nobody = net.spawn(cli_ns, [*as_nobody, _system_python(), *dial], ready=True)
         self.root = net.connect(cli_ns, SRV6, self.port)
@@ -90,8 +91,8 @@ def host() -> Iterator[Host]:
         pytest.skip("needs root: network namespaces, veth pairs, and to become nobody")
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux) to start a process as nobody")
-    with NetHost(PREFIX) as net:
-        yield Host(net)
+    with readable_copies(*NETHOST_FILES) as scripts, NetHost(PREFIX) as net:
+        yield Host(net, scripts)
 
 
 def check_as(uid: int, *args: str) -> Tuple[int, str, str]:
@@ -341,3 +342,66 @@ def test_socket_and_history_are_closed_to_other_users(
         "history.db-wal": "EACCES",
         "history.db-shm": "EACCES",
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# code a test runs as another user is where that user can read it
+
+
+def _run_as_nobody(directory: Path) -> subprocess.CompletedProcess[str]:
+    """``python3 DIRECTORY/nethost.py`` run as nobody, with a role it refuses once it has
+    loaded (and imported what it imports): exit 2 and "unknown role" when it could."""
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    script = str(directory / "nethost.py")
+    return subprocess.run(
+        [*as_nobody, _system_python(), script, "none", "tcp", "::1", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
+
+
+@needs_root
+def test_scripts_run_as_nobody_are_copied_where_nobody_can_read_them() -> None:
+    """A clone in a 0700 directory (as under /root): nobody cannot run tests/nethost.py from
+    there, and can run the copies :func:`readable_copies` makes of it and its imports."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to start a process as nobody")
+    closed = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-clone-"))  # 0700, like /root
+    try:
+        for name in NETHOST_FILES:
+            shutil.copyfile(Path(__file__).with_name(name), closed / name)
+        refused = _run_as_nobody(closed)
+        assert "Permission denied" in refused.stderr, refused
+        with readable_copies(*NETHOST_FILES, source=closed) as scripts:
+            assert stat.S_IMODE(scripts.stat().st_mode) == 0o755
+            loaded = _run_as_nobody(scripts)
+            assert loaded.stderr == "unknown role 'none'\n", loaded
+        assert not scripts.exists()
+    finally:
+        shutil.rmtree(closed, ignore_errors=True)
+
+
+def _runs_tests_code_as_another_user(path: Path) -> bool:
+    """Whether a test module starts one of the tests' own scripts as another user without
+    :func:`readable_copies`: it names ``setpriv`` (or ``--reuid``) and a ``.py`` file of
+    ``tests/`` (a script a test writes into a directory of its own is no such file)."""
+    strings = [
+        node.value
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
+    other_user = any(s == "setpriv" or s.startswith("--reuid") for s in strings)
+    own = {p.name for p in path.parent.glob("*.py")}
+    scripts = any(s.endswith(".py") and Path(s).name in own for s in strings)
+    return other_user and scripts and "readable_copies" not in path.read_text()
+
+
+def test_no_test_runs_its_own_code_as_another_user_from_the_clone() -> None:
+    tests = Path(__file__).resolve().parent
+    found = [p.name for p in sorted(tests.glob("*.py")) if _runs_tests_code_as_another_user(p)]
+    assert found == []
+    sample = tests / "test_privilege.py"
+    assert "setpriv" in sample.read_text() and not _runs_tests_code_as_another_user(sample)

@@ -182,23 +182,30 @@ def _kubelet_layout(root: Path, namespace: str, pod: str, container: str, cid: s
 
 
 class Cgroup:
-    """A cgroup of the systemd (v1) or unified hierarchy, made and removed by the test."""
+    """A cgroup of the systemd (v1) or unified hierarchy at a runtime's own path, made by the
+    test; only the directories it made are removed (a shared parent such as
+    ``libpod_parent`` stays), their processes moved back to the root first."""
 
     def __init__(self, relative: str) -> None:
         root = "/sys/fs/cgroup/systemd"
         if not os.path.isdir(root):
             root = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else ""
         self.root = root or "/sys/fs/cgroup"
-        self.path = os.path.join(self.root, relative)
-        self.top = os.path.join(self.root, relative.split("/")[0])
-        os.makedirs(self.path)
+        self.made: List[str] = []
+        path = self.root
+        for component in relative.strip("/").split("/"):
+            path = os.path.join(path, component)
+            if not os.path.isdir(path):
+                os.mkdir(path)
+                self.made.append(path)
+        self.path = path
 
     def add(self, pid: int) -> None:
         with open(os.path.join(self.path, "cgroup.procs"), "w") as handle:
             handle.write(str(pid))
 
     def remove(self) -> None:
-        for directory, _, _ in sorted(os.walk(self.top), key=lambda e: -len(e[0])):
+        for directory in sorted(self.made, key=len, reverse=True):
             with contextlib.suppress(OSError):
                 with open(os.path.join(directory, "cgroup.procs")) as handle:
                     pids = handle.read().split()
@@ -215,8 +222,8 @@ def test_pod_of_a_process_in_a_pod_cgroup(tmp_path: Path) -> None:
     cid = uuid.uuid4().hex + uuid.uuid4().hex
     pod_uid = str(uuid.uuid4()).replace("-", "_")
     _kubelet_layout(tmp_path, "payments", "api-7d9f-x2x", "shipper", cid)
-    relative = (
-        f"{PREFIX}-{os.getpid()}-kubepods.slice/kubepods-besteffort.slice/"
+    relative = (  # the kubelet's layout with the systemd driver (agent/data/container-cgroups.csv)
+        "kubepods.slice/kubepods-besteffort.slice/"
         f"kubepods-besteffort-pod{pod_uid}.slice/cri-containerd-{cid}.scope"
     )
     group = Cgroup(relative)
@@ -347,7 +354,7 @@ def test_a_user_cgroup_named_after_a_container_gets_none_of_its_names(tmp_path: 
     )
     directory = ContainerDirectory(str(storage), str(tmp_path / "none"), str(tmp_path / "none"))
     rule = _rules("allow:\n  - {container_name: prod-db}\n")[0]
-    group = Cgroup(f"{PREFIX}-{os.getpid()}-user.slice/libpod-{cid}.scope")
+    group = Cgroup(f"libpod_parent/libpod-{cid}")  # podman's own path (cgroupfs manager)
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         group.add(sleeper.pid)

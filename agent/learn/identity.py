@@ -10,8 +10,10 @@ accepts, before and after a new matcher appears:
 3. ``systemd_unit``: a unit of the system manager (not a session's or a user manager's
    ``.scope``, not ``user@UID.service``: a user can name those);
 4. ``container_image``, then ``container_name``;
-5. ``path``: an absolute path of an executable that was not deleted (and, when learning from
-   this host's own store, that this host has);
+5. ``path``: an absolute path of an executable that was not deleted, proved the host's file
+   at that path (``exe_status`` ``packaged``, ``modified``, ``unpackaged`` or ``pending``: a
+   ``path`` rule matches nothing else, ``agent.allow``) (and, when learning from this host's
+   own store, that this host has);
 6. ``name``.
 
 A row cannot hold an identity when its owner was not found (pid -1), or when its executable was
@@ -28,6 +30,7 @@ from typing import Callable, Collection, Mapping, Optional, Union
 
 from agent.config import GLOB_CHARACTERS, RULE_KEYS
 from agent.evidence import number, text
+from agent.exe_check import HOST_FILE_STATUSES
 
 UNHELD_STATUS = frozenset({"deleted", "memory", "mismatch"})
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
@@ -90,7 +93,7 @@ def identity_of(
     for key in ("container_image", "container_name"):
         if offered(key):
             return Identity(key, offered(key))
-    path = text(row, "path")
+    path = text(row, "path") if status in HOST_FILE_STATUSES else ""
     if path:
         if not path.startswith("/") or path.endswith(" (deleted)"):
             return f"the executable's path does not hold ({path})"

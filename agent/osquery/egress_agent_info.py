@@ -32,6 +32,7 @@ INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("outbound_tcp_seen", "BIGINT"),
     ("dns_names", "BIGINT"),
     ("dns_error", "TEXT"),
+    ("dns_namespaces_left_out", "BIGINT"),
     ("events_source", "TEXT"),
     ("events_lost", "BIGINT"),
     ("events_error", "TEXT"),

@@ -602,7 +602,9 @@ def run_extension(argv: Sequence[str]) -> int:
 def extension_main(args: argparse.Namespace) -> int:
     """Run the extension with parsed arguments (see :func:`add_arguments`) until told to stop."""
     from agent.config import ConfigError, load_settings
+    from agent.limits import raise_open_files
 
+    raise_open_files()
     _configure_logging(args.verbose)
     options = Options(
         socket=args.socket,

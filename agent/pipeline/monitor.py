@@ -51,6 +51,8 @@ class Stats:
     """Answers in the name cache (None: no names are kept)."""
     dns_error: Optional[str] = None
     """Why no names are observed (empty while they are)."""
+    dns_namespaces_left_out: Optional[int] = None
+    """Namespaces whose DNS answers are not watched: over the watch's bound (issue 23)."""
     last_error: Optional[str] = None
 
 
@@ -178,6 +180,8 @@ class Monitor:
             if names is not None:
                 self._stats.dns_names = len(names.cache)
                 self._stats.dns_error = names.notice
+                if names.watch is not None:
+                    self._note_left_out(names.watch.left_out)
         self.pipeline.record(snapshot)
         if self.pipeline.names is not None:
             self.pipeline.names.persist(self.pipeline.store, snapshot.at)
@@ -185,6 +189,20 @@ class Monitor:
         if self._on_sample is not None:
             self._on_sample(snapshot)
         return True
+
+    def _note_left_out(self, left_out: int) -> None:
+        """Keep the DNS watch's count of namespaces left out; say so when some first are, and
+        when none are any more (one line each, not one per sample)."""
+        before = self._stats.dns_namespaces_left_out or 0
+        self._stats.dns_namespaces_left_out = left_out
+        if left_out and not before:
+            self._log.warning(
+                "DNS names: %d network namespace(s) not watched, over the bound of the DNS watch "
+                "(the agent's own and those with a root process first)",
+                left_out,
+            )
+        elif before and not left_out:
+            self._log.warning("DNS names: every network namespace is watched again")
 
     def run(self, stop: threading.Event, fatal: Tuple[Type[BaseException], ...] = ()) -> None:
         """Sample now and then every ``interval`` seconds (fixed rate), or at once when asked

@@ -1,13 +1,15 @@
 """DNS packets to answers: matched to the queries that asked for them, TCP reassembled.
 
-Which answers count (RFC 5452 section 3, what a resolver itself accepts): on any interface but
-loopback, a response must come from the address and port a query seen leaving this namespace
-went to, to the address and port it came from, with its id and question; anything else is an
-unsolicited answer that anyone on the network could send, and is dropped.  On loopback only
-the namespace's own processes can send, so answers there (a local stub such as
-systemd-resolved at 127.0.0.53, or Docker's embedded server at 127.0.0.11, whose queries on
-the wire carry a NATed port) are taken as they come.  DNS over TCP (RFC 7766; after a
-truncated UDP answer) is reassembled per flow, from its SYN, within small bounds.
+Which answers count (RFC 5452 section 3, what a resolver itself accepts): a response must
+come from the address and port a query seen leaving this namespace went to, to the address and
+port it came from, with its id and question; anything else is an unsolicited answer, and is
+dropped.  Loopback too (issue 23): any process of the namespace can send there, a local user
+included, so an answer from a local stub (systemd-resolved at 127.0.0.53, dnsmasq) counts only
+when it matches a query sent to it.  Docker's embedded server (127.0.0.11) gets its queries on
+a port its NAT rules chose and answers from port 53: on loopback the server's port is not
+compared (its address, the client's address and port, the id and the question are).  At most
+:data:`MAX_ANSWERS_TAKEN` address records of one message are taken.  DNS over TCP (RFC 7766;
+after a truncated UDP answer) is reassembled per flow, from its SYN, within small bounds.
 
 :class:`AnswerTracker` is that logic on packets, without sockets; answers go into a
 :class:`agent.collect.dns.cache.NameCache`.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple, TypeVar
 
 from agent.collect.dns.cache import NameCache
 from agent.collect.dns.filter import (
@@ -42,6 +44,9 @@ MAX_BUFFERED = 1 << 20
 MAX_HELD_SEGMENTS = 8
 """Out-of-order segments kept per flow until the gap before them fills."""
 FLOW_TIMEOUT = 30.0
+MAX_ANSWERS_TAKEN = 32
+"""Address records taken from one answer (a name served by many addresses has a dozen or two;
+a message may hold hundreds, all to fill the cache)."""
 # --- packets to answers ----------------------------------------------------------------------
 
 
@@ -51,15 +56,17 @@ class Counters:
 
     packets: int = 0
     queries: int = 0
-    """Queries seen leaving the namespace (loopback's are not needed and not counted)."""
+    """Queries seen leaving the namespace (to a server beyond it, or on loopback)."""
     responses: int = 0
     accepted: int = 0
-    """Responses matched to their query (or on loopback), whose answers were taken."""
+    """Responses matched to their query, whose answers were taken."""
     unsolicited: int = 0
     """Responses no query seen asked for (late, spoofed, or asked before the watch began)."""
     malformed: int = 0
     answers: int = 0
     """Address records added to the name cache."""
+    answers_cut: int = 0
+    """Address records of accepted answers past :data:`MAX_ANSWERS_TAKEN`, not taken."""
     tcp_messages: int = 0
     tcp_dropped: int = 0
     """TCP flows given up: joined mid-stream, a gap that did not fill, over the bounds."""
@@ -108,7 +115,10 @@ class AnswerTracker:
 
     Not thread-safe: one thread feeds it (the watch's).  Every table it keeps is bounded:
     queries waiting (:data:`MAX_PENDING`), TCP flows (:data:`MAX_FLOWS`) and the bytes they
-    hold (:data:`MAX_BUFFERED`); the oldest go first.
+    hold (:data:`MAX_BUFFERED`).  Over a bound, the namespace holding the most pays, its oldest
+    first (issue 23: a namespace flooding queries or flows never pushes out another's waiting
+    query, whose answer would then count as unsolicited); a segment over the byte bound ends
+    its own flow.
     """
 
     def __init__(
@@ -125,6 +135,10 @@ class AnswerTracker:
         self.counters: Dict[int, Counters] = {}
         self._pending: OrderedDict[_PendingKey, Tuple[float, str, int]] = OrderedDict()
         self._flows: OrderedDict[_FlowKey, _Stream] = OrderedDict()
+        self._pending_of: Dict[int, int] = {}
+        """namespace -> its queries waiting"""
+        self._flows_of: Dict[int, int] = {}
+        """namespace -> its TCP flows followed"""
         self._buffered = 0
 
     def counters_of(self, namespace: int) -> Counters:
@@ -160,14 +174,10 @@ class AnswerTracker:
         if end < header + 8:
             return
         sport, dport = _PORTS.unpack_from(data, header)
-        if loopback:
-            if sport != DNS_PORT:  # a query or a stranger: loopback answers need no query
-                return
+        if sport == DNS_PORT and packet_type == PACKET_HOST:
             outgoing = False
-        elif sport == DNS_PORT and packet_type == PACKET_HOST:
-            outgoing = False
-        elif dport == DNS_PORT and packet_type == PACKET_OUTGOING:
-            outgoing = True
+        elif packet_type == PACKET_OUTGOING and (dport == DNS_PORT or loopback):
+            outgoing = True  # on loopback, to whatever port Docker's NAT chose
         else:
             return
         if protocol == IPPROTO_UDP:
@@ -218,35 +228,41 @@ class AnswerTracker:
             if head.response or head.opcode != OPCODE_QUERY:
                 return
             counters.queries += 1
-            key = (namespace, protocol, source, sport, destination, dport, head.id)
+            server_port = 0 if loopback else dport
+            key = (namespace, protocol, source, sport, destination, server_port, head.id)
+            if key not in self._pending:
+                _count(self._pending_of, namespace, 1)
             self._pending[key] = (now + PENDING_TIMEOUT, head.question.name, head.question.qtype)
             self._pending.move_to_end(key)
             while len(self._pending) > self.max_pending:
-                self._pending.popitem(last=False)
+                self._drop_pending(_oldest_of(self._pending, _largest(self._pending_of)))
             return
         if not head.response:
             return
         counters.responses += 1
-        if not loopback:
-            key = (namespace, protocol, destination, dport, source, sport, head.id)
-            waiting = self._pending.pop(key, None)
-            if (
-                waiting is None
-                or waiting[0] < now
-                or waiting[1] != head.question.name
-                or waiting[2] != head.question.qtype
-            ):
-                counters.unsolicited += 1
-                return
+        server_port = 0 if loopback else sport
+        key = (namespace, protocol, destination, dport, source, server_port, head.id)
+        waiting = self._pending.pop(key, None)
+        if waiting is not None:
+            _count(self._pending_of, namespace, -1)
+        if (
+            waiting is None
+            or waiting[0] < now
+            or waiting[1] != head.question.name
+            or waiting[2] != head.question.qtype
+        ):
+            counters.unsolicited += 1
+            return
         counters.accepted += 1
         message = parse_message(payload)
         if message.problem:
             counters.malformed += 1
         if message.rcode != RCODE_NOERROR:
             return
-        for found in message.answers:
+        for found in message.answers[:MAX_ANSWERS_TAKEN]:
             self.cache.add(namespace, found.version, found.address, found.chain, found.ttl, now)
             counters.answers += 1
+        counters.answers_cut += max(0, len(message.answers) - MAX_ANSWERS_TAKEN)
 
     def _segment(
         self,
@@ -262,8 +278,9 @@ class AnswerTracker:
         if flags & TCP_SYN:
             self._close(key)
             self._flows[key] = _Stream((seq + 1) & 0xFFFFFFFF, now, loopback)
+            _count(self._flows_of, namespace, 1)
             while len(self._flows) > self.max_flows:
-                self._close(next(iter(self._flows)), lost=True)
+                self._close(_oldest_of(self._flows, _largest(self._flows_of)), lost=True)
             seq = (seq + 1) & 0xFFFFFFFF  # data on a SYN (TCP Fast Open) follows it
         stream = self._flows.get(key)
         if stream is None:
@@ -341,6 +358,7 @@ class AnswerTracker:
         stream = self._flows.pop(key, None)
         if stream is None:
             return
+        _count(self._flows_of, key[0], -1)
         self._buffered -= stream.size()
         if lost:
             self.counters_of(key[0]).tcp_dropped += 1
@@ -350,16 +368,24 @@ class AnswerTracker:
     def sweep(self, now: float) -> None:
         """Drop queries that waited too long and TCP flows idle for :data:`FLOW_TIMEOUT`."""
         for query in [key for key, waiting in self._pending.items() if waiting[0] < now]:
-            del self._pending[query]
+            self._drop_pending(query)
         for flow in [k for k, s in self._flows.items() if s.last_seen + FLOW_TIMEOUT < now]:
             self._close(flow)
 
     def forget_namespace(self, namespace: int) -> None:
         for key in [key for key in self._pending if key[0] == namespace]:
-            del self._pending[key]
+            self._drop_pending(key)
         for flow in [key for key in self._flows if key[0] == namespace]:
             self._close(flow)
         self.counters.pop(namespace, None)
+
+    def _drop_pending(self, key: _PendingKey) -> None:
+        del self._pending[key]
+        _count(self._pending_of, key[0], -1)
+
+    def pending_of(self, namespace: int) -> int:
+        """Queries of one namespace waiting for their answer."""
+        return self._pending_of.get(namespace, 0)
 
     @property
     def pending(self) -> int:
@@ -372,3 +398,24 @@ class AnswerTracker:
     @property
     def buffered(self) -> int:
         return self._buffered
+
+
+def _count(counts: Dict[int, int], namespace: int, change: int) -> None:
+    left = counts.get(namespace, 0) + change
+    if left > 0:
+        counts[namespace] = left
+    else:
+        counts.pop(namespace, None)
+
+
+def _largest(counts: Dict[int, int]) -> int:
+    """The namespace holding the most (the first such, on a tie)."""
+    return max(counts, key=counts.__getitem__)
+
+
+_Key = TypeVar("_Key", _PendingKey, _FlowKey)
+
+
+def _oldest_of(table: Iterable[_Key], namespace: int) -> _Key:
+    """The oldest key of ``namespace`` in an ordered table keyed by (namespace, ...)."""
+    return next(key for key in table if key[0] == namespace)

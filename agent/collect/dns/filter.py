@@ -10,7 +10,12 @@ sees the packet from its IP header in both directions (``packet_rcv`` in
 A packet received passes only from port 53 (an answer), a packet sent only to port 53 (a
 query), so a namespace that holds a DNS server costs nothing for the queries it receives and
 the answers it sends.  Loopback shows every packet twice, once sent (``PACKET_OUTGOING``) and
-once received: the program drops the sent copy.
+once received, so each query passes once (sent, to port 53) and each answer once (received,
+from port 53): an answer on loopback is taken only when it matches a query seen
+(:mod:`agent.collect.dns.answers`).  A query Docker's embedded server gets (127.0.0.11) is
+sent to a port its NAT rules chose, not 53: a UDP packet sent on loopback also passes when its
+first 12 bytes are a DNS query's header (QR 0, opcode 0, one question, no answer or authority
+records).
 
 Kernel needs: all of this exists on 4.18 (``SKF_AD_PKTTYPE`` and ``SKF_AD_HATYPE`` since
 2.6/3.x).  Without CAP_NET_RAW (not root), or without ``AF_PACKET`` in the kernel, no socket can
@@ -46,8 +51,9 @@ RECEIVE_BUFFER = 1 << 20
 # --- the filter ------------------------------------------------------------------------------
 
 _BPF_LD_W_ABS, _BPF_LD_H_ABS, _BPF_LD_B_ABS = 0x20, 0x28, 0x30
-_BPF_LD_H_IND = 0x48
+_BPF_LD_H_IND, _BPF_LD_B_IND = 0x48, 0x50
 _BPF_LD_IMM, _BPF_LD_MEM, _BPF_ST = 0x00, 0x60, 0x02
+_BPF_AND_K = 0x54
 _BPF_LDX_MSH = 0xB1
 _BPF_ADD_X, _BPF_TAX = 0x0C, 0x07
 _BPF_JA, _BPF_JEQ_K, _BPF_JSET_K = 0x05, 0x15, 0x45
@@ -76,12 +82,18 @@ def _program() -> List[Tuple[str, _Instruction]]:
         ("", (_BPF_JEQ_K, "received", None, PACKET_HOST)),
         ("", (_BPF_JEQ_K, None, "drop", PACKET_OUTGOING)),
         ("", (_BPF_LD_W_ABS, None, None, _ancillary(_SKF_AD_HATYPE))),
-        ("", (_BPF_JEQ_K, "drop", None, ARPHRD_LOOPBACK)),  # loopback's sent copy
-        ("", (_BPF_LD_IMM, None, None, 2)),  # sent: the destination port
+        ("", (_BPF_JEQ_K, "loopback-sent", None, ARPHRD_LOOPBACK)),
+        ("", (_BPF_LD_IMM, None, None, 0)),
+        ("", (_BPF_ST, None, None, 1)),
+        ("", (_BPF_JA, "sent", None, 0)),
+        ("loopback-sent", (_BPF_LD_IMM, None, None, 1)),
+        ("", (_BPF_ST, None, None, 1)),
+        ("sent", (_BPF_LD_IMM, None, None, 2)),  # sent: the destination port
         ("", (_BPF_ST, None, None, 0)),
         ("", (_BPF_JA, "protocol", None, 0)),
         ("received", (_BPF_LD_IMM, None, None, 0)),  # received: the source port
         ("", (_BPF_ST, None, None, 0)),
+        ("", (_BPF_ST, None, None, 1)),
         ("protocol", (_BPF_LD_W_ABS, None, None, _ancillary(_SKF_AD_PROTOCOL))),
         ("", (_BPF_JEQ_K, "ipv4", None, ETH_P_IP)),
         ("", (_BPF_JEQ_K, "ipv6", "drop", ETH_P_IPV6)),
@@ -95,16 +107,42 @@ def _program() -> List[Tuple[str, _Instruction]]:
         ("", (_BPF_ADD_X, None, None, 0)),
         ("", (_BPF_TAX, None, None, 0)),  # X = header length + the port's offset
         ("", (_BPF_LD_H_IND, None, None, 0)),
-        ("", (_BPF_JEQ_K, "accept", "drop", DNS_PORT)),
+        ("", (_BPF_JEQ_K, "accept", None, DNS_PORT)),
+        ("", (_BPF_LD_MEM, None, None, 1)),  # not port 53: a query sent on loopback?
+        ("", (_BPF_JEQ_K, None, "drop", 1)),
+        ("", (_BPF_LD_B_ABS, None, None, 9)),
+        ("", (_BPF_JEQ_K, None, "drop", IPPROTO_UDP)),
+        *_query_header("ipv4", 8),  # X: the destination port; the flags byte is 8 on
         ("ipv6", (_BPF_LD_B_ABS, None, None, 6)),  # next header
         ("", (_BPF_JEQ_K, "ipv6-port", None, IPPROTO_UDP)),
         ("", (_BPF_JEQ_K, "ipv6-port", "drop", IPPROTO_TCP)),
         ("ipv6-port", (_BPF_LD_MEM, None, None, 0)),
         ("", (_BPF_TAX, None, None, 0)),
         ("", (_BPF_LD_H_IND, None, None, 40)),
-        ("", (_BPF_JEQ_K, "accept", "drop", DNS_PORT)),
+        ("", (_BPF_JEQ_K, "accept", None, DNS_PORT)),
+        ("", (_BPF_LD_MEM, None, None, 1)),
+        ("", (_BPF_JEQ_K, None, "drop", 1)),
+        ("", (_BPF_LD_B_ABS, None, None, 6)),
+        ("", (_BPF_JEQ_K, None, "drop", IPPROTO_UDP)),
+        *_query_header("ipv6", 48),  # X = 2: the flags byte is at 40 + 8 + 2 = X + 48
         ("accept", (_BPF_RET_K, None, None, SNAPLEN)),
         ("drop", (_BPF_RET_K, None, None, 0)),
+    ]
+
+
+def _query_header(family: str, flags: int) -> List[Tuple[str, _Instruction]]:
+    """Accept when the DNS header whose flags byte is at X + ``flags`` is a query's: QR 0 and
+    opcode 0 (the flags byte's top five bits), QDCOUNT 1, ANCOUNT 0, NSCOUNT 0; else drop."""
+    return [
+        (f"{family}-query", (_BPF_LD_B_IND, None, None, flags)),
+        ("", (_BPF_AND_K, None, None, 0xF8)),
+        ("", (_BPF_JEQ_K, None, "drop", 0)),
+        ("", (_BPF_LD_H_IND, None, None, flags + 2)),  # QDCOUNT
+        ("", (_BPF_JEQ_K, None, "drop", 1)),
+        ("", (_BPF_LD_H_IND, None, None, flags + 4)),  # ANCOUNT
+        ("", (_BPF_JEQ_K, None, "drop", 0)),
+        ("", (_BPF_LD_H_IND, None, None, flags + 6)),  # NSCOUNT
+        ("", (_BPF_JEQ_K, "accept", "drop", 0)),
     ]
 
 

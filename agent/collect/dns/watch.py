@@ -6,6 +6,11 @@ One packet socket per network namespace (:mod:`agent.collect.dns.filter`), enter
 :class:`~agent.collect.dns.cache.NameCache`.  :class:`DnsWatch` owns the sockets and polls them
 from one thread.  Without CAP_NET_RAW (not root), or without ``AF_PACKET`` in the kernel, the
 watch does nothing and :attr:`DnsWatch.unavailable` says why in one line.
+
+At most :data:`MAX_WATCHED` namespaces are watched (a descriptor each; any user can make
+namespaces with ``unshare -rn``): the agent's own first, then those with a process of root's
+(the host's services, containers a root daemon runs), then the rest in the order found,
+those already watched before others.  The rest are counted in :attr:`DnsWatch.left_out`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from agent.collect.dns.answers import AnswerTracker, Counters
-from agent.collect.dns.cache import NameCache
+from agent.collect.dns.cache import MAX_NAMESPACES, NameCache, own_namespace
 from agent.collect.dns.filter import (
     ARPHRD_LOOPBACK,
     PACKET_STATISTICS,
@@ -38,6 +43,9 @@ from agent.collect.netns import (
     open_in_namespace,
     proc_entry,
 )
+
+MAX_WATCHED = MAX_NAMESPACES
+"""Namespaces watched at once (one packet socket each): as many as the name cache keeps."""
 
 BATCH = 256
 """Packets read from one socket before the others get their turn."""
@@ -77,8 +85,13 @@ class DnsWatch:
         rescan_interval: float = RESCAN_INTERVAL,
         clock: Callable[[], float] = time.time,
         tracker: Optional[AnswerTracker] = None,
+        max_watched: int = MAX_WATCHED,
     ) -> None:
         self.cache = cache
+        self.max_watched = max_watched
+        self.left_out = 0
+        """Namespaces found but not watched at the last rescan: over :attr:`max_watched`."""
+        self._home = own_namespace(proc_root)
         self.proc_root = proc_root
         self.rescan_interval = rescan_interval
         self.tracker = AnswerTracker(cache) if tracker is None else tracker
@@ -291,9 +304,42 @@ class DnsWatch:
             self._unwatch(inode)
         for inode in [inode for inode in self.errors if inode not in seen]:
             del self.errors[inode]
+        chosen = self._choose(namespaces)
+        self.left_out = len(seen) - len(chosen)
+        for inode in [inode for inode in self._watched if inode not in chosen]:
+            self._unwatch(inode)
         for namespace in namespaces:
-            if namespace.inode not in self._watched:
+            if namespace.inode in chosen and namespace.inode not in self._watched:
                 self._watch(namespace, threads)
+
+    def _choose(self, namespaces: Sequence[NetNamespace]) -> FrozenSet[int]:
+        """The inodes of the at most :attr:`max_watched` namespaces to watch (see the module)."""
+        if len(namespaces) <= self.max_watched:
+            return frozenset(namespace.inode for namespace in namespaces)
+
+        def rank(item: Tuple[int, NetNamespace]) -> Tuple[int, int, int]:
+            index, namespace = item
+            if namespace.inode == self._home:
+                tier = 0
+            elif self._has_root_process(namespace):
+                tier = 1
+            else:
+                tier = 2
+            return (tier, 0 if namespace.inode in self._watched else 1, index)
+
+        ranked = sorted(enumerate(namespaces), key=rank)
+        return frozenset(namespace.inode for _, namespace in ranked[: self.max_watched])
+
+    def _has_root_process(self, namespace: NetNamespace) -> bool:
+        """Whether a process of the namespace (among its first few) runs as root: its /proc
+        directory is root's (a process in a user namespace of its own is its real user's)."""
+        for pid in namespace.pids[:4]:
+            try:
+                if os.stat(f"{self.proc_root}/{pid}").st_uid == 0:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def _watch(self, namespace: NetNamespace, threads: Dict[int, int]) -> None:
         problem = "no process to enter it through"

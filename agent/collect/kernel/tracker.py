@@ -25,7 +25,8 @@ order (:meth:`Tracker.feed`):
 
 Racy corners, said once here and in ``docs/EVENTS.md``: a process that exits before we read
 ``/proc`` keeps what the events told (no command line; the executable as ``exec`` was given
-it, unresolved); a thread that switches namespaces back and forth faster than we read is
+it, unresolved and unproved: no ``exe_status``, so no ``path``, ``sha256`` or ``package`` rule
+matches it); a thread that switches namespaces back and forth faster than we read is
 placed where we found it; namespace inode numbers are reused once a namespace is gone.
 """
 
@@ -224,7 +225,9 @@ class ProcessTable:
         if tid <= 0:
             return NO_OWNER, None
         thread = self.thread(tid)
-        return self.process(thread.tgid).identity, thread.netns
+        process = self.process(thread.tgid)
+        process.identity = self.identities.settle(process.identity)  # digests read since
+        return process.identity, thread.netns
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -285,12 +288,8 @@ class ProcessTable:
             if thread.netns is None:
                 thread.netns = self._read_netns(event.tid)
             return
-        process.identity = _with(
-            process.identity,
-            pid=event.tid,
-            name=_basename_comm(event.filename),
-            path=event.filename,
-            cmdline="",
+        process.identity = _with(process.identity, pid=event.tid).after_exec(
+            event.filename, _basename_comm(event.filename)
         )
 
     def argued(self, event: ExecArgs) -> None:
