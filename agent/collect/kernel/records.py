@@ -43,6 +43,7 @@ from agent.collect.kernel.ringbuffer import (
     FieldFormat,
     FormatError,
 )
+from agent.identity import CMDLINE_CUT_MARK
 from agent.inet import (
     AF_INET6,
 )
@@ -131,8 +132,9 @@ class ProcessExec(NamedTuple):
     filename: str
 
 
-CUT_MARK = " [...]"
-"""Appended to a command line the exec probe could not hold whole."""
+CUT_MARK = CMDLINE_CUT_MARK
+"""Appended to a command line the exec probe could not hold whole: the mark
+:mod:`agent.identity` puts on one longer than its bound."""
 
 
 class ExecArgs(NamedTuple):
