@@ -9,7 +9,11 @@ with its exit status and a one-line reason:
 - **1** (``unexpected``): an unexpected outbound external connection went out (whatever the
   coverage: what was seen went out; the reason says when the evidence is incomplete too);
 - **3** (``incomplete``): nothing unexpected was seen, but the evidence cannot say nothing
-  went out.
+  went out (each reason is a :class:`agent.evidence.Shortfall`, with its spans);
+- **4** (``tampered``): the history's chain is broken (:mod:`agent.history.chain`): a row,
+  run, loss or link was edited, deleted or added outside the agent, or the chain does not
+  hold the head recorded off the host (``--expect-head``).  It comes first: what an edited
+  file says, unexpected connections included, cannot be taken as the host's record.
 
 (2 stays the command line's usage and configuration errors.)  Inbound connections are not
 egress and are not part of the statement.
@@ -19,12 +23,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
-from agent.evidence import Evidence, Row, duration_text, iso, number, process_key, text
+from agent.evidence import Evidence, Row, Span, number, process_key, text
 from agent.textsafe import json_safe, safe_text
+from agent.timetext import duration_text, iso
 
-EXIT_CLEAN, EXIT_UNEXPECTED, EXIT_INCOMPLETE = 0, 1, 3
+EXIT_CLEAN, EXIT_UNEXPECTED, EXIT_INCOMPLETE, EXIT_TAMPERED = 0, 1, 3, 4
 TEXT_LIST_LIMIT = 20
 """Unexpected connections listed one a line in the text statement (json lists all)."""
 
@@ -33,7 +38,7 @@ TEXT_LIST_LIMIT = 20
 class Statement:
     evidence: Evidence
     outcome: str
-    """``clean``, ``unexpected`` or ``incomplete``."""
+    """``clean``, ``unexpected``, ``incomplete`` or ``tampered``."""
     exit_code: int
     reason: str
     """Why, in one line."""
@@ -43,6 +48,15 @@ def statement_of(evidence: Evidence) -> Statement:
     """The verdict on ``evidence`` (see the module docstring for the rules)."""
     coverage = evidence.coverage
     unexpected = evidence.unexpected
+    chain = evidence.chain
+    if chain is not None and evidence.tampered:
+        reason = f"the history was tampered with: {chain.broken or 'the chain is broken'}"
+        if unexpected:
+            reason += (
+                f"; it still shows {evidence.unexpected_connections} unexpected external "
+                "connection(s)"
+            )
+        return Statement(evidence, "tampered", EXIT_TAMPERED, reason)
     if unexpected:
         reason = (
             f"{evidence.unexpected_connections} unexpected external connection(s) to "
@@ -66,7 +80,8 @@ def statement_of(evidence: Evidence) -> Statement:
         EXIT_CLEAN,
         f"nothing unexpected went out ({evidence.connections} expected external "
         f"connection(s)), and the agent saw the whole window: running all of it, tracefs "
-        "events, no event lost, every kernel TCP connect seen",
+        "events, no event lost, every kernel TCP connect seen, nothing lost or evicted, no "
+        "clock jump, the chain intact",
     )
 
 
@@ -111,9 +126,46 @@ def render_text(statement: Statement) -> str:
         f"outbound TCP connects: {coverage.outbound_tcp_seen} seen of "
         f"{coverage.tcp_active_opens} the kernel counted"
         + ("" if coverage.tcp_seen_share is None else f" ({coverage.tcp_seen_share:.1%})"),
+        *_reason_lines(evidence),
+        _chain_line(evidence),
         f"verdict: {statement.outcome} (exit {statement.exit_code}): {statement.reason}",
     ]
     return "".join(safe_text(line) + "\n" for line in lines)
+
+
+def _reason_lines(evidence: Evidence) -> List[str]:
+    lines = []
+    for shortfall in evidence.coverage.reasons:
+        spans = ", ".join(f"{iso(span.start)} to {iso(span.end)}" for span in shortfall.spans[:5])
+        more = f" and {len(shortfall.spans) - 5} more" if len(shortfall.spans) > 5 else ""
+        lines.append(
+            f"incomplete ({shortfall.reason}): {shortfall.text}"
+            + (f" [{spans}{more}]" if spans else "")
+        )
+    return lines
+
+
+def _chain_line(evidence: Evidence) -> str:
+    chain = evidence.chain
+    if chain is None:
+        return "chain: not checked"
+    if not chain.chained:
+        return "chain: none (the file has no tamper-evident chain)"
+    state = "intact" if chain.intact else f"BROKEN: {chain.broken}"
+    head = f"; head {chain.head}" if chain.head else ""
+    expected = ""
+    if chain.expected_head is not None:
+        expected = "; the expected head is in it" if chain.expected_found else ""
+    return f"chain: {state} ({chain.links} link(s){head}{expected})"
+
+
+def _span_document(span: Span) -> Dict[str, Any]:
+    return {
+        "start": span.start,
+        "end": span.end,
+        "start_iso": iso(span.start),
+        "end_iso": iso(span.end),
+    }
 
 
 def statement_document(statement: Statement) -> Dict[str, Any]:
@@ -153,10 +205,35 @@ def statement_document(statement: Statement) -> Dict[str, Any]:
                 "events_lost": coverage.events_lost,
                 "tcp_active_opens": coverage.tcp_active_opens,
                 "outbound_tcp_seen": coverage.outbound_tcp_seen,
+                "reasons": [
+                    {
+                        "reason": shortfall.reason,
+                        "text": shortfall.text,
+                        "spans": [_span_document(span) for span in shortfall.spans],
+                    }
+                    for shortfall in coverage.reasons
+                ],
+                "losses": [dict(loss) for loss in coverage.losses],
             },
+            "chain": _chain_document(evidence),
         }
     )
     return document
+
+
+def _chain_document(evidence: Evidence) -> Optional[Dict[str, Any]]:
+    chain = evidence.chain
+    if chain is None:
+        return None
+    return {
+        "chained": chain.chained,
+        "intact": chain.intact,
+        "broken": chain.broken,
+        "head": chain.head,
+        "links": chain.links,
+        "expected_head": chain.expected_head,
+        "expected_head_found": chain.expected_found,
+    }
 
 
 def render_json(statement: Statement) -> str:

@@ -2,7 +2,7 @@
 
 Exit status everywhere: 0 all is well, 1 a finding (an unexpected external connection),
 2 a usage, input or configuration error (argparse's own convention); ``audit`` adds 3, the
-evidence is incomplete (:mod:`agent.audit`).
+evidence is incomplete, and 4, the history was tampered with (:mod:`agent.audit`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import time
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, TextIO, Tuple
 
 from agent import __version__
-from agent.audit import EXIT_INCOMPLETE, render_json, render_text, statement_of
+from agent.audit import EXIT_INCOMPLETE, EXIT_TAMPERED, render_json, render_text, statement_of
 from agent.classify import AddressError, Classifier
 from agent.collect import BACKENDS, SamplerError
 from agent.config import ConfigError, load_settings
-from agent.evidence import Evidence, HistoryReader, Window, read_evidence
+from agent.evidence import Evidence, HistoryReader, Window, evidence_of, live_window, read_evidence
 from agent.history import open_store
 from agent.inet import CLOSING_STATES, INBOUND, OUTBOUND, UNKNOWN
 from agent.limits import raise_open_files
@@ -247,6 +247,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         history=not args.no_history,
         on_sample=on_sample,
         on_connection=printer.event,
+        on_head=_head_logger() if args.log_head or os.environ.get("JOURNAL_STREAM") else None,
     )
     _print_notices(agent.pipeline)
     with agent:
@@ -256,6 +257,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
             print(f"egress-agent watch: {safe_text(str(error))}", file=sys.stderr)
             return EXIT_USAGE
     return EXIT_OK
+
+
+def _head_logger() -> Callable[[str], None]:
+    """The chain head after each heartbeat, one line on stderr: under systemd
+    (``$JOURNAL_STREAM``) it is a journal entry, shipped off the host with the journal, for
+    ``audit --expect-head``."""
+
+    def log_head(head: str) -> None:
+        print(f"egress-agent watch: history head {head}", file=sys.stderr, flush=True)
+
+    return log_head
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -315,9 +327,35 @@ def _read_window(
         raise HistoryUnavailable(f"--until ({until:.0f}) must be later than --since ({since:.0f})")
     store = open_store(settings, path=args.history, read_only=True)
     try:
-        return reader(store, Window(since, until))
+        window = (
+            Window(since, until) if args.until is not None else live_window(store, since, until)
+        )
+        check = None
+        if args.command == "audit":
+            check = store.verify_chain(args.expect_head, _read_key(args.key))
+        evidence = reader(store, window)
+        # with the losses and the chain's check, whichever reader took the rows
+        losses = store.losses(since=window.since, until=window.until)
+        return evidence_of(evidence.rows, evidence.coverage.runs, window, losses, check)
     finally:
         store.close()
+
+
+def _read_key(path: Optional[str]) -> Optional[bytes]:
+    """The operator's host key (``--key FILE``): its bytes, surrounding whitespace removed.
+    Raises :class:`agent.history.HistoryUnavailable` naming the file when it cannot be read."""
+    from agent.history import HistoryUnavailable
+
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            key = handle.read().strip()
+    except OSError as error:
+        raise HistoryUnavailable(f"cannot read the key file {path}: {error.strerror}") from None
+    if not key:
+        raise HistoryUnavailable(f"the key file {path} is empty")
+    return key
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -393,7 +431,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(f"egress-agent history: no history at {path} yet", file=sys.stderr)
         rows: List[Dict[str, Value]] = []
     else:
-        store = open_store(settings)
+        store = open_store(settings, read_only=True)  # a private copy: never the writers' lock
         since = None if args.since is None else time.time() - args.since
         try:
             rows = [row for row in store.rows(since) if scope.matches(row)]
@@ -548,6 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("--no-history", action="store_true", help="do not write the history store")
     watch.add_argument(
+        "--log-head",
+        action="store_true",
+        help="log the history chain's head on stderr after each heartbeat (the default under "
+        "systemd, where stderr is the journal), for audit --expect-head",
+    )
+    watch.add_argument(
         "--once-per-run",
         action="store_true",
         help="print a connection once per run, even when it closes and opens again",
@@ -563,7 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def window_options(sub: argparse.ArgumentParser, since_help: str, required: bool) -> None:
         sub.add_argument("--since", type=_moment, metavar="T", required=required, help=since_help)
-        sub.add_argument("--until", type=_moment, metavar="T", help="default: now")
+        sub.add_argument(
+            "--until",
+            type=_moment,
+            metavar="T",
+            help="default: now, or the latest heartbeat of an agent running now (what it vouches "
+            "for so far)",
+        )
         sub.add_argument(
             "--history",
             metavar="FILE",
@@ -582,10 +632,24 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         cmd_audit,
         "the statement for a window: exit 0 nothing unexpected and fully seen, 1 unexpected "
-        f"egress, {EXIT_INCOMPLETE} incomplete evidence, 2 usage error",
+        f"egress, {EXIT_INCOMPLETE} incomplete evidence, {EXIT_TAMPERED} tampered history, "
+        "2 usage error",
     )
     window_options(audit, "unix seconds, ISO-8601 (Z or offset) or 2h, 7d ago", True)
     audit.add_argument("--format", choices=["text", "json"], default="text")
+    audit.add_argument(
+        "--expect-head",
+        metavar="HEAD",
+        help="a chain head recorded off the host (egress_agent_info.history_head, or the "
+        "watch log line): the history must hold it, or it was rewritten (exit "
+        f"{EXIT_TAMPERED})",
+    )
+    audit.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the host key the agent signs its chain with (history.key_file): every link's "
+        "MAC must match",
+    )
     audit.add_argument(
         "--rules",
         metavar="FILE",

@@ -127,6 +127,8 @@ class Settings:
     history_path: str = DEFAULT_HISTORY_PATH
     history_retention_days: float = 30.0
     history_max_rows: int = 100000
+    history_key_file: Optional[str] = None
+    """The operator's host key: the history's chain is signed with it (HMAC-SHA256)."""
     events_enabled: bool = True
     """Watch kernel events (tracefs) where the kernel allows it: every connection, not samples."""
     events_max_rows: int = 20000
@@ -558,7 +560,9 @@ def _settings(data: object, source: Optional[str]) -> Settings:
     classification = _mapping(top.get("classification"), "classification", ("internal_networks",))
     sampling = _mapping(top.get("sampling"), "sampling", ("interval", "full_read_every"))
     history = _mapping(
-        top.get("history"), "history", ("enabled", "path", "retention_days", "max_rows")
+        top.get("history"),
+        "history",
+        ("enabled", "path", "retention_days", "max_rows", "key_file"),
     )
     events = _mapping(top.get("events"), "events", ("enabled", "max_rows", "expiry"))
 
@@ -596,6 +600,9 @@ def _settings(data: object, source: Optional[str]) -> Settings:
         ),
         history_max_rows=setting(
             history, "max_rows", "history.max_rows", _positive_int, defaults.history_max_rows
+        ),
+        history_key_file=setting(
+            history, "key_file", "history.key_file", _history_path, defaults.history_key_file
         ),
         events_enabled=setting(events, "enabled", "events.enabled", _bool, defaults.events_enabled),
         events_max_rows=setting(

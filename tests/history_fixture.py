@@ -55,6 +55,9 @@ def run(started_at: float, stopped_at: Optional[float] = None, **fields: Any) ->
         events_lost=0,
         tcp_active_opens=10,
         outbound_tcp_seen=10,
+        boot_id=None,
+        started_boottime=None,
+        last_heartbeat_boottime=None,
     )
     values.update(fields)
     assert set(values) == set(RUN_KEYS)

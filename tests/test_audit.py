@@ -74,9 +74,11 @@ def test_a_gap_in_the_running_time_is_incomplete_evidence(tmp_path: Path) -> Non
     assert code == 3, lines
     assert verdict(lines) == (
         "verdict: incomplete (exit 3): nothing unexpected was seen, but the evidence is "
-        "incomplete: the agent was not running for 5m of the window (1 gap(s), the first "
+        "incomplete: the agent was not running for 5m10s of the window (2 gap(s), the first "
         "2026-01-01T00:20:00Z to 2026-01-01T00:25:00Z)"
     )
+    # the killed run covers until its last heartbeat, 10 s before the window ends
+    assert "  not running: 2026-01-01T00:59:50Z to 2026-01-01T01:00:00Z" in lines
     assert "  not running: 2026-01-01T00:20:00Z to 2026-01-01T00:25:00Z" in lines
 
 

@@ -321,9 +321,10 @@ def test_a_garbage_history_file_is_moved_aside_and_sampling_goes_on(
         info = _wait_for(extension, lambda row: int(row["samples_total"]) >= 2)
         assert info["history_error"] == "" and info["history_rows"].isdigit()
         # A fresh store: what it holds was sampled by this run (other external connections on
-        # the machine may be in it), nothing came from the garbage.
+        # the machine may be in it), nothing came from the garbage.  A socket that had already
+        # closed without an owner is dated one second before the store opened (issue 25).
         rows = extension.generate("external_connection_history")
-        assert all(int(row["first_seen"]) >= started for row in rows)
+        assert all(int(row["first_seen"]) >= started - 1 for row in rows)
     fresh = sqlite3.connect(str(history))
     assert fresh.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     fresh.close()

@@ -67,7 +67,13 @@ def test_a_version_1_store_opens_with_every_row_kept(
     assert any("upgraded from schema version 1" in r.getMessage() for r in caplog.records)
     db = sqlite3.connect(old_store)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert db.execute("SELECT source, local_port FROM open_ends").fetchall() == [("sampling", 443)]
+    # the open inbound row is now its listening port's row (443); its end keeps the client port
+    assert db.execute("SELECT source, local_port FROM open_ends").fetchall() == [
+        ("sampling", 50000)
+    ]
+    assert db.execute(
+        "SELECT listen_port, remote_port FROM history WHERE name = 'nginx'"
+    ).fetchall() == [(443, 0)]
 
 
 def test_a_version_1_store_is_extended_and_its_open_row_continues(old_store: str) -> None:

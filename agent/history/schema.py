@@ -17,6 +17,11 @@ Versions (``PRAGMA user_version``):
    namespace, so that a snapshot closes only what its own source saw in its own scope;
    ``history.seen_by``; the ``runs`` of the agent (start, heartbeats, stop) for the audit;
    ``dns_answers``, the recent answers of the name cache.
+3. The verdict's evidence (issue 25): an inbound row aggregates per listening port
+   (``listen_port`` joins the key, ``remote_port`` is 0), so the table is rebuilt with the new
+   key, every row and id kept; runs carry the boot id and the boot-time clock beside wall time;
+   ``losses`` (what the agent could not keep, with its span); ``row_digests``, ``chain`` and
+   ``chain_base``, the tamper evidence (:mod:`agent.history.chain`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from agent.history import chain
 from agent.records import COLUMNS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Columns = Tuple[Tuple[str, str], ...]
 """(column name, osquery type)"""
@@ -37,8 +43,10 @@ KEY_COLUMNS: Tuple[str, ...] = (
     "remote_address",
     "remote_port",
     "direction",
+    "listen_port",
 )
-"""What one history row aggregates over."""
+"""What one history row aggregates over: an outbound row per remote port, an inbound one per
+listening port (its clients' ports are 0)."""
 
 PER_SOCKET_COLUMNS = frozenset({"fd", "socket", "state", "local_address", "local_port"})
 """Record columns that differ between the sockets of one row, so the history leaves them out."""
@@ -53,13 +61,16 @@ AGGREGATE_COLUMNS: Columns = (
     ("connections", "BIGINT"),
     ("open", "INTEGER"),
     ("seen_by", "TEXT"),
+    ("listen_port", "INTEGER"),
 )
 """``first_seen``/``last_seen`` (unix seconds); ``samples``: the times it was seen (in a sample,
 or as an event); ``connections``: distinct local ends (an end counts again only after it closed);
 ``open``: 1 while a source has an end of it open; ``seen_by``: the sources that saw it
-(``sampling``, ``tracefs``), comma-separated."""
+(``sampling``, ``tracefs``), comma-separated; ``listen_port``: an inbound row's local
+(listening) port, 0 for other rows."""
 HISTORY_COLUMNS: Columns = RECORD_COLUMNS + AGGREGATE_COLUMNS
 """(column name, osquery type) of a history row, in table order."""
+_HISTORY_NAMES = frozenset(name for name, _ in HISTORY_COLUMNS)
 
 RUN_COLUMNS: Columns = (
     ("run_id", "BIGINT"),
@@ -76,12 +87,39 @@ RUN_COLUMNS: Columns = (
     ("events_lost", "BIGINT"),
     ("tcp_active_opens", "BIGINT"),
     ("outbound_tcp_seen", "BIGINT"),
+    ("boot_id", "TEXT"),
+    ("started_boottime", "DOUBLE"),
+    ("last_heartbeat_boottime", "DOUBLE"),
 )
 """One run of an agent that writes the store (the extension, ``watch``): when it started, when
-it last said it was alive, when it stopped (NULL: running, or killed), and its coverage totals."""
+it last said it was alive, when it stopped (NULL: running, or killed), and its coverage totals;
+the boot (``/proc/sys/kernel/random/boot_id``) and ``CLOCK_BOOTTIME`` at its start and last
+heartbeat, which no change of the wall clock moves."""
+
+LOSS_COLUMNS: Columns = (
+    ("loss_id", "BIGINT"),
+    ("run_id", "BIGINT"),
+    ("kind", "TEXT"),
+    ("start", "DOUBLE"),
+    ("end", "DOUBLE"),
+    ("count", "BIGINT"),
+    ("detail", "TEXT"),
+    ("recorded_at", "DOUBLE"),
+)
+"""What the agent observed but could not keep, or could not trust, over [start, end] (unix
+seconds): ``kind`` is one of :data:`LOSS_KINDS`; ``count``: how many observations or rows."""
+
+LOSS_KINDS = ("evicted", "lost_writes", "clock_jump", "tracker_overflow", "instance_reset")
 
 _SQLITE_TYPE = {"TEXT": "TEXT", "INTEGER": "INTEGER", "BIGINT": "INTEGER", "DOUBLE": "REAL"}
-_DEFAULTS = {"first_seen": "0", "last_seen": "0", "samples": "0", "connections": "0", "open": "0"}
+_DEFAULTS = {
+    "first_seen": "0",
+    "last_seen": "0",
+    "samples": "0",
+    "connections": "0",
+    "open": "0",
+    "listen_port": "0",
+}
 
 
 def _column_definition(name: str, sql_type: str) -> str:
@@ -129,13 +167,28 @@ so that a restart, or a one-shot ``check``, knows the names of connections still
 Namespace inodes mean something within one boot only: rows carry the boot's id."""
 
 
-def create(db: sqlite3.Connection) -> None:
-    """The tables of a new store, at :data:`SCHEMA_VERSION`."""
-    db.execute(_create_history())
-    db.execute("CREATE INDEX IF NOT EXISTS history_last_seen ON history (last_seen)")
+def _create_losses() -> str:
+    columns = ",\n  ".join(
+        _column_definition(name, kind) for name, kind in LOSS_COLUMNS if name != "loss_id"
+    )
+    return f"CREATE TABLE IF NOT EXISTS losses (\n  loss_id INTEGER PRIMARY KEY,\n  {columns}\n)"
+
+
+def _create_rest(db: sqlite3.Connection) -> None:
     db.execute(_CREATE_OPEN_ENDS)
     db.execute(_create_runs())
     db.execute(_CREATE_NAMES)
+    db.execute(_create_losses())
+    for statement in chain.CREATE_TABLES:
+        db.execute(statement)
+
+
+def create(db: sqlite3.Connection) -> None:
+    """The tables of a new store, at :data:`SCHEMA_VERSION` (its chain starts with the first
+    write, :func:`agent.history.chain.adopt`)."""
+    db.execute(_create_history())
+    db.execute("CREATE INDEX IF NOT EXISTS history_last_seen ON history (last_seen)")
+    _create_rest(db)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -155,7 +208,38 @@ def _version_1_to_2(db: sqlite3.Connection) -> None:
     db.execute(_create_runs())
 
 
-STEPS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _version_1_to_2}
+def _version_2_to_3(db: sqlite3.Connection) -> None:
+    """The history table again, with ``listen_port`` in its key: every row keeps its id (the
+    open ends name them) and its values; rows written before keep ``listen_port`` 0."""
+    add_missing_columns(db, "history", [c for c in HISTORY_COLUMNS if c[0] != "listen_port"])
+    old = [name for name in table_columns(db, "history") if name != "listen_port"]
+    db.execute("DROP INDEX IF EXISTS history_last_seen")
+    db.execute("ALTER TABLE history RENAME TO history_version_2")
+    db.execute(_create_history())
+    db.execute("CREATE INDEX IF NOT EXISTS history_last_seen ON history (last_seen)")
+    kept = [name for name in old if name == "id" or name in _HISTORY_NAMES]
+    listed = ", ".join(kept)
+    db.execute(f"INSERT INTO history ({listed}) SELECT {listed} FROM history_version_2")  # noqa: S608
+    db.execute("DROP TABLE history_version_2")
+    # An open inbound row goes on as its listening port's row: its open end says which port,
+    # and the end keeps the client's port instead (unless another row of that port exists).
+    opened = db.execute(
+        "SELECT h.id, h.remote_port, MIN(e.local_port) FROM history AS h "
+        "JOIN open_ends AS e ON e.history_id = h.id WHERE h.direction = 'inbound' GROUP BY h.id"
+    ).fetchall()
+    for row_id, client_port, listen_port in opened:
+        moved = db.execute(
+            "UPDATE OR IGNORE history SET listen_port = ?, remote_port = 0 WHERE id = ?",
+            (listen_port, row_id),
+        ).rowcount
+        if moved:
+            db.execute(
+                "UPDATE OR IGNORE open_ends SET local_port = ? WHERE history_id = ?",
+                (client_port, row_id),
+            )
+
+
+STEPS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _version_1_to_2, 2: _version_2_to_3}
 """``{version: the step from it to the next}``."""
 
 
@@ -199,9 +283,7 @@ def upgrade(db: sqlite3.Connection) -> Tuple[int, List[str]]:
         STEPS[current](db)
         current += 1
     db.execute(_create_history())  # tables a newer file might lack, though unlikely
-    db.execute(_CREATE_OPEN_ENDS)
-    db.execute(_create_runs())
-    db.execute(_CREATE_NAMES)
+    _create_rest(db)
     added = add_missing_columns(db, "history", HISTORY_COLUMNS)
     added += add_missing_columns(db, "runs", [c for c in RUN_COLUMNS if c[0] != "run_id"])
     if version < SCHEMA_VERSION:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from typing import List, Sequence
 
-from agent.evidence import iso
 from agent.inet import PROTOCOL_NAMES
 from agent.learn.rules import Learned
 from agent.textsafe import safe_text
+from agent.timetext import iso
 
 BEGIN = "# >>> egress-agent learn: rules down to the end mark are rewritten by `learn --merge`"
 END = "# <<< egress-agent learn: end of the learned rules; rules of your own go above or below"

@@ -22,7 +22,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from agent.audit import statement_of
-from agent.evidence import HistoryReader, Window, read_evidence
+from agent.evidence import HistoryReader, live_window, read_evidence
 from agent.history import HistoryUnavailable
 from agent.osquery.context import QueryContext
 from agent.osquery.table import (
@@ -96,7 +96,7 @@ def audit_record(store: Optional[HistoryReader], since: str, now: float) -> Dict
             "reason": "history is not kept (history.enabled is false): there is nothing to audit",
         }
     try:
-        evidence = read_evidence(store, Window(now - seconds, now))
+        evidence = read_evidence(store, live_window(store, now - seconds, now))
     except HistoryUnavailable as error:
         return {"since": since, "verdict": ERROR, "reason": f"the history cannot be read: {error}"}
     statement = statement_of(evidence)

@@ -36,6 +36,7 @@ INFO_COLUMNS: Tuple[Tuple[str, str], ...] = (
     ("events_source", "TEXT"),
     ("events_lost", "BIGINT"),
     ("events_error", "TEXT"),
+    ("history_head", "TEXT"),
 )
 
 SPEC = table.make_spec("egress_agent_info", INFO_COLUMNS)
@@ -43,6 +44,7 @@ SPEC = table.make_spec("egress_agent_info", INFO_COLUMNS)
 STORE_FIGURES: Dict[str, Callable[[HistoryStore], table.Cell]] = {
     "history_rows": lambda store: store.count(),
     "history_error": lambda store: store.problem,
+    "history_head": lambda store: store.head,
 }
 """The columns read from the history store (empty without one)."""
 

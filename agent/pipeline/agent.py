@@ -85,10 +85,12 @@ class RunningAgent:
         on_sample: Optional[Callable[[Snapshot], None]] = None,
         on_connection: Optional[Callable[[Connection], None]] = None,
         sources: Sequence[SourceOpener] = EVENT_SOURCES,
+        on_head: Optional[Callable[[str], None]] = None,
     ) -> RunningAgent:
         """The agent the settings describe: ``run_kind`` (``watch``, ``extension``) names its
         runs in the history; ``logger`` takes the monitor's messages; ``on_sample`` and
-        ``on_connection`` are the consumer's (``watch`` prints).  Raises
+        ``on_connection`` are the consumer's (``watch`` prints); ``on_head`` is told the history
+        chain's head after each heartbeat (``watch --log-head``).  Raises
         :class:`agent.collect.SamplerError` when the host cannot be sampled at all."""
         pipeline = Pipeline.open(
             settings,
@@ -115,6 +117,7 @@ class RunningAgent:
             on_sample,
             feeds=feeds,
             events_error="; ".join(missing),
+            on_head=on_head,
         )
         for feed in feeds:
             feed.on_loss = monitor.request_sample

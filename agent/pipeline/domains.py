@@ -71,7 +71,7 @@ class DomainNames:
         if not os.access(path, os.R_OK):
             names.notice = f"no names for destinations: cannot read the history store {path}"
             return names
-        store = open_store(settings)
+        store = open_store(settings, read_only=True)  # a private copy: never the writers' lock
         try:
             loaded = names._load(store)
         finally:

@@ -235,9 +235,21 @@ class EventFeed:
                 if events:
                     self.handle(events)
                 self._check_loss()
+                self._record_losses()
         finally:
             self.running = False
             self.source.close()
+
+    def _record_losses(self) -> None:
+        """What the source lost beyond the kernel's own counter, into the history with its
+        span, so that the audit of that span is incomplete."""
+        take = getattr(self.source, "take_losses", None)
+        losses = take() if take is not None else []
+        store = self.pipeline.store
+        for loss in losses:
+            self._logger.warning("kernel events: %s", loss.detail)
+            if store is not None:
+                store.record_loss(loss.kind, loss.start, loss.end, loss.count, loss.detail)
 
     def handle(self, events: List[SocketEvent]) -> List[Connection]:
         """Turn events into connections and hand the external ones on; those connections."""

@@ -93,11 +93,14 @@ class Monitor:
         active_opens: ActiveOpensFunction = coverage.active_opens_by_namespace,
         feeds: Sequence[EventFeed] = (),
         events_error: str = "",
+        on_head: Optional[Callable[[str], None]] = None,
     ) -> None:
         """``run_kind`` (``extension``, ``watch``): record this run's start, heartbeats and
         stop in the history, so that an audit knows when the agent was watching.  ``feeds``:
         the event sources' feeds beside the samples (their figures are this loop's), and
-        ``events_error``, why a source the settings ask for is missing."""
+        ``events_error``, why a source the settings ask for is missing.  ``on_head``: told the
+        history chain's head after each heartbeat written, to publish it off the host
+        (``watch``'s log line)."""
         self.pipeline = pipeline
         self.interval = interval
         self._log = logger
@@ -105,6 +108,7 @@ class Monitor:
         self._run_id: Optional[int] = None
         self._run_attempted = False
         self._on_sample = on_sample
+        self._on_head = on_head
         self._active_opens = active_opens
         self._stats_lock = threading.Lock()
         self._started_at = pipeline.clock()
@@ -294,7 +298,10 @@ class Monitor:
                 at=self._started_at if first_attempt else at,
             )
         if self._run_id is not None:
-            store.heartbeat(self._run_id, self._figures(), at=at, stopped=stopped)
+            written = store.heartbeat(self._run_id, self._figures(), at=at, stopped=stopped)
+            head = store.head if written and self._on_head is not None else None
+            if head is not None and self._on_head is not None:
+                self._on_head(head)
 
     def _count_outbound(self, current: Optional[FrozenSet[int]]) -> None:
         if current is None:

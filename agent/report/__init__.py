@@ -17,11 +17,12 @@ import time
 from typing import Dict, List, Optional
 
 from agent.audit import render_text, statement_of
-from agent.evidence import Evidence, iso, number, text
+from agent.evidence import Evidence, number, text
 from agent.records import Value
 from agent.render import render
 from agent.report.model import Picture, picture_of
 from agent.report.page import build_page
+from agent.timetext import iso
 
 SUMMARY_COLUMNS = (
     "process",

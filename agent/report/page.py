@@ -27,9 +27,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from agent.audit import Statement
 from agent.collect import SAMPLING, TRACEFS
-from agent.evidence import Row, Span, Window, duration_text, iso, number, run_span, text
+from agent.evidence import Row, Span, Window, number, run_span, text
 from agent.report.model import Picture, container_label, order
 from agent.textsafe import cell_text, json_safe
+from agent.timetext import duration_text, iso
 
 HERE = Path(__file__).parent
 WIDTH = 1180

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from agent.collect import TRACEFS
@@ -67,6 +68,18 @@ def default_buffer_kb(cpus: Optional[int] = None) -> int:
     27,000 TCP events, the fullest a burst between two reads should need)."""
     count = cpus or os.cpu_count() or 1
     return max(256, min(2048, 16384 // count))
+
+
+@dataclass(frozen=True)
+class KernelLoss:
+    """Events the source knows it lost over [start, end] (unix seconds): ``kind`` is
+    ``tracker_overflow`` or ``instance_reset`` (the history's loss kinds)."""
+
+    kind: str
+    start: float
+    end: float
+    count: int
+    detail: str
 
 
 class KernelEventSource:
@@ -113,10 +126,21 @@ class KernelEventSource:
         self._last_resync = -1e9
         self.resync_every_s = 5.0
         self._closed = False
+        self._overflow_seen = 0
+        self._losses: List[KernelLoss] = []
+        self._last_poll_wall = time.time()
+        self._last_verify_wall = time.time()
         self.kernel_filter = "none: every event reaches the agent"
         """What the kernel filters out before the agent reads (internal IPv4 connections where
         the kernel accepts the expression, :mod:`agent.collect.kernel.kfilter`)."""
         self._sync_clock()
+
+    def take_losses(self) -> List[KernelLoss]:
+        """The losses noticed since the last call, for the history (``HistoryStore.record_loss``):
+        sockets the tracker dropped at its bound, and resets of the instance by another tool
+        (the events between the last check and the reset are gone, uncounted by the kernel)."""
+        losses, self._losses = self._losses, []
+        return losses
 
     def _sync_clock(self) -> None:
         now = time.time()
@@ -150,6 +174,21 @@ class KernelEventSource:
             records = self.tracker.feed(events)
         else:
             records = self.tracker.flush(time.clock_gettime_ns(self._clock_id))
+        now = time.time()
+        dropped = self.tracker.overflowed - self._overflow_seen
+        if dropped > 0:
+            self._overflow_seen = self.tracker.overflowed
+            self._losses.append(
+                KernelLoss(
+                    "tracker_overflow",
+                    self._last_poll_wall,
+                    now,
+                    dropped,
+                    f"{dropped} socket(s) dropped at the tracker's bound of "
+                    f"{self.tracker.max_sockets}",
+                )
+            )
+        self._last_poll_wall = now
         if time.monotonic() - self._last_verify >= self.verify_every_s:
             self._verify()
         self._check_loss()
@@ -162,8 +201,18 @@ class KernelEventSource:
         except OSError as error:
             log.warning("kernel events: cannot check instance %s: %s", self.instance.name, error)
             return
+        checked_since, self._last_verify_wall = self._last_verify_wall, time.time()
         if changed:
             self.resets += 1
+            self._losses.append(
+                KernelLoss(
+                    "instance_reset",
+                    checked_since,
+                    self._last_verify_wall,
+                    1,
+                    f"another tool changed {self.instance.name} ({', '.join(changed)})",
+                )
+            )
             log.warning(
                 "kernel events: another tool changed %s (%s); applied our settings again",
                 self.instance.name,

@@ -436,6 +436,8 @@ class Tracker:
         self.udp_ttl_ns = int(udp_ttl_s * _NS_PER_S)
         self.max_sockets = max_sockets
         self.max_flows = max_flows
+        self.overflowed = 0
+        """Sockets dropped to keep ``max_sockets`` (their connects may never be reported)."""
         self.sockets: Dict[int, _TcpSocket] = {}
         self.flows: collections.OrderedDict[Tuple[object, ...], int] = collections.OrderedDict()
         self.connects_by_namespace: Dict[Optional[int], int] = {}
@@ -597,6 +599,7 @@ class Tracker:
         sockets[skaddr] = sock
         if len(sockets) > self.max_sockets:
             del sockets[next(iter(sockets))]
+            self.overflowed += 1
 
     def _accepted(self, event: TcpStateChange) -> None:
         listener = self.resolver.resolve(
