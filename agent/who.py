@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+from agent.cgroups import placement
 from agent.containers import NO_CONTAINER, ContainerDirectory, ContainerInfo, runtime_of_cgroup
 
 MAX_ANCESTORS = 16
@@ -109,8 +110,6 @@ def proc_ancestors(
 ) -> Tuple[Ancestor, ...]:
     """The parents of ``pid`` as ``/proc`` shows them now, nearest first, up to pid 1 (or the
     first one gone), at most ``depth``."""
-    from agent.identity import container_id_from_cgroup
-
     chain: List[Ancestor] = []
     own = _stat_parent(pid, proc_root)
     parent = own[1] if own is not None else 0
@@ -119,7 +118,7 @@ def proc_ancestors(
         if found is None:
             break
         cgroup = _read_small(f"{proc_root}/{parent}/cgroup").decode("utf-8", "replace")
-        chain.append(Ancestor(parent, found[0], container_id_from_cgroup(cgroup)))
+        chain.append(Ancestor(parent, found[0], placement(cgroup).container_id))
         if parent == 1:
             break
         parent = found[1]
