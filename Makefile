@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest browser test-programs attack-tools report-screenshot test-matrix bench bench-tools clean
+.PHONY: run test lint typecheck pytest browser test-programs attack-tools podman report-screenshot test-matrix bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	tools/make-venv $(PYTHON) $(VENV)
@@ -25,7 +25,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) browser test-programs attack-tools
+pytest: $(STAMP) browser test-programs attack-tools podman
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## The real programs the tests run, from Debian's packages: curl and rpm for the identity tests;
@@ -43,6 +43,11 @@ attack-tools:
 ## missing (as root; an ordinary user is told, and those tests skip with that reason).
 browser:
 	tools/install-browser
+
+## Debian's podman and runc, for the container tests (a real runtime: tests/test_who_containers.py):
+## apt-gets them when missing (as root; an ordinary user is told, and those tests skip).
+podman:
+	tools/install-podman
 
 ## docs/report.png: the report page of a test host's history, screenshot by the browser tests
 ## (root: the test host is made of network namespaces).

@@ -90,6 +90,14 @@ def _any_domain(patterns: Tuple[str, ...], conn: Connection, names: Optional[Nam
     )
 
 
+def _in_runtime_container(conn: Connection) -> bool:
+    """Whether the connection's process is in a container a runtime made and named: a
+    container id from the cgroup and a runtime that the runtime's own files (or the cgroup
+    prefix) name.  Only then do ``container_name``, ``container_image`` and ``pod_namespace``
+    rules apply: the names come from root's runtime state, keyed by that id."""
+    return bool(conn.container_id) and bool(conn.container_runtime)
+
+
 def matches(rule: AllowRule, conn: Connection, names: Optional[NameLookup] = None) -> bool:
     """True when every matcher the rule names matches the connection; ``names`` tells the
     names answered for an address (without it no ``domains`` matcher matches).
@@ -112,6 +120,13 @@ def matches(rule: AllowRule, conn: Connection, names: Optional[NameLookup] = Non
         return False
     if rule.container_id and not (
         conn.container_id and conn.container_id.startswith(rule.container_id)
+    ):
+        return False
+    if (rule.container_name or rule.container_image or rule.pod_namespace) and not (
+        _in_runtime_container(conn)
+        and (not rule.container_name or _any_glob(rule.container_name, conn.container_name))
+        and (not rule.container_image or _any_glob(rule.container_image, conn.container_image))
+        and (not rule.pod_namespace or _any_glob(rule.pod_namespace, conn.pod_namespace))
     ):
         return False
     if rule.name and not _any_glob(rule.name, conn.name):

@@ -76,10 +76,12 @@ class AllowRule:
     Each matcher is a tuple of alternatives (any one may match); an empty tuple means the rule
     does not name that matcher.  ``name``, ``path``, ``systemd_unit`` and ``user_unit`` hold
     glob patterns (``fnmatch``, case-sensitive), ``user`` user names or decimal uids,
-    ``container_id`` id prefixes, ``protocol`` IP protocol numbers (6, 17, 1, 58, 132, 255),
-    ``direction`` ``outbound``/``inbound``, ``domains`` DNS names in lower case without the
-    trailing dot, each exact or ``*.`` and a name (any name below it, :func:`parse_domain`),
-    ``sha256`` digests (64 lower-case hex digits), ``package`` package names.
+    ``container_id`` id prefixes, ``container_name``, ``container_image`` and ``pod_namespace``
+    globs matched against what the container runtime's own files say (:mod:`agent.containers`),
+    ``protocol`` IP protocol numbers (6, 17, 1, 58, 132, 255), ``direction``
+    ``outbound``/``inbound``, ``domains`` DNS names in lower case without the trailing dot,
+    each exact or ``*.`` and a name (any name below it, :func:`parse_domain`), ``sha256``
+    digests (64 lower-case hex digits), ``package`` package names.
     """
 
     index: int
@@ -89,6 +91,9 @@ class AllowRule:
     user: Tuple[str, ...] = ()
     systemd_unit: Tuple[str, ...] = ()
     container_id: Tuple[str, ...] = ()
+    container_name: Tuple[str, ...] = ()
+    container_image: Tuple[str, ...] = ()
+    pod_namespace: Tuple[str, ...] = ()
     destinations: Tuple[Network, ...] = ()
     ports: Tuple[PortRange, ...] = ()
     protocol: Tuple[int, ...] = ()
@@ -355,6 +360,9 @@ RULE_MATCHERS = (
     "user",
     "systemd_unit",
     "container_id",
+    "container_name",
+    "container_image",
+    "pod_namespace",
     "destinations",
     "ports",
     "domains",
@@ -513,6 +521,9 @@ def parse_rule(value: object, index: int) -> AllowRule:
         "user": _user,
         "systemd_unit": _systemd_unit,
         "container_id": _container_id,
+        "container_name": _pattern,
+        "container_image": _pattern,
+        "pod_namespace": _pattern,
         "destinations": parse_network,
         "ports": parse_ports,
         "domains": parse_domain,

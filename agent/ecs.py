@@ -1,8 +1,10 @@
 """Connection records as Elastic Common Schema documents (ECS 8.x, the network category).
 
 For SIEMs that speak ECS (Elasticsearch, OpenSearch, Elastic Agent pipelines): the process
-(with ``process.hash.sha256`` and the owning ``package.name``), user, container and both ends
-of the connection land in ECS fields
+(with its arguments, its parent, ``process.hash.sha256`` and the owning ``package.name``), the
+user (``user.name`` the login user when one is known, with the process's own user beside it in
+``user.effective``), the container, its Kubernetes pod (``orchestrator.*``) and both ends of the
+connection land in ECS fields
 (https://www.elastic.co/guide/en/ecs/current/ecs-field-reference.html); every other column
 goes under ``egress_agent`` with its own name.  Text is lossless (``utf8_safe``).
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from typing import Any, Dict, Mapping, Optional
+import json
+from typing import Any, Dict, List, Mapping, Optional
 
 from agent.inet import FAMILY_NAMES, PROTOCOL_NAMES, is_ipv4_mapped
 from agent.records import Value
@@ -35,6 +38,12 @@ ECS_MAPPED = frozenset(
         "container_id",
         "sha256",
         "package",
+        "login_user",
+        "container_name",
+        "container_runtime",
+        "container_image",
+        "pod_namespace",
+        "pod_name",
         "local_address",
         "local_port",
         "remote_address",
@@ -83,6 +92,45 @@ def _endpoint(document: Dict[str, Any], prefix: str, address: Value, port: Value
         _put(document, f"{prefix}.port", port)
 
 
+def _who(document: Dict[str, Any], get: Any) -> None:
+    """Issue 22's columns: the arguments (``process.args``, the command line split at spaces,
+    as ``cmdline`` keeps them), the parent's name from ``ancestors``, the login user, the
+    container's name, image and runtime, the pod (``orchestrator.*``)."""
+    cmdline = get("cmdline")
+    if isinstance(cmdline, str) and cmdline:
+        args = cmdline.split(" ")
+        document.setdefault("process", {})["args"] = [utf8_safe(arg) for arg in args]
+        document["process"]["args_count"] = len(args)
+    ancestors = _ancestors(get("ancestors"))
+    if ancestors and ancestors[0].get("pid") == get("parent"):
+        _put(document, "process.parent.name", ancestors[0].get("name"))
+    login = get("login_user")
+    if isinstance(login, str) and login:
+        user = document.setdefault("user", {})
+        effective = {key: user.pop(key) for key in ("name", "id") if key in user}
+        if effective:
+            user["effective"] = effective
+        _put(document, "user.name", login)
+    _put(document, "container.runtime", get("container_runtime"))
+    namespace, pod = get("pod_namespace"), get("pod_name")
+    if namespace or pod:
+        _put(document, "orchestrator.type", "kubernetes")
+        _put(document, "orchestrator.namespace", namespace)
+        _put(document, "orchestrator.resource.type", "pod")
+        _put(document, "orchestrator.resource.name", pod)
+
+
+def _ancestors(text: Value) -> List[Dict[str, Any]]:
+    """The ``ancestors`` column's JSON, or [] when it is none or not ours."""
+    if not isinstance(text, str) or not text:
+        return []
+    try:
+        chain = json.loads(text)
+    except ValueError:
+        return []
+    return [item for item in chain if isinstance(item, dict)] if isinstance(chain, list) else []
+
+
 def ecs_document(record: Mapping[str, Value], timestamp: float) -> Dict[str, Any]:
     """One connection record as an Elastic Common Schema event (ECS 8.x, network category).
 
@@ -123,6 +171,9 @@ def ecs_document(record: Mapping[str, Value], timestamp: float) -> Dict[str, Any
     _put(document, "container.id", get("container_id"))
     _put(document, "process.hash.sha256", get("sha256"))
     _put(document, "package.name", get("package"))
+    _put(document, "container.name", get("container_name"))
+    _put(document, "container.image.name", get("container_image"))
+    _who(document, get)
 
     local = (get("local_address"), get("local_port"))
     remote = (get("remote_address"), get("remote_port"))

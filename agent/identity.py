@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optiona
 from agent.cgroups import NOWHERE, Placement, placement
 from agent.collect.netns import PROC_ROOT
 from agent.exe_check import UNKNOWN, ExeChecker, ExeFacts, FileKey
+from agent.who import NO_WHO, Who, WhoReader
 
 if TYPE_CHECKING:
     import psutil  # imported where used: only off Linux (see the module's docstring)
@@ -121,6 +122,8 @@ class Identity:
     exe_status: str = ""
     sha256: str = ""
     package: str = ""
+    who: Who = NO_WHO
+    """Login user, parents, the container's names (:mod:`agent.who`)."""
     exe_key: Optional[FileKey] = field(default=None, compare=False, repr=False)
     """The executable's (device, inode, size, mtime): what :meth:`IdentityCache.settle` looks
     its digests up by.  Not a column."""
@@ -160,8 +163,10 @@ class IdentityCache:
         max_entries: int = 4096,
         boot_id: Optional[str] = None,
         exe: Optional[ExeChecker] = None,
+        who: Optional[WhoReader] = None,
     ) -> None:
         self.proc_root = proc_root
+        self.who = who if who is not None else WhoReader(proc_root)
         self.max_entries = max(1, max_entries)
         self.boot_id = boot_id if boot_id is not None else read_boot_id(proc_root)
         self.hits = 0
@@ -299,6 +304,8 @@ class IdentityCache:
             link = _read_link(f"{self.proc_root}/{pid}/exe")
             if link:
                 facts = self.exe.inspect(pid, link)
+        cgroup = self._read_cgroup(pid)
+        where = placement(cgroup)
         return _identity(
             Identity(
                 pid=pid,
@@ -310,8 +317,9 @@ class IdentityCache:
                 parent=parent,
                 process_start_time=start_time,
                 process_uuid=process_uuid(self.boot_id, pid, start),
+                who=self.who.read(pid, where.container_id, cgroup),
             ),
-            placement(self._read_cgroup(pid)),
+            where,
             facts,
         )
 
@@ -339,6 +347,7 @@ class IdentityCache:
                 except (psutil.Error, OSError, KeyError, ValueError):
                     continue
         cgroup = self._read_cgroup(pid)
+        where = placement(cgroup) if cgroup else NOWHERE
         return _identity(
             Identity(
                 pid=pid,
@@ -350,8 +359,9 @@ class IdentityCache:
                 parent=_optional_int(values.get("parent")),
                 process_start_time=_optional_int(values.get("process_start_time")),
                 process_uuid=process_uuid(self.boot_id, pid, start),
+                who=self.who.read(pid, where.container_id, cgroup) if cgroup else NO_WHO,
             ),
-            placement(cgroup) if cgroup else NOWHERE,
+            where,
             UNKNOWN,
         )
 

@@ -62,6 +62,18 @@ class Connection:
     package: str = _col("TEXT", "")
     """The installed package that lists the executable's path (see ``exe_status``)."""
     net_namespace: Optional[int] = _col("BIGINT")
+    # who is behind the process (issue 22, agent.who): the login, the parents, the container
+    login_user: str = _col("TEXT", "")
+    """Who logged in (``/proc/PID/loginuid``), through sudo or su; "" for daemons."""
+    login_session: Optional[int] = _col("BIGINT")
+    ancestors: str = _col("TEXT", "")
+    """JSON array of ``{"pid", "name"}``, the parent first, up to pid 1 or the container's
+    init, at most ``agent.who.MAX_ANCESTORS``."""
+    container_name: str = _col("TEXT", "")
+    container_image: str = _col("TEXT", "")
+    container_runtime: str = _col("TEXT", "")
+    pod_namespace: str = _col("TEXT", "")
+    pod_name: str = _col("TEXT", "")
     # the socket
     fd: Optional[int] = _col("BIGINT")
     socket: Optional[int] = _col("BIGINT")
@@ -120,6 +132,37 @@ class SocketColumns(NamedTuple):
     direction: str
 
 
+class WhoColumns(NamedTuple):
+    """The columns of ``identity.who`` (:mod:`agent.who`)."""
+
+    login_user: str
+    login_session: Optional[int]
+    ancestors: str
+    container_name: str
+    container_image: str
+    container_runtime: str
+    pod_namespace: str
+    pod_name: str
+
+
+def who_columns(identity: Identity) -> WhoColumns:
+    """The columns of ``identity.who`` (:mod:`agent.who`) under their column names."""
+    from agent.who import ancestors_text
+
+    who = identity.who
+    container = who.container
+    return WhoColumns(
+        who.login_user,
+        who.login_session,
+        ancestors_text(who.ancestors, identity.container_id),
+        container.name,
+        container.image,
+        container.runtime,
+        container.pod_namespace,
+        container.pod_name,
+    )
+
+
 def connection_of(
     identity: Identity, verdict: Optional[Verdict], sock: SocketColumns
 ) -> Connection:
@@ -143,6 +186,7 @@ def connection_of(
         exe_status=identity.exe_status,
         sha256=identity.sha256,
         package=identity.package,
+        **who_columns(identity)._asdict(),
         remote_address=verdict.normalized if verdict is not None else "",
         external=verdict is not None and verdict.external,
         expanded_address=verdict.expanded if verdict is not None else "",

@@ -37,6 +37,7 @@ TABLE_COLUMNS = (
     "pid",
     "name",
     "username",
+    "login_user",
     "direction",
     "protocol",
     "state",
@@ -78,7 +79,7 @@ def table_view(
         rootless = row.get("rootless_container_id")
         namespace = row.get("net_namespace")
         if container:
-            row["namespace"] = f"container {str(container)[:12]}"
+            row["namespace"] = _container_cell(row, str(container))
         elif rootless:
             row["namespace"] = f"rootless {str(rootless)[:12]} uid {row.get('rootless_uid')}"
         elif isinstance(namespace, int) and namespace != host:
@@ -87,6 +88,17 @@ def table_view(
             row["namespace"] = ""
         rows.append(row)
     return rows
+
+
+def _container_cell(row: Mapping[str, Value], container: str) -> str:
+    """Where a container's row lives: its pod (``pod NAMESPACE/POD``), else the container by
+    name, else by short id."""
+    namespace, pod, name = row.get("pod_namespace"), row.get("pod_name"), row.get("container_name")
+    if namespace and pod:
+        return f"pod {namespace}/{pod}"
+    if name:
+        return f"container {name}"
+    return f"container {container[:12]}"
 
 
 def _columns(records: Sequence[Record], columns: Optional[Sequence[str]]) -> List[str]:

@@ -112,12 +112,13 @@ def test_the_table_shows_state_protocol_and_namespace(
     result = egress_agent("check", "--format", "table", "--netns", str(srv.inode))
     header, line = result.stdout.splitlines()
     columns = header.split()
-    assert columns[:6] == ["pid", "name", "username", "direction", "protocol", "state"]
+    who = ["pid", "name", "username", "login_user"]
+    assert columns[:7] == [*who, "direction", "protocol", "state"]
     assert "namespace" in columns
     cells = line.split()
     assert cells[0] == "-1" and "unknown" in cells and "tcp" in cells and "TIME_WAIT" in cells
     assert srv.name in cells  # the namespace by its ip netns name
-    assert "6" not in cells[:6]
+    assert "6" not in cells[:7]
 
 
 def test_limits_by_namespace_name_inode_and_pid(nethost: NetHost) -> None:

@@ -444,26 +444,26 @@ REFUSALS = [
     (
         "allow: [{comment: everything}]\n",
         "allow[0]: a rule must name at least one of name, path, user, systemd_unit, container_id,"
-        " destinations, ports, domains, user_unit, sha256, package: without one it would allow"
-        " every connection",
+        " container_name, container_image, pod_namespace, destinations, ports, domains, user_unit,"
+        " sha256, package: without one it would allow every connection",
     ),
     (
         "allow: [{}]\n",
         "allow[0]: a rule must name at least one of name, path, user, systemd_unit, container_id,"
-        " destinations, ports, domains, user_unit, sha256, package: without one it would allow"
-        " every connection",
+        " container_name, container_image, pod_namespace, destinations, ports, domains, user_unit,"
+        " sha256, package: without one it would allow every connection",
     ),
     (
         "allow: [{protocol: tcp, direction: outbound}]\n",
         "allow[0]: a rule must name at least one of name, path, user, systemd_unit, container_id,"
-        " destinations, ports, domains, user_unit, sha256, package: without one it would allow"
-        " every connection",
+        " container_name, container_image, pod_namespace, destinations, ports, domains, user_unit,"
+        " sha256, package: without one it would allow every connection",
     ),
     (
         "allow: [{name: a}, {name: b, porst: [1]}]\n",
         "allow[1].porst: unknown key (known here: name, path, user, systemd_unit, container_id,"
-        " destinations, ports, domains, user_unit, sha256, package, protocol, direction,"
-        " comment)",
+        " container_name, container_image, pod_namespace, destinations, ports, domains, user_unit,"
+        " sha256, package, protocol, direction, comment)",
     ),
     ("allow: [{ports: [443, 70000]}]\n", "allow[0].ports[1]: port must be 1-65535 (got 70000)"),
     ("allow: [{ports: 0}]\n", "allow[0].ports: port must be 1-65535 (got 0)"),

@@ -86,9 +86,11 @@ def test_the_strongest_identity_a_matcher_exists_for(
     assert identity_of(row(**fields), FUTURE_KEYS) == identity
 
 
-def test_identities_the_configuration_cannot_match_yet_are_not_offered() -> None:
+def test_identities_the_configuration_cannot_match_are_not_offered() -> None:
     future = row(container_id="c" * 64, container_image="x", container_name="web")
-    assert identity_of(future, RULE_KEYS) == Identity("path", "/usr/bin/curl")
+    assert identity_of(future, RULE_KEYS) == Identity("container_image", "x")
+    without = tuple(k for k in RULE_KEYS if not k.startswith("container_"))
+    assert identity_of(future, without) == Identity("path", "/usr/bin/curl")
     packaged = row(package="curl", exe_status="packaged", sha256=DIGEST)
     assert identity_of(packaged, RULE_KEYS) == Identity("package", "curl")
 

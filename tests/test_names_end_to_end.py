@@ -79,19 +79,19 @@ def read_named(watch: subprocess.Popen[str], namespace: int, timeout: float = 30
     )
 
 
-def packet_sockets(pid: int, owner: Optional[int] = None) -> List[str]:
-    """The AF_PACKET sockets of the namespace of ``pid`` (the DNS watch opens one in each);
-    with ``owner``, only those that process holds (another agent on the machine may watch
-    the namespace too)."""
+def packet_sockets(pid: int, owner: int) -> List[int]:
+    """The inodes of the AF_PACKET sockets in the namespace of ``pid`` that process ``owner``
+    holds (the DNS watch opens one in each namespace).  Other agents on the machine (another
+    test run's, a developer's) may hold packet sockets there too: only ours count."""
     with open(f"/proc/{pid}/net/packet", encoding="ascii") as table:
-        rows = table.readlines()[1:]
-    if owner is None:
-        return rows
-    try:
-        held = {os.readlink(f"/proc/{owner}/fd/{fd}") for fd in os.listdir(f"/proc/{owner}/fd")}
-    except OSError:
-        return []
-    return [row for row in rows if f"socket:[{row.split()[-1]}]" in held]
+        inodes = {int(line.split()[8]) for line in table.readlines()[1:]}
+    held = set()
+    for fd in os.listdir(f"/proc/{owner}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{owner}/fd/{fd}")
+            if link.startswith("socket:["):
+                held.add(int(link[8:-1]))
+    return sorted(inodes & held)
 
 
 def stored_answer(history: Path, namespace: int, address: str) -> bool:
@@ -125,8 +125,10 @@ def test_the_asked_name_reaches_every_output(dns_host: DnsHost, tmp_path: Path) 
     config = config_file(tmp_path / "config.yaml", history)
     watch: Optional[subprocess.Popen[str]] = start_watch(config)
     try:
+        assert watch is not None
+        watching = watch.pid
         wait_for(
-            lambda: packet_sockets(stub.pid, watch.pid), "watch's DNS watch in the namespace", 60
+            lambda: packet_sockets(stub.pid, watching), "watch's DNS watch in the namespace", 60
         )
         assert resolve(stub, "10.53.1.1", ASKED) == ("udp", [ANSWER])
         client = dns_host.net.connect(cli1, ANSWER, dns_host.web_port)

@@ -67,6 +67,7 @@ def test_the_pack_is_complete() -> None:
         "egress_history_by_process",
         "egress_agent_health",
         "egress_audit_verdict",
+        "egress_history_head",
     }
     for name, query in queries.items():
         assert len(query["description"]) > 40, name
@@ -82,6 +83,8 @@ def test_the_pack_is_complete() -> None:
     verdict = queries["egress_audit_verdict"]
     assert "FROM egress_agent_audit WHERE since = '24h'" in verdict["query"]
     assert POLICY in verdict["description"] and verdict.get("snapshot", False)
+    head = queries["egress_history_head"]  # the chain's head leaves the host (issue 25)
+    assert "history_head" in head["query"] and head.get("snapshot", False)
 
 
 @pytest.mark.parametrize(("name", "sql"), pack_queries(str(PACK)))

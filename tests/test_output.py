@@ -344,6 +344,8 @@ def test_ecs_outbound() -> None:
         "name": "curl",
         "executable": "/usr/bin/curl",
         "command_line": "curl -s https://example.test/",
+        "args": ["curl", "-s", "https://example.test/"],
+        "args_count": 3,
         "parent": {"pid": 4000},
         "start": "2023-11-14T22:13:20.000Z",
         "entity_id": "7c1e6f0a-boot-4242",

@@ -306,3 +306,80 @@ def test_a_time_wait_socket_from_before_watch_is_not_in_its_window(tmp_path: Pat
     )
     listed = json.loads(result.stdout)["unexpected"]
     assert not [r for r in listed if r["remote_address"] == BEFORE_SERVER], listed
+
+
+# --- the store locked under watch --------------------------------------------------------------
+
+LOCK_SERVER, LOCK_CLIENT = "8.8.5.1", "8.8.5.2"
+HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("LOCKED", flush=True)
+sys.stdin.read()
+db.execute("ROLLBACK")
+"""
+
+
+def test_a_connection_while_another_process_locks_the_store_reaches_the_audit(
+    tmp_path: Path,
+) -> None:
+    history = tmp_path / "history.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"sampling:\n  interval: 0.5\nhistory:\n  path: {history}\n")
+    with NetHost(PREFIX) as net:
+        srv = net.namespace("lsrv")
+        cli = net.namespace("lcli")
+        net.veth(srv, "ls0", cli, "lc0")
+        srv.add_address(f"{PREFIX}-ls0", f"{LOCK_SERVER}/24")
+        cli.add_address(f"{PREFIX}-lc0", f"{LOCK_CLIENT}/24")
+        server = net.listen(srv, LOCK_SERVER)
+        since = time.time()
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "watch"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, EGRESS_AGENT_CONFIG=str(config)),
+        )
+        holder = None
+        try:
+            time.sleep(3)  # the store exists and the run is recorded
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLDER, str(history)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "LOCKED"
+            leak = net.connect(cli, LOCK_SERVER, server.port)
+            time.sleep(2)
+            net.kill(leak)
+            # Six times SQLite's busy timeout: every write of the leak's events and samples is
+            # tried and fails before the lock goes (before the fix they were dropped; a write
+            # the event thread tries within 5 s of the release, late behind blocked ones, gets
+            # through either way)
+            time.sleep(30)
+        finally:
+            if holder is not None and holder.stdin is not None:
+                holder.stdin.close()
+                holder.wait(30)
+            time.sleep(3)  # the queue is written once the lock is gone
+            watch.send_signal(signal.SIGTERM)
+            _, errors = watch.communicate(timeout=60)
+        until = time.time()
+    assert watch.returncode == 0, errors
+    assert "database is locked" in errors  # the fault happened, and was logged
+    result = egress_agent(
+        "audit",
+        "--since",
+        str(since),
+        "--until",
+        str(until),
+        "--history",
+        str(history),
+        "--format",
+        "json",
+    )
+    listed = json.loads(result.stdout)["unexpected"]
+    assert leak.pid in [r["pid"] for r in listed if r["remote_address"] == LOCK_SERVER], listed

@@ -26,13 +26,14 @@ it, and a MAC catches it without the key.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import json
 import sqlite3
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from agent.timetext import iso
 
 CHAINED: Tuple[Tuple[str, str], ...] = (
     ("history", "id"),
@@ -253,10 +254,7 @@ def verify(
 
 def _describe(link: Dict[str, Any]) -> str:
     try:
-        moment = datetime.datetime.fromtimestamp(
-            int(float(link.get("at") or 0)), tz=datetime.timezone.utc
-        )
-        when = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = iso(float(link.get("at") or 0))
     except (TypeError, ValueError, OverflowError, OSError):
         when = "?"
     return f"link {link.get('seq')} ({link.get('kind')} at {when})"

@@ -34,6 +34,10 @@ class Program:
     cmdlines: List[str] = field(default_factory=list)
     connections: int = 0
     unexpected: bool = False
+    container: str = ""
+    """Where it runs, as :func:`container_label` says it ("" on the host)."""
+    container_image: str = ""
+    login_users: List[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -97,6 +101,19 @@ class Picture:
     destinations: List[Destination]
     edges: List[Edge]
     links: List[Link]
+
+
+def container_label(row: Row) -> str:
+    """A row's container as a person names it: ``pod NAMESPACE/POD``, else ``container NAME``,
+    else ``container`` and the short id; "" for a host process."""
+    container = text(row, "container_id")
+    if not container:
+        return ""
+    namespace, pod = text(row, "pod_namespace"), text(row, "pod_name")
+    if namespace and pod:
+        return f"pod {namespace}/{pod}"
+    name = text(row, "container_name")
+    return f"container {name}" if name else f"container {container[:12]}"
 
 
 def port_text(row: Row) -> str:
@@ -172,6 +189,8 @@ def picture_of(evidence: Evidence) -> Picture:
         program = programs.get(key)
         if program is None:
             program = programs[key] = Program(len(programs), *key)
+            program.container = container_label(row)
+            program.container_image = text(row, "container_image")
             seen_pids[program.index] = set()
         address = text(row, "remote_address")
         destination = destinations.get(address)
@@ -185,6 +204,7 @@ def picture_of(evidence: Evidence) -> Picture:
             seen_pids[program.index].add(pid_key)
             program.pids.append(int(number(row, "pid")))
         _add(program.cmdlines, text(row, "cmdline"), 5)
+        _add(program.login_users, text(row, "login_user"), 5)
         program.connections += connections
         program.unexpected |= unexpected
         _add(destination.domains, text(row, "remote_domain"))

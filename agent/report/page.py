@@ -27,8 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from agent.audit import Statement
 from agent.collect import SAMPLING, TRACEFS
-from agent.evidence import Span, Window, number, run_span, text
-from agent.report.model import Picture, order
+from agent.evidence import Row, Span, Window, number, run_span, text
+from agent.report.model import Picture, container_label, order
 from agent.textsafe import cell_text, json_safe
 from agent.timetext import duration_text, iso
 
@@ -370,9 +370,25 @@ def coverage_section(statement: Statement) -> str:
 # --- the table -------------------------------------------------------------------------------
 
 
+def _container_title(row: Row) -> str:
+    """The container's details for a hover: id, image, runtime, the parents."""
+    parts = [
+        f"{label}: {text(row, column)}"
+        for label, column in (
+            ("id", "container_id"),
+            ("image", "container_image"),
+            ("runtime", "container_runtime"),
+            ("parents", "ancestors"),
+        )
+        if text(row, column)
+    ]
+    return "\n".join(parts) or "-"
+
+
 def connections_table(picture: Picture) -> str:
     head = (
-        "process", "pid", "user", "destination", "address", "port", "connections",
+        "process", "pid", "user", "login user", "container", "destination", "address", "port",
+        "connections",
         "first seen", "last seen", "open", "verdict", "seen by", "command line",
     )  # fmt: skip
     rows = []
@@ -383,6 +399,9 @@ def connections_table(picture: Picture) -> str:
             html_text(picture.programs[link.program].label, 60),
             html_text(text(row, "pid")),
             html_text(text(row, "username") or "-"),
+            html_text(text(row, "login_user") or "-"),
+            f'<span title="{html_text(_container_title(row), TITLE_LIMIT)}">'
+            f"{html_text(container_label(row) or '-', 60)}</span>",
             html_text(text(row, "remote_domain") or "-"),
             html_text(destination.address),
             html_text(link.port),
@@ -417,15 +436,32 @@ def _search_text(*values: object) -> str:
     return " ".join(cell_text(v) for v in values if v not in (None, "")).lower()
 
 
+def container_choices(picture: Picture) -> List[str]:
+    """The containers of the window's processes (``pod ...``, ``container ...``, ``host``)."""
+    return sorted({p.container or "host" for p in picture.programs})
+
+
 def page_data(picture: Picture) -> Dict[str, Any]:
     """What the page's script filters on: for each process and destination, the text a search
-    matches (as shown: escaped, lower case)."""
+    matches (as shown: escaped, lower case), and the index of its container in
+    :func:`container_choices`."""
+    containers = container_choices(picture)
     return {
         "programs": [
             {
                 "search": _search_text(
-                    p.name, p.path, p.username, p.container_id, p.systemd_unit, *p.pids, *p.cmdlines
-                )
+                    p.name,
+                    p.path,
+                    p.username,
+                    p.container_id,
+                    p.systemd_unit,
+                    p.container,
+                    p.container_image,
+                    *p.login_users,
+                    *p.pids,
+                    *p.cmdlines,
+                ),
+                "container": containers.index(p.container or "host"),
             }
             for p in picture.programs
         ],
@@ -452,6 +488,10 @@ def build_page(picture: Picture, statement: Statement, generated_at: float) -> s
         f'<option value="{p.index}">{html_text(p.label, LABEL_LIMIT)} ({html_text(p.detail)})'
         "</option>"
         for p in sorted(picture.programs, key=lambda p: (cell_text(p.label).lower(), p.index))
+    )
+    containers = "".join(
+        f'<option value="{index}">{html_text(label, LABEL_LIMIT)}</option>'
+        for index, label in enumerate(container_choices(picture))
     )
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -481,6 +521,9 @@ window <time id="since">{iso(window.since)}</time> to <time id="until">{iso(wind
     }</section>
 <section class="filters" aria-label="filters">
 <label>process <select id="filter-process"><option value="">all</option>{options}</select></label>
+<label>container <select id="filter-container"><option value="">all</option>{
+        containers
+    }</select></label>
 <label><input type="checkbox" id="filter-unexpected"> unexpected only</label>
 <label>search <input type="search" id="filter-text" placeholder="name, path, address, domain"
 autocomplete="off"></label>

@@ -48,6 +48,7 @@ from agent.collect.kernel.ringbuffer import (
     FieldFormat,
     FormatError,
 )
+from agent.identity import CMDLINE_CUT_MARK
 from agent.inet import (
     AF_INET6,
 )
@@ -139,6 +140,45 @@ class ProcessExec(NamedTuple):
     filename: str
 
 
+CUT_MARK = CMDLINE_CUT_MARK
+"""Appended to a command line the exec probe could not hold whole: the mark
+:mod:`agent.identity` puts on one longer than its bound."""
+
+
+class ExecArgs(NamedTuple):
+    """The arguments a process started with, from our probe at its loader's entry
+    (:mod:`agent.collect.kernel.execargs`): ``argv`` as far as captured, ``cut`` when there
+    was more."""
+
+    time: int
+    pid: int
+    argv: Tuple[str, ...]
+    cut: bool
+
+    @property
+    def cmdline(self) -> str:
+        """The command line as :mod:`agent.identity` joins it, marked when cut."""
+        return " ".join(self.argv) + (CUT_MARK if self.cut else "")
+
+
+class UidRequest(NamedTuple):
+    """``syscalls:sys_enter_setresuid`` / ``setreuid`` / ``setuid``: thread ``pid`` asks for
+    real uid ``uid`` (None: unchanged) (:mod:`agent.collect.kernel.users`)."""
+
+    time: int
+    pid: int
+    syscall: str
+    uid: Optional[int]
+
+
+class UidGranted(NamedTuple):
+    """``syscalls:sys_exit_setresuid`` / ``setreuid`` / ``setuid`` returning 0."""
+
+    time: int
+    pid: int
+    syscall: str
+
+
 class ProcessFork(NamedTuple):
     """``sched:sched_process_fork`` or ``task:task_newtask``: thread ``parent`` made ``child``.
 
@@ -220,6 +260,9 @@ KernelEvent = Union[
     NamespaceSwitch,
     SocketTransfer,
     ConnectCall,
+    ExecArgs,
+    UidRequest,
+    UidGranted,
 ]
 
 

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from agent.collect import TRACEFS
 from agent.collect.events import SocketEvent
+from agent.collect.kernel.execargs import ExecProbe, decode_exec_args
 from agent.collect.kernel.kfilter import Prefix, dropped_after_connect, with_internal_dropped
 from agent.collect.kernel.listeners import ListenerResolver
 from agent.collect.kernel.reader import (
@@ -39,6 +40,7 @@ from agent.collect.kernel.reader import (
     EVENT_SPECS,
     ChosenEvents,
     EventReader,
+    EventSpec,
     choose_events,
 )
 from agent.collect.kernel.ringbuffer import FormatError
@@ -51,6 +53,7 @@ from agent.collect.kernel.tracefs import (
     find_tracefs,
 )
 from agent.collect.kernel.tracker import Tracker
+from agent.collect.kernel.users import USER_SPECS
 from agent.collect.netns import PROC_ROOT
 from agent.identity import IdentityCache
 
@@ -106,8 +109,11 @@ class KernelEventSource:
         chosen: ChosenEvents,
         verify_every_s: float = 5.0,
         min_interval_s: float = 0.05,
+        exec_probe: Optional[ExecProbe] = None,
     ) -> None:
         self.instance = instance
+        self.exec_probe = exec_probe
+        """Our uprobe on the loader's entry (command lines at exec), when defined."""
         self.reader = reader
         self.tracker = tracker
         self.unavailable = dict(chosen.unavailable)
@@ -271,6 +277,8 @@ class KernelEventSource:
         self.reader.close()
         if not self.instance.close():
             log.warning("kernel events: %s is busy and was left behind", self.instance.path)
+        if self.exec_probe is not None:
+            self.exec_probe.remove()
 
     def __enter__(self) -> KernelEventSource:
         return self
@@ -292,6 +300,8 @@ def open_event_source(
     hold_s: float = 0.5,
     exclude: Sequence[str] = (),
     drop_internal: Sequence[Prefix] = (),
+    exec_args: bool = True,
+    track_users: bool = True,
 ) -> KernelEventSource:
     """Make our instance, enable the events this kernel has, start tracing.
 
@@ -302,6 +312,11 @@ def open_event_source(
     ``drop_internal`` (the classifier's never-external blocks): the events of connections to
     those IPv4 blocks are dropped in the kernel where it accepts the filter
     (:mod:`agent.collect.kernel.kfilter`; :attr:`KernelEventSource.kernel_filter` says).
+    ``exec_args=False`` leaves out the probe that captures command lines at exec
+    (:mod:`agent.collect.kernel.execargs`; without it, or where the kernel cannot have it,
+    ``/proc`` at exec gives them, for processes that live until it is read);
+    ``track_users=False`` the setuid-family syscall events (:mod:`agent.collect.kernel.users`:
+    then a process's user is read from ``/proc`` at exec, or inherited).
     Raises :class:`~agent.collect.kernel.tracefs.EventsUnavailable`; nothing is left behind then.
     """
     if os.geteuid() != 0:
@@ -311,7 +326,17 @@ def open_event_source(
     root = find_tracefs(tracefs_paths, mount=mount)
     instance = Instance.create(root, prefix)
     reader: Optional[EventReader] = None
+    probe: Optional[ExecProbe] = None
     try:
+        probe_specs: List[EventSpec] = []
+        probe_missing = ""
+        if exec_args:
+            try:
+                probe = ExecProbe.define(root, instance.name)
+            except (OSError, ValueError) as error:
+                probe_missing = str(error)
+            else:
+                probe_specs.append(EventSpec(probe.system, probe.name, ("",), decode_exec_args))
         excluded = list(exclude)
         if not udp:
             excluded += UDP_EVENTS
@@ -324,6 +349,9 @@ def open_event_source(
                 filters = with_internal_dropped(spec.system, spec.name, spec.filters, drop_internal)
                 dropping_filters[(spec.system, spec.name)] = set(filters) - set(spec.filters)
                 specs.append(spec._replace(filters=filters))
+            specs += probe_specs
+            if track_users:
+                specs += USER_SPECS
             chosen = choose_events(instance.read_format, specs, exclude=excluded)
         except FormatError as error:
             raise EventsUnavailable(EventsUnavailable.EVENT_MISSING, str(error)) from error
@@ -331,6 +359,8 @@ def open_event_source(
         instance.apply(settings)
         for system, name in instance.missing:
             chosen.unavailable[f"{system}:{name}"] = "not in this kernel"
+        if probe_missing:
+            chosen.unavailable["uprobe:exec_argv"] = probe_missing
         try:
             reader = EventReader(instance, chosen.decoders, chosen.type_field)
         except (OSError, FormatError) as error:
@@ -349,7 +379,7 @@ def open_event_source(
         )
         if "sock:inet_sock_set_state" in dropping:
             tracker.dropped_in_kernel = dropped_after_connect(drop_internal)
-        source = KernelEventSource(instance, reader, tracker, chosen)
+        source = KernelEventSource(instance, reader, tracker, chosen, exec_probe=probe)
         source.kernel_filter = (
             "internal IPv4 dropped in the kernel (" + ", ".join(dropping) + ")"
             if dropping
@@ -364,4 +394,6 @@ def open_event_source(
         if reader is not None:
             reader.close()
         instance.close()
+        if probe is not None:
+            probe.remove()
         raise

@@ -489,8 +489,12 @@ class Instance:
             changed.append("buffer_percent")
         if self.read("options/overwrite").strip() != "1":
             changed.append("options/overwrite")
-        for system, name in self.enabled:
+        for system, name in list(self.enabled):
             base = self.event_dir(system, name)
+            if not self.has_event(system, name):  # a dynamic event of ours someone removed:
+                changed.append(f"{system}:{name} removed")  # said once, then done without
+                self.enabled.remove((system, name))
+                continue
             if self.read(base + "/enable").strip() != "1":
                 changed.append(f"{system}:{name}")
             elif _filter_text(self.read(base + "/filter")) != self.filters.get((system, name), ""):
@@ -508,6 +512,8 @@ class Instance:
         self._apply_percent()
         self.write("options/overwrite", "1")
         for key in self.enabled:
+            if not self.has_event(*key):
+                continue
             base = self.event_dir(*key)
             self.write(base + "/filter", self.filters.get(key, "") or "0")
             if self.read(base + "/enable").strip() != "1":

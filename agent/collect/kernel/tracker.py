@@ -35,10 +35,9 @@ placed where we found it; namespace inode numbers are reused once a namespace is
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from agent.collect.events import EventKind, SocketEvent
 from agent.collect.kernel.datagrams import Datagram, DatagramFlows
@@ -48,6 +47,7 @@ from agent.collect.kernel.records import (
     CLONE_THREAD,
     IN_INTERRUPT,
     ConnectCall,
+    ExecArgs,
     KernelEvent,
     NamespaceSwitch,
     ProcessExec,
@@ -58,7 +58,10 @@ from agent.collect.kernel.records import (
     TaskRename,
     TcpReset,
     TcpStateChange,
+    UidGranted,
+    UidRequest,
 )
+from agent.collect.kernel.users import real_uid_after
 from agent.collect.netns import CLONE_NEWNET, PROC_ROOT, parse_namespace_link
 from agent.identity import NO_OWNER, Identity, IdentityCache, process_uuid
 from agent.inet import (
@@ -74,6 +77,7 @@ from agent.inet import (
     TCP_SYN_SENT,
     reported_protocol,
 )
+from agent.who import MAX_ANCESTORS, Ancestor, Who
 
 _COMM_LENGTH = 15
 _NS_PER_S = 1_000_000_000
@@ -97,6 +101,29 @@ class _Process:
     start_ns: Optional[int] = None
     """When the events saw it forked (trace clock), else None."""
     exited_ns: Optional[int] = None
+    lineage: bool = False
+    """Its ancestors come from fork events (kept after the parents exit), not from ``/proc``."""
+
+
+R = TypeVar("R")
+
+
+def _with(record: R, **changes: Any) -> R:
+    """``dataclasses.replace`` for the frozen records of the process table, without running
+    ``__init__`` again (a tenth of its cost: this runs for every fork and exec of the host)."""
+    new: R = object.__new__(type(record))
+    fields = new.__dict__
+    fields.update(record.__dict__)
+    fields.update(changes)
+    return new
+
+
+def child_who(parent: Identity) -> Who:
+    """What a forked child inherits of its parent's :class:`agent.who.Who` (login, container),
+    with the parent put first in its ancestors (at most :data:`agent.who.MAX_ANCESTORS`)."""
+    who = parent.who
+    first = Ancestor(parent.pid, parent.name, parent.container_id)
+    return _with(who, ancestors=(first, *who.ancestors[: MAX_ANCESTORS - 1]))
 
 
 def _basename_comm(filename: str) -> str:
@@ -133,6 +160,8 @@ class ProcessTable:
         self.threads: Dict[int, _Thread] = {}
         self.processes: Dict[int, _Process] = {}
         self.proc_reads = 0
+        self._uid_asked: Dict[int, Tuple[str, Optional[int]]] = {}
+        """tid -> (syscall, real uid asked) between a setuid-family call and its return."""
 
     # -- reading /proc -----------------------------------------------------------------------------
 
@@ -155,12 +184,19 @@ class ProcessTable:
             return None
         return None
 
-    def _read_identity(self, pid: int, start_ns: Optional[int]) -> Optional[Identity]:
+    def _read_identity(
+        self, pid: int, start_ns: Optional[int], lineage: bool = False
+    ) -> Optional[Identity]:
         """The identity ``/proc`` shows for ``pid`` now, if it is the process we mean (same
-        start time when we know it); None when gone."""
+        start time when we know it); None when gone.  ``lineage``: its ancestors are known
+        from forks, so ``/proc``'s are not read."""
         self.proc_reads += 1
         self.identities.forget(pid)
-        identity = self.identities.lookup(pid)
+        if lineage:
+            with self.identities.who.without_ancestors():
+                identity = self.identities.lookup(pid)
+        else:
+            identity = self.identities.lookup(pid)
         if not identity.name and not identity.path:
             return None
         started = identity.process_start_time
@@ -219,15 +255,17 @@ class ProcessTable:
         base = self.process(parent.tgid).identity
         ticks = self.to_ticks(event.time)
         self.processes[event.child] = _Process(
-            dataclasses.replace(
+            _with(
                 base,
                 pid=event.child,
                 name=event.comm or base.name,
                 parent=parent.tgid,
                 process_start_time=int(self.to_unix(event.time)),
                 process_uuid=process_uuid(self.identities.boot_id, event.child, str(ticks)),
+                who=child_who(base),
             ),
             start_ns=event.time,
+            lineage=True,
         )
 
     def executed(self, event: ProcessExec, latest: bool) -> None:
@@ -243,17 +281,56 @@ class ProcessTable:
         process = self.processes.get(event.tid)
         if process is None:
             process = self.processes[event.tid] = _Process(Identity(pid=event.tid))
-        read = self._read_identity(event.tid, process.start_ns) if latest else None
+        read = self._read_identity(event.tid, process.start_ns, process.lineage) if latest else None
         if read is not None:
             if not read.path:  # exiting already: /proc/PID/exe goes with the memory map
-                read = dataclasses.replace(read, path=event.filename)
+                read = _with(read, path=event.filename)
+            if process.lineage:  # the parent it was forked by, even if it exited since
+                read = _with(
+                    read,
+                    parent=process.identity.parent,
+                    who=_with(read.who, ancestors=process.identity.who.ancestors),
+                )
             process.identity = read
             if thread.netns is None:
                 thread.netns = self._read_netns(event.tid)
             return
-        process.identity = dataclasses.replace(process.identity, pid=event.tid).after_exec(
+        process.identity = _with(process.identity, pid=event.tid).after_exec(
             event.filename, _basename_comm(event.filename)
         )
+
+    def argued(self, event: ExecArgs) -> None:
+        """The arguments of the program ``event.pid`` just started (our probe at its
+        loader's entry, right after the exec).  They stand unless ``/proc`` gave the whole
+        command line and the probe's was cut."""
+        process = self.processes.get(event.pid)
+        if process is None:
+            return
+        identity = process.identity
+        if event.cut and identity.cmdline:
+            return
+        process.identity = _with(identity, cmdline=event.cmdline)
+
+    def uid_requested(self, event: UidRequest) -> None:
+        if len(self._uid_asked) >= 4096:  # returns lost with their threads: start afresh
+            self._uid_asked.clear()
+        self._uid_asked[event.pid] = (event.syscall, event.uid)
+
+    def uid_granted(self, event: UidGranted) -> None:
+        """A granted setuid-family call: the process's real uid and user name, as they are now
+        (:mod:`agent.collect.kernel.users`)."""
+        asked = self._uid_asked.pop(event.pid, None)
+        if asked is None or asked[0] != event.syscall:
+            return
+        thread = self.threads.get(event.pid)
+        process = self.processes.get(thread.tgid if thread is not None else event.pid)
+        if process is None:
+            return
+        identity = process.identity
+        uid = real_uid_after(event.syscall, asked[1], identity.uid)
+        if uid is None or uid == identity.uid:
+            return
+        process.identity = _with(identity, uid=uid, username=self.identities.who.user_name(uid))
 
     def renamed(self, event: TaskRename) -> None:
         thread = self.threads.get(event.tid)
@@ -265,7 +342,7 @@ class ProcessTable:
         name = process.identity.name
         if len(event.comm) >= _COMM_LENGTH and name.startswith(event.comm):
             return  # already the longer name psutil makes of a full-length comm
-        process.identity = dataclasses.replace(process.identity, name=event.comm)
+        process.identity = _with(process.identity, name=event.comm)
 
     def exited(self, event: ProcessExit) -> None:
         thread = self.threads.pop(event.tid, None)
@@ -417,6 +494,9 @@ class Tracker:
             ProcessExit: self._exited,  # type: ignore[dict-item]
             TaskRename: self.processes.renamed,  # type: ignore[dict-item]
             NamespaceSwitch: self._switched,  # type: ignore[dict-item]
+            ExecArgs: self.processes.argued,  # type: ignore[dict-item]
+            UidRequest: self.processes.uid_requested,  # type: ignore[dict-item]
+            UidGranted: self.processes.uid_granted,  # type: ignore[dict-item]
         }
 
     @property
