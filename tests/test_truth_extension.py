@@ -17,7 +17,17 @@ import pytest
 from nethost import NetHost
 from osquery_core import CoreStandIn
 from test_extension_events import Extension, our_instances, wait_until
-from truthhost import DNS, NAME, WEB, WEB6, WEB_ADDRESSES, TruthHost, build, program
+from truthhost import (
+    DNS,
+    NAME,
+    WEB,
+    WEB6,
+    WEB_ADDRESSES,
+    TruthHost,
+    build,
+    program,
+    watched_by,
+)
 
 HOLDER = """
 import socket, sys
@@ -53,6 +63,8 @@ def truth(extension: Extension, nethost: NetHost) -> Iterator[TruthHost]:
 
 
 def test_the_events_table_shows_what_left(truth: TruthHost, extension: Extension) -> None:
+    # attached on the events' word (a sample is a minute away): the next query is seen
+    assert wait_until(lambda: watched_by(truth, extension.process.pid), 20)
     curl = truth.start([program("curl"), "-s", "-m", "10", f"http://{NAME}/"])
     ping = truth.start([program("ping"), "-c", "1", "-W", "5", WEB])
     for proc in (curl, ping):

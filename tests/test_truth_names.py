@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 from nethost import NetHost
 from test_truth_udp import Watch, described
-from truthhost import ALIAS, BIG, DNS, NAME, OTHER, TruthHost, build, program
+from truthhost import ALIAS, BIG, DNS, NAME, OTHER, TruthHost, build, program, watched_by
 
 
 @pytest.fixture
@@ -41,12 +41,6 @@ def truth(watch: Watch, nethost: NetHost) -> Iterator[TruthHost]:
         yield host
     finally:
         host.close()
-
-
-def watched(truth: TruthHost) -> bool:
-    """Whether a packet socket (the DNS watch's) is open in the client namespace."""
-    table = truth.run(["cat", "/proc/net/packet"])
-    return len(table.stdout.splitlines()) > 1
 
 
 def rootfs(tmp_path: Path) -> Path:
@@ -101,7 +95,7 @@ def test_the_first_connection_after_the_first_answer_is_named(
     truth: TruthHost, watch: Watch, tmp_path: Path
 ) -> None:
     deadline = time.monotonic() + 20  # a sample is a minute away: attached by the events
-    while not watched(truth):
+    while not watched_by(truth, watch.process.pid):
         assert time.monotonic() < deadline, "the DNS watch did not attach to the new namespace"
         time.sleep(0.2)
     curl = program("curl")

@@ -181,6 +181,18 @@ def build(net: NetHost) -> TruthHost:
     return host
 
 
+def watched_by(host: TruthHost, owner: int) -> bool:
+    """Whether process ``owner`` (an agent) holds a packet socket in the client namespace:
+    its DNS watch attached there (another agent on the machine may watch it too)."""
+    table = host.run(["cat", "/proc/net/packet"]).stdout.splitlines()[1:]
+    inodes = {line.split()[8] for line in table if len(line.split()) > 8}
+    try:
+        held = {os.readlink(f"/proc/{owner}/fd/{fd}") for fd in os.listdir(f"/proc/{owner}/fd")}
+    except OSError:
+        return False
+    return any(f"socket:[{inode}]" in held for inode in inodes)
+
+
 def truth_host(net: NetHost) -> TruthHost:
     return build(net)
 
