@@ -13,8 +13,10 @@ from typing import List, Tuple
 import pytest
 from test_tracker import MS, SECOND, FakeProc, feed, make_tracker, route, tcp
 
+from agent.collect.kernel.placement import NamespacePlacer
 from agent.collect.kernel.records import ConnectCall, SocketTransfer
 from agent.collect.kernel.tracker import SocketEvent, Tracker
+from agent.collect.netns import Interfaces
 
 SK, OTHER_SK = 0xFFFF0001, 0xFFFF0002
 
@@ -161,3 +163,46 @@ def test_a_tcp_connect_between_a_udp_connect_and_its_send(tracker: Tracker) -> N
         sent(SECOND + 2 * MS),
     )
     assert flows([event for event in out if event.protocol == 17]) == [(17, 443, "outbound")]
+
+
+# ---------------------------------------------------------------------------------------------
+# placing a connection whose process was gone after its setns (agent/collect/kernel/placement.py)
+
+
+def test_a_connection_is_placed_where_exactly_one_namespace_has_its_address(
+    tmp_path: Path,
+) -> None:
+    """Namespace files are stood in for by files of their own (an inode each); their
+    interfaces by what ``read`` returns; time by a clock the reads advance."""
+    files = {}
+    for name in ("a", "b"):
+        path = tmp_path / name
+        path.write_text("")
+        files[path.stat().st_ino] = str(path)
+    (a, path_a), (b, path_b) = sorted(files.items())
+    now = [0.0]
+    interfaces = {
+        path_a: Interfaces({(4, 0xC6120001), (4, 0xC6120002)}, {"lo", "eth0", "htr-a0"}),
+        path_b: Interfaces({(4, 0xC6120002), (4, 0x7F000001)}, {"lo", "eth0"}),
+    }
+
+    def read(path: str) -> Interfaces:
+        now[0] += 0.5  # each namespace read takes half a second
+        return interfaces[path]
+
+    placer = NamespacePlacer(
+        str(tmp_path / "proc"), read=read, named=lambda: files, clock=lambda: now[0]
+    )
+    (tmp_path / "proc").mkdir()
+    assert placer.place(4, bytes([198, 18, 0, 1])) == a
+    assert placer.place(4, bytes([198, 18, 0, 2])) is None  # both have it: never a guess
+    assert placer.place(4, bytes(4), "htr-a0") == a  # an unconnected send: its route's device
+    assert placer.place(4, bytes(4), "eth0") is None
+    assert placer.place(4, bytes([127, 0, 0, 1])) is None  # loopback is everywhere
+    assert placer.place(6, (0xFFFF_C612_0001).to_bytes(16, "big")) == a  # IPv4-mapped
+    refreshes = placer.refreshes
+    interfaces[path_b] = Interfaces({(4, 0xC6120009)}, {"lo"})
+    assert placer.place(4, bytes([198, 18, 0, 9])) is None  # the last look cost 1 s: quiet 9 s
+    assert placer.refreshes == refreshes
+    now[0] += 10
+    assert placer.place(4, bytes([198, 18, 0, 9])) == b  # an address no namespace had: look

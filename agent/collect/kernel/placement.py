@@ -34,6 +34,10 @@ from agent.inet import ipv4_host
 
 Reader = Callable[[str], Interfaces]
 MAX_REFRESHES_PER_S = 10
+QUIET_FACTOR = 9
+"""After a look that took T seconds, none for ``QUIET_FACTOR * T``: a host with thousands of
+namespaces (a flood of ``unshare -rn``) spends at most a tenth of the event thread's time
+indexing them."""
 
 
 def _usable(version: int, value: int) -> Optional[Tuple[int, int]]:
@@ -74,6 +78,7 @@ class NamespacePlacer:
         self.min_refresh_s = min_refresh_s
         self._clock = clock
         self._last_refresh = -1e9
+        self._quiet_until = -1e9
         self._missed: Set[object] = set()
         self._recent: Deque[float] = collections.deque()
         self.entries: Dict[int, str] = {}
@@ -111,6 +116,8 @@ class NamespacePlacer:
         missed since the last look (a namespace made a moment ago), up to
         :data:`MAX_REFRESHES_PER_S` a second."""
         now = self._clock()
+        if now < self._quiet_until:
+            return False  # the last look cost much (many namespaces): at most a tenth of the time
         if now - self._last_refresh >= self.min_refresh_s:
             return True
         if missed in self._missed:
@@ -159,3 +166,5 @@ class NamespacePlacer:
             for name in interfaces.names:
                 devices.setdefault(name, set()).add(inode)
         self.entries, self.addresses, self.devices = live, addresses, devices
+        took = self._clock() - self._last_refresh
+        self._quiet_until = self._last_refresh + took * (1 + QUIET_FACTOR)
