@@ -123,6 +123,7 @@ def state_filter() -> str:
         (TCP_LISTEN, TCP_CLOSE, AF_INET, "0.0.0.0", True),
         (TCP_SYN_SENT, TCP_ESTABLISHED, AF_INET, "9.9.9.9", True),
         (TCP_SYN_SENT, TCP_ESTABLISHED, AF_INET6, "127.0.0.6", True),  # every native IPv6
+        (TCP_SYN_SENT, TCP_ESTABLISHED, AF_INET6, "0.0.0.0", True),  # ... where left unset (6.18)
         (TCP_SYN_SENT, TCP_ESTABLISHED, AF_INET6, "127.0.0.1", False),  # ::ffff:127.0.0.1
     ],
 )
@@ -145,6 +146,7 @@ def test_events_without_an_address_keep_their_filters() -> None:
 # -- the kernel ----------------------------------------------------------------------------------
 
 SERVER, CLIENT = "9.9.9.9", "9.9.9.2"
+SERVER6, CLIENT6 = "2001:4860:4863::9", "2001:4860:4863::2"
 PRIVATE_SERVER, PRIVATE_CLIENT = "10.77.0.1", "10.77.0.2"
 COUNT = 200
 
@@ -184,14 +186,16 @@ def test_internal_connections_stop_in_the_kernel(rooted: None, nethost: NetHost)
     srv, cli = nethost.namespace("ksrv"), nethost.namespace("kcli")
     nethost.veth(srv, "ks0", cli, "kc0")
     for namespace, device, addresses in (
-        (srv, "ks0", (SERVER, PRIVATE_SERVER)),
-        (cli, "kc0", (CLIENT, PRIVATE_CLIENT)),
+        (srv, "ks0", (SERVER, PRIVATE_SERVER, SERVER6)),
+        (cli, "kc0", (CLIENT, PRIVATE_CLIENT, CLIENT6)),
     ):
         for text in addresses:
-            namespace.add_address(nethost.name(device), f"{text}/24")
+            length = 64 if ":" in text else 24
+            namespace.add_address(nethost.name(device), f"{text}/{length}")
     loopback = nethost.listen(cli, "127.0.0.1")
     private = nethost.listen(srv, PRIVATE_SERVER)
     public = nethost.listen(srv, SERVER)
+    public6 = nethost.listen(srv, SERVER6)
     source = open_source(drop_internal=BLOCKS)
     try:
         assert "sock:inet_sock_set_state" in source.kernel_filter
@@ -210,21 +214,23 @@ def test_internal_connections_stop_in_the_kernel(rooted: None, nethost: NetHost)
             connect_many(nethost, cli, PRIVATE_SERVER, private.port, COUNT),
         ]
         outside = connect_many(nethost, cli, SERVER, public.port, 3)
+        outside6 = connect_many(nethost, cli, SERVER6, public6.port, 3)  # a native IPv6 socket
         events = poll_for(source, 3.0)
         assert [e for e in events if e.identity.pid in inside] == [], "internal rows came out"
-        kinds = [str(e.kind) for e in events if e.identity.pid == outside]
-        for kind in (EventKind.CONNECT, EventKind.ESTABLISHED, EventKind.CLOSED):
-            assert kinds.count(str(kind)) == 3, kinds
+        for pid in (outside, outside6):
+            kinds = [str(e.kind) for e in events if e.identity.pid == pid]
+            for kind in (EventKind.CONNECT, EventKind.ESTABLISHED, EventKind.CLOSED):
+                assert kinds.count(str(kind)) == 3, kinds
         # every connect is counted (the audit's coverage) ...
         counted = source.connects_by_namespace().get(cli.inode, 0) - connects_before
-        assert counted == 2 * COUNT + 3
+        assert counted == 2 * COUNT + 6
         # ... and of the internal connections (unfiltered: connect, established, close on the
         # client, accept and close on the server) only the connects reached Python
         ports = {loopback.port, private.port}
         internal_raw = [(r.oldstate, r.newstate) for r in raw if ports & {r.dport, r.sport}]
         assert internal_raw == [(TCP_CLOSE, TCP_SYN_SENT)] * (2 * COUNT)
         assert all(
-            s.remote_port == public.port
+            s.remote_port in (public.port, public6.port)
             for s in source.tracker.sockets.values()
             if s.netns == cli.inode
         )
