@@ -437,14 +437,7 @@ class HistoryStore:
         def select(db: sqlite3.Connection) -> List[Dict[str, Value]]:
             if self._present is not None and "losses" not in self._present:
                 return []
-            clauses, parameters = [], []
-            if since is not None:
-                clauses.append('"end" >= ?')
-                parameters.append(since)
-            if until is not None:
-                clauses.append("start <= ?")
-                parameters.append(until)
-            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            where, parameters = _overlapping('"end"', "start", since, until)
             columns = ", ".join(f'"{name}"' for name in names)
             query = f"SELECT {columns} FROM losses{where} ORDER BY start, loss_id"  # noqa: S608
             return [dict(zip(names, values)) for values in db.execute(query, parameters)]
@@ -491,14 +484,8 @@ class HistoryStore:
             if present is not None and not present:
                 return []  # a file from before runs were kept
             names = [n for n in _RUN_NAMES if present is None or n in present]
-            clauses, parameters = [], []
-            if since is not None:
-                clauses.append("COALESCE(stopped_at, last_heartbeat) >= ?")
-                parameters.append(since)
-            if until is not None:
-                clauses.append("started_at <= ?")
-                parameters.append(until)
-            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            ended = "COALESCE(stopped_at, last_heartbeat)"
+            where, parameters = _overlapping(ended, "started_at", since, until)
             query = f"SELECT {', '.join(names)} FROM runs{where} ORDER BY started_at, run_id"  # noqa: S608
             return [
                 {name: dict(zip(names, values)).get(name) for name in _RUN_NAMES}
@@ -1380,3 +1367,18 @@ def _update(
 
 def _value(name: str, value: Any) -> Value:
     return bool(value) if name in _BOOL_COLUMNS and value is not None else value
+
+
+def _overlapping(
+    end: str, start: str, since: Optional[float], until: Optional[float]
+) -> Tuple[str, List[float]]:
+    """The ``WHERE`` clause (and its parameters) of the spans from ``start`` to ``end`` (SQL
+    expressions of our own) that overlap [``since``, ``until``]; "" when neither is given."""
+    clauses, parameters = [], []
+    if since is not None:
+        clauses.append(f"{end} >= ?")
+        parameters.append(since)
+    if until is not None:
+        clauses.append(f"{start} <= ?")
+        parameters.append(until)
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), parameters
