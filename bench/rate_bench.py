@@ -2,9 +2,10 @@
 destination, this tree beside the previous release in one run (root; issue 20).
 
 The whole agent runs, as an operator runs it: ``egress-agent watch`` (kernel events on, a
-sample every 60 s, its own history store) from each tree, one after the other, while generator
-processes in the test host's client namespace (``bench.topology``) make short TCP connections
-(connect, then reset) at ``--rate`` per second for ``--seconds`` to one destination at a time:
+sample at start and then every 600 s, its own history store) from each tree, one after the
+other, while generator processes in the test host's client namespace (``bench.topology``)
+make short TCP connections (connect, then reset) at ``--rate`` per second for ``--seconds`` to
+one destination at a time:
 
 - ``loopback``: 127.0.0.1 inside the client namespace (a server there);
 - ``private``: an internal 10.N.1.x address of the server namespace;
@@ -129,7 +130,8 @@ class Agent:
 
     def __init__(self, tree: Path, work: Path) -> None:
         config = work / "config.yaml"
-        config.write_text(f"sampling:\n  interval: 60\nhistory:\n  path: {work / 'h.db'}\n")
+        # one sample at start, none in the measured spans: the idle span must be idle
+        config.write_text(f"sampling:\n  interval: 600\nhistory:\n  path: {work / 'h.db'}\n")
         self.stderr = open(work / "stderr.log", "w+")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, str(tree / "egress-agent"), "watch", "--format", "jsonl"],
@@ -328,7 +330,7 @@ def report(steps: List[Step], args: argparse.Namespace, argv: Optional[Sequence[
     lines = [
         "## The connect rate: agent CPU per connection by destination (issue 20)\n",
         f"Run: `python -m bench.rate_bench {' '.join(argv or sys.argv[1:])}`: `watch` (kernel "
-        f"events on, sampling every 60 s) while {args.rate:g} short TCP connections/s for "
+        f"events on, one sample at start) while {args.rate:g} short TCP connections/s for "
         f"{args.seconds:g} s go to each destination in turn; load average {info['load average']}"
         f" after the run, {info['nproc']} CPUs.\n",
         markdown_table(
