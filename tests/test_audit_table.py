@@ -11,6 +11,7 @@ verdict: only the rows the test planted do.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
@@ -125,3 +126,30 @@ def test_no_history_to_read_is_an_error_row_not_a_failed_query(tmp_path: Path, k
     assert (row["since"], row["verdict"]) == ("24h", "error")
     says = "the history cannot be read: " if kept else "history is not kept"
     assert row["reason"].startswith(says), row["reason"]
+
+
+def test_a_history_edited_by_hand_makes_the_verdict_tampered(tmp_path: Path) -> None:
+    """A clean day's store, then its unexpected row deleted with SQLite alone: the table's
+    verdict is ``tampered`` and the policy fails (the chain is checked, at most every
+    ``CHAIN_CHECK_EVERY_S``, here on the first query)."""
+    now = time.time()
+    path = tmp_path / "history.db"
+    day = [run(now - 90000, now - 30)]
+    write_history(str(path), [(now - 3600, [connection()]), (now - 3500, [])], day)
+    context = QueryContext()
+    intact = HistoryStore(str(path), read_only=True)
+    try:
+        (before,) = audit_table.generate(intact, context, chains=audit_table.ChainChecks(intact))
+    finally:
+        intact.close()
+    assert before["verdict"] != "tampered", before["reason"]
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM history WHERE remote_address = '9.9.9.9'")
+    db.commit()
+    db.close()
+    edited = HistoryStore(str(path), read_only=True)
+    try:
+        (after,) = audit_table.generate(edited, context, chains=audit_table.ChainChecks(edited))
+    finally:
+        edited.close()
+    assert after["verdict"] == "tampered", after["reason"]

@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Optional
 
 from agent.audit import statement_of
 from agent.evidence import HistoryReader, live_window, read_evidence
-from agent.history import HistoryUnavailable
+from agent.history import HistoryStore, HistoryUnavailable
+from agent.history.chain import ChainCheck
 from agent.osquery.context import QueryContext
 from agent.osquery.table import (
     Cell,
@@ -83,8 +84,43 @@ def window_seconds(since: str) -> float:
     return seconds
 
 
-def audit_record(store: Optional[HistoryReader], since: str, now: float) -> Dict[str, Cell]:
-    """The row for one ``since``."""
+CHAIN_CHECK_EVERY_S = 300.0
+"""How often the table checks the store's tamper-evident chain at most: the check reads every
+row (seconds at 100,000 rows), an hourly policy needs it fresh to the hour, and a live query in
+between takes the last check."""
+
+
+class ChainChecks:
+    """The store's tamper check (:meth:`agent.history.HistoryStore.verify_chain`), made again
+    at most every :data:`CHAIN_CHECK_EVERY_S`; None for a reader that keeps no chain."""
+
+    def __init__(
+        self, store: Optional[HistoryReader], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._check: Optional[ChainCheck] = None
+        self._at = float("-inf")
+
+    def current(self) -> Optional[ChainCheck]:
+        """The latest check, made now when none is recent.  Raises
+        :class:`agent.history.HistoryUnavailable` when the store cannot be read."""
+        if not isinstance(self._store, HistoryStore):
+            return None
+        now = self._clock()
+        if self._check is None or now - self._at >= CHAIN_CHECK_EVERY_S:
+            self._check = self._store.verify_chain()
+            self._at = now
+        return self._check
+
+
+def audit_record(
+    store: Optional[HistoryReader],
+    since: str,
+    now: float,
+    chains: Optional[ChainChecks] = None,
+) -> Dict[str, Cell]:
+    """The row for one ``since`` (``tampered`` when ``chains`` finds the history edited)."""
     try:
         seconds = window_seconds(since)
     except ValueError as error:
@@ -96,7 +132,8 @@ def audit_record(store: Optional[HistoryReader], since: str, now: float) -> Dict
             "reason": "history is not kept (history.enabled is false): there is nothing to audit",
         }
     try:
-        evidence = read_evidence(store, live_window(store, now - seconds, now))
+        chain = chains.current() if chains is not None else None
+        evidence = read_evidence(store, live_window(store, now - seconds, now), chain)
     except HistoryUnavailable as error:
         return {"since": since, "verdict": ERROR, "reason": f"the history cannot be read: {error}"}
     statement = statement_of(evidence)
@@ -125,6 +162,7 @@ def generate(
     store: Optional[HistoryReader],
     context: QueryContext,
     clock: Callable[[], float] = time.time,
+    chains: Optional[ChainChecks] = None,
 ) -> List[Dict[str, str]]:
     """One row per ``since`` the query asks for (24h when none); a window that cannot be judged
     (a bad ``since``, no history, a store that cannot be read) is a row with verdict
@@ -132,12 +170,13 @@ def generate(
     asked = context.equal_values("since") or frozenset({DEFAULT_SINCE})
     columns = context.used(SPEC.column_names)
     now = clock()
-    return [string_row(audit_record(store, since, now), columns) for since in sorted(asked)]
+    return [string_row(audit_record(store, since, now, chains), columns) for since in sorted(asked)]
 
 
 def make(inputs: TableInputs) -> Table:
     """The audit table over the running agent's history store."""
-    return Table(SPEC, lambda context: generate(inputs.store, context))
+    chains = ChainChecks(inputs.store)
+    return Table(SPEC, lambda context: generate(inputs.store, context, chains=chains))
 
 
 PLUGIN = TablePlugin(SPEC, make)
