@@ -171,8 +171,9 @@ def _gone_note(gone: int, limited: bool, ignored: bool) -> str:
 class _NewConnections:
     """What ``watch`` prints: each connection once, when kernel events report it (as it
     happens) or when a sample first shows it (those not in the previous sample, or, with
-    ``once_per_run``, never seen before in this run).  Called from the sampling loop and from
-    the event feed's thread."""
+    ``once_per_run``, never seen before in this run); and once more when a connection printed
+    without a name shows one later (its DNS answer was read after the connection was).  Called
+    from the sampling loop and from the event feed's thread."""
 
     def __init__(self, args: argparse.Namespace, scope: Scope) -> None:
         self._args = args
@@ -180,6 +181,8 @@ class _NewConnections:
         self._seen: Set[Tuple[object, ...]] = set()
         self._by_events: Set[Tuple[object, ...]] = set()
         """Printed from events since the last sample (which may not have seen them yet)."""
+        self._nameless: Set[Tuple[object, ...]] = set()
+        """Printed without a ``remote_domain``: printed again once one is known."""
         self._lock = threading.Lock()
 
     def _wanted(self, connections: Sequence[Connection]) -> List[Connection]:
@@ -194,10 +197,15 @@ class _NewConnections:
 
         with self._lock:
             current = {history_key(c): c for c in self._wanted(snapshot.connections)}
-            new = [c for key, c in current.items() if key not in self._seen]
+            new = [
+                c
+                for key, c in current.items()
+                if key not in self._seen or (key in self._nameless and c.remote_domain)
+            ]
             kept = self._seen if self._args.once_per_run else self._by_events
             self._seen = set(current) | kept
             self._by_events = set()
+            self._nameless &= set(current)
             self._print(new)
 
     def event(self, connection: Connection) -> None:
@@ -206,13 +214,21 @@ class _NewConnections:
         with self._lock:
             wanted = self._wanted([connection])
             key = history_key(connection)
-            if not wanted or key in self._seen:
+            named_now = key in self._nameless and bool(connection.remote_domain)
+            if not wanted or (key in self._seen and not named_now):
                 return
             self._seen.add(key)
             self._by_events.add(key)
             self._print(wanted)
 
     def _print(self, connections: List[Connection]) -> None:
+        from agent.history import history_key
+
+        for connection in connections:
+            if connection.remote_domain:
+                self._nameless.discard(history_key(connection))
+            elif connection.external:
+                self._nameless.add(history_key(connection))
         shown = [c for c in connections if self._args.allowlisted or not c.allowlisted]
         if shown:
             sys.stdout.write(render([c.as_dict() for c in shown], None, self._args.format))
