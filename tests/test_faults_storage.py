@@ -17,11 +17,9 @@ and every row both wrote is there.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Set, Tuple
@@ -29,6 +27,7 @@ from typing import Callable, Dict, Iterator, List, Set, Tuple
 import pytest
 from nethost import NetHost, Proc
 from osquery_core import CoreStandIn, ExtensionConnection, default_extension_command
+from tmpfs import Tmpfs
 
 SERVER6, CLIENT6 = "2a0e:4a00:d::1", "2a0e:4a00:d::2"
 INTERVAL = 0.5
@@ -40,45 +39,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class Tmpfs:
-    """A small tmpfs of our own, unmounted (lazily if still busy) when the test ends."""
-
-    def __init__(self, size: str) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="eah-store-", dir="/tmp"))
-        self.path = self.base / "mnt"
-        self.path.mkdir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "eah-store", str(self.path)],
-            check=True,
-        )
-
-    def remount(self, options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
-
-    def fill(self) -> Path:
-        """Fill the filesystem to the last block; the filler file is returned for removal."""
-        filler = self.path / "filler"
-        descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            chunk = 65536
-            while chunk:
-                try:
-                    os.write(descriptor, b"\0" * chunk)
-                except OSError:
-                    chunk //= 2
-        finally:
-            os.close(descriptor)
-        return filler
-
-    def close(self) -> None:
-        if subprocess.run(["umount", str(self.path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
 @pytest.fixture
 def tmpfs() -> Iterator[Tmpfs]:
-    mount = Tmpfs(TMPFS_SIZE)
+    mount = Tmpfs(TMPFS_SIZE, "eah-store")
     try:
         yield mount
     finally:

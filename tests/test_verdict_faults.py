@@ -12,11 +12,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, List, Tuple
@@ -24,6 +22,7 @@ from typing import Iterator, List, Tuple
 import pytest
 from history_fixture import connection, egress_agent
 from nethost import NetHost
+from tmpfs import Tmpfs
 
 from agent.history import HistoryStore, RunFigures, RunStart
 
@@ -35,52 +34,9 @@ PREFIX = os.environ.get("NETHOST_PREFIX", "eat")
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
 
 
-class Tmpfs:
-    """A small tmpfs of our own on a temporary directory, unmounted when the test ends."""
-
-    def __init__(self, size: str) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-verdict-"))
-        self.path = self.base / "mnt"
-        self.path.mkdir()
-        subprocess.run(
-            [
-                "mount",
-                "-t",
-                "tmpfs",
-                "-o",
-                f"size={size},mode=0700",
-                f"{PREFIX}-verdict",
-                str(self.path),
-            ],
-            check=True,
-        )
-
-    def remount(self, options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
-
-    def fill(self) -> Path:
-        filler = self.path / "filler"
-        descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            chunk = 65536
-            while chunk:
-                try:
-                    os.write(descriptor, b"\0" * chunk)
-                except OSError:
-                    chunk //= 2
-        finally:
-            os.close(descriptor)
-        return filler
-
-    def close(self) -> None:
-        if subprocess.run(["umount", str(self.path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
 @pytest.fixture
 def tmpfs() -> Iterator[Tmpfs]:
-    mounted = Tmpfs("32m")
+    mounted = Tmpfs("32m", f"{PREFIX}-verdict")
     try:
         yield mounted
     finally:
