@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from dnshost import dns_host  # noqa: F401 (offered to every test)
 from nethost import NetHost
+from truthhost import truth, watch  # noqa: F401 (the issue-24 tests' test host and agent)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,9 +23,10 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import pytest
 from conftest import run_as_nobody
+from event_extension import Extension, our_instances, running_extension, wait_until
 from lines import Lines
 from nethost import NetHost
-from osquery_core import CoreStandIn, ExtensionConnection
+from osquery_core import CoreStandIn
 from test_events import BASH, CLIENT, SERVER, Host, run_storm
 
 from agent.classify import Classifier
@@ -35,68 +36,16 @@ from agent.config import Settings
 from agent.history import HistoryStore
 from agent.pipeline import EventFeed, EventLog, Monitor, Pipeline, kernel_events
 
-TRACING = "/sys/kernel/tracing/instances"
-
-
-def our_instances(pid: int) -> List[str]:
-    try:
-        return [name for name in os.listdir(TRACING) if name == f"egress-agent-{pid}"]
-    except OSError:
-        return []
-
 
 @pytest.fixture
 def host(nethost: NetHost) -> Host:
     return Host(nethost)
 
 
-class Extension:
-    def __init__(self, core: CoreStandIn, config: Path, history: Path) -> None:
-        self.process = core.launch(
-            [sys.executable, "-m", "agent.cli", "extension"],
-            interval=1,
-            env={"EGRESS_AGENT_CONFIG": str(config)},
-        )
-        self.registration = core.wait_for_registration(process=self.process)
-        self.history = history
-        self.core = core
-
-    def connection(self) -> ExtensionConnection:
-        return self.core.connect(self.registration, timeout=60)
-
-    def info(self) -> Dict[str, str]:
-        with self.connection() as extension:
-            (row,) = extension.generate("egress_agent_info")
-            return row
-
-    def events(self, pids: Set[int]) -> List[Dict[str, str]]:
-        with self.connection() as extension:
-            rows = extension.generate("external_connection_events")
-        return [row for row in rows if int(row["pid"]) in pids]
-
-
 @pytest.fixture
 def extension(tmp_path: Path) -> Iterator[Extension]:
-    history = tmp_path / "history.db"
-    config = tmp_path / "config.yaml"
-    config.write_text(f"sampling:\n  interval: 60\nhistory:\n  path: {history}\n")
-    with CoreStandIn() as core:
-        running = Extension(core, config, history)
-        deadline = time.monotonic() + 30
-        while running.info()["events_source"] != "tracefs":
-            assert time.monotonic() < deadline, running.info()
-            time.sleep(0.2)
+    with running_extension(tmp_path) as running:
         yield running
-    assert not our_instances(running.process.pid), "the extension left its instance"
-
-
-def wait_until(done: Any, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if done():
-            return True
-        time.sleep(0.25)
-    return bool(done())
 
 
 def history_rows(path: Path, pids: Set[int]) -> List[Dict[str, Any]]:

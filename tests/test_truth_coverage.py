@@ -15,12 +15,14 @@ import os
 import subprocess
 import threading
 import time
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
-import pytest
 from fakes import FunctionSampler, monitor_of
-from nethost import NetHost
-from truthhost import WEB, TruthHost, build, program
+from truthhost import (
+    WEB,
+    TruthHost,
+    program,
+)
 
 from agent import coverage
 from agent.collect.kernel.source import open_event_source
@@ -30,15 +32,6 @@ PREFIX = os.environ.get("NETHOST_PREFIX", "eat")
 GONE = "198.18.224.7"
 """An address on the loopback of the namespace that comes and goes (so that its connects can
 be placed: loopback's own 127.0.0.1 is in every namespace)."""
-
-
-@pytest.fixture
-def truth(nethost: NetHost) -> Iterator[TruthHost]:
-    host = build(nethost)
-    try:
-        yield host
-    finally:
-        host.close()
 
 
 def active_opens(path: str) -> int:

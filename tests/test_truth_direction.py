@@ -20,9 +20,13 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 from commands import egress_agent
-from nethost import NetHost
-from test_truth_udp import Watch, described
-from truthhost import CLIENT, DNS, TruthHost, build
+from truthhost import (
+    CLIENT,
+    DNS,
+    TruthHost,
+    Watch,
+    described,
+)
 
 CLOSE_FIRST = """
 import socket, sys
@@ -56,15 +60,6 @@ out.connect((sys.argv[2], int(sys.argv[3])))
 print("READY", port, flush=True)
 sys.stdin.read()
 """
-
-
-@pytest.fixture
-def truth(nethost: NetHost) -> Iterator[TruthHost]:
-    host = build(nethost)
-    try:
-        yield host
-    finally:
-        host.close()
 
 
 @pytest.fixture

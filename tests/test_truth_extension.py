@@ -9,14 +9,12 @@ connected ping socket as ``icmp``.  Assertions look only at this test's processe
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Set
 
 import pytest
+from event_extension import Extension, running_extension, wait_until
 from nethost import NetHost
-from osquery_core import CoreStandIn
-from test_extension_events import Extension, our_instances, wait_until
 from truthhost import (
     DNS,
     NAME,
@@ -40,17 +38,8 @@ sys.stdin.read()
 
 @pytest.fixture
 def extension(tmp_path: Path) -> Iterator[Extension]:
-    history = tmp_path / "history.db"
-    config = tmp_path / "config.yaml"
-    config.write_text(f"sampling:\n  interval: 60\nhistory:\n  path: {history}\n")
-    with CoreStandIn() as core:
-        running = Extension(core, config, history)
-        deadline = time.monotonic() + 30
-        while running.info()["events_source"] != "tracefs":
-            assert time.monotonic() < deadline, running.info()
-            time.sleep(0.2)
+    with running_extension(tmp_path) as running:
         yield running
-    assert not our_instances(running.process.pid), "the extension left its instance"
 
 
 @pytest.fixture

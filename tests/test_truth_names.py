@@ -20,18 +20,19 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 from nethost import NetHost
-from test_truth_udp import Watch, described
-from truthhost import ALIAS, BIG, DNS, NAME, OTHER, TruthHost, build, program, watched_by
-
-
-@pytest.fixture
-def watch(tmp_path: Path) -> Iterator[Watch]:
-    running = Watch(tmp_path)
-    try:
-        yield running
-    finally:
-        stderr = running.stop()
-        assert "Traceback" not in stderr, stderr
+from truthhost import (
+    ALIAS,
+    BIG,
+    DNS,
+    NAME,
+    OTHER,
+    TruthHost,
+    Watch,
+    build,
+    described,
+    program,
+    watched_by,
+)
 
 
 @pytest.fixture

@@ -9,34 +9,10 @@ Real programs (curl, nc from Debian's packages) in the test host of tests/truthh
 from __future__ import annotations
 
 import concurrent.futures
-from pathlib import Path
-from typing import Iterator
 
-import pytest
-from nethost import NetHost
-from test_truth_udp import Watch, described
-from truthhost import DNS, WEB, TruthHost, build, program
+from truthhost import DNS, WEB, TruthHost, Watch, described, program
 
 COMMANDS = 200
-
-
-@pytest.fixture
-def truth(nethost: NetHost) -> Iterator[TruthHost]:
-    host = build(nethost)
-    try:
-        yield host
-    finally:
-        host.close()
-
-
-@pytest.fixture
-def watch(tmp_path: Path) -> Iterator[Watch]:
-    running = Watch(tmp_path)
-    try:
-        yield running
-    finally:
-        stderr = running.stop()
-        assert "Traceback" not in stderr, stderr
 
 
 def test_every_short_command_under_ip_netns_exec_carries_its_namespace(

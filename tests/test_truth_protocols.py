@@ -14,13 +14,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
-import pytest
 from commands import egress_agent
-from nethost import NetHost
-from test_truth_udp import Watch, described
-from truthhost import FILES, WEB, WEB6, TruthHost, build, program
+from truthhost import (
+    FILES,
+    WEB,
+    WEB6,
+    TruthHost,
+    Watch,
+    described,
+    program,
+)
 
 HOLDER = """
 import socket, sys
@@ -39,15 +44,6 @@ import socket, sys
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47)
 raw.sendto(bytes(4), (sys.argv[1], 0))
 """
-
-
-@pytest.fixture
-def truth(nethost: NetHost) -> Iterator[TruthHost]:
-    host = build(nethost)
-    try:
-        yield host
-    finally:
-        host.close()
 
 
 def test_connected_ping_and_raw_sockets_are_sampled(truth: TruthHost, tmp_path: Path) -> None:

@@ -13,110 +13,23 @@ Assertions look only at this test's processes.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, List, Optional
 
-import pytest
 from commands import egress_agent
-from nethost import NetHost
-from truthhost import ALIAS, CLIENT, DNS, NAME, WEB, WEB_ADDRESSES, TruthHost, build, program
-
-TRACING = "/sys/kernel/tracing/instances"
-
-
-@pytest.fixture
-def truth(nethost: NetHost) -> Iterator[TruthHost]:
-    host = build(nethost)
-    try:
-        yield host
-    finally:
-        host.close()
-
-
-class Watch:
-    """``egress-agent watch`` with kernel events, sampling once a minute, into ``history``."""
-
-    def __init__(self, tmp_path: Path, interval: float = 60) -> None:
-        self.history = tmp_path / "history.db"
-        self.config = tmp_path / "config.yaml"
-        self.config.write_text(
-            f"sampling:\n  interval: {interval}\nhistory:\n  path: {self.history}\n"
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "watch", "--format", "jsonl"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ, EGRESS_AGENT_CONFIG=str(self.config)),
-        )
-        deadline = time.monotonic() + 30
-        while not os.path.isdir(f"{TRACING}/egress-agent-{self.process.pid}"):
-            assert self.process.poll() is None, self.process.stderr.read()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "watch made no event instance"
-            time.sleep(0.1)
-        time.sleep(1.5)  # its first sample is taken: the next is far away
-
-    def rows(self, pids: Optional[Set[int]], *limits: str) -> List[Dict[str, Any]]:
-        """The history's rows of ``pids`` (all with None), as ``egress-agent history --format
-        json`` shows them with ``limits`` (``--netns NAME``...)."""
-        shown = egress_agent("history", "--format", "json", *limits, config=self.config)
-        assert shown.returncode == 0, shown.stderr
-        return [row for row in json.loads(shown.stdout) if pids is None or row["pid"] in pids]
-
-    def wait_rows(
-        self, pids: Optional[Set[int]], done: Any, *limits: str, timeout: float = 30
-    ) -> List[Dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        rows = self.rows(pids, *limits)
-        while not done(rows) and time.monotonic() < deadline:
-            time.sleep(0.5)
-            rows = self.rows(pids, *limits)
-        return rows
-
-    def stop(self) -> str:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = self.process.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, stderr = self.process.communicate()
-        return str(stderr)
-
-
-@pytest.fixture
-def watch(tmp_path: Path) -> Iterator[Watch]:
-    running = Watch(tmp_path)
-    try:
-        yield running
-    finally:
-        stderr = running.stop()
-        assert "Traceback" not in stderr, stderr
-
-
-def ran(truth: TruthHost, argv: List[str]) -> int:
-    """Run ``argv`` in the client namespace (``ip netns exec`` execs it: the pid is its own);
-    its pid, once it exited successfully."""
-    proc = truth.start(argv)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, f"{argv}: {stderr}"
-    return proc.pid
-
-
-def tcp_seen(pid: int) -> Any:
-    return lambda rows: any(r["pid"] == pid and r["protocol"] == 6 for r in rows)
-
-
-def described(rows: List[Dict[str, Any]]) -> str:
-    return "; ".join(
-        f"{r['pid']} {r['name']} {r['protocol']} {r['direction']} "
-        f"{r['remote_address']}:{r['remote_port']}"
-        for r in rows
-    )
+from truthhost import (
+    ALIAS,
+    CLIENT,
+    DNS,
+    NAME,
+    WEB,
+    WEB_ADDRESSES,
+    TruthHost,
+    Watch,
+    described,
+    program,
+)
 
 
 def test_glibcs_address_sorting_and_pings_probe_are_no_flows(
@@ -153,6 +66,19 @@ def test_glibcs_address_sorting_and_pings_probe_are_no_flows(
         assert {(r["remote_address"], r["remote_port"], r["direction"]) for r in sent} == {
             (DNS, 53, "outbound")
         }, described(rows)
+
+
+def ran(truth: TruthHost, argv: List[str]) -> int:
+    """Run ``argv`` in the client namespace (``ip netns exec`` execs it: the pid is its own);
+    its pid, once it exited successfully."""
+    proc = truth.start(argv)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, f"{argv}: {stderr}"
+    return proc.pid
+
+
+def tcp_seen(pid: int) -> Any:
+    return lambda rows: any(r["pid"] == pid and r["protocol"] == 6 for r in rows)
 
 
 def test_a_dns_servers_answers_are_replies_not_outbound(truth: TruthHost, watch: Watch) -> None:
