@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Collection, Dict, Mapping
 
-from agent.collect.netns import PROC_ROOT, discover_namespaces, in_namespace_file, named_namespaces
+from agent.collect.netns import PROC_ROOT, discover_namespaces, in_namespace_file
 from agent.collect.sockets.procnet import parse_snmp, read_tcp_counters
 
 
@@ -57,11 +57,6 @@ def active_opens_of_files(files: Mapping[int, str], skip: Collection[int] = ()) 
         except (OSError, KeyError, ValueError):
             continue
     return counts
-
-
-def named_active_opens(skip: Collection[int] = ()) -> Dict[int, int]:
-    """:func:`active_opens_of_files` of the namespaces kept by a file (``named_namespaces``)."""
-    return active_opens_of_files(named_namespaces(), skip)
 
 
 class ActiveOpensGrowth:

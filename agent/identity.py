@@ -42,18 +42,6 @@ if TYPE_CHECKING:
     import psutil  # imported where used: only off Linux (see the module's docstring)
 
 
-def container_id_from_cgroup(text: str) -> str:
-    """The container id in a ``/proc/PID/cgroup`` text when a container runtime owns the
-    cgroup (:func:`agent.cgroups.placement`), or "" when none."""
-    return placement(text).container_id
-
-
-def systemd_unit_from_cgroup(text: str) -> str:
-    """The system manager's unit (``nginx.service``, ``session-3.scope``, ``user@1000.service``)
-    a process runs in, or "" (:func:`agent.cgroups.placement`)."""
-    return placement(text).systemd_unit
-
-
 def read_boot_id(proc_root: str = PROC_ROOT) -> str:
     """This boot's id (``/proc/sys/kernel/random/boot_id``, random per boot); off Linux, the
     boot time, which is as stable."""

@@ -20,7 +20,7 @@ import pytest
 from commands import egress_agent
 from nethost import Namespace, NetHost, Proc
 
-from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
+from agent.cgroups import placement
 
 SERVER, CLIENT = "2001:4860:4863::1", "2001:4860:4863::2"
 
@@ -206,9 +206,9 @@ def test_limits_by_container_and_unit(nethost: NetHost, cgroups: List[Cgroup]) -
     cgroups.append(service)
     service.add(unit_bound.pid)
     with open(f"/proc/{boxed.pid}/cgroup") as handle:
-        assert container_id_from_cgroup(handle.read()) == container
+        assert placement(handle.read()).container_id == container
     with open(f"/proc/{unit_bound.pid}/cgroup") as handle:
-        assert systemd_unit_from_cgroup(handle.read()) == unit
+        assert placement(handle.read()).systemd_unit == unit
 
     in_box = check_json("--container", container[:12])[1]
     assert [(r["pid"], r["container_id"]) for r in in_box] == [(boxed.pid, container)]

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import cli
+from agent.cgroups import placement
 from agent.classify import MAX_ADDRESS_LENGTH, AddressError, Classifier
 from agent.collect.netns import parse_namespace_link
 from agent.collect.sockets.procnet import (
@@ -37,7 +38,6 @@ from agent.collect.sockets.procnet import (
     parse_snmp,
     scan_socket_table,
 )
-from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
 
 CLASSIFIER = Classifier()
 
@@ -212,8 +212,7 @@ def test_snmp_cgroup_and_namespace_links_never_raise(raw: bytes) -> None:
     assert all(isinstance(v, int) for v in parse_snmp(text).values())
     assert all(isinstance(v, int) for v in parse_snmp("Tcp: " + text + "\nTcp: 1 2").values())
     cgroup = os.fsdecode(raw)
-    container_id_from_cgroup(cgroup)
-    systemd_unit_from_cgroup(cgroup)
+    placement(cgroup)  # never raises, whatever the bytes
     for link in (text, f"net:[{text}]"):
         try:
             assert parse_namespace_link(link) > 0

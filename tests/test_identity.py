@@ -13,13 +13,12 @@ import psutil
 import pytest
 from conftest import needs_root, run_as_nobody
 
+from agent.cgroups import placement
 from agent.identity import (
     NO_OWNER,
     Identity,
     IdentityCache,
-    container_id_from_cgroup,
     process_uuid,
-    systemd_unit_from_cgroup,
 )
 
 ID = "3f4b7a9c2d1e8f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a"
@@ -123,8 +122,8 @@ CGROUPS = [
 @pytest.mark.parametrize("text, container, unit", CGROUPS)
 def test_cgroup_layouts(text: str, container: str, unit: str) -> None:
     text = text.replace("ID", ID).replace("POD", POD)
-    assert container_id_from_cgroup(text) == container
-    assert systemd_unit_from_cgroup(text) == unit.replace("ID", ID)
+    assert placement(text).container_id == container
+    assert placement(text).systemd_unit == unit.replace("ID", ID)
 
 
 def test_process_uuid_names_one_instance_on_one_boot() -> None:
@@ -153,7 +152,7 @@ def test_this_process() -> None:
     assert me.process_start_time == int(real.create_time())
     assert abs(me.process_start_time - time.time()) < 24 * 3600
     assert uuid.UUID(me.process_uuid)
-    assert me.container_id == container_id_from_cgroup(Path("/proc/self/cgroup").read_text())
+    assert me.container_id == placement(Path("/proc/self/cgroup").read_text()).container_id
     assert cache.lookup(os.getpid()) is me
     assert (cache.hits, cache.misses) == (1, 1)
     assert IdentityCache().lookup(os.getpid()).process_uuid == me.process_uuid

@@ -22,12 +22,12 @@ import pytest
 from conftest import needs_root, run_as_nobody
 from nethost import NetHost, Proc
 
+from agent.cgroups import placement
 from agent.classify import Classifier
 from agent.collect import Sampler, SamplerError
 from agent.collect.netns import namespace_of
 from agent.collect.sockets.procnet import encode_address
 from agent.collect.sockets.sampler import LinuxSampler
-from agent.identity import container_id_from_cgroup, systemd_unit_from_cgroup
 from agent.records import Connection
 
 SRV6, CLI6 = "2001:4860:4860::8888", "2001:4860:4860::2"
@@ -177,8 +177,8 @@ def test_rows_carry_the_process_identity(scenario: Scenario) -> None:
         assert row.parent == os.getpid()
         assert row.process_start_time == int(real.create_time())
         cgroup = Path(f"/proc/{row.pid}/cgroup").read_text()
-        assert row.container_id == container_id_from_cgroup(cgroup)
-        assert row.systemd_unit == systemd_unit_from_cgroup(cgroup)
+        assert row.container_id == placement(cgroup).container_id
+        assert row.systemd_unit == placement(cgroup).systemd_unit
         assert row.net_namespace == namespace_of(row.pid)
         assert os.readlink(f"/proc/{row.pid}/fd/{row.fd}") == f"socket:[{row.socket}]"
         uuids.add((row.pid, row.process_uuid))
