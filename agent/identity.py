@@ -359,17 +359,11 @@ class IdentityCache:
         whose newline translation turns a ``\\r`` in an argument into ``\\n``."""
         try:
             with open(f"{self.proc_root}/{pid}/cmdline", "rb") as handle:
-                data = handle.read(CMDLINE_MAX_BYTES + 1)
+                return _command_line(handle.read(_CMDLINE_READ))
         except FileNotFoundError:
             if os.path.isdir(self.proc_root):
                 raise
             return bounded_cmdline(" ".join(process.cmdline()))
-        cut = len(data) > CMDLINE_MAX_BYTES
-        data = data[:CMDLINE_MAX_BYTES]
-        if data.endswith(b"\0"):
-            data = data[:-1]
-        text = os.fsdecode(data.replace(b"\0", b" "))
-        return text + CMDLINE_CUT_MARK if cut else text
 
     def _read_cgroup(self, pid: int) -> str:
         try:
@@ -407,13 +401,17 @@ CMDLINE_CUT_MARK = " ...[cut]"
 
 
 def bounded_cmdline(text: str) -> str:
-    """``text`` within :data:`CMDLINE_MAX_BYTES` (as UTF-8 with surrogateescape), marked when
+    """``text`` within :data:`CMDLINE_MAX_BYTES` (encoded as the file system's names), marked when
     cut."""
-    data = text.encode("utf-8", "surrogateescape")
+    data = os.fsencode(text)
     if len(data) <= CMDLINE_MAX_BYTES:
         return text
-    return data[:CMDLINE_MAX_BYTES].decode("utf-8", "surrogateescape") + CMDLINE_CUT_MARK
+    return os.fsdecode(data[:CMDLINE_MAX_BYTES]) + CMDLINE_CUT_MARK
 
+
+_CMDLINE_READ = CMDLINE_MAX_BYTES + 2
+"""Bytes of ``/proc/PID/cmdline`` read: the bound, the closing NUL, and one to tell a longer
+command line from one exactly at the bound."""
 
 LinuxIdentity = Tuple[str, str, str, Optional[int], Optional[int], Optional[float]]
 """(name, path, cmdline, real uid, parent pid, start time in clock ticks since boot)"""
@@ -446,9 +444,8 @@ def read_linux_identity(pid: int, proc_root: str = PROC_ROOT) -> Optional[LinuxI
     fields = stat[closing + 2 :].split()
     parent = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
     start_ticks = float(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
-    raw = _read_or_empty(f"{base}/cmdline", CMDLINE_MAX_BYTES + 1)
-    cut = len(raw) > CMDLINE_MAX_BYTES
-    arguments = _cmdline(raw[:CMDLINE_MAX_BYTES] + b"\0" if cut else raw)
+    raw = _read_or_empty(f"{base}/cmdline", _CMDLINE_READ)
+    arguments = _cmdline(raw)
     if len(name) >= _COMM_LENGTH and arguments:
         extended = os.path.basename(arguments[0])
         if extended.startswith(name):
@@ -456,7 +453,7 @@ def read_linux_identity(pid: int, proc_root: str = PROC_ROOT) -> Optional[LinuxI
     return (
         name,
         _exe(f"{base}/exe"),
-        " ".join(arguments) + (CMDLINE_CUT_MARK if cut else ""),
+        _command_line(raw),
         _real_uid(_read_or_empty(f"{base}/status")),
         parent,
         start_ticks,
@@ -480,7 +477,17 @@ def _read_link(path: str) -> str:
         return ""
 
 
+def _command_line(data: bytes) -> str:
+    """The arguments in the first :data:`_CMDLINE_READ` bytes of ``/proc/PID/cmdline``, joined
+    by spaces and bounded as :func:`bounded_cmdline` bounds psutil's."""
+    return bounded_cmdline(" ".join(_cmdline(data)))
+
+
 def _cmdline(data: bytes) -> List[str]:
+    """The arguments in ``cmdline`` bytes as psutil splits them; a read cut at
+    :data:`_CMDLINE_READ` keeps its last argument, partial."""
+    if len(data) >= _CMDLINE_READ:
+        data += b"\0"
     text = data.decode(_FS_ENCODING, "surrogateescape")
     if not text:
         return []

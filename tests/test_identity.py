@@ -15,9 +15,12 @@ from conftest import needs_root, run_as_nobody
 
 from agent.cgroups import placement
 from agent.identity import (
+    CMDLINE_CUT_MARK,
+    CMDLINE_MAX_BYTES,
     NO_OWNER,
     Identity,
     IdentityCache,
+    bounded_cmdline,
     process_uuid,
 )
 
@@ -254,7 +257,7 @@ def _psutil_identity(pid: int) -> tuple:  # type: ignore[type-arg]
         return (
             process.name(),
             path,
-            " ".join(process.cmdline()),
+            bounded_cmdline(" ".join(process.cmdline())),  # the documented bound
             process.uids().real,
             process.username(),
             process.ppid(),
@@ -288,6 +291,28 @@ def test_linux_identity_is_what_psutil_says_for_every_process_here() -> None:
         assert got == before, pid
         compared += 1
     assert compared >= 5
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 2, 5000])
+def test_a_command_line_at_the_bound_is_whole_and_one_byte_over_is_cut(extra: int) -> None:
+    """The bound counts the arguments joined by spaces, without the closing NUL: a command line
+    of exactly :data:`CMDLINE_MAX_BYTES` is kept whole and unmarked, one byte more is cut and
+    marked, and the /proc reader agrees with :func:`bounded_cmdline` on psutil's arguments."""
+    head = [sys.executable, "-c", "import time; time.sleep(30)"]
+    used = len(" ".join(head).encode()) + 1  # the space before the padding argument
+    padding = "x" * (CMDLINE_MAX_BYTES - used + extra)
+    child = subprocess.Popen([*head, padding])  # returns once the exec has happened
+    try:
+        joined = " ".join([*head, padding])
+        mine = IdentityCache().lookup(child.pid).cmdline
+        assert mine == bounded_cmdline(joined)
+        if extra <= 0:
+            assert mine == joined
+        else:
+            assert mine == joined[:CMDLINE_MAX_BYTES] + CMDLINE_CUT_MARK
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_long_name_and_a_rewritten_command_line_read_as_psutil_reads_them(
