@@ -131,16 +131,21 @@ def ipv4_host(value: int, version: int) -> Optional[int]:
 OUTBOUND, INBOUND, UNKNOWN = "outbound", "inbound", "unknown"
 
 
-def direction_of(accepted_by_listener: bool, has_owner: bool) -> str:
+def direction_of(on_listening_end: bool, has_owner: bool, connected: Optional[bool] = None) -> str:
     """Which way a connection was opened, from what the socket tables and fds tell.
 
-    A socket whose local end is a listener's address and port was accepted: ``inbound``.  One a
-    process holds and no listener accepted was connected by it: ``outbound``.  A socket with
-    neither (an ownerless TIME_WAIT or orphan whose listener has closed too, or another user's
-    socket when not root) could be either: ``unknown``, rather than a guess.
+    A socket on a listener's address and port is ``inbound`` only when the kernel says a
+    listener accepted it (``connected`` False: :mod:`agent.collect.sockets.opener`) and
+    ``outbound`` when it says this end connected (True): a process may listen on a port with
+    ``SO_REUSEPORT`` and ``connect()`` out from it, and the tables alone show the two alike, so
+    without the kernel's word (None) it is ``unknown``, which counts as egress.  One a process
+    holds on no listener's end was connected by it: ``outbound``.  Neither (an ownerless
+    TIME_WAIT, or another user's socket when not root): ``unknown``, rather than a guess.
     """
-    if accepted_by_listener:
-        return INBOUND
+    if on_listening_end:
+        if connected is None:
+            return UNKNOWN
+        return OUTBOUND if connected else INBOUND
     return OUTBOUND if has_owner else UNKNOWN
 
 

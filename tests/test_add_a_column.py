@@ -31,7 +31,9 @@ SERVER, CLIENT = "2001:4860:4862::8888", "2001:4860:4862::2"
 
 RECORD_FIELD = '    allow_rule: str = _col("TEXT", "")\n'
 SOCKET_FIELD = "    direction: str\n"
-READER_LINE = "                direction=direction_of(inbound, identity.pid > 0),\n"
+READER_LINE = (
+    "                direction=direction_of(on_listening_end, identity.pid > 0, connected),\n"
+)
 
 
 def copy_with_a_new_column(target: Path) -> Path:

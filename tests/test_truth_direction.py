@@ -5,7 +5,11 @@
   socket without an owner or a listener: the events saw the accept, so it is ``inbound``,
   not ``unknown``;
 - a process listening on port P with ``SO_REUSEPORT`` that connects out from P: the events saw
-  the ``connect()``, so it is ``outbound``, though its local port is a listener's.
+  the ``connect()``, so it is ``outbound``, though its local port is a listener's;
+- with no agent running, a one-shot ``check`` has only the socket tables and ``tcp_info``:
+  the connect from P is ``outbound`` and a connection P accepted ``inbound`` because the
+  kernel's counters say so (:mod:`agent.collect.sockets.opener`), and a TIME_WAIT on P, which
+  has no counters left, ``unknown``.
 
 Test hosts of tests/truthhost.py (global addresses on veths between test namespaces only).
 """
@@ -119,3 +123,43 @@ def test_a_connect_from_a_listening_port_is_outbound(truth: TruthHost, watch: Wa
     assert checked.stdout.strip(), checked.stderr
     sampled = [r for r in json.loads(checked.stdout) if r["pid"] == proc.pid]
     assert [r["direction"] for r in sampled] == ["outbound"], checked.stdout + checked.stderr
+
+
+def test_with_no_agent_a_check_asks_the_kernel_which_end_opened(
+    truth: TruthHost, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"history:\n  path: {tmp_path / 'none.db'}\n")  # no agent, no history
+    web = truth.net.listen(truth.srv, DNS)
+    proc = truth.net.spawn(
+        truth.cli,
+        [sys.executable, "-c", FROM_LISTENING_PORT, CLIENT, DNS, str(web.port)],
+        ready=True,
+    )
+    port = int(proc.ready[0])
+    client = truth.net.connect(truth.srv, CLIENT, port)  # in the listener's accept queue
+    client_port = int(client.ready[1])
+
+    def on_port(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        return [r for r in rows if r["local_port"] == port and r["remote_address"] == DNS]
+
+    deadline = time.monotonic() + 10
+    while True:
+        checked = egress_agent(
+            "check",
+            "--format",
+            "json",
+            "--direction",
+            "any",
+            "--netns",
+            truth.cli.name,
+            config=config,
+        )
+        rows = on_port(json.loads(checked.stdout or "[]"))
+        if len(rows) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    directions = {r["remote_port"]: r["direction"] for r in rows}
+    assert directions == {web.port: "outbound", client_port: "inbound"}, (
+        described(rows) + checked.stderr
+    )

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 from typing import Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
-from agent.collect.sockets.procnet import ListenerIndex
+from agent.collect.sockets.procnet import Ends, ListenerIndex
 from agent.inet import IPPROTO_TCP
 
 OutboundKey = int
-
-Ends = Tuple[int, int, int, int, int]
-"""(IP version, local address, local port, remote address, remote port), addresses as integers."""
 
 
 def outbound_key(namespace: int, ends: Ends) -> OutboundKey:

@@ -167,6 +167,22 @@ def _data_lines(text: str) -> List[str]:
     return lines
 
 
+Ends = Tuple[int, int, int, int, int]
+"""(IP version, local address, local port, remote address, remote port), addresses as integers:
+one connection of a namespace (an ownerless socket has no inode to tell it by)."""
+
+
+def socket_ends(sock: Socket) -> Ends:
+    """The :data:`Ends` of ``sock``."""
+    return (
+        sock.version,
+        sock.local_address,
+        sock.local_port,
+        sock.remote_address,
+        sock.remote_port,
+    )
+
+
 class ListenerIndex:
     """The listening sockets of one network namespace, to tell inbound from outbound.
 
@@ -182,6 +198,10 @@ class ListenerIndex:
 
     def __init__(self) -> None:
         self._keys: Set[Tuple[int, int, int, int]] = set()
+        self.opened: Dict[Ends, bool] = {}
+        """A connection's :data:`Ends` -> whether its end ``connect()``ed (True) or was
+        accepted (False), for the TCP sockets on a listener's end whose ``tcp_info`` told
+        (:mod:`agent.collect.sockets.opener`); the others on a listener's end are unknown."""
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -211,8 +231,9 @@ class ListenerIndex:
         ]
 
     def is_inbound(self, protocol: int, version: int, address: int, port: int) -> bool:
-        """Whether a socket with this local end was accepted by (or shares a port with) a
-        listener: the mark of a connection that came in."""
+        """Whether a socket with this local end is on a listener's address and port: accepted
+        by it, or connected from a port it shares (``SO_REUSEPORT``); :attr:`opened` tells
+        which where the kernel could."""
         key = self._key(protocol, version, address, port)
         keys = self._keys
         return key in keys or (protocol, key[1], self._ANY, port) in keys
@@ -290,9 +311,7 @@ def scan_socket_table(
     return kept, seen
 
 
-def connection_ends(
-    pairs: Iterable[Tuple[str, str]], version: int
-) -> Iterator[Tuple[int, int, int, int, int]]:
+def connection_ends(pairs: Iterable[Tuple[str, str]], version: int) -> Iterator[Ends]:
     """(version, local address, local port, remote address, remote port) of each pair of
     endpoint texts that :func:`scan_socket_table` collected; garbage is skipped."""
     for local, remote in pairs:

@@ -160,7 +160,9 @@ class PsutilSampler:
                 local_address=local.normalized if local is not None else "",
                 local_port=local_port,
                 remote_port=remote_port,
-                direction=direction_of(inbound, conn.pid is not None),
+                direction=direction_of(
+                    inbound, conn.pid is not None, False if _listens(conn) else None
+                ),
             ),
         )
 

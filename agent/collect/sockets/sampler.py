@@ -29,10 +29,11 @@ from agent.collect.sockets.changes import (
     Signals,
     read_signals,
 )
-from agent.collect.sockets.outbound import Ends, OutboundKey, OutboundMemo, add_outbound
+from agent.collect.sockets.outbound import OutboundKey, OutboundMemo, add_outbound
 from agent.collect.sockets.procnet import (
     DATAGRAM_TABLES,
     SOCKET_TABLES,
+    Ends,
     ListenerIndex,
     Socket,
     SocketTable,
@@ -41,6 +42,7 @@ from agent.collect.sockets.procnet import (
     read_socket_table,
     read_tcp_counters,
     scan_socket_table,
+    socket_ends,
 )
 from agent.collect.sockets.sockdiag import (
     ALL_STATES,
@@ -50,10 +52,11 @@ from agent.collect.sockets.sockdiag import (
     DiagSocket,
     exclude_inbound_internal,
     exclude_remote,
+    only_on_listening_ends,
     to_socket,
 )
 from agent.identity import NO_OWNER, Identity, IdentityCache
-from agent.inet import IPPROTO_TCP, TCP_LISTEN, direction_of
+from agent.inet import IPPROTO_TCP, TCP_LISTEN, direction_of, is_listening
 from agent.owners import OwnerFinder
 from agent.records import Connection, SocketColumns, connection_of
 
@@ -410,6 +413,7 @@ class LinuxSampler:
         if not want_all and reused is None:
             batches += [(table, None) for table in _TCP_TABLES]  # None: read when its turn comes
         rows = 0
+        first = len(kept)
         for table, batch in batches:
             into = rest
             if batch is None:
@@ -428,7 +432,34 @@ class LinuxSampler:
             batch.clear()
         if reused is not None:
             kept.extend((namespace_inode, listeners, sock) for sock in reused)
+        self._ask_openers(diag, listeners, [sock for _, _, sock in kept[first:]], want_all)
         return rows
+
+    def _ask_openers(
+        self, diag: DiagSocket, listeners: ListenerIndex, sockets: List[Socket], want_all: bool
+    ) -> None:
+        """Into ``listeners.opened``: which end opened each kept TCP socket on a listener's
+        end, as ``tcp_info`` tells (:mod:`agent.collect.sockets.opener`).  One more dump per
+        table holding such a socket, filtered in the kernel to those sockets (with external
+        peers, unless ``want_all``); a refused dump leaves them unknown."""
+        versions = {
+            sock.version
+            for sock in sockets
+            if sock.protocol == IPPROTO_TCP
+            and listeners.is_inbound(
+                sock.protocol, sock.version, sock.local_address, sock.local_port
+            )
+        }
+        ends = listeners.endpoints(IPPROTO_TCP)
+        for table in _TCP_TABLES:
+            if table.version not in versions:
+                continue
+            never = [] if want_all else self._never_external
+            program = only_on_listening_ends(ends, never, table.version)
+            try:
+                listeners.opened.update(diag.openers(table, program))
+            except OSError:
+                continue
 
     @staticmethod
     def _listening_pass(
@@ -577,9 +608,14 @@ class LinuxSampler:
         fd: int,
     ) -> Connection:
         verdict = self.classifier.classify_int(sock.remote_address, sock.version)
-        inbound = listeners.is_inbound(
+        on_listening_end = listeners.is_inbound(
             sock.protocol, sock.version, sock.local_address, sock.local_port
         )
+        connected = listeners.opened.get(socket_ends(sock)) if on_listening_end else None
+        if on_listening_end and is_listening(
+            sock.protocol, sock.state, sock.remote_address, sock.remote_port
+        ):
+            connected = False  # the listener itself: what accepts
         return connection_of(
             identity,
             verdict,
@@ -593,6 +629,6 @@ class LinuxSampler:
                 local_address=self._address_text(sock.local_address, sock.version),
                 local_port=sock.local_port,
                 remote_port=sock.remote_port,
-                direction=direction_of(inbound, identity.pid > 0),
+                direction=direction_of(on_listening_end, identity.pid > 0, connected),
             ),
         )

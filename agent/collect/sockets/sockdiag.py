@@ -27,10 +27,11 @@ import os
 import socket
 import struct
 import sys
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from agent.collect.netns import PROC_ROOT, open_in_namespace
-from agent.collect.sockets.procnet import Socket, SocketTable
+from agent.collect.sockets.opener import OPENER_STATES, connected_here
+from agent.collect.sockets.procnet import Ends, Socket, SocketTable, socket_ends
 from agent.inet import TCP_LISTEN, is_listening
 
 NETLINK_SOCK_DIAG = 4
@@ -40,10 +41,13 @@ NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 INET_DIAG_REQ_BYTECODE = 1
+_INFO = 2  # INET_DIAG_INFO: struct tcp_info, asked for by its bit in idiag_ext
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>
 
 ALL_STATES = 0xFFFFFFFF
 """Every TCP state, as ``ss -a`` asks: ``/proc/net/tcp`` shows them all too."""
+OPENED_STATES = sum(1 << state for state in OPENER_STATES)
+"""The states in which ``tcp_info`` can tell which end opened a connection."""
 LISTEN_ONLY = 1 << TCP_LISTEN
 """A dump of listeners only walks the listening hash, not the established one: cheap."""
 NOT_LISTENING = ALL_STATES & ~LISTEN_ONLY
@@ -158,6 +162,23 @@ def exclude_inbound_internal(
     """A program that drops the sockets a listener accepted (local end on a listener's
     address and port) whose peer lies in ``prefixes``: what counting outbound connections
     and finding external ones can both do without.  b"" (keep all) when nothing to drop."""
+    return _on_listening_ends(listeners, prefixes, version, others=_ACCEPT)
+
+
+def only_on_listening_ends(
+    listeners: Sequence[LocalEnd], prefixes: Sequence[Prefix], version: int
+) -> bytes:
+    """A program that keeps only the sockets on a listener's address and port whose peer lies
+    outside ``prefixes``: those whose direction the socket tables leave open.  b"" when
+    no program can say it (no listener, or too many)."""
+    return _on_listening_ends(listeners, prefixes, version, others=_REJECT)
+
+
+def _on_listening_ends(
+    listeners: Sequence[LocalEnd], prefixes: Sequence[Prefix], version: int, others: int
+) -> bytes:
+    """Sockets on a listener's end: dropped when their peer lies in ``prefixes``, kept
+    otherwise; the sockets on no listener's end go to ``others``."""
     local = []
     for end_version, address, port in listeners:
         if end_version == 6 and version == 4:
@@ -165,11 +186,11 @@ def exclude_inbound_internal(
         length = 0 if address is None else (32 if end_version == 4 else 128)
         local.append(_host_condition(end_version, address or 0, length, port))
     remote = _remote_conditions(prefixes, version)
-    if not local or not remote or len(local) > MAX_LISTENER_CONDITIONS:
+    if not local or len(local) > MAX_LISTENER_CONDITIONS or (others == _ACCEPT and not remote):
         return b""
     check_remote = 2 * len(local) + 1
     ops = _any_of(_BC_S_COND, local, 0, check_remote)
-    ops.append((_BC_JMP, b"", len(ops) + 1, _ACCEPT))  # no listener's end: keep
+    ops.append((_BC_JMP, b"", len(ops) + 1, others))  # no listener's end
     ops += _any_of(_BC_D_COND, remote, check_remote, _REJECT)
     return _assemble(ops)
 
@@ -260,16 +281,53 @@ class DiagSocket:
         self, table: SocketTable, states: int = ALL_STATES, bytecode: bytes = b""
     ) -> List[DiagRecord]:
         """:meth:`dump` without decoding: the sampler decodes only the records it keeps."""
-        self._sock.send(self._request(table, states, bytecode))
         unpack = (_MESSAGE_V4 if table.version == 4 else _MESSAGE_V6).unpack_from
+        records: List[DiagRecord] = []
+        append = records.append
+        make = DiagRecord._make
+        header_size = _HEADER.size
+
+        def each(view: memoryview, offset: int, length: int) -> None:
+            append(make(unpack(view, offset + header_size)))
+
+        self._dump(table, states, bytecode, 0, each)
+        return records
+
+    def openers(self, table: SocketTable, bytecode: bytes) -> Dict[Ends, bool]:
+        """Each socket's :data:`Ends` -> whether this end ``connect()``ed (True) or a listener
+        accepted it (False), for the TCP sockets of ``table`` that ``bytecode`` accepts and
+        whose ``tcp_info`` tells (:func:`agent.collect.sockets.opener.connected_here`).
+        Raises :class:`SockDiagError` when the kernel refuses."""
+        unpack = (_MESSAGE_V4 if table.version == 4 else _MESSAGE_V6).unpack_from
+        found: Dict[Ends, bool] = {}
+        header_size, message_size = _HEADER.size, _MESSAGE_V4.size
+
+        def each(view: memoryview, offset: int, length: int) -> None:
+            record = DiagRecord._make(unpack(view, offset + header_size))
+            info = _attribute(view, offset + header_size + message_size, offset + length, _INFO)
+            connected = None if info is None else connected_here(record.state, info)
+            if connected is not None:
+                found[socket_ends(to_socket(record, table))] = connected
+
+        self._dump(table, OPENED_STATES, bytecode, 1 << (_INFO - 1), each)
+        return found
+
+    def _dump(
+        self,
+        table: SocketTable,
+        states: int,
+        bytecode: bytes,
+        extensions: int,
+        each: Callable[[memoryview, int, int], None],
+    ) -> None:
+        """Ask for a dump and hand each socket's message (its offset and length in the
+        buffer) to ``each``."""
+        self._sock.send(self._request(table, states, bytecode, extensions))
         unpack_header = _HEADER.unpack_from
         header_size, message_size = _HEADER.size, _MESSAGE_V4.size
         buffer = self._buffer
         view = memoryview(buffer)
         sequence = self._sequence
-        records: List[DiagRecord] = []
-        append = records.append
-        make = DiagRecord._make
         while True:
             received = self._sock.recv_into(buffer)
             offset = 0
@@ -279,9 +337,9 @@ class DiagSocket:
                     raise SockDiagError(errno.EPROTO, "sock_diag: truncated netlink message")
                 if seq == sequence:
                     if kind == SOCK_DIAG_BY_FAMILY and length >= header_size + message_size:
-                        append(make(unpack(view, offset + header_size)))
+                        each(view, offset, length)
                     elif kind == NLMSG_DONE:
-                        return records
+                        return
                     elif kind == NLMSG_ERROR:
                         (code,) = _ERROR.unpack_from(buffer, offset + header_size)
                         raise SockDiagError(
@@ -290,9 +348,11 @@ class DiagSocket:
                 # else: left over from an earlier, abandoned dump
                 offset += (length + 3) & ~3
 
-    def _request(self, table: SocketTable, states: int, bytecode: bytes) -> bytes:
+    def _request(
+        self, table: SocketTable, states: int, bytecode: bytes, extensions: int = 0
+    ) -> bytes:
         self._sequence += 1
-        body = _REQUEST.pack(table.family, table.protocol, 0, 0, states)
+        body = _REQUEST.pack(table.family, table.protocol, extensions, 0, states)
         if bytecode:
             body += _ATTRIBUTE.pack(_ATTRIBUTE.size + len(bytecode), INET_DIAG_REQ_BYTECODE)
             body += bytecode
@@ -301,6 +361,18 @@ class DiagSocket:
             _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, flags, self._sequence, 0)
             + body
         )
+
+
+def _attribute(view: memoryview, start: int, end: int, kind: int) -> Optional[bytes]:
+    """The payload of the first netlink attribute of ``kind`` between ``start`` and ``end``."""
+    while start + _ATTRIBUTE.size <= end:
+        length, found = _ATTRIBUTE.unpack_from(view, start)
+        if length < _ATTRIBUTE.size or start + length > end:
+            return None
+        if found == kind:
+            return bytes(view[start + _ATTRIBUTE.size : start + length])
+        start += (length + 3) & ~3
+    return None
 
 
 def to_socket(record: DiagRecord, table: SocketTable) -> Socket:
