@@ -264,3 +264,45 @@ def test_runs_are_kept_and_windowed(tmp_path: Path) -> None:
     assert (runs[1]["events_source"], runs[1]["events_lost"]) == ("tracefs", 3)
     assert [r["run_id"] for r in store.runs(since=200)] == [second]
     assert [r["run_id"] for r in store.runs(until=200)] == [first]
+
+
+def _history(store: HistoryStore) -> List[Dict[str, Any]]:
+    return sorted(
+        ({k: v for k, v in row.items() if k != "id"} for row in store.rows()),
+        key=lambda row: (row["process_uuid"], row["remote_address"], row["first_seen"]),
+    )
+
+
+def test_a_batch_is_written_as_its_observations_one_by_one(tmp_path: Path) -> None:
+    """Connections that open and close within one write are written one statement a row
+    (``_briefs``); the rows are those that writing each observation alone makes: on a new
+    row, on a row closed before, and on a row another connection holds open, mixed with
+    observations that cannot be joined (a closing of an end opened earlier, a second source)."""
+    held = conn(40001, uuid="p1")
+    earlier = [Observation(OPENED, 100, "tracefs", held)]
+    earlier += [Observation(OPENED, 101, "tracefs", conn(40002, uuid="p2"))]
+    earlier += [Observation(CLOSED, 102, "tracefs", conn(40002, uuid="p2"))]
+    batch: List[Observation] = []
+    for index in range(30):
+        at = 200 + index
+        for uuid in ("p1", "p2", "p3"):  # p1: open row; p2: closed row; p3: new row
+            brief = conn(41000 + index, uuid=uuid, pid=1000 + index)
+            batch += [Observation(OPENED, at, "tracefs", brief)]
+            batch += [Observation(CLOSED, at + 0.5, "tracefs", brief)]
+    batch += [Observation(OPENED, 250, "sampling", conn(42000, uuid="p4"))]
+    batch += [Observation(CLOSED, 251, "tracefs", conn(42000, uuid="p4"))]
+    batch += [Observation(CLOSED, 252, "tracefs", held)]
+    one_by_one = HistoryStore(str(tmp_path / "one.db"), retention_days=100000)
+    at_once = HistoryStore(str(tmp_path / "once.db"), retention_days=100000)
+    for store in (one_by_one, at_once):
+        assert store.observe(earlier)
+    for observation in batch:
+        assert one_by_one.observe([observation])
+    assert at_once.observe(batch)
+    expected = _history(one_by_one)
+    assert _history(at_once) == expected
+    p1 = [row for row in expected if row["process_uuid"] == "p1"]
+    assert [(r["connections"], r["samples"], r["open"]) for r in p1] == [(31, 31, 0)]
+    assert p1[0]["pid"] == 1029  # the last connection's columns
+    one_by_one.close()
+    at_once.close()

@@ -159,7 +159,7 @@ _OPEN_ROWS = f"SELECT id, {', '.join(KEY_COLUMNS)} FROM history WHERE open = 1" 
 _INSERT = (
     f"INSERT INTO history ({', '.join(_RECORD_NAMES)}, first_seen, last_seen, samples, "  # noqa: S608
     f"connections, open, seen_by, listen_port) VALUES ({', '.join('?' for _ in _RECORD_NAMES)}, "
-    "?, ?, 1, ?, ?, ?, ?)"
+    "?, ?, ?, ?, ?, ?, ?)"
 )
 _SEEN_BY = (
     "seen_by = CASE WHEN seen_by IS NULL OR seen_by = '' THEN :source "
@@ -172,6 +172,11 @@ _UPDATE_SEEN = (
     f"connections = connections + :new_ends, open = 1, {_SEEN_BY} WHERE id = :id"
 )
 _UPDATE_CLOSED = f"UPDATE history SET last_seen = MAX(last_seen, :at), {_SEEN_BY} WHERE id = :id"  # noqa: S608
+_UPDATE_BRIEF = (
+    f"UPDATE history SET {', '.join(f'{n} = :{n}' for n in _RECORD_NAMES)}, "  # noqa: S608
+    "first_seen = MIN(first_seen, :first), last_seen = MAX(last_seen, :at), "
+    f"samples = samples + :count, connections = connections + :count, {_SEEN_BY} WHERE id = :id"
+)
 _BOOL_COLUMNS = frozenset(
     f.name for f in dataclasses.fields(Connection) if f.type in ("bool", bool)
 )
@@ -1002,10 +1007,10 @@ class HistoryStore:
             if row_id is None:
                 found = db.execute(_FIND, key).fetchone()  # seen before, closed since
                 if found is None and before is not None and key in ended:
-                    _insert(db, values, before, len(ends), False, source, key[-1])
+                    _insert(db, values, (before, before, 1), len(ends), False, source, key[-1])
                     continue
                 if found is None:
-                    row_id = _insert(db, values, now, len(ends), True, source, key[-1])
+                    row_id = _insert(db, values, (now, now, 1), len(ends), True, source, key[-1])
                 else:
                     row_id = found[0]
                     updates.append(_update(values, now, len(ends), row_id, source))
@@ -1046,9 +1051,12 @@ class HistoryStore:
         source and closes the row when none is left."""
         state = _OpenEnds(db)
         closed_rows: Dict[Key, Optional[int]] = {}
-        for observation in observations:
+        keys = [_key(observation.connection) for observation in observations]
+        briefs = _briefs(observations, keys, state)
+        for key, observation in zip(keys, observations):
+            if key in briefs:
+                continue
             connection = observation.connection
-            key = _key(connection)
             end = _end(connection)
             at = int(observation.at)
             row_id = state.rows.get(key)
@@ -1059,9 +1067,8 @@ class HistoryStore:
                 row_id = closed_rows[key]
             opening = observation.kind != CLOSED
             if row_id is None:
-                row_id = _insert(
-                    db, _record_values(connection), at, 1, opening, observation.source, key[-1]
-                )
+                values = _record_values(connection)
+                row_id = _insert(db, values, (at, at, 1), 1, opening, observation.source, key[-1])
                 closed_rows[key] = row_id
                 if opening:
                     state.rows[key] = row_id
@@ -1099,6 +1106,19 @@ class HistoryStore:
                 db.execute("UPDATE history SET open = 0 WHERE id = ?", (row_id,))
                 state.rows.pop(key, None)
                 closed_rows[key] = row_id
+        for key, brief in briefs.items():
+            row_id = state.rows.get(key)
+            if row_id is None:
+                found = db.execute(_FIND, key).fetchone()
+                row_id = None if found is None else found[0]
+            values = _record_values(brief.connection)
+            if row_id is None:
+                seen = (brief.first, brief.last, brief.count)
+                _insert(db, values, seen, brief.count, False, brief.source, key[-1])
+                continue
+            parameters = _update(values, brief.last, brief.count, row_id, brief.source)
+            parameters.update(first=brief.first, count=brief.count)
+            db.execute(_UPDATE_BRIEF, parameters)
 
     def _prune(self, db: sqlite3.Connection, now: int) -> None:
         """Retention as of ``now`` (never ahead of the boot clock: :meth:`_trusted_now`), then
@@ -1345,16 +1365,73 @@ def _record_values(connection: Connection) -> List[Value]:
 def _insert(
     db: sqlite3.Connection,
     values: List[Value],
-    at: int,
-    ends: int,
+    seen: Tuple[int, int, int],
+    connections: int,
     is_open: bool,
     source: str,
     listen_port: int,
 ) -> int:
+    """A new row seen from ``seen[0]`` to ``seen[1]`` in ``seen[2]`` samples; its id."""
     row_id = db.execute(
-        _INSERT, [*values, at, at, ends, int(is_open), source, listen_port]
+        _INSERT, [*values, *seen, connections, int(is_open), source, listen_port]
     ).lastrowid
     return int(row_id or 0)
+
+
+@dataclass
+class _Brief:
+    """The connections of one row that opened and closed within one write, and whose ends no
+    source had open before it: written as one statement, not five each."""
+
+    connection: Connection
+    source: str
+    first: int
+    last: int
+    count: int
+
+
+def _briefs(
+    observations: Sequence[Observation], keys: Sequence[Key], state: _OpenEnds
+) -> Dict[Key, _Brief]:
+    """The rows whose every observation in ``observations`` is an opening by one source that
+    a later closing of the same end ends, each end not open before: what
+    :meth:`HistoryStore._write_observations` writes as one :class:`_Brief`.  The effect is
+    that of writing each observation: the row's ``open`` does not change, its ``connections``
+    and ``samples`` grow by one for each, and its columns are the last opening's."""
+    grouped: Dict[Key, List[Observation]] = {}
+    for key, observation in zip(keys, observations):
+        grouped.setdefault(key, []).append(observation)
+    briefs: Dict[Key, _Brief] = {}
+    for key, group in grouped.items():
+        row_id = state.rows.get(key)
+        open_before = state.any_source(row_id) if row_id is not None else set()
+        brief = _brief(group, open_before)
+        if brief is not None:
+            briefs[key] = brief
+    return briefs
+
+
+def _brief(group: List[Observation], open_before: Set[End]) -> Optional[_Brief]:
+    source = group[0].source
+    pending: Set[End] = set()
+    opening: Optional[Observation] = None
+    count = 0
+    for observation in group:
+        end = _end(observation.connection)
+        if observation.source != source:
+            return None
+        if observation.kind == OPENED and end not in pending and end not in open_before:
+            pending.add(end)
+            opening = observation
+            count += 1
+        elif observation.kind == CLOSED and end in pending:
+            pending.discard(end)
+        else:
+            return None
+    if pending or opening is None:
+        return None
+    moments = [int(observation.at) for observation in group]
+    return _Brief(opening.connection, source, min(moments), max(moments), count)
 
 
 def _update(
