@@ -137,7 +137,10 @@ def test_the_first_connection_after_the_first_answer_is_named(
 
     rows = watch.wait_rows(None, complete, "--netns", truth.cli.name)
     connections = tcp(rows)
-    assert complete(rows), described(rows)
+    assert complete(rows), (
+        f"asked {asked}; in the namespace: {described(rows)}; "
+        f"theirs anywhere: {described(watch.rows(set(asked)))}"
+    )
     assert any(r["remote_port"] == 53 and r["protocol"] == 6 for r in rows)  # it fell back
     for row in connections:
         expected = asked.get(row["pid"], ALIAS)  # the container's curl: its pid is its own

@@ -286,7 +286,7 @@ def watch(tmp_path: Path) -> Iterator[Watch]:
 
 def described(rows: List[Dict[str, Any]]) -> str:
     return "; ".join(
-        f"{r['pid']} {r['name']} {r['protocol']} {r['direction']} "
+        f"{r['pid']} {r['name']} {r['protocol']} {r['direction']} ns={r.get('net_namespace')} "
         f"{r['remote_address']}:{r['remote_port']}"
         for r in rows
     )
