@@ -139,7 +139,7 @@ def test_the_first_connection_after_the_first_answer_is_named(
     connections = tcp(rows)
     assert complete(rows), (
         f"asked {asked}; in the namespace: {described(rows)}; "
-        f"theirs anywhere: {described(watch.rows(set(asked)))}"
+        f"theirs anywhere: {described(watch.rows(set(asked)))}; {watch.losses()}"
     )
     assert any(r["remote_port"] == 53 and r["protocol"] == 6 for r in rows)  # it fell back
     for row in connections:

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -263,6 +264,14 @@ class Watch:
             time.sleep(0.5)
             rows = self.rows(pids, *limits)
         return rows
+
+    def losses(self) -> str:
+        """What the history says this watch lost (its runs' lost events and its losses), to
+        tell a missed connection from a lost one when a test fails."""
+        with sqlite3.connect(f"file:{self.history}?mode=ro", uri=True) as db:
+            runs = db.execute("SELECT events_lost FROM runs").fetchall()
+            losses = db.execute("SELECT * FROM losses").fetchall()
+        return f"runs' events lost: {runs}; losses: {losses}"
 
     def stop(self) -> str:
         self.process.send_signal(signal.SIGTERM)
