@@ -24,6 +24,7 @@ Each read is a few small ``/proc`` files; a file that is gone or unreadable give
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -59,10 +60,13 @@ class Who:
 NO_WHO = Who()
 
 
+@functools.lru_cache(maxsize=4096)
 def ancestors_text(ancestors: Tuple[Ancestor, ...], container_id: str) -> str:
     """The ``ancestors`` column: a JSON array of ``{"pid", "name"}``, the parent first, up to
     pid 1 or the container's init (the chain stops before the first ancestor in another
-    container than ``container_id``; "" when there are none)."""
+    container than ``container_id``; "" when there are none).  Remembered for the last few
+    thousand chains: every connection of a process has its chain, and the event path builds
+    a record for each."""
     chain = []
     for ancestor in ancestors:
         if ancestor.container_id != container_id:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -15,6 +16,7 @@ import pytest
 from test_history import conn as history_connection
 
 from agent.history import (
+    ALIVE,
     CLOSED,
     HISTORY_COLUMNS,
     OPENED,
@@ -288,6 +290,9 @@ def test_a_batch_is_written_as_its_observations_one_by_one(tmp_path: Path) -> No
         for uuid in ("p1", "p2", "p3"):  # p1: open row; p2: closed row; p3: new row
             brief = conn(41000 + index, uuid=uuid, pid=1000 + index)
             batch += [Observation(OPENED, at, "tracefs", brief)]
+            if index % 2:  # as a connect, its outcome, its close come
+                sighted = replace(brief, cmdline="seen again")
+                batch += [Observation(ALIVE, at + 0.2, "tracefs", sighted)]
             batch += [Observation(CLOSED, at + 0.5, "tracefs", brief)]
     batch += [Observation(OPENED, 250, "sampling", conn(42000, uuid="p4"))]
     batch += [Observation(CLOSED, 251, "tracefs", conn(42000, uuid="p4"))]
@@ -302,7 +307,7 @@ def test_a_batch_is_written_as_its_observations_one_by_one(tmp_path: Path) -> No
     expected = _history(one_by_one)
     assert _history(at_once) == expected
     p1 = [row for row in expected if row["process_uuid"] == "p1"]
-    assert [(r["connections"], r["samples"], r["open"]) for r in p1] == [(31, 31, 0)]
-    assert p1[0]["pid"] == 1029  # the last connection's columns
+    assert [(r["connections"], r["samples"], r["open"]) for r in p1] == [(31, 31 + 15, 0)]
+    assert (p1[0]["pid"], p1[0]["cmdline"]) == (1029, "seen again")  # the last sighting's columns
     one_by_one.close()
     at_once.close()

@@ -175,7 +175,7 @@ _UPDATE_CLOSED = f"UPDATE history SET last_seen = MAX(last_seen, :at), {_SEEN_BY
 _UPDATE_BRIEF = (
     f"UPDATE history SET {', '.join(f'{n} = :{n}' for n in _RECORD_NAMES)}, "  # noqa: S608
     "first_seen = MIN(first_seen, :first), last_seen = MAX(last_seen, :at), "
-    f"samples = samples + :count, connections = connections + :count, {_SEEN_BY} WHERE id = :id"
+    f"samples = samples + :samples, connections = connections + :count, {_SEEN_BY} WHERE id = :id"
 )
 _BOOL_COLUMNS = frozenset(
     f.name for f in dataclasses.fields(Connection) if f.type in ("bool", bool)
@@ -1113,11 +1113,11 @@ class HistoryStore:
                 row_id = None if found is None else found[0]
             values = _record_values(brief.connection)
             if row_id is None:
-                seen = (brief.first, brief.last, brief.count)
+                seen = (brief.first, brief.last, brief.samples)
                 _insert(db, values, seen, brief.count, False, brief.source, key[-1])
                 continue
             parameters = _update(values, brief.last, brief.count, row_id, brief.source)
-            parameters.update(first=brief.first, count=brief.count)
+            parameters.update(first=brief.first, count=brief.count, samples=brief.samples)
             db.execute(_UPDATE_BRIEF, parameters)
 
     def _prune(self, db: sqlite3.Connection, now: int) -> None:
@@ -1388,16 +1388,20 @@ class _Brief:
     first: int
     last: int
     count: int
+    """Connections: the openings."""
+    samples: int
+    """The openings and the sightings of an open end (:data:`ALIVE`)."""
 
 
 def _briefs(
     observations: Sequence[Observation], keys: Sequence[Key], state: _OpenEnds
 ) -> Dict[Key, _Brief]:
     """The rows whose every observation in ``observations`` is an opening by one source that
-    a later closing of the same end ends, each end not open before: what
-    :meth:`HistoryStore._write_observations` writes as one :class:`_Brief`.  The effect is
-    that of writing each observation: the row's ``open`` does not change, its ``connections``
-    and ``samples`` grow by one for each, and its columns are the last opening's."""
+    a later closing of the same end ends (with sightings of it between), each end not open
+    before: what :meth:`HistoryStore._write_observations` writes as one :class:`_Brief`.  The
+    effect is that of writing each observation: the row's ``open`` does not change, its
+    ``connections`` grow by one for each opening and its ``samples`` for each opening and
+    sighting, and its columns are the last of those's."""
     grouped: Dict[Key, List[Observation]] = {}
     for key, observation in zip(keys, observations):
         grouped.setdefault(key, []).append(observation)
@@ -1415,7 +1419,7 @@ def _brief(group: List[Observation], open_before: Set[End]) -> Optional[_Brief]:
     source = group[0].source
     pending: Set[End] = set()
     opening: Optional[Observation] = None
-    count = 0
+    count = samples = 0
     for observation in group:
         end = _end(observation.connection)
         if observation.source != source:
@@ -1424,6 +1428,10 @@ def _brief(group: List[Observation], open_before: Set[End]) -> Optional[_Brief]:
             pending.add(end)
             opening = observation
             count += 1
+            samples += 1
+        elif observation.kind == ALIVE and end in pending:
+            opening = observation
+            samples += 1
         elif observation.kind == CLOSED and end in pending:
             pending.discard(end)
         else:
@@ -1431,7 +1439,7 @@ def _brief(group: List[Observation], open_before: Set[End]) -> Optional[_Brief]:
     if pending or opening is None:
         return None
     moments = [int(observation.at) for observation in group]
-    return _Brief(opening.connection, source, min(moments), max(moments), count)
+    return _Brief(opening.connection, source, min(moments), max(moments), count, samples)
 
 
 def _update(
