@@ -6,7 +6,9 @@ with a different one), close the methods, tear the load down; then print the tab
 the section of ``bench/RESULTS.md``.  Then the micro-benchmarks, each in a process of its own
 writing its own section: the Thrift reply (``bench.thrift_bench``), start-up
 (``bench.startup``), the DNS watch (``bench.dns_bench``) and the history table at 100,000 rows
-(``bench.history_bench``); ``--no-extras`` leaves them out.  ``--quick`` (development): scales
+(``bench.history_bench``), the kernel events (``bench.events_bench``), the connect rate
+(``bench.rate_bench``) and a sustained rate with a memory soak (``bench.sustain_bench``);
+``--no-extras`` leaves them out.  ``--quick`` (development): scales
 M and N100, 3 rounds, the micro-benchmarks shortened.  ``--over-time SECONDS`` instead runs the
 osquery extension on scale M for that long and reports its CPU share and RSS.  Needs root
 (network namespaces).
@@ -126,6 +128,11 @@ EXTRAS = (
         "bench.rate_bench",
         ["--rate", "2000", "--seconds", "10"],
         ["--rate", "500", "--seconds", "3"],
+    ),
+    (
+        "bench.sustain_bench",
+        ["--rate", "10000", "--seconds", "60", "--soak-rate", "1000", "--soak-seconds", "600"],
+        ["--rate", "1000", "--seconds", "5", "--soak-rate", "300", "--soak-seconds", "80"],
     ),
 )
 """The micro-benchmarks run after the scales: (module, arguments, arguments with --quick)."""
