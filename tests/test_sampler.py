@@ -26,8 +26,9 @@ from agent.cgroups import placement
 from agent.classify import Classifier
 from agent.collect import Sampler, SamplerError
 from agent.collect.netns import namespace_of
-from agent.collect.sockets.procnet import encode_address
+from agent.collect.sockets.procnet import Ends, SocketTable, encode_address
 from agent.collect.sockets.sampler import LinuxSampler
+from agent.collect.sockets.sockdiag import DiagSocket
 from agent.records import Connection
 
 SRV6, CLI6 = "2001:4860:4860::8888", "2001:4860:4860::2"
@@ -376,6 +377,39 @@ def test_outbound_tcp_ends_match_the_kernels_active_opens(
     plain = LinuxSampler(CLASSIFIER)
     plain.sample()
     assert plain.last.outbound_tcp is None
+
+
+@needs_root
+def test_which_end_opened_is_asked_once_a_socket(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``tcp_info`` dump (:meth:`DiagSocket.openers`, counted here, the real one still
+    called) is made for sockets not told before: a second sample of the server's namespace,
+    after a connection that moved its counters, asks nothing and reads the same directions."""
+    calls: List[str] = []
+    real = DiagSocket.openers
+
+    def counting(self: DiagSocket, table: SocketTable, program: bytes) -> Dict[Ends, bool]:
+        calls.append(table.name)
+        return real(self, table, program)
+
+    monkeypatch.setattr(DiagSocket, "openers", counting)
+    sampler = LinuxSampler(CLASSIFIER)
+    server = [scenario.l4.pid]  # narrowed to the server's namespace: hermetic
+
+    def directions() -> Set[Tuple[int, str]]:
+        return {(row.remote_port, row.direction) for row in sampler.sample(pids=server)}
+
+    first = directions()
+    assert first and {direction for _, direction in first} == {"inbound"}
+    asked = len(calls)
+    assert asked >= 1
+    extra = scenario.net.connect(scenario.srv, "127.0.0.1", scenario.l_dual.port)  # ActiveOpens
+    try:
+        assert directions() == first
+        assert len(calls) == asked, calls
+    finally:
+        scenario.net.kill(extra)
 
 
 @needs_root

@@ -123,6 +123,9 @@ class LinuxSampler:
         self._outbound_memo = OutboundMemo()
         """Each namespace's outbound TCP connections when last counted through sock_diag."""
         self._text: Dict[Tuple[int, int], str] = {}
+        self._opened: Dict[int, Dict[Tuple[Ends, int], bool]] = {}
+        """Per namespace, what ``tcp_info`` told of each socket (by its ends and inode: a new
+        socket on the same ends is asked again) at the last sample."""
         self._threads: Dict[int, int] = {}
         self.use_sock_diag = (
             use_sock_diag
@@ -176,6 +179,8 @@ class LinuxSampler:
         kept = self._read_namespaces(discovery.namespaces, want_all, stats)
         if pids is None:
             self.reuse.keep_only(namespace.inode for namespace in discovery.namespaces)
+            live = {namespace.inode for namespace in discovery.namespaces}
+            self._opened = {inode: v for inode, v in self._opened.items() if inode in live}
 
         scan = self.owners.find({sock.inode for _, _, sock in kept}, pids, discovery.threads)
         stats.pids_scanned = scan.pids_scanned
@@ -432,34 +437,52 @@ class LinuxSampler:
             batch.clear()
         if reused is not None:
             kept.extend((namespace_inode, listeners, sock) for sock in reused)
-        self._ask_openers(diag, listeners, [sock for _, _, sock in kept[first:]], want_all)
+        sockets = [sock for _, _, sock in kept[first:]]
+        self._ask_openers(diag, namespace_inode, listeners, sockets, want_all)
         return rows
 
     def _ask_openers(
-        self, diag: DiagSocket, listeners: ListenerIndex, sockets: List[Socket], want_all: bool
+        self,
+        diag: DiagSocket,
+        namespace_inode: int,
+        listeners: ListenerIndex,
+        sockets: List[Socket],
+        want_all: bool,
     ) -> None:
         """Into ``listeners.opened``: which end opened each kept TCP socket on a listener's
-        end, as ``tcp_info`` tells (:mod:`agent.collect.sockets.opener`).  One more dump per
-        table holding such a socket, filtered in the kernel to those sockets (with external
-        peers, unless ``want_all``); a refused dump leaves them unknown."""
-        versions = {
-            sock.version
+        end, as ``tcp_info`` tells (:mod:`agent.collect.sockets.opener`).  What the last
+        sample learned of a socket still there stands (an opener does not change); for the
+        others, one more dump per table, filtered in the kernel to the sockets on a listener's
+        end (with external peers, unless ``want_all``).  A refused dump leaves them unknown."""
+        wanted = [
+            (socket_ends(sock), sock.inode)
             for sock in sockets
             if sock.protocol == IPPROTO_TCP
+            and sock.state != TCP_LISTEN
             and listeners.is_inbound(
                 sock.protocol, sock.version, sock.local_address, sock.local_port
             )
-        }
-        ends = listeners.endpoints(IPPROTO_TCP)
+        ]
+        known = self._opened.get(namespace_inode, {})
+        told = {key: known[key] for key in wanted if key in known}
+        versions = {key[0][0] for key in wanted if key not in told}
+        endpoints = listeners.endpoints(IPPROTO_TCP)
         for table in _TCP_TABLES:
             if table.version not in versions:
                 continue
             never = [] if want_all else self._never_external
-            program = only_on_listening_ends(ends, never, table.version)
             try:
-                listeners.opened.update(diag.openers(table, program))
+                found = diag.openers(table, only_on_listening_ends(endpoints, never, table.version))
             except OSError:
                 continue
+            told.update(
+                ((ends, inode), found[ends])
+                for ends, inode in wanted
+                if ends[0] == table.version and ends in found
+            )
+        listeners.opened.update((ends, connected) for (ends, _), connected in told.items())
+        # an ownerless socket (inode 0) is asked each time: its ends may be another's next
+        self._opened[namespace_inode] = {key: v for key, v in told.items() if key[1]}
 
     @staticmethod
     def _listening_pass(
