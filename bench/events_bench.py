@@ -328,7 +328,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(
             f"Run: `python -m bench.events_bench {' '.join(argv or sys.argv[1:])}`.  Load average "
             f"{load_before} before the run, {info['load average']} after; {info['nproc']} CPUs, "
-            f"kernel {info['kernel']}, {info['python']}.\n"
+            f"kernel {info['kernel']}, {info['python']}.  The reader alone: the whole "
+            "pipeline (tracker, records, names, rules, history) is measured per connection by "
+            "`bench.rate_bench` and at 10,000/s by `bench.sustain_bench` (the sections below).\n"
         )
         idle = next((s for s in steps if s.rate == 0), None)
         lines.append(markdown_table(HEADER, [s.row() for s in steps]))
