@@ -271,8 +271,44 @@ class NetHost:
             subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
         self.links.clear()
         for namespace in reversed(self.namespaces):
+            end_every_process_in(namespace.name)
             subprocess.run(["ip", "netns", "del", namespace.name], capture_output=True, check=False)
         self.namespaces.clear()
+
+
+def end_every_process_in(name: str, timeout: float = 5.0) -> None:
+    """SIGKILL whatever still runs in the test namespace ``name`` (what a test ran there
+    through ``ip netns exec`` or a runtime, not only what :class:`NetHost` started) and wait
+    until none is left: a process left behind would keep the namespace, and its addresses,
+    alive beside the next test's namespace of the same addresses."""
+    try:
+        inode = os.stat(f"/run/netns/{name}").st_ino
+    except OSError:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+        )
+        pids = [int(word) for word in listed.stdout.split() if word.isdigit()]
+        pids = [pid for pid in pids if _wholly_in(pid, inode)]
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _wholly_in(pid: int, inode: int) -> bool:
+    """Whether every thread of ``pid`` is in the namespace ``inode``: an agent whose one
+    thread entered the namespace for a moment (to open a socket there) is not a test's
+    process left behind."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return all(os.stat(f"/proc/{pid}/task/{tid}/ns/net").st_ino == inode for tid in tasks)
+    except OSError:
+        return False
 
 
 def remove_leftovers(prefix: str) -> None:
