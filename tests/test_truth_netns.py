@@ -9,8 +9,13 @@ Real programs (curl, nc from Debian's packages) in the test host of tests/truthh
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
+import os
+from pathlib import Path
 
-from truthhost import DNS, WEB, TruthHost, Watch, described, program
+from truthhost import CLIENT, DNS, WEB, TruthHost, Watch, described, program
+
+from agent.collect.kernel.placement import NamespacePlacer
 
 COMMANDS = 200
 
@@ -44,3 +49,22 @@ def test_every_short_command_under_ip_netns_exec_carries_its_namespace(
     named = watch.rows(pids, "--netns", truth.cli.name)
     assert {r["pid"] for r in named} == pids
     assert {r["protocol"] for r in rows} == {6, 17}
+
+
+def test_a_named_namespace_is_indexed_though_the_process_seen_in_it_is_gone(
+    truth: TruthHost, tmp_path: Path
+) -> None:
+    """The placer's look at every namespace (:class:`NamespacePlacer`) finds the client
+    namespace through a process of it that exits before the look reaches it (every command
+    under ``ip netns exec`` soon does): it enters by the file that keeps the namespace
+    (``/run/netns/NAME``) first.  The process that is gone is played by a ``/proc`` entry of
+    our own whose ``ns/net`` names the namespace and enters nothing (a real exited process
+    cannot be held at that instant); the namespace, its file and its addresses are real."""
+    fake_proc = tmp_path / "proc"
+    (fake_proc / "4242" / "ns").mkdir(parents=True)
+    os.symlink(f"net:[{truth.cli.inode}]", fake_proc / "4242" / "ns" / "net")
+    named = {truth.cli.inode: f"/run/netns/{truth.cli.name}"}
+    placer = NamespacePlacer(str(fake_proc), named=lambda: named)
+    client = ipaddress.ip_address(CLIENT).packed
+    assert placer.place(4, client) == truth.cli.inode
+    assert placer.entries[truth.cli.inode] == named[truth.cli.inode]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from typing import Callable, Deque, Dict, Iterable, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from agent.collect.netns import (
     PROC_ROOT,
@@ -34,6 +34,8 @@ from agent.inet import ipv4_host
 
 Reader = Callable[[str], Interfaces]
 MAX_REFRESHES_PER_S = 10
+WAYS_PER_NAMESPACE = 4
+"""Processes of a namespace tried as a way into it, after the file that keeps it."""
 QUIET_FACTOR = 9
 """After a look that took T seconds, none for ``QUIET_FACTOR * T``: a host with thousands of
 namespaces (a flood of ``unshare -rn``) spends at most a tenth of the event thread's time
@@ -127,6 +129,19 @@ class NamespacePlacer:
             self._recent.popleft()
         return len(self._recent) < MAX_REFRESHES_PER_S
 
+    def _enter(self, inode: int, paths: List[str]) -> Optional[Tuple[str, Interfaces]]:
+        """The first of ``paths`` that still enters ``inode`` (a file that keeps it first: a
+        process seen in it may be gone a moment later, as every command under ``ip netns
+        exec`` soon is), with what it holds; None when none does."""
+        for path in dict.fromkeys(paths):
+            try:
+                if os.stat(path).st_ino != inode:
+                    continue  # a pid reused by a process elsewhere
+                return path, self._read(path)
+            except OSError:
+                continue
+        return None
+
     def _find(self, key: Optional[Tuple[int, int]], device: str) -> Optional[int]:
         holders: Iterable[int] = (
             self.addresses.get(key, ()) if key is not None else self.devices.get(device, ())
@@ -141,23 +156,24 @@ class NamespacePlacer:
         self._recent.append(self._last_refresh)
         self._missed.clear()
         self.refreshes += 1
-        entries = dict(self.entries)
-        entries.update(self._named())
+        ways: Dict[int, List[str]] = {}
+        for inode, path in [*self._named().items(), *self.entries.items()]:
+            ways.setdefault(inode, []).append(path)
         try:
             for namespace in discover_namespaces(self.proc_root).namespaces:
-                entries[namespace.inode] = f"{self.proc_root}/{namespace.pid}/ns/net"
+                ways.setdefault(namespace.inode, []).extend(
+                    f"{self.proc_root}/{pid}/ns/net" for pid in namespace.pids[:WAYS_PER_NAMESPACE]
+                )
         except OSError:
             pass
         addresses: Dict[Tuple[int, int], Set[int]] = {}
         devices: Dict[str, Set[int]] = {}
         live: Dict[int, str] = {}
-        for inode, path in entries.items():
-            try:
-                if os.stat(path).st_ino != inode:
-                    continue  # a pid reused by a process elsewhere
-                interfaces = self._read(path)
-            except OSError:
+        for inode, paths in ways.items():
+            found = self._enter(inode, paths)
+            if found is None:
                 continue
+            path, interfaces = found
             live[inode] = path
             for version, value in interfaces.addresses:
                 key = _usable(version, value)
