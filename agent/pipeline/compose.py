@@ -12,6 +12,7 @@ from agent.allow import annotate
 from agent.classify import Classifier
 from agent.collect import SAMPLING, UNPRIVILEGED_NOTICE, Sampler, SampleStats, open_sampler
 from agent.config import Settings
+from agent.inet import IPPROTO_TCP, UNKNOWN
 from agent.records import Connection
 
 if TYPE_CHECKING:  # imported where used: a one-shot ``check`` keeps no history
@@ -66,6 +67,9 @@ class Pipeline:
         it begin); set by the event feed.  What the events saw outranks what a sample
         suggests: a server-closed inbound connection's ownerless TIME_WAIT is ``inbound``, a
         connection made from a listening port (``SO_REUSEPORT``) is ``outbound``."""
+        self.events_catch_up: Optional[Callable[[float], bool]] = None
+        """Wait up to the given seconds for the event feed to read what the kernel holds now
+        (set by the event feed)."""
 
     @classmethod
     def open(
@@ -118,12 +122,7 @@ class Pipeline:
             at = self.clock()
             connections = self.sampler.sample(want_all=want_all, pids=pids)
             stats = self.sampler.last
-        seen = self.seen_direction
-        if seen is not None:
-            for connection in connections:
-                direction = seen(connection)
-                if direction is not None:
-                    connection.direction = direction
+        self._apply_seen_directions(connections)
         lookup = None
         if self.names is not None:
             self.names.annotate(connections)
@@ -131,6 +130,32 @@ class Pipeline:
             lookup = self.names.lookup
         annotate(self.settings.allow, connections, names=lookup)
         return Snapshot(connections, stats, at)
+
+    EVENTS_CATCH_UP_S = 1.0
+    """How long a sample waits, at most once, for the events of a connection whose direction it
+    could not tell: its accept or connect may still be in the kernel's buffer."""
+
+    def _apply_seen_directions(self, connections: List[Connection]) -> None:
+        """What the events saw outranks what the sample suggests (:attr:`seen_direction`); a
+        TCP connection whose direction neither tells waits for the events to catch up, once
+        per sample."""
+        seen = self.seen_direction
+        if seen is None:
+            return
+        untold: List[Connection] = []
+        for connection in connections:
+            direction = seen(connection)
+            if direction is not None:
+                connection.direction = direction
+            elif connection.direction == UNKNOWN and connection.protocol == IPPROTO_TCP:
+                untold.append(connection)
+        catch_up = self.events_catch_up
+        if not untold or catch_up is None or not catch_up(self.EVENTS_CATCH_UP_S):
+            return
+        for connection in untold:
+            direction = seen(connection)
+            if direction is not None:
+                connection.direction = direction
 
     def record(self, snapshot: Snapshot) -> bool:
         """The external connections of a whole-host sample into the history; True when stored

@@ -199,9 +199,12 @@ class EventFeed:
         self.running = True
         """False once the feed stopped (told to, or the instance went away)."""
         self.stopped_because = ""
+        self._rounds = 0
+        self._round_done = threading.Condition()
         tracker = getattr(source, "tracker", None)
         if tracker is not None:
             pipeline.seen_direction = _seen_direction(tracker)
+            pipeline.events_catch_up = self.catch_up
             if pipeline.names is not None:
                 tracker.on_new_namespace = pipeline.names.attach
 
@@ -250,9 +253,31 @@ class EventFeed:
                     self.handle(events)
                 self._check_loss()
                 self._record_losses()
+                with self._round_done:
+                    self._rounds += 1
+                    self._round_done.notify_all()
         finally:
             self.running = False
+            with self._round_done:
+                self._round_done.notify_all()
             self.source.close()
+
+    def catch_up(self, timeout: float) -> bool:
+        """Wait, up to ``timeout`` seconds, until the feed has handled the events the kernel
+        held when this was called (a whole round of reading that began after it); False when
+        it did not in time or is not running.
+
+        A sample and the events reach the pipeline on different threads: a connection that
+        ended a moment ago may be sampled (an ownerless TIME_WAIT) before its accept is read,
+        and then the sample alone would say its direction."""
+        with self._round_done:
+            wanted = self._rounds + 2
+            return (
+                self._round_done.wait_for(
+                    lambda: self._rounds >= wanted or not self.running, timeout
+                )
+                and self.running
+            )
 
     def _record_losses(self) -> None:
         """What the source lost beyond the kernel's own counter, into the history with its
