@@ -28,6 +28,7 @@ the internal blocks dropped in the kernel, or not).  The previous release is ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from agent.collect.sockets.procnet import parse_snmp
 from bench.events_bench import PORT
@@ -214,6 +215,28 @@ def servers(topology: Topology) -> List[subprocess.Popen[str]]:
     return started
 
 
+@contextlib.contextmanager
+def test_host(prefix: str, net: int) -> Iterator[Topology]:
+    """The test host of ``bench.topology`` with a server in each namespace, torn down after."""
+    topology = Topology(prefix=prefix, net=net)
+    build(topology)
+    started = servers(topology)
+    try:
+        yield topology
+    finally:
+        for server in started:
+            server.communicate("", timeout=30)
+        teardown(topology)
+
+
+def this_tree(into: Path) -> Path:
+    """A tree at ``into`` that runs this repository's ``agent`` (with a launcher); ``into``."""
+    into.mkdir()
+    (into / "agent").symlink_to(ROOT / "agent")
+    launcher(into)
+    return into
+
+
 def measure(
     name: str,
     tree: Path,
@@ -281,27 +304,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.geteuid() != 0:
         print("rate_bench: needs root (tracefs, network namespaces)", file=sys.stderr)
         return 2
-    topology = Topology(prefix=args.prefix, net=args.net)
-    build(topology)
-    started = servers(topology)
     steps: List[Step] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="rate-bench-") as temp:
-            work = Path(temp)
-            baseline = extract(args.baseline, work / "baseline")
-            current = work / "current"
-            current.mkdir()
-            (current / "agent").symlink_to(ROOT / "agent")
-            launcher(current)
-            for name, tree in ((f"previous ({args.baseline})", baseline), ("this tree", current)):
-                (work / name).mkdir()
-                steps += measure(
-                    name, tree, topology, args.rate, args.seconds, work / name, args.churn
-                )
-    finally:
-        for server in started:
-            server.communicate("", timeout=30)
-        teardown(topology)
+    with test_host(args.prefix, args.net) as topology, tempfile.TemporaryDirectory(
+        prefix="rate-bench-"
+    ) as temp:
+        work = Path(temp)
+        baseline = extract(args.baseline, work / "baseline")
+        current = this_tree(work / "current")
+        for name, tree in ((f"previous ({args.baseline})", baseline), ("this tree", current)):
+            (work / name).mkdir()
+            steps += measure(name, tree, topology, args.rate, args.seconds, work / name, args.churn)
     publish("rate", report(steps, args, argv), not args.no_write)
     return 0
 

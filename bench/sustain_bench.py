@@ -28,18 +28,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench.events_bench import PORT
-from bench.rate_bench import (
-    ROOT,
-    Agent,
-    active_opens,
-    cpu_seconds,
-    launcher,
-    load,
-    rss_mb,
-    servers,
-)
+from bench.rate_bench import Agent, active_opens, cpu_seconds, load, rss_mb, test_host, this_tree
 from bench.report import machine, markdown_table, publish
-from bench.topology import Topology, build, teardown
+from bench.topology import Topology
 
 
 def _log(message: str) -> None:
@@ -154,28 +145,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.geteuid() != 0:
         print("sustain_bench: needs root (tracefs, network namespaces)", file=sys.stderr)
         return 2
-    topology = Topology(prefix=args.prefix, net=args.net)
-    build(topology)
-    started = servers(topology)
-    try:
-        with tempfile.TemporaryDirectory(prefix="sustain-bench-") as temp:
-            work = Path(temp)
-            tree = work / "current"
-            tree.mkdir()
-            (tree / "agent").symlink_to(ROOT / "agent")
-            launcher(tree)
-            (work / "sustained").mkdir()
-            (work / "soak").mkdir()
-            held = sustained(tree, topology, args.rate, args.seconds, work / "sustained")
-            soaked = (
-                soak(tree, topology, args.soak_rate, args.soak_seconds, work / "soak")
-                if args.soak_seconds > 0
-                else None
-            )
-    finally:
-        for server in started:
-            server.communicate("", timeout=30)
-        teardown(topology)
+    with test_host(args.prefix, args.net) as topology, tempfile.TemporaryDirectory(
+        prefix="sustain-bench-"
+    ) as temp:
+        work = Path(temp)
+        tree = this_tree(work / "current")
+        (work / "sustained").mkdir()
+        (work / "soak").mkdir()
+        held = sustained(tree, topology, args.rate, args.seconds, work / "sustained")
+        soaked = (
+            soak(tree, topology, args.soak_rate, args.soak_seconds, work / "soak")
+            if args.soak_seconds > 0
+            else None
+        )
     publish("sustain", report(held, soaked, argv), not args.no_write)
     return 0
 
