@@ -17,6 +17,7 @@ Test hosts of tests/truthhost.py (global addresses on veths between test namespa
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,13 @@ sys.stdin.read()
 """
 
 
+def check_json(netns: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """A one-shot ``check`` of one namespace, both directions, as JSON."""
+    return egress_agent(
+        "check", "--format", "json", "--direction", "any", "--netns", netns, config=config
+    )
+
+
 @pytest.fixture
 def watch(tmp_path: Path) -> Iterator[Watch]:
     running = Watch(tmp_path, interval=1)
@@ -110,16 +118,7 @@ def test_a_connect_from_a_listening_port_is_outbound(truth: TruthHost, watch: Wa
     assert mine, "watch did not record it: " + described(rows)
     assert {r["direction"] for r in mine} == {"outbound"}, described(mine)
     # a one-shot check samples the tables, which cannot tell; it takes what the events saw
-    checked = egress_agent(
-        "check",
-        "--format",
-        "json",
-        "--direction",
-        "any",
-        "--netns",
-        truth.cli.name,
-        config=watch.config,
-    )
+    checked = check_json(truth.cli.name, watch.config)
     assert checked.stdout.strip(), checked.stderr
     sampled = [r for r in json.loads(checked.stdout) if r["pid"] == proc.pid]
     assert [r["direction"] for r in sampled] == ["outbound"], checked.stdout + checked.stderr
@@ -145,16 +144,7 @@ def test_with_no_agent_a_check_asks_the_kernel_which_end_opened(
 
     deadline = time.monotonic() + 10
     while True:
-        checked = egress_agent(
-            "check",
-            "--format",
-            "json",
-            "--direction",
-            "any",
-            "--netns",
-            truth.cli.name,
-            config=config,
-        )
+        checked = check_json(truth.cli.name, config)
         rows = on_port(json.loads(checked.stdout or "[]"))
         if len(rows) >= 2 or time.monotonic() > deadline:
             break
