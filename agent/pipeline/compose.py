@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, FrozenSet, List, Optional
+from typing import TYPE_CHECKING, Callable, FrozenSet, List, Optional, Tuple
 
 from agent.allow import annotate
 from agent.classify import Classifier
@@ -35,6 +35,20 @@ class Snapshot:
         """The network namespaces whose tables the sample could not read: their rows in the
         history stay as they were (the sample says nothing of them)."""
         return frozenset(n.inode for n in self.stats.per_namespace if n.error or n.pid < 0)
+
+
+_Ends = Tuple[Optional[int], str, int, str, int]
+
+
+def _ends(connection: Connection) -> _Ends:
+    """A connection of one namespace, by its two ends."""
+    return (
+        connection.net_namespace,
+        connection.local_address,
+        connection.local_port,
+        connection.remote_address,
+        connection.remote_port,
+    )
 
 
 class Pipeline:
@@ -70,6 +84,8 @@ class Pipeline:
         self.events_catch_up: Optional[Callable[[float], bool]] = None
         """Wait up to the given seconds for the event feed to read what the kernel holds now
         (set by the event feed)."""
+        self._waited_for: FrozenSet[_Ends] = frozenset()
+        """The untold connections of the last sample that were already waited for."""
 
     @classmethod
     def open(
@@ -137,8 +153,9 @@ class Pipeline:
 
     def _apply_seen_directions(self, connections: List[Connection]) -> None:
         """What the events saw outranks what the sample suggests (:attr:`seen_direction`); a
-        TCP connection whose direction neither tells waits for the events to catch up, once
-        per sample."""
+        TCP connection whose direction neither tells makes the sample wait for the events to
+        catch up, once per sample and once per connection (one older than the events, such
+        as a TIME_WAIT at start, stays untold: the samples after it do not wait for it)."""
         seen = self.seen_direction
         if seen is None:
             return
@@ -149,13 +166,15 @@ class Pipeline:
                 connection.direction = direction
             elif connection.direction == UNKNOWN and connection.protocol == IPPROTO_TCP:
                 untold.append(connection)
+        waited, self._waited_for = self._waited_for, frozenset(map(_ends, untold))
         catch_up = self.events_catch_up
-        if not untold or catch_up is None or not catch_up(self.EVENTS_CATCH_UP_S):
+        if catch_up is None or self._waited_for <= waited:
             return
-        for connection in untold:
-            direction = seen(connection)
-            if direction is not None:
-                connection.direction = direction
+        if catch_up(self.EVENTS_CATCH_UP_S):
+            for connection in untold:
+                direction = seen(connection)
+                if direction is not None:
+                    connection.direction = direction
 
     def record(self, snapshot: Snapshot) -> bool:
         """The external connections of a whole-host sample into the history; True when stored
