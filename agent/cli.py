@@ -198,7 +198,7 @@ class _NewConnections:
         with self._lock:
             current = {history_key(c): c for c in self._wanted(snapshot.connections)}
             new = [
-                c
+                (key, c)
                 for key, c in current.items()
                 if key not in self._seen or (key in self._nameless and c.remote_domain)
             ]
@@ -219,17 +219,16 @@ class _NewConnections:
                 return
             self._seen.add(key)
             self._by_events.add(key)
-            self._print(wanted)
+            self._print([(key, connection)])
 
-    def _print(self, connections: List[Connection]) -> None:
-        from agent.history import history_key
-
-        for connection in connections:
+    def _print(self, connections: List[Tuple[Tuple[object, ...], Connection]]) -> None:
+        """Print ``connections`` (each with its history key), noting those without a name."""
+        for key, connection in connections:
             if connection.remote_domain:
-                self._nameless.discard(history_key(connection))
+                self._nameless.discard(key)
             elif connection.external:
-                self._nameless.add(history_key(connection))
-        shown = [c for c in connections if self._args.allowlisted or not c.allowlisted]
+                self._nameless.add(key)
+        shown = [c for _, c in connections if self._args.allowlisted or not c.allowlisted]
         if shown:
             sys.stdout.write(render([c.as_dict() for c in shown], None, self._args.format))
             sys.stdout.flush()
